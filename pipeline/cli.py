@@ -1,0 +1,134 @@
+"""The `fgdata` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import FgdataError, StageFailed
+from pipeline.sources import FORMATS
+
+app = typer.Typer(
+    help=(
+        "Build FgGRN and HierarCaps training data as Parquet shards, stage by stage.\n\n"
+        "Every stage reads a dataset directory and writes one; rerunning a stage resumes it. "
+        "Settings come from defaults < --config FILE.yaml < --set section.key=value "
+        "(see `fgdata config` for every key). Stages run on Ray: locally by default, on a "
+        "cluster when RAY_ADDRESS is set."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("fgdata")
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML file with settings, by section (see `fgdata config`).")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one setting, e.g. --set phrases.batch_size=128. Repeatable."),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Delete OUT first instead of resuming the run already there.")
+]
+
+
+@contextmanager
+def _user_errors():
+    """User mistakes end with a message and exit code 2; failed shards with exit code 1."""
+    try:
+        yield
+    except StageFailed as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    except FgdataError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:
+    logging.basicConfig(level=logging.INFO, format="fgdata: %(message)s", stream=sys.stderr, force=True)
+    return load_config(config_file, overrides)
+
+
+def _report_run(summary) -> None:
+    resumed = f", {summary.shards_skipped} already finished" if summary.shards_skipped else ""
+    typer.echo(
+        f"wrote {summary.out_dir}: {summary.shards_total} shard(s) ({summary.shards_run} run{resumed}), "
+        f"{summary.rows_in} rows in, {summary.rows_out} out, {summary.rows_rejected} rejected "
+        f"(see _rejects/), {summary.seconds:.1f}s"
+    )
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for image shards.")],
+    source_format: Annotated[
+        str, typer.Option("--format", help=f"Layout of SOURCE: {', '.join(FORMATS)}.")
+    ] = "auto",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Read images and their alt-text into image shards (key, bytes, size, format, short_caption).
+
+    Corrupt, truncated, empty, oversized and non-image files go to OUT/_rejects/ with a reason.
+    Shard size: --set ingest.rows_per_shard=N.
+    """
+    from pipeline.runner import run_stage
+    from pipeline.stages.ingest import IngestStage
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        _report_run(run_stage(IngestStage(source, source_format), out, settings, overwrite=overwrite))
+
+
+@app.command()
+def phrases(
+    inp: Annotated[Path, typer.Argument(metavar="IN", help="Image or caption shards with key and short_caption (and long_caption).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for phrase shards.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Split each caption into referring expressions with spaCy (long caption if present, else short).
+
+    Noun chunks are expanded with one prepositional attribute ("a man in a blue jacket");
+    pronouns, abstract or scene-level nouns and number/date/place entities are dropped.
+    Empty, over-long and non-English captions go to OUT/_rejects/ with a reason.
+    """
+    from pipeline.runner import run_stage
+    from pipeline.stages.phrases import PhrasesStage
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        _report_run(run_stage(PhrasesStage(inp), out, settings, overwrite=overwrite))
+
+
+@app.command()
+def info(
+    dataset: Annotated[Path, typer.Argument(help="A dataset directory written by an fgdata stage.")],
+    top: Annotated[int, typer.Option(help="How many top phrases and heads to list.")] = 10,
+):
+    """Show what a dataset holds: shards, rows, rejects by reason, models, top phrases."""
+    from pipeline.report import describe_dataset
+
+    with _user_errors():
+        typer.echo(describe_dataset(dataset, top=top))
+
+
+@app.command("config")
+def show_config(config: ConfigOption = None, set_: SetOption = None):
+    """Print the resolved settings as YAML (a starting point for --config files)."""
+    with _user_errors():
+        typer.echo(yaml.safe_dump(load_config(config, set_).to_dict(), sort_keys=False), nl=False)

@@ -1,0 +1,194 @@
+"""One resolved config per run: defaults < YAML file (--config) < --set key=value overrides.
+
+Every section is a plain dataclass; a key that does not exist or a value of the wrong type
+is an error that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import FgdataError
+
+
+@dataclass
+class RunConfig:
+    """How the Ray runner schedules shards (never changes what a shard contains)."""
+
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    cpus_per_task: float = 1.0  # CPU share one shard task reserves
+    max_shards_in_flight: int = 0  # 0 = twice the cluster's CPUs
+    max_retries: int = 2  # per shard, for worker crashes and exceptions
+    progress: bool = True
+
+
+@dataclass
+class IngestConfig:
+    rows_per_shard: int = 1000
+    min_side: int = 8  # pixels; smaller images are rejected
+    max_pixels: int = 100_000_000  # width*height read from the header, before decoding
+    formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+    caption_fields: list[str] = field(default_factory=lambda: ["caption", "text", "alt", "TEXT"])
+    image_fields: list[str] = field(default_factory=lambda: ["image_path", "path", "image", "file", "filepath"])
+    max_caption_chars: int = 20_000  # longer alt-text is kept but cut to this length
+
+
+@dataclass
+class PhrasesConfig:
+    # en_core_web_trf gives better parses on GPU; see README for installing official pipelines.
+    spacy_model: str = "en_core_web_sm"
+    batch_size: int = 256
+    max_caption_chars: int = 4000  # longer captions are rejected, not silently cut
+    min_latin_fraction: float = 0.6  # share of letters in Latin script; below = not English
+    max_phrase_words: int = 24
+    # Scene-level and abstract heads that no detector can box (GRIT's abstract-noun rule).
+    abstract_heads: list[str] = field(
+        default_factory=lambda: [
+            "image", "picture", "photo", "photograph", "shot", "view", "scene", "close-up", "closeup",
+            "crop", "section", "background", "foreground", "side", "left", "right", "top", "bottom",
+            "front", "back", "middle", "center", "centre", "edge", "corner", "distance", "area", "part",
+            "way", "thing", "something", "everything", "nothing", "color", "colour", "shape", "style",
+            "detail", "time", "moment", "day", "night", "angle", "focus", "light", "lighting",
+            "atmosphere", "mood", "setting", "composition", "frame",
+        ]
+    )
+    # "a group of people": the quantity word is dropped when an of-phrase follows, so the
+    # expression that survives is the one that names the objects ("people").
+    quantifier_heads: list[str] = field(
+        default_factory=lambda: [
+            "number", "lot", "couple", "variety", "kind", "type", "sort", "bunch", "group", "pair",
+            "set", "series", "handful", "dozen", "plenty", "hundred", "thousand", "array", "range",
+        ]
+    )
+    # GRIT drops number, date and place entities: they name no visible object.
+    drop_entity_types: list[str] = field(
+        default_factory=lambda: ["DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL", "GPE", "LOC"]
+    )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, section: str) -> str:
+        """Hash of the settings that decide a stage's output (used to refuse mixed resumes)."""
+        payload = json.dumps(dataclasses.asdict(getattr(self, section)), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    config = Config()
+    if path is not None:
+        _apply_mapping(config, _read_yaml(path), source=str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise FgdataError(f"--set expects key=value (for example phrases.batch_size=128), got {item!r}")
+        _set_key(config, key.strip(), _parse_scalar(raw), source="--set")
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise FgdataError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise FgdataError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FgdataError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply_mapping(config: Config, data: dict, source: str, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _apply_mapping(config, value, source, prefix=f"{dotted}.")
+        else:
+            _set_key(config, dotted, value, source)
+
+
+def _set_key(config: Config, dotted: str, value, source: str) -> None:
+    section_name, _, field_name = dotted.partition(".")
+    section = getattr(config, section_name, None)
+    if not dataclasses.is_dataclass(section) or not field_name:
+        sections = ", ".join(f.name for f in dataclasses.fields(config))
+        raise FgdataError(f"{source}: unknown config key {dotted!r} (sections: {sections})")
+    hints = typing.get_type_hints(type(section))
+    if field_name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise FgdataError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
+    setattr(section, field_name, _coerce(dotted, value, hints[field_name], source))
+
+
+def _coerce(key: str, value, expected, source: str):
+    def wrong() -> FgdataError:
+        return FgdataError(f"{source}: {key} must be {_type_name(expected)}, got {value!r}")
+
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option, source)
+            except FgdataError:
+                pass
+        raise wrong()
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise wrong()
+        return [_coerce(key, item, item_type, source) for item in value]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong()
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    raise wrong()
+
+
+def _type_name(expected) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(expected))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    return "null" if expected is type(None) else expected.__name__

@@ -1,0 +1,16 @@
+"""Errors that describe a user mistake; the CLI prints them without a traceback."""
+
+
+class FgdataError(Exception):
+    """Bad input or configuration: the message says what to fix."""
+
+
+class StageFailed(FgdataError):
+    """Some shards still failed after their retries; finished shards stay finished."""
+
+    def __init__(self, stage: str, failures: dict[str, str]):
+        self.failures = failures
+        lines = [f"{stage}: {len(failures)} shard(s) failed after retries:"]
+        lines += [f"  {name}: {error}" for name, error in sorted(failures.items())]
+        lines.append("Finished shards are kept; rerun the same command to retry the rest.")
+        super().__init__("\n".join(lines))

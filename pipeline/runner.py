@@ -1,0 +1,159 @@
+"""Runs a stage's shards as Ray tasks: bounded concurrency, retries, resume, progress, manifest."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.config import Config, RunConfig
+from pipeline.errors import StageFailed
+from pipeline.shards import MANIFEST_FILE, claim_output, finished_shards, read_stats, write_json
+from pipeline.stages.base import Stage, run_shard
+
+log = logging.getLogger(__name__)
+
+_REPORTED_PACKAGES = ("ray", "pyarrow", "pandas", "spacy", "pillow", "typer")
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    shards_total: int
+    shards_run: int
+    shards_skipped: int
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    seconds: float
+
+
+def ensure_ray(run: RunConfig) -> None:
+    """Starts local Ray, or joins the cluster named by RAY_ADDRESS; reuses a running session."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:
+    out_dir = Path(out_dir).resolve()
+    started = time.perf_counter()
+    units = stage.plan(config)
+    settings_hash = config.section_hash(stage.config_section)
+    claim_output(out_dir, stage.name, settings_hash, overwrite)
+    done = finished_shards(out_dir)
+    pending = [u for u in units if u.name not in done]
+    skipped = len(units) - len(pending)
+    if skipped:
+        log.info("%s: resuming, %d of %d shards already finished", stage.name, skipped, len(units))
+    failures: dict[str, str] = {}
+    if pending:
+        failures = _run_pending(stage, pending, out_dir, config, len(units), skipped)
+    if failures:
+        raise StageFailed(stage.name, failures)
+    stats = read_stats(out_dir)
+    manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started)
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return RunSummary(
+        out_dir=out_dir,
+        shards_total=len(units),
+        shards_run=len(pending),
+        shards_skipped=skipped,
+        rows_in=manifest["rows_in"],
+        rows_out=manifest["rows_out"],
+        rows_rejected=manifest["rows_rejected"],
+        seconds=manifest["timings"]["wall_seconds"],
+    )
+
+
+def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int) -> dict[str, str]:
+    ensure_ray(config.run)
+    task = ray.remote(run_shard).options(
+        num_cpus=config.run.cpus_per_task,
+        max_retries=config.run.max_retries,
+        retry_exceptions=True,
+        name=f"fgdata-{stage.name}",
+    )
+    limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    stage_ref, config_ref = ray.put(stage), ray.put(config)
+    queue = list(pending)
+    in_flight: dict = {}
+    failures: dict[str, str] = {}
+    rows_done, started = 0, time.perf_counter()
+    with tqdm(total=total, initial=skipped, unit="shard", desc=stage.name, disable=not config.run.progress) as bar:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                unit = queue.pop(0)
+                in_flight[task.remote(stage_ref, unit, str(out_dir), config_ref)] = unit.name
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            name = in_flight.pop(ready[0])
+            try:
+                stats = ray.get(ready[0])
+                rows_done += stats["rows_in"]
+            except Exception as exc:  # noqa: BLE001 - any shard failure is reported, the rest go on
+                failures[name] = _short_error(exc)
+                log.error("%s: shard %s failed after retries: %s", stage.name, name, failures[name])
+            bar.update(1)
+            bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
+    return failures
+
+
+def _short_error(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+
+
+def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float) -> dict:
+    counters: Counter = Counter()
+    provenance: dict = {}
+    for shard in stats.values():
+        counters.update(shard["counters"])
+        for name, value in shard["provenance"].items():
+            provenance.setdefault(name, [])
+            if value not in provenance[name]:
+                provenance[name].append(value)
+    return {
+        "stage": stage.name,
+        "kind": stage.output_kind,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "settings_hash": settings_hash,
+        "inputs": stage.lineage(),
+        "provenance": provenance,
+        "versions": _versions(),
+        "shards": sorted(stats),
+        "rows_in": sum(s["rows_in"] for s in stats.values()),
+        "rows_out": sum(s["rows_out"] for s in stats.values()),
+        "rows_rejected": sum(s["rows_rejected"] for s in stats.values()),
+        "counters": dict(sorted(counters.items())),
+        "timings": {
+            "wall_seconds": round(wall_seconds, 3),
+            "shard_seconds": round(sum(s["seconds"] for s in stats.values()), 3),
+        },
+    }
+
+
+def _versions() -> dict:
+    versions = {"fgdata": __version__, "python": platform.python_version()}
+    for package in _REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

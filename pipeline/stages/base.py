@@ -1,0 +1,77 @@
+"""What a stage is, and `run_shard`, the one function every executor calls for one shard."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import Config
+from pipeline.shards import write_shard
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One output shard's worth of work: `name` is the output shard, `payload` what to read."""
+
+    name: str
+    payload: Any
+
+
+@dataclass
+class ShardResult:
+    rows_in: int
+    table: pa.Table
+    rejects: list[dict] = field(default_factory=list)  # key, reason, detail, source
+    counters: Counter = field(default_factory=Counter)  # stage-specific named counts
+    provenance: dict = field(default_factory=dict)  # models and versions that made the rows
+
+
+class Stage(ABC):
+    """A step that maps work units to shards of `output_kind`.
+
+    `plan` runs on the driver and must reject bad input before any work starts; `process`
+    runs on a Ray worker, is deterministic for a unit, and never raises for a bad row (it
+    rejects the row instead).
+    """
+
+    name: str
+    output_kind: str
+    config_section: str
+
+    @abstractmethod
+    def plan(self, config: Config) -> list[WorkUnit]: ...
+
+    @abstractmethod
+    def process(self, unit: WorkUnit, config: Config) -> ShardResult: ...
+
+    @abstractmethod
+    def lineage(self) -> list[dict]:
+        """The inputs this dataset descends from, recorded in the manifest."""
+
+
+def run_shard(stage: Stage, unit: WorkUnit, out_dir: str, config: Config) -> dict:
+    started = time.perf_counter()
+    result = stage.process(unit, config)
+    rows_out, rows_rejected = result.table.num_rows, len(result.rejects)
+    if result.rows_in != rows_out + rows_rejected:
+        raise RuntimeError(
+            f"{stage.name} lost rows in {unit.name}: {result.rows_in} in, {rows_out} out, {rows_rejected} rejected"
+        )
+    rejected = Counter(f"rejected_{r['reason']}" for r in result.rejects)
+    stats = {
+        "shard": unit.name,
+        "rows_in": result.rows_in,
+        "rows_out": rows_out,
+        "rows_rejected": rows_rejected,
+        "counters": dict(result.counters + rejected),
+        "provenance": result.provenance,
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+    write_shard(Path(out_dir), unit.name, result.table, stage.output_kind, result.rejects, stats)
+    return stats

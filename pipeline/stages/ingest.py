@@ -1,0 +1,103 @@
+"""`fgdata ingest`: images + alt-text from a folder, img2dataset output or a table → image shards."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.images import ImageRejected, inspect_image
+from pipeline.schemas import conform
+from pipeline.sources import SourceItem, list_items
+from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.shards import shard_name
+from pipeline.text import clean_caption
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    output_kind = "images"
+    config_section = "ingest"
+
+    def __init__(self, source: Path, fmt: str = "auto"):
+        self.source = Path(source).resolve()
+        self.fmt = fmt
+
+    def plan(self, config: Config) -> list[WorkUnit]:
+        items = list_items(self.source, self.fmt, config.ingest)
+        size = config.ingest.rows_per_shard
+        return [WorkUnit(shard_name(i), items[start : start + size]) for i, start in enumerate(range(0, len(items), size))]
+
+    def lineage(self) -> list[dict]:
+        return [{"path": str(self.source), "format": self.fmt}]
+
+    def process(self, unit: WorkUnit, config: Config) -> ShardResult:
+        rows, rejects = [], []
+        counters: Counter = Counter()
+        with _TarCache() as tars:
+            for item in unit.payload:
+                try:
+                    if item.problem:
+                        raise ImageRejected(*item.problem)
+                    data = tars.read(item) if item.member else _read_file(item.path)
+                    info = inspect_image(
+                        data, min_side=config.ingest.min_side, max_pixels=config.ingest.max_pixels, formats=config.ingest.formats
+                    )
+                except ImageRejected as rejected:
+                    rejects.append({"key": item.key, "reason": rejected.reason, "detail": rejected.detail, "source": _where(item)})
+                    continue
+                caption = clean_caption(item.caption)
+                if caption is not None and len(caption) > config.ingest.max_caption_chars:
+                    caption = caption[: config.ingest.max_caption_chars]
+                    counters["captions_truncated"] += 1
+                counters["captions_missing"] += not caption
+                rows.append(
+                    {
+                        "key": item.key,
+                        "image": data,
+                        "width": info.width,
+                        "height": info.height,
+                        "format": info.format,
+                        "short_caption": caption or None,
+                        "source": _where(item),
+                    }
+                )
+                counters["image_bytes"] += len(data)
+        return ShardResult(rows_in=len(unit.payload), table=conform(rows, "images"), rejects=rejects, counters=counters)
+
+
+def _where(item: SourceItem) -> str:
+    return f"{item.path}::{item.member}" if item.member else item.path
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageRejected("missing_file", f"{path} does not exist") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable_file", f"{path}: {exc}") from None
+
+
+class _TarCache:
+    """Keeps each tar open once per shard rather than once per image."""
+
+    def __init__(self):
+        self._open: dict[str, tarfile.TarFile] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for tar in self._open.values():
+            tar.close()
+
+    def read(self, item: SourceItem) -> bytes:
+        try:
+            if item.path not in self._open:
+                self._open[item.path] = tarfile.open(item.path)
+            member = self._open[item.path].extractfile(item.member)
+            return member.read() if member else b""
+        except (tarfile.TarError, KeyError, OSError) as exc:
+            raise ImageRejected("unreadable_file", f"cannot read {item.member} from {item.path}: {exc}") from None

