@@ -57,7 +57,8 @@ class PhrasesConfig:
             "front", "back", "middle", "center", "centre", "edge", "corner", "distance", "area", "part",
             "way", "thing", "something", "everything", "nothing", "color", "colour", "shape", "style",
             "detail", "time", "moment", "day", "night", "angle", "focus", "light", "lighting",
-            "atmosphere", "mood", "setting", "composition", "frame",
+            "atmosphere", "mood", "setting", "composition", "frame", "sunset", "sunrise", "dusk",
+            "dawn",
         ]
     )
     # "a group of people": the quantity word is dropped when an of-phrase follows, so the
@@ -66,8 +67,11 @@ class PhrasesConfig:
         default_factory=lambda: [
             "number", "lot", "couple", "variety", "kind", "type", "sort", "bunch", "group", "pair",
             "set", "series", "handful", "dozen", "plenty", "hundred", "thousand", "array", "range",
+            "row", "line",
         ]
     )
+    # Prepositions that introduce an attribute of the object rather than a second object.
+    attribute_preps: list[str] = field(default_factory=lambda: ["of", "with", "in", "without"])
     # GRIT drops number, date and place entities: they name no visible object.
     drop_entity_types: list[str] = field(
         default_factory=lambda: ["DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL", "GPE", "LOC"]

@@ -1,7 +1,10 @@
 """Referring expressions from a spaCy parse, in the manner of Kosmos-2's GRIT recipe.
 
 Each noun chunk is expanded to the right through one attached prepositional attribute
-("a man" + "in a blue jacket"), never through conjunctions or clauses; chunks headed by a
+("a man" + "in a blue jacket"): a preposition that says what the object is, has or wears
+(of, with, in, ... from config) followed by a noun and its own left modifiers. Locative
+prepositions ("on a desk"), conjunctions and clauses end the expression, because what they
+introduce is a second object that gets an expression of its own. Chunks headed by a
 pronoun, an abstract or scene-level noun, or a number/date/place entity are dropped; only
 maximal spans are kept and repeated expressions are merged into their first mention.
 """
@@ -13,9 +16,6 @@ from dataclasses import dataclass
 from spacy.tokens import Doc, Span, Token
 
 _CONTENT_POS = {"NOUN", "PROPN"}
-# Inside the prepositional attribute, only the object's own modifiers follow along;
-# a second preposition, a clause or a conjunction ends the expression.
-_ATTRIBUTE_DEPS = {"pobj", "det", "amod", "compound", "nummod", "poss", "case", "advmod", "npadvmod", "quantmod", "nmod", "predet"}
 _LEADING_DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "some"}
 
 
@@ -23,6 +23,7 @@ _LEADING_DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "som
 class ExpressionRules:
     abstract_heads: frozenset[str]
     quantifier_heads: frozenset[str]
+    attribute_preps: frozenset[str]
     drop_entity_types: frozenset[str]
     max_words: int
 
@@ -65,30 +66,18 @@ def _glued_word(token: Token) -> str:
 
 
 def _expand(chunk: Span, rules: ExpressionRules) -> Span:
-    doc, root = chunk.doc, chunk.root
-    attribute = next((c for c in root.rights if c.dep_ == "prep" and c.i == chunk.end), None)
-    if attribute is None:
+    root = chunk.root
+    preposition = next((c for c in root.rights if c.dep_ == "prep" and c.i == chunk.end), None)
+    if preposition is None or preposition.lower_ not in rules.attribute_preps:
         return chunk
-    end = _attribute_end(attribute)
-    if end == attribute.i + 1 or end - chunk.start > rules.max_words:
-        return chunk  # a dangling preposition or an over-long span: the bare chunk grounds better
-    return doc[chunk.start : end]
-
-
-def _attribute_end(preposition: Token) -> int:
-    """End (exclusive) of the contiguous run of tokens that belong to the prepositional phrase."""
-    members = {preposition.i}
-    frontier = [preposition]
-    while frontier:
-        token = frontier.pop()
-        for child in token.children:
-            if child.dep_ in _ATTRIBUTE_DEPS and child.i > preposition.i:
-                members.add(child.i)
-                frontier.append(child)
-    end = preposition.i + 1
-    while end in members:
-        end += 1
-    return end
+    obj = next((c for c in preposition.children if c.dep_ == "pobj" and c.pos_ in _CONTENT_POS), None)
+    if obj is None or obj.i + 1 - chunk.start > rules.max_words:
+        return chunk
+    # Everything between the preposition and its object must modify that object
+    # ("in a blue jacket"); anything else means the parse is not a simple attribute.
+    if any(not obj.is_ancestor(token) for token in chunk.doc[preposition.i + 1 : obj.i]):
+        return chunk
+    return chunk.doc[chunk.start : obj.i + 1]
 
 
 def _normalise(span: Span) -> str:

@@ -48,6 +48,7 @@ def rules_from(config: PhrasesConfig) -> ExpressionRules:
     return ExpressionRules(
         abstract_heads=frozenset(h.lower() for h in config.abstract_heads),
         quantifier_heads=frozenset(h.lower() for h in config.quantifier_heads),
+        attribute_preps=frozenset(p.lower() for p in config.attribute_preps),
         drop_entity_types=frozenset(config.drop_entity_types),
         max_words=config.max_phrase_words,
     )

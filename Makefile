@@ -1,0 +1,46 @@
+# fgdata: `make demo` runs the pipeline on the bundled sample, `make test` runs the tests.
+# Both create .venv on first use (torch first, from the pinned pair, then fgdata itself).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fgdata-installed
+DATA ?= sample/images
+OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo ingest phrases test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch before anything that depends on it, or pip pulls another multi-GB build from the index
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+ingest: setup
+	$(BIN)/fgdata ingest $(DATA) $(OUT)/images --set ingest.rows_per_shard=8
+
+phrases: ingest
+	$(BIN)/fgdata phrases $(OUT)/images $(OUT)/phrases
+
+demo: phrases
+	@echo
+	@echo "== what the demo wrote =="
+	$(BIN)/fgdata info $(OUT)/images
+	$(BIN)/fgdata info $(OUT)/phrases
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf out .pytest_cache

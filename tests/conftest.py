@@ -1,0 +1,93 @@
+"""Shared fixtures: one local Ray session, sample data, image and shard builders, dataset checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import Config, load_config
+from pipeline.shards import DONE_DIR, read_json, read_rejects, STATS_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGES = REPO / "sample" / "images"
+FGDATA = Path(sys.executable).parent / "fgdata"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the in-process tests; stages reuse a running session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def make_config(*overrides: str) -> Config:
+    return load_config(None, ["run.progress=false", *overrides])
+
+
+def image_bytes(size=(64, 48), fmt="JPEG", color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_caption_shard(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = schema or pa.schema([("key", pa.string()), ("short_caption", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def read_rows(dataset: Path) -> list[dict]:
+    return [row for shard in sorted(dataset.glob("part-*.parquet")) for row in pq.read_table(shard).to_pylist()]
+
+
+def assert_dataset_invariants(dataset: Path, expected_keys: set[str] | None = None) -> None:
+    """rows_in == rows_out + rows_rejected per shard, no key twice, every input key accounted for."""
+    output_keys: list[str] = []
+    for shard in sorted(dataset.glob("part-*.parquet")):
+        assert (dataset / DONE_DIR / f"{shard.name}.done").exists(), f"{shard.name} has no completion marker"
+        stats = read_json(dataset / STATS_DIR / shard.name.replace(".parquet", ".json"))
+        rows_out = pq.read_metadata(shard).num_rows
+        rows_rejected = pq.read_metadata(dataset / "_rejects" / shard.name).num_rows
+        assert stats["rows_out"] == rows_out and stats["rows_rejected"] == rows_rejected
+        assert stats["rows_in"] == rows_out + rows_rejected
+        output_keys += pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+    assert len(output_keys) == len(set(output_keys)), "a key appears twice in the output"
+    manifest = read_json(dataset / "_manifest.json")
+    assert manifest["rows_out"] == len(output_keys)
+    if expected_keys is not None:
+        rejects = read_rejects(dataset).to_pylist()
+        rejected_keys = {r["key"] for r in rejects}
+        assert set(output_keys) | rejected_keys == expected_keys
+        # only the second holder of a key may share it with an output row
+        assert not set(output_keys) & {r["key"] for r in rejects if r["reason"] != "duplicate_key"}
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Runs the installed `fgdata` console script in a real subprocess."""
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([str(FGDATA), *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture
+def sample_copy(tmp_path) -> Path:
+    target = tmp_path / "sample"
+    shutil.copytree(SAMPLE_IMAGES, target)
+    return target
+
+
+def json_sidecar(path: Path, caption: str) -> None:
+    path.write_text(json.dumps({"caption": caption}))
