@@ -29,7 +29,8 @@ class ExpressionRules:
 
 
 def extract_expressions(doc: Doc, rules: ExpressionRules) -> list[dict]:
-    spans = [_expand(chunk, rules) for chunk in doc.noun_chunks if _is_groundable(chunk.root, rules)]
+    chunks = [_trim(chunk) for chunk in doc.noun_chunks]
+    spans = [_expand(chunk, rules) for chunk in chunks if _is_groundable(chunk.root, rules)]
     maximal = [s for s in spans if not any(o is not s and o.start <= s.start and s.end <= o.end for o in spans)]
     merged: dict[str, dict] = {}
     for span in maximal:
@@ -49,6 +50,8 @@ def extract_expressions(doc: Doc, rules: ExpressionRules) -> list[dict]:
 
 def _is_groundable(root: Token, rules: ExpressionRules) -> bool:
     if root.pos_ not in _CONTENT_POS or root.ent_type_ in rules.drop_entity_types:
+        return False
+    if not any(ch.isalpha() for ch in root.text):  # an emoji or symbol the tagger called a noun
         return False
     words = {root.lemma_.lower(), root.lower_, _glued_word(root)}
     if words & rules.abstract_heads:
@@ -78,6 +81,16 @@ def _expand(chunk: Span, rules: ExpressionRules) -> Span:
     if any(not obj.is_ancestor(token) for token in chunk.doc[preposition.i + 1 : obj.i]):
         return chunk
     return chunk.doc[chunk.start : obj.i + 1]
+
+
+def _trim(span: Span) -> Span:
+    """Drops emoji, symbols and punctuation that the tagger glued to either end of a span."""
+    start, end = span.start, span.end
+    while end - start > 1 and not any(ch.isalnum() for ch in span.doc[end - 1].text):
+        end -= 1
+    while end - start > 1 and not any(ch.isalnum() for ch in span.doc[start].text):
+        start += 1
+    return span.doc[start:end]
 
 
 def _normalise(span: Span) -> str:
