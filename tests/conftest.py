@@ -19,6 +19,7 @@ from pipeline.config import Config, load_config
 from pipeline.shards import DONE_DIR, read_json, read_rejects, STATS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # synthetic captions are shared with the benchmarks
 SAMPLE_IMAGES = REPO / "sample" / "images"
 FGDATA = Path(sys.executable).parent / "fgdata"
 
