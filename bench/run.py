@@ -1,0 +1,139 @@
+"""`make bench`: stage throughput against the raw library doing the same work in the same run.
+
+- phrases: the `phrases` stage (Parquet in, Ray tasks, phrase rules, validated Parquet out) vs
+  raw `nlp.pipe` over the same captions, single-process and with n_process = all cores.
+- ingest: the `ingest` stage vs a raw Pillow open + full decode of the same files.
+
+Results go to bench/results/<name>.json; numbers from one run on this machine, not targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from pipeline.stages.ingest import IngestStage
+from pipeline.stages.phrases import PhrasesStage, load_pipeline
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import synthetic_captions  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SAMPLE = Path(__file__).parent.parent / "sample" / "images"
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def bench_phrases(workdir: Path, count: int, rows_per_shard: int) -> dict:
+    config = load_config(None, ["run.progress=false"])
+    captions = synthetic_captions(count, seed=1)
+    source = workdir / "captions"
+    source.mkdir()
+    for shard, start in enumerate(range(0, count, rows_per_shard)):
+        chunk = captions[start : start + rows_per_shard]
+        keys = [f"{start + i:08d}" for i in range(len(chunk))]
+        pq.write_table(pa.table({"key": keys, "short_caption": chunk}), source / f"part-{shard:05d}.parquet")
+    nlp = load_pipeline(config.phrases.spacy_model)
+    batch = config.phrases.batch_size
+    _, raw_seconds = timed(lambda: sum(1 for _ in nlp.pipe(captions, batch_size=batch)))
+    cores = os.cpu_count() or 1
+    _, raw_parallel_seconds = timed(lambda: sum(1 for _ in nlp.pipe(captions, batch_size=batch, n_process=cores)))
+    summary, stage_seconds = timed(lambda: run_stage(PhrasesStage(source), workdir / "phrases", config))
+    assert summary.rows_in == count
+    raw, raw_parallel, stage = count / raw_seconds, count / raw_parallel_seconds, count / stage_seconds
+    return {
+        "captions": count,
+        "shards": summary.shards_total,
+        "raw_nlp_pipe_captions_per_s": round(raw, 1),
+        f"raw_nlp_pipe_n_process_{cores}_captions_per_s": round(raw_parallel, 1),
+        "stage_captions_per_s": round(stage, 1),
+        "ratio_vs_raw_nlp_pipe": round(stage / raw, 3),
+        f"ratio_vs_raw_nlp_pipe_n_process_{cores}": round(stage / raw_parallel, 3),
+        "note": "stage time includes Parquet read/write, phrase rules and schema validation; Ray was already started",
+    }
+
+
+def bench_ingest(workdir: Path, copies: int) -> dict:
+    source = workdir / "images"
+    source.mkdir()
+    photos = sorted(SAMPLE.glob("*.jpg"))
+    photos = [p for p in photos if not p.name.startswith("broken")]
+    files = []
+    for copy in range(copies):
+        for photo in photos:
+            target = source / f"{photo.stem}-{copy:04d}.jpg"
+            shutil.copyfile(photo, target)
+            caption = photo.with_suffix(".txt")
+            if caption.exists():
+                shutil.copyfile(caption, target.with_suffix(".txt"))
+            files.append(target)
+
+    def raw_decode():
+        for path in files:
+            with Image.open(path) as image:
+                image.load()
+
+    _, raw_seconds = timed(raw_decode)
+    config = load_config(None, ["run.progress=false", "ingest.rows_per_shard=250"])
+    summary, stage_seconds = timed(lambda: run_stage(IngestStage(source), workdir / "shards", config))
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    return {
+        "images": len(files),
+        "megabytes": round(megabytes, 1),
+        "raw_pillow_decode_images_per_s": round(len(files) / raw_seconds, 1),
+        "stage_images_per_s": round(summary.rows_in / stage_seconds, 1),
+        "stage_megabytes_per_s": round(megabytes / stage_seconds, 1),
+        "ratio_vs_raw_pillow_decode": round(raw_seconds / stage_seconds, 3),
+        "note": "stage = list + sidecar captions + header checks + full decode + Parquet write with image bytes",
+    }
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        **payload,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
+    parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
+    args = parser.parse_args()
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "p").mkdir()
+        (workdir / "i").mkdir()
+        write_result("phrases", bench_phrases(workdir / "p", args.captions, rows_per_shard=2000))
+        write_result("ingest", bench_ingest(workdir / "i", args.image_copies))
+
+
+if __name__ == "__main__":
+    main()
