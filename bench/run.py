@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
     args = parser.parse_args()
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "p").mkdir()

@@ -6,7 +6,7 @@ import logging
 import os
 import platform
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -47,7 +47,9 @@ def ensure_ray(run: RunConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local" always starts a fresh instance: without it Ray would silently join a cluster
+        # left by an earlier `ray start` on this machine.
+        ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
@@ -92,14 +94,14 @@ def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: in
     )
     limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     stage_ref, config_ref = ray.put(stage), ray.put(config)
-    queue = list(pending)
+    queue = deque(pending)
     in_flight: dict = {}
     failures: dict[str, str] = {}
     rows_done, started = 0, time.perf_counter()
     with tqdm(total=total, initial=skipped, unit="shard", desc=stage.name, disable=not config.run.progress) as bar:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
-                unit = queue.pop(0)
+                unit = queue.popleft()
                 in_flight[task.remote(stage_ref, unit, str(out_dir), config_ref)] = unit.name
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             name = in_flight.pop(ready[0])

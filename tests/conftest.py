@@ -29,7 +29,7 @@ def ray_session():
     """One local Ray for the in-process tests; stages reuse a running session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -77,10 +77,10 @@ def assert_dataset_invariants(dataset: Path, expected_keys: set[str] | None = No
         assert not set(output_keys) & {r["key"] for r in rejects if r["reason"] != "duplicate_key"}
 
 
-def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Runs the installed `fgdata` console script in a real subprocess."""
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    return subprocess.run([str(FGDATA), *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([str(FGDATA), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.images import ImageRejected, inspect_image
 from pipeline.schemas import conform
-from pipeline.sources import SourceItem, list_items
+from pipeline.sources import SourceItem, detect_format, list_items
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.shards import shard_name
 from pipeline.text import clean_caption
@@ -30,7 +30,8 @@ class IngestStage(Stage):
         return [WorkUnit(shard_name(i), items[start : start + size]) for i, start in enumerate(range(0, len(items), size))]
 
     def lineage(self) -> list[dict]:
-        return [{"path": str(self.source), "format": self.fmt}]
+        fmt = detect_format(self.source) if self.fmt == "auto" else self.fmt
+        return [{"path": str(self.source), "format": fmt}]
 
     def process(self, unit: WorkUnit, config: Config) -> ShardResult:
         rows, rejects = [], []

@@ -13,7 +13,7 @@ from pipeline.config import Config, PhrasesConfig
 from pipeline.errors import FgdataError
 from pipeline.expressions import ExpressionRules, extract_expressions
 from pipeline.schemas import check_input_columns, conform
-from pipeline.shards import list_shards, read_json, read_shard, read_shard_schema, MANIFEST_FILE
+from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.text import clean_caption, latin_fraction
 

@@ -1,0 +1,85 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_dataset_invariants, make_config, run_cli, write_caption_shard
+from pipeline.errors import StageFailed
+from pipeline.runner import run_stage
+from pipeline.shards import finished_shards
+from pipeline.stages.phrases import PhrasesStage
+
+
+def corrupt_data_pages(path: Path) -> None:
+    """Breaks the caption column's data but keeps the footer, so the up-front schema check passes."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_shard_failing_after_retries_is_reported_and_others_stay_finished(tmp_path):
+    source = tmp_path / "in"
+    for shard in range(3):
+        write_caption_shard(source / f"part-{shard:05d}.parquet", [{"key": f"{shard}-{i}", "short_caption": "a red car"} for i in range(50)])
+    original = (source / "part-00001.parquet").read_bytes()
+    corrupt_data_pages(source / "part-00001.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(StageFailed) as failed:
+        run_stage(PhrasesStage(source), out, make_config("run.max_retries=1"))
+    assert list(failed.value.failures) == ["part-00001.parquet"]
+    assert "part-00001.parquet" in str(failed.value) and "rerun the same command" in str(failed.value)
+    assert finished_shards(out) == {"part-00000.parquet", "part-00002.parquet"}
+    assert not (out / "_manifest.json").exists()
+
+    (source / "part-00001.parquet").write_bytes(original)  # the user fixes the file and reruns
+    summary = run_stage(PhrasesStage(source), out, make_config())
+    assert (summary.shards_run, summary.shards_skipped, summary.rows_out) == (1, 2, 150)
+    assert_dataset_invariants(out)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no Ray head listening on port {port}")
+
+
+@pytest.mark.slow
+def test_joins_an_existing_cluster_named_by_ray_address(tmp_path):
+    port = free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    # --block keeps the head in this process group, so killing the group stops exactly this
+    # cluster (`ray stop` would also stop the Ray the other tests share).
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for_port(port)
+        write_caption_shard(tmp_path / "in" / "part-00000.parquet", [{"key": "a", "short_caption": "a dog on a sofa"}])
+        result = run_cli("phrases", str(tmp_path / "in"), str(tmp_path / "out"), env_extra={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        assert result.returncode == 0, result.stderr
+        assert f"connecting to the Ray cluster at 127.0.0.1:{port}" in result.stderr
+        assert "'CPU': 1.0" in result.stderr  # the cluster's resources, not a fresh local Ray with 2
+        assert_dataset_invariants(tmp_path / "out", expected_keys={"a"})
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
