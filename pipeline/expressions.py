@@ -73,8 +73,9 @@ def _expand(chunk: Span, rules: ExpressionRules) -> Span:
     preposition = next((c for c in root.rights if c.dep_ == "prep" and c.i == chunk.end), None)
     if preposition is None or preposition.lower_ not in rules.attribute_preps:
         return chunk
-    obj = next((c for c in preposition.children if c.dep_ == "pobj" and c.pos_ in _CONTENT_POS), None)
-    if obj is None or obj.i + 1 - chunk.start > rules.max_words:
+    obj = next((c for c in preposition.children if c.dep_ == "pobj"), None)
+    # "buildings in the distance": an attribute must name something visible too
+    if obj is None or not _is_groundable(obj, rules) or obj.i + 1 - chunk.start > rules.max_words:
         return chunk
     # Everything between the preposition and its object must modify that object
     # ("in a blue jacket"); anything else means the parse is not a simple attribute.

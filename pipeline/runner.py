@@ -50,7 +50,14 @@ def ensure_ray(run: RunConfig) -> None:
         # "local" always starts a fresh instance: without it Ray would silently join a cluster
         # left by an earlier `ray start` on this machine.
         ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    log.info("Ray resources: %s", ray.cluster_resources())
+    resources = ray.cluster_resources()
+    log.info(
+        "Ray %s: %d node(s), %g CPU(s), %g GPU(s)",
+        "cluster" if address else "local",
+        len(ray.nodes()),
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
+    )
 
 
 def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:

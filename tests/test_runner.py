@@ -78,7 +78,7 @@ def test_joins_an_existing_cluster_named_by_ray_address(tmp_path):
         result = run_cli("phrases", str(tmp_path / "in"), str(tmp_path / "out"), env_extra={"RAY_ADDRESS": f"127.0.0.1:{port}"})
         assert result.returncode == 0, result.stderr
         assert f"connecting to the Ray cluster at 127.0.0.1:{port}" in result.stderr
-        assert "'CPU': 1.0" in result.stderr  # the cluster's resources, not a fresh local Ray with 2
+        assert "Ray cluster: 1 node(s), 1 CPU(s)" in result.stderr  # not a fresh local Ray with 2
         assert_dataset_invariants(tmp_path / "out", expected_keys={"a"})
     finally:
         os.killpg(head.pid, signal.SIGTERM)
