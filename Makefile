@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ingest phrases test test-fast bench clean
+.PHONY: setup demo ingest phrases recaption tiny-vlm test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,26 @@ ingest: setup
 phrases: ingest
 	$(BIN)/fgdata phrases $(OUT)/images $(OUT)/phrases
 
-demo: phrases
+# MODEL: a hub id or a local directory. The default is a tiny RANDOM-weight Qwen2.5-VL built
+# offline (its captions are noise, labelled as such); MODEL=Qwen/Qwen2.5-VL-7B-Instruct for real ones.
+TINY_VLM := out/models/tiny-vlm
+MODEL ?= $(TINY_VLM)
+RECAPTION_ARGS ?= --set recaption.max_new_tokens=48
+
+$(TINY_VLM)/config.json: | setup
+	$(BIN)/fgdata tiny-model $(TINY_VLM)
+
+tiny-vlm: $(TINY_VLM)/config.json
+
+recaption: ingest $(if $(filter $(TINY_VLM),$(MODEL)),tiny-vlm)
+	$(BIN)/fgdata recaption $(OUT)/images $(OUT)/captions --model $(MODEL) $(RECAPTION_ARGS)
+
+demo: phrases recaption
 	@echo
 	@echo "== what the demo wrote =="
 	$(BIN)/fgdata info $(OUT)/images
 	$(BIN)/fgdata info $(OUT)/phrases
+	$(BIN)/fgdata info $(OUT)/captions
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -116,6 +116,59 @@ def phrases(
 
 
 @app.command()
+def recaption(
+    images: Annotated[Path, typer.Argument(help="Image shards (from `fgdata ingest`).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for caption shards.")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="Hub id or local directory of the VLM (recaption.model).")
+    ] = None,
+    backend: Annotated[Optional[str], typer.Option(help="transformers or vllm (recaption.backend).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Write a detailed long caption for every image with a multimodal LLM, next to its short caption.
+
+    Default model: Qwen/Qwen2.5-VL-7B-Instruct on transformers (bf16 on GPU). One model actor per GPU
+    (or per --set recaption.tensor_parallel_size=N GPUs with vLLM); images are decoded and resized in
+    CPU tasks. Empty, cut-off, too short, repetitive or non-English captions are retried once with
+    sampling, then go to OUT/_rejects/ with a reason, as do images the model cannot take.
+    """
+    from pipeline.runner import run_stage
+    from pipeline.stages.recaption import RecaptionStage
+
+    with _user_errors():
+        flags = [f"recaption.model={model}"] * bool(model) + [f"recaption.backend={backend}"] * bool(backend)
+        settings = _setup(config, [*flags, *(set_ or [])])
+        _report_run(run_stage(RecaptionStage(images), out, settings, overwrite=overwrite))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
+    kind: Annotated[str, typer.Option(help="Which model: vlm (a Qwen2.5-VL for recaption).")] = "vlm",
+):
+    """Build a tiny RANDOM-weight model from a real config class, for offline demos and tests.
+
+    It loads through the same path as a hub model (pass the directory as --model); everything
+    it generates is noise, and every row it produces is marked caption_model_is_random=true.
+    """
+    from pipeline.models.tiny import build_tiny_vlm
+    from pipeline.prompts import load_prompt
+    from pipeline.resources import resource_dir
+
+    with _user_errors():
+        if kind != "vlm":
+            raise FgdataError(f"unknown tiny model kind {kind!r}; available: vlm")
+        # the vocabulary is learnt from the bundled prompt and sample captions, so the random
+        # model at least emits English word pieces
+        texts = [load_prompt("recaption_long.v1").text]
+        sample = resource_dir("prompts").parent / "sample" / "images"
+        texts += [p.read_text() for p in sorted(sample.glob("*.txt"))] if sample.is_dir() else []
+        typer.echo(f"wrote a random-weight {kind} to {build_tiny_vlm(out, texts * 20)}")
+
+
+@app.command()
 def info(
     dataset: Annotated[Path, typer.Argument(help="A dataset directory written by an fgdata stage.")],
     top: Annotated[int, typer.Option(help="How many top phrases and heads to list.")] = 10,

@@ -79,10 +79,37 @@ class PhrasesConfig:
 
 
 @dataclass
+class RecaptionConfig:
+    backend: str = "transformers"  # or "vllm" (pip install 'fgdata[gpu]')
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id or local directory
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    tensor_parallel_size: int = 1  # vLLM only: GPUs one model instance spans
+    prompt: str = "recaption_long.v1"  # a name in prompts/ or a path to your own .txt
+    max_new_tokens: int = 384
+    temperature: float = 0.0  # 0 = greedy, which makes reruns reproduce the same captions
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16  # images per generate call
+    num_actors: int = 0  # model replicas; 0 = one per GPU group, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+    max_image_side: int = 1024  # images are resized on CPU workers to fit this, keeping aspect
+    max_aspect_ratio: float = 20.0  # longer/shorter side; beyond this the image is rejected
+    retry_temperature: float = 0.7  # a rejected caption is retried once with this; 0 = no retry
+    min_words: int = 12
+    min_latin_fraction: float = 0.6
+    min_english_fraction: float = 0.08
+    max_ngram_repeats: int = 4
+    min_distinct_trigrams: float = 0.5
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
+    recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

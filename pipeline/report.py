@@ -34,6 +34,8 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
             lines.append(f"    {reason:<20} {count:>6}   e.g. {example['key']}: {example['detail'][:90]}")
     for name, values in manifest.get("provenance", {}).items():
         lines.append(f"  {name}: {', '.join(map(str, values))}")
+    if True in manifest.get("provenance", {}).get("random_weights", []):
+        lines.append("  NOTE: made by a RANDOM-WEIGHT model (offline demo/test): the generated text is noise")
     describe_kind = {"images": _describe_images, "phrases": _describe_phrases}.get(manifest["kind"])
     if describe_kind:
         lines += describe_kind(shards, top)

@@ -93,14 +93,21 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
 
 def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int) -> dict[str, str]:
     ensure_ray(config.run)
-    task = ray.remote(run_shard).options(
-        num_cpus=config.run.cpus_per_task,
-        max_retries=config.run.max_retries,
-        retry_exceptions=True,
-        name=f"fgdata-{stage.name}",
-    )
-    limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     stage_ref, config_ref = ray.put(stage), ray.put(config)
+    if stage.uses_model:
+        submit, limit = _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config)
+    else:
+        task = ray.remote(run_shard).options(
+            num_cpus=config.run.cpus_per_task,
+            max_retries=config.run.max_retries,
+            retry_exceptions=True,
+            name=f"fgdata-{stage.name}",
+        )
+        limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+        def submit(unit):
+            return task.remote(stage_ref, unit, str(out_dir), config_ref), None
+
     queue = deque(pending)
     in_flight: dict = {}
     failures: dict[str, str] = {}
@@ -109,9 +116,12 @@ def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: in
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 unit = queue.popleft()
-                in_flight[task.remote(stage_ref, unit, str(out_dir), config_ref)] = unit.name
+                ref, on_done = submit(unit)
+                in_flight[ref] = (unit.name, on_done)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            name = in_flight.pop(ready[0])
+            name, on_done = in_flight.pop(ready[0])
+            if on_done:
+                on_done()
             try:
                 stats = ray.get(ready[0])
                 rows_done += stats["rows_in"]
@@ -121,6 +131,55 @@ def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: in
             bar.update(1)
             bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
     return failures
+
+
+class ModelWorker:
+    """A Ray actor that loads the stage's model once and writes shards from prepared batches."""
+
+    def __init__(self, stage: Stage, config: Config):
+        self.stage, self.config = stage, config
+        self.model = stage.load_model(config)
+
+    def run(self, unit, batch_refs: list, out_dir: str) -> dict:
+        # Batches arrive as references so the next one can still be decoding while this one
+        # is on the model; each is fetched only when the model is ready for it.
+        batches = (ray.get(ref) for ref in batch_refs)
+        return run_shard(self.stage, unit, out_dir, self.config, model=self.model, prepared=batches)
+
+
+def _prepare_batches(stage: Stage, unit, config: Config):
+    batches = stage.prepare(unit, config)
+    return batches[0] if len(batches) == 1 else tuple(batches)
+
+
+def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, config: Config):
+    """Starts the actor pool; returns a submit(unit) that preprocesses on CPU then runs on an actor."""
+    pool = stage.pool(ray.cluster_resources().get("GPU", 0), config)
+    retries = config.run.max_retries
+    worker = ray.remote(ModelWorker).options(
+        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor, max_restarts=retries, max_task_retries=retries
+    )
+    # stage and config go by value: a restarted actor must not depend on object-store refs
+    actors = [worker.remote(stage, config) for _ in range(pool.actors)]
+    log.info("%s: %d model actor(s), %g GPU(s) each", stage.name, pool.actors, pool.gpus_per_actor)
+    prepare = ray.remote(num_cpus=config.run.cpus_per_task, max_retries=retries, retry_exceptions=True)(_prepare_batches)
+    load = {index: 0 for index in range(len(actors))}
+
+    def submit(unit):
+        count = stage.prepared_batches(unit, config)
+        refs = prepare.options(num_returns=count, name=f"fgdata-{stage.name}-prepare").remote(stage_ref, unit, config_ref)
+        refs = refs if isinstance(refs, list) else [refs]
+        index = min(load, key=load.get)
+        load[index] += 1
+        result = actors[index].run.options(name=f"fgdata-{stage.name}").remote(unit, refs, str(out_dir))
+
+        def on_done():
+            load[index] -= 1
+
+        return result, on_done
+
+    # Two shards per actor: one on the model, the next one being decoded.
+    return submit, config.run.max_shards_in_flight or 2 * len(actors)
 
 
 def _short_error(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -21,6 +21,13 @@ class WorkUnit:
 
     name: str
     payload: Any
+
+
+@dataclass(frozen=True)
+class ModelPool:
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
 
 
 @dataclass
@@ -43,21 +50,37 @@ class Stage(ABC):
     name: str
     output_kind: str
     config_section: str
+    # Model stages run `process` in a pool of Ray actors that load the model once
+    # (`load_model`), fed with batches that `prepare` builds in CPU tasks beforehand.
+    uses_model: bool = False
 
     @abstractmethod
     def plan(self, config: Config) -> list[WorkUnit]: ...
 
     @abstractmethod
-    def process(self, unit: WorkUnit, config: Config) -> ShardResult: ...
+    def process(self, unit: WorkUnit, config: Config, model: Any = None, prepared: Iterable | None = None) -> ShardResult: ...
+
+    def load_model(self, config: Config) -> Any:
+        raise NotImplementedError(f"{self.name} does not use a model")
+
+    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
+        """How many batches `prepare` returns for `unit` (at least 1)."""
+        raise NotImplementedError(f"{self.name} does not use a model")
+
+    def prepare(self, unit: WorkUnit, config: Config) -> list:
+        raise NotImplementedError(f"{self.name} does not use a model")
+
+    def pool(self, cluster_gpus: float, config: Config) -> "ModelPool":
+        raise NotImplementedError(f"{self.name} does not use a model")
 
     @abstractmethod
     def lineage(self) -> list[dict]:
         """The inputs this dataset descends from, recorded in the manifest."""
 
 
-def run_shard(stage: Stage, unit: WorkUnit, out_dir: str, config: Config) -> dict:
+def run_shard(stage: Stage, unit: WorkUnit, out_dir: str, config: Config, model: Any = None, prepared: Iterable | None = None) -> dict:
     started = time.perf_counter()
-    result = stage.process(unit, config)
+    result = stage.process(unit, config, model=model, prepared=prepared)
     rows_out, rows_rejected = result.table.num_rows, len(result.rejects)
     if result.rows_in != rows_out + rows_rejected:
         raise RuntimeError(

@@ -33,7 +33,7 @@ class IngestStage(Stage):
         fmt = detect_format(self.source) if self.fmt == "auto" else self.fmt
         return [{"path": str(self.source), "format": fmt}]
 
-    def process(self, unit: WorkUnit, config: Config) -> ShardResult:
+    def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         rows, rejects = [], []
         counters: Counter = Counter()
         with _TarCache() as tars:

@@ -77,7 +77,7 @@ class PhrasesStage(Stage):
         upstream = read_json(self.input_dir / MANIFEST_FILE) or {}
         return [{"path": str(self.input_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])}]
 
-    def process(self, unit: WorkUnit, config: Config) -> ShardResult:
+    def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         settings = config.phrases
         source_path = unit.payload["path"]
         table = read_shard(Path(source_path), columns=unit.payload["columns"])

@@ -1,0 +1,1 @@
+"""Model backends behind small interfaces, each loading a hub id or a local path."""

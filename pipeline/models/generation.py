@@ -1,0 +1,71 @@
+"""Generate text from image + text: the interface the recaption stage uses, and its backends."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from pipeline.errors import FgdataError
+
+# A model directory made by `fgdata tiny-model` carries this file: what it generates is noise
+# from random weights, and every row it produces says so.
+RANDOM_WEIGHTS_MARKER = "fgdata_random_weights.json"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    seed: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (hit max_new_tokens)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    revision: str | None
+    backend: str
+    is_random: bool
+
+
+class ImageTextGenerator(Protocol):
+    info: ModelInfo
+
+    def generate(self, images: list[Image.Image], prompt: str, sampling: Sampling) -> list[Generation]:
+        """One generation per image, all with the same user prompt."""
+
+
+def is_random_model(model: str) -> bool:
+    return (Path(model) / RANDOM_WEIGHTS_MARKER).exists()
+
+
+def load_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int) -> ImageTextGenerator:
+    if backend == "transformers":
+        from pipeline.models.transformers_vlm import TransformersVLM
+
+        return TransformersVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+    if backend == "vllm":
+        from pipeline.models.vllm_vlm import VllmVLM
+
+        return VllmVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    raise FgdataError(f"unknown generation backend {backend!r}; choose transformers or vllm")
+
+
+def chat_prompt(processor, prompt: str) -> str:
+    """The model's own chat template around one image and the user prompt."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -1,0 +1,59 @@
+"""transformers backend: AutoProcessor + AutoModelForImageTextToText, batched, left-padded."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from pipeline.errors import FgdataError
+from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt, is_random_model
+
+
+class TransformersVLM:
+    def __init__(self, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self._torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":  # bf16 on GPU (fp16 overflows in some VLMs), fp32 on CPU
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        try:
+            self.processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
+            )
+        except (OSError, ValueError) as exc:
+            raise FgdataError(f"cannot load image-text model {model!r} with transformers: {exc}") from None
+        self.model.to(self.device).eval()
+        # Decoder-only generation continues from the last position, so pad on the left.
+        self.processor.tokenizer.padding_side = "left"
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._pad_id = self.processor.tokenizer.pad_token_id
+        self.info = ModelInfo(
+            model=model,
+            revision=revision or getattr(self.model.config, "_commit_hash", None),
+            backend="transformers",
+            is_random=is_random_model(model),
+        )
+
+    def generate(self, images: list[Image.Image], prompt: str, sampling: Sampling) -> list[Generation]:
+        torch = self._torch
+        text = chat_prompt(self.processor, prompt)
+        inputs = self.processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True).to(self.device)
+        options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [self._result(text, ids) for text, ids in zip(texts, new_tokens)]
+
+    def _result(self, text: str, ids: list[int]) -> Generation:
+        for position, token in enumerate(ids):
+            if token in self._eos_ids:
+                return Generation(text=text.strip(), tokens=position + 1, finish_reason="stop")
+        generated = sum(1 for token in ids if token != self._pad_id)
+        return Generation(text=text.strip(), tokens=generated, finish_reason="length")
