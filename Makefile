@@ -31,7 +31,8 @@ phrases: ingest
 # offline (its captions are noise, labelled as such); MODEL=Qwen/Qwen2.5-VL-7B-Instruct for real ones.
 TINY_VLM := out/models/tiny-vlm
 MODEL ?= $(TINY_VLM)
-RECAPTION_ARGS ?= --set recaption.max_new_tokens=48
+# the tiny model writes noise, so the demo keeps it short; a real model gets the default length
+RECAPTION_ARGS ?= $(if $(filter $(TINY_VLM),$(MODEL)),--set recaption.max_new_tokens=48)
 
 $(TINY_VLM)/config.json: | setup
 	$(BIN)/fgdata tiny-model $(TINY_VLM)

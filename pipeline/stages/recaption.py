@@ -128,7 +128,7 @@ class RecaptionStage(Stage):
         prompt = load_prompt(settings.prompt)
         limits = limits_from(settings)
         first = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
-        retry = replace(first, temperature=settings.retry_temperature, top_p=0.95, seed=settings.seed + 1)
+        retry = replace(first, temperature=settings.retry_temperature, seed=settings.seed + 1)
         rows, rejects, rows_in = [], [], 0
         counters: Counter = Counter()
         for batch in prepared:
