@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, co
         refs = refs if isinstance(refs, list) else [refs]
         index = min(load, key=load.get)
         load[index] += 1
-        result = actors[index].run.options(name=f"fgdata-{stage.name}").remote(unit, refs, str(out_dir))
+        result = actors[index].run.options(name=f"fgdata-{stage.name}", retry_exceptions=True).remote(unit, refs, str(out_dir))
 
         def on_done():
             load[index] -= 1
@@ -182,9 +183,14 @@ def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, co
     return submit, config.run.max_shards_in_flight or 2 * len(actors)
 
 
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Exit): ")
+
+
 def _short_error(exc: BaseException) -> str:
+    """The line that says what went wrong: Ray wraps worker errors in long tracebacks."""
     cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+    lines = [line.strip() for line in f"{type(cause).__name__}: {cause}".splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])[:500]
 
 
 def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float) -> dict:

@@ -94,6 +94,8 @@ def test_bad_recaption_settings_stop_before_any_work(tmp_path, sample_images):
         run_stage(RecaptionStage(sample_images), tmp_path / "o", make_config("recaption.backend=onnx"))
     with pytest.raises(FgdataError, match="prompt 'nope.v9' not found"):
         run_stage(RecaptionStage(sample_images), tmp_path / "o", make_config("recaption.prompt=nope.v9"))
+    with pytest.raises(FgdataError, match="cannot use model '/no/such/model'"):
+        run_stage(RecaptionStage(sample_images), tmp_path / "o", make_config("recaption.model=/no/such/model"))
     assert not (tmp_path / "o").exists()
 
 

@@ -21,7 +21,7 @@ from pipeline.caption_quality import CaptionLimits, caption_problem
 from pipeline.config import Config, RecaptionConfig
 from pipeline.errors import FgdataError
 from pipeline.images import ImageRejected
-from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, load_generator
+from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, check_model_reference, load_generator
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
@@ -80,7 +80,8 @@ class RecaptionStage(Stage):
             settings.model = str(Path(settings.model).resolve())
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"recaption.backend must be transformers or vllm, got {settings.backend!r}")
-        load_prompt(settings.prompt)  # a missing prompt stops the run before it starts
+        load_prompt(settings.prompt)  # a missing prompt or model stops the run before it starts
+        check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         units = []
         for path in list_shards(self.images_dir):
             check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
