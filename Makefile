@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ingest phrases recaption tiny-vlm test test-fast bench clean
+.PHONY: setup demo ingest phrases recaption ground tiny-vlm tiny-clip test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +42,29 @@ tiny-vlm: $(TINY_VLM)/config.json
 recaption: ingest $(if $(filter $(TINY_VLM),$(MODEL)),tiny-vlm)
 	$(BIN)/fgdata recaption $(OUT)/images $(OUT)/captions --model $(MODEL) $(RECAPTION_ARGS)
 
-demo: phrases recaption
+# DETECTOR / TEXT_ENCODER: by default YOLO-World v2 small built from its architecture file and a
+# tiny CLIP text tower, both RANDOM; DETECTOR=yolov8x-worldv2.pt TEXT_ENCODER=openai/clip-vit-base-patch32
+# for the real ones.
+TINY_CLIP := out/models/tiny-clip-text
+DETECTOR ?= yolov8s-worldv2.yaml
+TEXT_ENCODER ?= $(TINY_CLIP)
+# random weights score every box near 0: the demo keeps them all to show the format
+GROUND_ARGS ?= $(if $(filter $(TINY_CLIP),$(TEXT_ENCODER)),--set ground.score_threshold=0)
+
+$(TINY_CLIP)/config.json: | setup
+	$(BIN)/fgdata tiny-model $(TINY_CLIP) --kind clip-text
+
+tiny-clip: $(TINY_CLIP)/config.json
+
+ground: phrases $(if $(filter $(TINY_CLIP),$(TEXT_ENCODER)),tiny-clip)
+	$(BIN)/fgdata ground $(OUT)/phrases $(OUT)/regions --detector $(DETECTOR) --set ground.text_encoder=$(TEXT_ENCODER) $(GROUND_ARGS)
+
+demo: ground recaption
 	@echo
 	@echo "== what the demo wrote =="
 	$(BIN)/fgdata info $(OUT)/images
 	$(BIN)/fgdata info $(OUT)/phrases
+	$(BIN)/fgdata info $(OUT)/regions
 	$(BIN)/fgdata info $(OUT)/captions
 
 test: setup

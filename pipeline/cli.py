@@ -143,29 +143,61 @@ def recaption(
         _report_run(run_stage(RecaptionStage(images), out, settings, overwrite=overwrite))
 
 
+@app.command()
+def ground(
+    phrases_dir: Annotated[Path, typer.Argument(metavar="PHRASES", help="Phrase shards (from `fgdata phrases`).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for region shards.")],
+    images: Annotated[
+        Optional[Path], typer.Option(help="Image shards to take pixels from; default: found through PHRASES' lineage.")
+    ] = None,
+    backend: Annotated[Optional[str], typer.Option(help="yolo_world or owlv2 (ground.backend).")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="YOLO-World checkpoint name or path (ground.detector).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Ground every phrase of every image to boxes with an open-vocabulary detector, one row per image.
+
+    Default: ultralytics YOLO-World v2 with each image's own phrases as its classes, embedded once
+    per distinct phrase by the CLIP ViT-B/32 text tower (ground.text_encoder). Boxes are kept above
+    ground.score_threshold, after NMS within a phrase and across near-identical boxes, within the
+    area limits and caps; whole-image boxes are dropped. Images left with no region keep an empty list.
+    """
+    from pipeline.runner import run_stage
+    from pipeline.stages.ground import GroundStage
+
+    with _user_errors():
+        flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
+        settings = _setup(config, [*flags, *(set_ or [])])
+        _report_run(run_stage(GroundStage(phrases_dir, images), out, settings, overwrite=overwrite))
+
+
 @app.command("tiny-model")
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
-    kind: Annotated[str, typer.Option(help="Which model: vlm (a Qwen2.5-VL for recaption).")] = "vlm",
+    kind: Annotated[
+        str, typer.Option(help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder) or owlv2.")
+    ] = "vlm",
 ):
     """Build a tiny RANDOM-weight model from a real config class, for offline demos and tests.
 
-    It loads through the same path as a hub model (pass the directory as --model); everything
-    it generates is noise, and every row it produces is marked caption_model_is_random=true.
+    It loads through the same path as a hub model (pass the directory as --model or in --set);
+    what it produces is noise, and every row it produces is marked as coming from random weights.
     """
-    from pipeline.models.tiny import build_tiny_vlm
+    from pipeline.models import tiny
     from pipeline.prompts import load_prompt
     from pipeline.resources import resource_dir
 
+    builders = {"vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2}
     with _user_errors():
-        if kind != "vlm":
-            raise FgdataError(f"unknown tiny model kind {kind!r}; available: vlm")
-        # the vocabulary is learnt from the bundled prompt and sample captions, so the random
-        # model at least emits English word pieces
+        if kind not in builders:
+            raise FgdataError(f"unknown tiny model kind {kind!r}; available: {', '.join(builders)}")
+        # the vocabulary is learnt from the bundled prompt and sample captions, so a random
+        # model at least works with English word pieces
         texts = [load_prompt("recaption_long.v1").text]
         sample = resource_dir("prompts").parent / "sample" / "images"
         texts += [p.read_text() for p in sorted(sample.glob("*.txt"))] if sample.is_dir() else []
-        typer.echo(f"wrote a random-weight {kind} to {build_tiny_vlm(out, texts * 20)}")
+        typer.echo(f"wrote a random-weight {kind} to {builders[kind](out, texts * 20)}")
 
 
 @app.command()

@@ -105,11 +105,35 @@ class RecaptionConfig:
 
 
 @dataclass
+class GroundConfig:
+    backend: str = "yolo_world"  # or "owlv2" (a transformers zero-shot detector)
+    # YOLO-World: an ultralytics checkpoint name or path; a .yaml builds random weights
+    detector: str = "yolov8x-worldv2.pt"
+    # The CLIP ViT-B/32 text tower YOLO-World v2 was trained with, for phrase embeddings
+    text_encoder: str = "openai/clip-vit-base-patch32"
+    owl_model: str = "google/owlv2-base-patch16-ensemble"  # used when backend=owlv2
+    image_size: int = 640  # YOLO-World letterbox size
+    batch_size: int = 16  # images per detector call
+    score_threshold: float = 0.3
+    nms_iou: float = 0.5  # within one phrase
+    cross_phrase_iou: float = 0.95  # near-identical boxes of different phrases: keep the best
+    min_box_area: float = 0.0005  # fraction of the image
+    max_box_area: float = 1.0
+    whole_image_area: float = 0.95  # a box this large names the scene, not an object: dropped
+    max_boxes_per_phrase: int = 3
+    max_boxes_per_image: int = 20
+    text_cache_size: int = 200_000  # phrase embeddings kept per actor
+    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
+    ground: GroundConfig = field(default_factory=GroundConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

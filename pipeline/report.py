@@ -35,8 +35,8 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
     for name, values in manifest.get("provenance", {}).items():
         lines.append(f"  {name}: {', '.join(map(str, values))}")
     if True in manifest.get("provenance", {}).get("random_weights", []):
-        lines.append("  NOTE: made by a RANDOM-WEIGHT model (offline demo/test): the generated text is noise")
-    describe_kind = {"images": _describe_images, "phrases": _describe_phrases}.get(manifest["kind"])
+        lines.append("  NOTE: made by a RANDOM-WEIGHT model (offline demo/test): its output is noise")
+    describe_kind = {"images": _describe_images, "phrases": _describe_phrases, "regions": _describe_regions}.get(manifest["kind"])
     if describe_kind:
         lines += describe_kind(shards, top)
     return "\n".join(lines)
@@ -71,4 +71,19 @@ def _describe_phrases(shards: list[Path], top: int) -> list[str]:
         f"  phrases: {total} ({total / max(rows, 1):.2f} per row), distinct: {len(phrases)}",
         f"  top phrases: {'; '.join(f'{text} ({count})' for text, count in phrases.most_common(top))}",
         f"  top head nouns: {', '.join(f'{head} ({count})' for head, count in heads.most_common(top))}",
+    ]
+
+
+def _describe_regions(shards: list[Path], top: int) -> list[str]:
+    phrases: Counter = Counter()
+    rows = empty = regions = 0
+    for shard in shards:
+        for row_regions in pq.read_table(shard, columns=["regions"]).column("regions").to_pylist():
+            rows += 1
+            empty += not row_regions
+            regions += len(row_regions)
+            phrases.update(region["phrase"].lower() for region in row_regions)
+    return [
+        f"  regions: {regions} ({regions / max(rows, 1):.2f} per image), images without a region: {empty}",
+        f"  most grounded phrases: {'; '.join(f'{text} ({count})' for text, count in phrases.most_common(top))}",
     ]

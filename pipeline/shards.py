@@ -126,3 +126,17 @@ def claim_output(out_dir: Path, stage: str, settings_hash: str, overwrite: bool)
     for stale in out_dir.rglob(f".*{_TMP_TAG}*"):
         stale.unlink()
     write_json(out_dir / RUN_FILE, {"stage": stage, "settings_hash": settings_hash})
+
+
+def find_ancestor(dataset_dir: Path, kind: str) -> Path | None:
+    """The nearest dataset of `kind` that `dataset_dir` descends from, following manifest lineage."""
+    manifest = read_json(Path(dataset_dir) / MANIFEST_FILE)
+    if manifest is None:
+        return None
+    if manifest.get("kind") == kind:
+        return Path(dataset_dir)
+    for parent in manifest.get("inputs", []):
+        found = find_ancestor(Path(parent["path"]), kind) if parent.get("path") else None
+        if found:
+            return found
+    return None

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
 from pipeline.errors import FgdataError
-
-# A model directory made by `fgdata tiny-model` carries this file: what it generates is noise
-# from random weights, and every row it produces says so.
-RANDOM_WEIGHTS_MARKER = "fgdata_random_weights.json"
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -47,22 +41,6 @@ class ImageTextGenerator(Protocol):
 
     def generate(self, images: list[Image.Image], prompt: str, sampling: Sampling) -> list[Generation]:
         """One generation per image, all with the same user prompt."""
-
-
-def is_random_model(model: str) -> bool:
-    return (Path(model) / RANDOM_WEIGHTS_MARKER).exists()
-
-
-def check_model_reference(model: str, *, revision: str | None, trust_remote_code: bool) -> None:
-    """Reads only the model's config, on the driver, so a wrong id or path stops the run before
-    any actor starts (and before a large download)."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise FgdataError(f"cannot use model {model!r}: {first_line} (give a hub id or a local model directory)") from None
 
 
 def load_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int) -> ImageTextGenerator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.models.generation import RANDOM_WEIGHTS_MARKER
+from pipeline.models.reference import RANDOM_WEIGHTS_MARKER
 
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # A minimal chat template in the Qwen2.5-VL format: image placeholder, then the text.
@@ -22,11 +22,78 @@ _CHAT_TEMPLATE = (
 )
 
 
+def _byte_level_bpe(texts: list[str], special_tokens: list[str]):
+    """A real byte-level BPE tokenizer trained on the fly (no vocabulary files can be downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
+def _mark_random(out_dir: Path, architecture: str, seed: int) -> Path:
+    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
+        json.dumps({"architecture": architecture, "seed": seed, "note": "random weights: output is noise"}, indent=2)
+    )
+    return out_dir
+
+
+def _clip_tokenizer(texts: list[str]):
+    from transformers import CLIPTokenizerFast
+
+    # id 0 stays unused: OWL treats a query whose first id is 0 as padding
+    bpe = _byte_level_bpe(texts, ["<|unused|>", "<|startoftext|>", "<|endoftext|>"])
+    return CLIPTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def _clip_text_config(tokenizer, projection_dim: int) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_clip_text(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
+    """A tiny random CLIPTextModelWithProjection with 512-d output, the width YOLO-World v2 takes."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer(vocabulary_texts)
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_text_config(tokenizer, projection_dim=512)))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return _mark_random(out_dir, "CLIPTextModelWithProjection", seed)
+
+
+def build_tiny_owlv2(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
+    """A tiny random Owlv2ForObjectDetection (64 px input) with its processor."""
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    tokenizer = _clip_tokenizer(vocabulary_texts)
+    text_config = _clip_text_config(tokenizer, projection_dim=32)
+    text_config.pop("projection_dim")
+    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16)
+    config = Owlv2Config(text_config=text_config, vision_config=vision_config, projection_dim=32)
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(config)
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return _mark_random(out_dir, "Owlv2ForObjectDetection", seed)
+
+
 def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A ~0.2M-parameter Qwen2.5-VL (real Qwen2_5_VLForConditionalGeneration) with a BPE
     vocabulary trained on `vocabulary_texts`, saved with its processor to `out_dir`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -36,11 +103,7 @@ def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
         Qwen2VLVideoProcessor,
     )
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(vocabulary_texts, trainer)
+    bpe = _byte_level_bpe(vocabulary_texts, _SPECIAL_TOKENS)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _SPECIAL_TOKENS}
     special = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": ids["<|endoftext|>"]}
@@ -71,7 +134,4 @@ def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
-        json.dumps({"architecture": "Qwen2_5_VLForConditionalGeneration", "seed": seed, "note": "random weights: output is noise"}, indent=2)
-    )
-    return out_dir
+    return _mark_random(out_dir, "Qwen2_5_VLForConditionalGeneration", seed)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from PIL import Image
 
 from pipeline.errors import FgdataError
-from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt, is_random_model
+from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt
+from pipeline.models.reference import is_random_model
 
 
 class VllmVLM:

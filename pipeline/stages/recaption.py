@@ -21,7 +21,8 @@ from pipeline.caption_quality import CaptionLimits, caption_problem
 from pipeline.config import Config, RecaptionConfig
 from pipeline.errors import FgdataError
 from pipeline.images import ImageRejected
-from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, check_model_reference, load_generator
+from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, load_generator
+from pipeline.models.reference import check_model_reference
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
