@@ -13,10 +13,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from pipeline.errors import FgdataError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -142,6 +145,11 @@ class Config:
         """Hash of the settings that decide a stage's output (used to refuse mixed resumes)."""
         payload = json.dumps(dataclasses.asdict(getattr(self, section)), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pick(target: type[T], settings) -> T:
+    """Builds `target` (a dataclass) from the same-named fields of a config section."""
+    return target(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(target)})
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:

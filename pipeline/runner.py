@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.config import Config, RunConfig
-from pipeline.errors import StageFailed
+from pipeline.errors import FgdataError, StageFailed
 from pipeline.shards import MANIFEST_FILE, claim_output, finished_shards, read_stats, write_json
 from pipeline.stages.base import Stage, run_shard
 
@@ -155,7 +155,13 @@ def _prepare_batches(stage: Stage, unit, config: Config):
 
 def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, config: Config):
     """Starts the actor pool; returns a submit(unit) that preprocesses on CPU then runs on an actor."""
-    pool = stage.pool(ray.cluster_resources().get("GPU", 0), config)
+    resources = ray.cluster_resources()
+    pool = stage.pool(resources.get("GPU", 0), config)
+    if pool.actors * pool.cpus_per_actor + config.run.cpus_per_task > resources.get("CPU", 0):
+        raise FgdataError(
+            f"{stage.name}: {pool.actors} model actor(s) x {pool.cpus_per_actor} CPU leave no CPU for decoding "
+            f"(cluster has {resources.get('CPU', 0):g}); lower {stage.config_section}.cpus_per_actor or num_actors"
+        )
     retries = config.run.max_retries
     worker = ray.remote(ModelWorker).options(
         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor, max_restarts=retries, max_task_retries=retries

@@ -1,10 +1,9 @@
 import pytest
 
-from pipeline.caption_quality import caption_problem, repeated_ngram
-from pipeline.config import RecaptionConfig
-from pipeline.stages.recaption import limits_from
+from pipeline.caption_quality import CaptionLimits, caption_problem, repeated_ngram
+from pipeline.config import RecaptionConfig, pick
 
-LIMITS = limits_from(RecaptionConfig())
+LIMITS = pick(CaptionLimits, RecaptionConfig())
 GOOD = (
     "A red double-decker bus drives along a wet city street in the evening. Its headlights are on and "
     "a few people with black umbrellas wait at a glass bus stop on the left side of the road."

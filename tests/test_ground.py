@@ -66,11 +66,14 @@ def test_letterbox_round_trip_matches_the_drawn_rectangle(shape):
     image = np.zeros((height, width, 3), np.uint8)
     x1, y1, x2, y2 = width // 5, height // 4, width // 2, height * 3 // 4
     image[y1:y2, x1:x2] = 255
-    letterboxed = letterbox_batch([image], 640)[0].transpose(1, 2, 0)
-    ys, xs = np.where(letterboxed[..., 0] > 127)
-    found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
-    back = boxes_to_pixels(found, 640, shape)[0].tolist()
-    assert back == pytest.approx([x1, y1, x2, y2], abs=2.0)
+    other = np.zeros((300, 300, 3), np.uint8)
+    for batch in ([image], [image, other]):  # one shape: a tight rectangle; mixed shapes: square
+        letterboxed = letterbox_batch(batch, 640)[0].transpose(1, 2, 0)
+        assert letterboxed.shape[0] % 32 == 0 and letterboxed.shape[1] % 32 == 0
+        ys, xs = np.where(letterboxed[..., 0] > 127)
+        found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        back = boxes_to_pixels(found, letterboxed.shape[:2], shape)[0].tolist()
+        assert back == pytest.approx([x1, y1, x2, y2], abs=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,9 @@ def test_phrase_embeddings_are_computed_once_per_phrase(models):
     again = cache.embed(["a spoon", "a red cup"])
     assert (cache.hits, cache.misses) == (3, 2)
     assert torch.allclose(again[1], first[0]) and torch.allclose(first[0].norm(), torch.tensor(1.0))
+    tiny = PhraseEmbeddingCache(str(models["clip"]), "cpu", capacity=1)  # more phrases per call than capacity
+    assert torch.allclose(tiny.embed(["a spoon", "a red cup"]), again)
+    assert list(tiny._cache) == ["a red cup"]  # only the most recent survives
 
 
 def ground_config(models, *extra):

@@ -41,3 +41,13 @@ def test_bad_images_are_rejected_with_a_reason(data, reason):
         inspect_image(data, **LIMITS)
     assert rejected.value.reason == reason
     assert rejected.value.detail
+
+
+def test_non_images_stay_rejected_after_ultralytics_patches_pillow():
+    """ultralytics replaces PIL.Image.open with a HEIF fallback when imported (the ground stage
+    imports it); a text file must still be `not_an_image`, not a crash."""
+    import ultralytics  # noqa: F401 - the import applies the patch
+
+    with pytest.raises(ImageRejected) as rejected:
+        inspect_image(b"this is a text file named photo.jpg\n", **LIMITS)
+    assert rejected.value.reason == "not_an_image"

@@ -8,6 +8,7 @@ per-image text features. Letterboxing, NMS and the mapping back to pixels are ul
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from PIL import Image
 from pipeline.boxes import Detection
 from pipeline.errors import FgdataError
 from pipeline.models.reference import is_random_model
+
+
+# A data pipeline must not pip-install packages while it runs; ultralytics does unless told not to.
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 
 class PhraseEmbeddingCache:
@@ -46,27 +51,29 @@ class PhraseEmbeddingCache:
                 embeddings = torch.nn.functional.normalize(self.model(**tokens).text_embeds, dim=-1)
             for phrase, embedding in zip(missing, embeddings):
                 self._cache[phrase] = embedding
+        result = self._torch.stack([self._cache[p] for p in phrases])
         for phrase in phrases:
             self._cache.move_to_end(phrase)
-        while len(self._cache) > self.capacity:
+        while len(self._cache) > self.capacity:  # least recently used first
             self._cache.popitem(last=False)
-        return self._torch.stack([self._cache[p] for p in phrases])
+        return result
 
 
 def letterbox_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
-    """HWC RGB images → one NCHW uint8 batch, each resized and padded to size x size as
-    ultralytics' own predictor does."""
+    """HWC RGB images → one NCHW uint8 batch, resized and padded as ultralytics' own predictor
+    does: to the smallest stride-multiple rectangle when all images share a shape, else square."""
     from ultralytics.data.augment import LetterBox
 
-    letterbox = LetterBox((size, size), auto=False, stride=32)
+    same_shape = len({a.shape for a in arrays}) == 1
+    letterbox = LetterBox((size, size), auto=same_shape, stride=32)
     return np.stack([letterbox(image=a) for a in arrays]).transpose(0, 3, 1, 2).copy()
 
 
-def boxes_to_pixels(boxes, size: int, shape: tuple[int, int]):
-    """Letterboxed xyxy boxes back to the pixels of an image of `shape` (height, width)."""
+def boxes_to_pixels(boxes, letterboxed: tuple[int, int], shape: tuple[int, int]):
+    """xyxy boxes in a letterboxed (height, width) frame back to the pixels of an image of `shape`."""
     from ultralytics.utils import ops
 
-    return ops.scale_boxes((size, size), boxes.clone(), shape)
+    return ops.scale_boxes(letterboxed, boxes.clone(), shape)
 
 
 class YoloWorldDetector:
@@ -77,7 +84,8 @@ class YoloWorldDetector:
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.net = YOLOWorld(detector).model.to(self.device).eval()
+            # fused conv+batchnorm, as ultralytics' own predictor runs it
+            self.net = YOLOWorld(detector).model.fuse(verbose=False).to(self.device).eval()
         except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
             raise FgdataError(f"cannot load YOLO-World detector {detector!r}: {exc}") from None
         self.texts = PhraseEmbeddingCache(text_encoder, self.device, cache_size)
@@ -106,7 +114,7 @@ class YoloWorldDetector:
         per_image = nms.non_max_suppression(prediction, conf_thres=score_threshold, iou_thres=0.7, max_det=300)
         results = []
         for array, image_phrases, found in zip(arrays, phrases, per_image):
-            boxes = boxes_to_pixels(found[:, :4], self.image_size, array.shape[:2])
+            boxes = boxes_to_pixels(found[:, :4], tuple(x.shape[2:]), array.shape[:2])
             results.append(
                 [
                     Detection(int(cls), tuple(float(v) for v in box), float(score))

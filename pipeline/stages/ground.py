@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.boxes import BoxLimits, filter_detections, normalise_box
-from pipeline.config import Config, GroundConfig
+from pipeline.config import Config, pick
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector, load_detector
 from pipeline.models.reference import check_model_reference
@@ -38,19 +38,6 @@ class GroundingBatch:
     images: list[Image.Image] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     rows_in: int = 0
-
-
-def limits_from(settings: GroundConfig) -> BoxLimits:
-    return BoxLimits(
-        score_threshold=settings.score_threshold,
-        nms_iou=settings.nms_iou,
-        cross_phrase_iou=settings.cross_phrase_iou,
-        min_box_area=settings.min_box_area,
-        max_box_area=settings.max_box_area,
-        whole_image_area=settings.whole_image_area,
-        max_boxes_per_phrase=settings.max_boxes_per_phrase,
-        max_boxes_per_image=settings.max_boxes_per_image,
-    )
 
 
 class GroundStage(Stage):
@@ -141,7 +128,7 @@ class GroundStage(Stage):
 
     def process(self, unit: WorkUnit, config: Config, model: PhraseDetector | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.ground
-        limits = limits_from(settings)
+        limits = pick(BoxLimits, settings)
         grounding = json.dumps(asdict(limits), sort_keys=True)
         out, rejects, rows_in = [], [], 0
         counters: Counter = Counter()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.caption_quality import CaptionLimits, caption_problem
-from pipeline.config import Config, RecaptionConfig
+from pipeline.config import Config, RecaptionConfig, pick
 from pipeline.errors import FgdataError
 from pipeline.images import ImageRejected
 from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, load_generator
@@ -54,16 +54,6 @@ def prepare_image(data: bytes, settings: RecaptionConfig) -> Image.Image:
     image = image.convert("RGB")
     image.thumbnail((settings.max_image_side, settings.max_image_side), Image.Resampling.BICUBIC)
     return image
-
-
-def limits_from(settings: RecaptionConfig) -> CaptionLimits:
-    return CaptionLimits(
-        min_words=settings.min_words,
-        min_latin_fraction=settings.min_latin_fraction,
-        min_english_fraction=settings.min_english_fraction,
-        max_ngram_repeats=settings.max_ngram_repeats,
-        min_distinct_trigrams=settings.min_distinct_trigrams,
-    )
 
 
 class RecaptionStage(Stage):
@@ -128,7 +118,7 @@ class RecaptionStage(Stage):
     def process(self, unit: WorkUnit, config: Config, model: ImageTextGenerator | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.recaption
         prompt = load_prompt(settings.prompt)
-        limits = limits_from(settings)
+        limits = pick(CaptionLimits, settings)
         first = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
         retry = replace(first, temperature=settings.retry_temperature, seed=settings.seed + 1)
         rows, rejects, rows_in = [], [], 0
