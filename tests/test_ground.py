@@ -194,3 +194,12 @@ def test_owl_boxes_are_relative_to_the_padded_square(models):
     side = max(image.size)
     result = processor.post_process_grounded_object_detection(outputs, threshold=0.5, target_sizes=torch.tensor([[side, side]]))[0]
     assert result["boxes"].tolist() == [pytest.approx([80.0, 80.0, 120.0, 120.0])]
+
+
+def test_random_yolo_world_is_the_same_model_every_time(models):
+    """A restarted actor must rebuild the same random detector, or resumed shards would differ."""
+    from pipeline.models.yolo_world import YoloWorldDetector
+
+    first, second = (YoloWorldDetector("yolov8s-worldv2.yaml", str(models["clip"]), image_size=320, cache_size=10) for _ in range(2))
+    images = [Image.open(SAMPLE_IMAGES / "coffee.jpg")]
+    assert first.detect(images, [["a red cup"]], 0.0) == second.detect(images, [["a red cup"]], 0.0)

@@ -83,6 +83,11 @@ class YoloWorldDetector:
 
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # A model built from a .yaml architecture file has random weights: seeded, so that a
+        # restarted actor or a rerun builds the same one and resumed shards match.
+        self.is_random = Path(detector).suffix in (".yaml", ".yml") or is_random_model(text_encoder)
+        if self.is_random:
+            torch.manual_seed(0)
         try:
             # fused conv+batchnorm, as ultralytics' own predictor runs it
             self.net = YOLOWorld(detector).model.fuse(verbose=False).to(self.device).eval()
@@ -90,8 +95,6 @@ class YoloWorldDetector:
             raise FgdataError(f"cannot load YOLO-World detector {detector!r}: {exc}") from None
         self.texts = PhraseEmbeddingCache(text_encoder, self.device, cache_size)
         self.image_size = image_size
-        # A model built from a .yaml architecture file has random weights.
-        self.is_random = Path(detector).suffix in (".yaml", ".yml") or is_random_model(text_encoder)
         self.name = f"{detector} + {text_encoder}"
 
     def detect(self, images: list[Image.Image], phrases: list[list[str]], score_threshold: float) -> list[list[Detection]]:
