@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ingest phrases recaption ground tiny-vlm tiny-clip test test-fast bench clean
+.PHONY: setup demo ingest phrases recaption ground negatives tiny-vlm tiny-clip tiny-nli test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,12 +59,26 @@ tiny-clip: $(TINY_CLIP)/config.json
 ground: phrases $(if $(filter $(TINY_CLIP),$(TEXT_ENCODER)),tiny-clip)
 	$(BIN)/fgdata ground $(OUT)/phrases $(OUT)/regions --detector $(DETECTOR) --set ground.text_encoder=$(TEXT_ENCODER) $(GROUND_ARGS)
 
-demo: ground recaption
+# NLI_MODEL: the cross-encoder that validates negatives; by default a tiny RANDOM DeBERTa-v2 offline,
+# NLI_MODEL=cross-encoder/nli-deberta-v3-base for the real one.
+TINY_NLI := out/models/tiny-nli
+NLI_MODEL ?= $(TINY_NLI)
+
+$(TINY_NLI)/config.json: | setup
+	$(BIN)/fgdata tiny-model $(TINY_NLI) --kind nli
+
+tiny-nli: $(TINY_NLI)/config.json
+
+negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
+	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL)
+
+demo: negatives recaption
 	@echo
 	@echo "== what the demo wrote =="
 	$(BIN)/fgdata info $(OUT)/images
 	$(BIN)/fgdata info $(OUT)/phrases
 	$(BIN)/fgdata info $(OUT)/regions
+	$(BIN)/fgdata info $(OUT)/fggrn
 	$(BIN)/fgdata info $(OUT)/captions
 
 test: setup

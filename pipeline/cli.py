@@ -172,11 +172,35 @@ def ground(
         _report_run(run_stage(GroundStage(phrases_dir, images), out, settings, overwrite=overwrite))
 
 
+@app.command()
+def negatives(
+    regions: Annotated[Path, typer.Argument(help="Region shards (from `fgdata ground`).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for FgGRN shards.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Write hard negatives for every region phrase: one attribute changed, the object kept.
+
+    Backend `rules` swaps one colour, material, size, count, pattern, texture, state, position,
+    shape or age word from curated lexicons (CPU). Every candidate must keep the head noun, change
+    1-3 content words and stay close in length; then an NLI cross-encoder (negatives.nli_model)
+    must not find it entailed by the positive in the caption. Regions with fewer than
+    negatives.min_valid negatives are flagged, not dropped.
+    """
+    from pipeline.runner import run_stage
+    from pipeline.stages.negatives import NegativesStage
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        _report_run(run_stage(NegativesStage(regions), out, settings, overwrite=overwrite))
+
+
 @app.command("tiny-model")
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
     kind: Annotated[
-        str, typer.Option(help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder) or owlv2.")
+        str, typer.Option(help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder), owlv2 or nli.")
     ] = "vlm",
 ):
     """Build a tiny RANDOM-weight model from a real config class, for offline demos and tests.
@@ -188,7 +212,7 @@ def tiny_model(
     from pipeline.prompts import load_prompt
     from pipeline.resources import resource_dir
 
-    builders = {"vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2}
+    builders = {"vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2, "nli": tiny.build_tiny_nli}
     with _user_errors():
         if kind not in builders:
             raise FgdataError(f"unknown tiny model kind {kind!r}; available: {', '.join(builders)}")

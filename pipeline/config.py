@@ -131,12 +131,28 @@ class GroundConfig:
 
 
 @dataclass
+class NegativesConfig:
+    backend: str = "rules"  # attribute swaps from curated lexicons (the LLM backends are to come)
+    per_region: int = 10
+    min_valid: int = 3  # a region with fewer valid negatives is flagged too_few_valid
+    max_changed_words: int = 3
+    spacy_model: str = "en_core_web_sm"
+    nli_model: str = "cross-encoder/nli-deberta-v3-base"
+    max_entailment: float = 0.5  # a negative the positive entails at this probability is dropped
+    seed: int = 0
+    batch_size: int = 64  # rows per batch
+    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,9 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
         lines.append(f"  {name}: {', '.join(map(str, values))}")
     if True in manifest.get("provenance", {}).get("random_weights", []):
         lines.append("  NOTE: made by a RANDOM-WEIGHT model (offline demo/test): its output is noise")
-    describe_kind = {"images": _describe_images, "phrases": _describe_phrases, "regions": _describe_regions}.get(manifest["kind"])
+    describe_kind = {"images": _describe_images, "phrases": _describe_phrases, "regions": _describe_regions, "fggrn": _describe_fggrn}.get(
+        manifest["kind"]
+    )
     if describe_kind:
         lines += describe_kind(shards, top)
     return "\n".join(lines)
@@ -86,4 +88,23 @@ def _describe_regions(shards: list[Path], top: int) -> list[str]:
     return [
         f"  regions: {regions} ({regions / max(rows, 1):.2f} per image), images without a region: {empty}",
         f"  most grounded phrases: {'; '.join(f'{text} ({count})' for text, count in phrases.most_common(top))}",
+    ]
+
+
+def _describe_fggrn(shards: list[Path], top: int) -> list[str]:
+    flags: Counter = Counter()
+    attributes: Counter = Counter()
+    examples: dict[str, str] = {}
+    for shard in shards:
+        for row_regions in pq.read_table(shard, columns=["regions"]).column("regions").to_pylist():
+            for region in row_regions:
+                flags[region["negatives_flag"]] += 1
+                attributes.update(n["attribute"] for n in region["negatives"])
+                if region["negatives"] and len(examples) < 3:
+                    examples.setdefault(region["phrase"], region["negatives"][0]["text"])
+    regions = sum(flags.values())
+    return [
+        f"  regions: {regions}, by flag: {', '.join(f'{flag} {count}' for flag, count in flags.most_common())}",
+        f"  negatives: {sum(attributes.values())}, by attribute: {', '.join(f'{a} {c}' for a, c in attributes.most_common(top))}",
+        f"  e.g. {'; '.join(f'{positive} -> {negative}' for positive, negative in examples.items())}",
     ]

@@ -90,6 +90,38 @@ def build_tiny_owlv2(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) 
     return _mark_random(out_dir, "Owlv2ForObjectDetection", seed)
 
 
+def build_tiny_nli(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
+    """A tiny random DebertaV2ForSequenceClassification with MNLI's three labels and a WordPiece
+    tokenizer that encodes (premise, hypothesis) pairs as [CLS] a [SEP] b [SEP]."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(vocabulary_texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=special))
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=256, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "contradiction", 1: "entailment", 2: "neutral"}, label2id={"contradiction": 0, "entailment": 1, "neutral": 2},
+    )
+    torch.manual_seed(seed)
+    model = DebertaV2ForSequenceClassification(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return _mark_random(out_dir, "DebertaV2ForSequenceClassification", seed)
+
+
 def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A ~0.2M-parameter Qwen2.5-VL (real Qwen2_5_VLForConditionalGeneration) with a BPE
     vocabulary trained on `vocabulary_texts`, saved with its processor to `out_dir`."""

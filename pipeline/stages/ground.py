@@ -26,7 +26,7 @@ from pipeline.models.detection import PhraseDetector, load_detector
 from pipeline.models.reference import check_model_reference
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import MANIFEST_FILE, find_ancestor, list_shards, read_json, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
 
 PHRASE_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
 IMAGE_COLUMNS = {"key": pa.string(), "image": pa.binary()}
@@ -91,8 +91,7 @@ class GroundStage(Stage):
         ]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        actors = config.ground.num_actors or max(1, int(cluster_gpus))
-        return ModelPool(actors=actors, gpus_per_actor=1.0 if cluster_gpus >= 1 else 0.0, cpus_per_actor=config.ground.cpus_per_actor)
+        return one_actor_per_gpu(config.ground, cluster_gpus)
 
     def load_model(self, config: Config) -> PhraseDetector:
         return load_detector(config.ground)

@@ -1,0 +1,49 @@
+"""Structure checks every hard negative must pass, whichever backend wrote it."""
+
+from __future__ import annotations
+
+import re
+from difflib import SequenceMatcher
+
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+_FUNCTION_WORDS = frozenset("a an the of in on with and at by to from its this that these those some".split())
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def structure_problem(positive: str, negative: str, head: str, seen: set[str], max_changed_words: int = 3) -> str | None:
+    """Why `negative` is no valid hard negative of `positive` (None when it is).
+
+    `seen` holds the normalised negatives already accepted for this region (for duplicates).
+    """
+    pos, neg = words(positive), words(negative)
+    if not neg:
+        return "empty"
+    if neg == pos:
+        return "same_as_positive"
+    if " ".join(neg) in seen:
+        return "duplicate"
+    if head.lower() not in neg and not any(w.startswith(head.lower()) for w in neg):
+        return "object_changed"  # the head noun must stay: only an attribute may change
+    if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
+        return "length_mismatch"
+    changed = _changed_content_words(pos, neg)
+    if changed == 0:
+        return "only_function_words_changed"
+    if changed > max_changed_words:
+        return "too_many_changes"
+    return None
+
+
+def _content(span: list[str]) -> int:
+    return sum(w not in _FUNCTION_WORDS for w in span)
+
+
+def _changed_content_words(positive: list[str], negative: list[str]) -> int:
+    changed = 0
+    for op, i1, i2, j1, j2 in SequenceMatcher(a=positive, b=negative, autojunk=False).get_opcodes():
+        if op != "equal":
+            changed += max(_content(positive[i1:i2]), _content(negative[j1:j2]))
+    return changed

@@ -1,0 +1,171 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows
+from pipeline.attribute_swap import LEXICONS, attribute_swaps
+from pipeline.errors import FgdataError
+from pipeline.models.nli import NliScorer
+from pipeline.models.tiny import build_tiny_nli
+from pipeline.negative_checks import structure_problem, words
+from pipeline.runner import run_stage
+from pipeline.schemas import conform
+from pipeline.shards import read_json
+from pipeline.stages.negatives import NegativesStage
+from pipeline.stages.phrases import load_pipeline
+
+SWAPPABLE = [
+    ("a red cup", "cup"), ("a blue car", "car"), ("two small dogs", "dog"), ("a wooden table", "table"),
+    ("a striped shirt", "shirt"), ("an old fisherman", "fisherman"), ("a tall lighthouse", "lighthouse"),
+    ("three white sheep", "sheep"), ("a leather bag", "bag"), ("a round wall clock", "clock"),
+    ("a glass vase", "vase"), ("a black laptop", "laptop"), ("a green tractor", "tractor"),
+    ("a large wave", "wave"), ("a young girl in a pink dress", "girl"), ("a metal rail", "rail"),
+    ("an empty bottle", "bottle"), ("a wet road", "road"), ("an open door", "door"), ("a brown horse", "horse"),
+    ("a shiny guitar", "guitar"), ("a fluffy cat", "cat"), ("a square window", "window"),
+    ("the left hand", "hand"), ("a plastic chair", "chair"), ("a marble counter", "counter"),
+    ("four yellow taxis", "taxi"), ("a narrow street", "street"), ("a purple flower", "flower"),
+    ("a thick book", "book"), ("a floral dress", "dress"), ("a stone bridge", "bridge"),
+    ("a silver spoon", "spoon"), ("a tiny bird", "bird"), ("a checkered flag", "flag"),
+    ("a broken window", "window"), ("an orange and white lighthouse", "lighthouse"),
+    ("a small sailboat with a white sail", "sailboat"), ("a vintage typewriter", "typewriter"),
+    ("a grey brick wall", "wall"), ("several parked cars", "car"), ("a ceramic mug", "mug"),
+]
+NOT_SWAPPABLE = [
+    ("a man", "man"), ("the camera", "camera"), ("buildings", "building"), ("a model of the space shuttle", "model"),
+    ("saline", "saline"), ("a tripod", "tripod"), ("students", "student"), ("an acoustic guitar", "guitar"),
+]
+
+
+def head_index(doc, head):
+    return next(t.i for t in doc if t.lemma_.lower() == head or t.lower_.startswith(head))
+
+
+def test_rule_based_swaps_change_exactly_one_attribute_of_fifty_phrases():
+    assert len(SWAPPABLE) + len(NOT_SWAPPABLE) >= 50
+    nlp = load_pipeline("en_core_web_sm")
+    for phrase, head in SWAPPABLE:
+        doc = nlp(phrase)
+        swaps = attribute_swaps(doc, head_index(doc, head), limit=10, seed=0)
+        assert len(swaps) == 10, phrase
+        seen = set()
+        for swap in swaps:
+            assert structure_problem(phrase, swap.text, head, seen) is None, (phrase, swap.text)
+            seen.add(" ".join(words(swap.text)))
+            before, after = words(phrase), words(swap.text)
+            changed = [(a, b) for a, b in zip(before, after) if a != b and a not in ("a", "an")]
+            assert len(before) == len(after) and changed == [(swap.original.lower(), swap.replacement.lower())], swap
+            assert swap.original.lower() in LEXICONS[swap.attribute] and swap.replacement.lower() in LEXICONS[swap.attribute]
+        assert attribute_swaps(doc, head_index(doc, head), limit=10, seed=0) == swaps  # deterministic
+    for phrase, head in NOT_SWAPPABLE:
+        doc = nlp(phrase)
+        assert attribute_swaps(doc, head_index(doc, head), limit=10, seed=0) == [], phrase
+
+
+def test_articles_agree_with_the_new_word():
+    doc = load_pipeline("en_core_web_sm")("an old fisherman")
+    texts = {swap.text for swap in attribute_swaps(doc, 2, limit=10, seed=0)}
+    assert "a young fisherman" in texts and "an elderly fisherman" in texts
+    assert not any(t.startswith("an young") or t.startswith("a elderly") for t in texts)
+
+
+@pytest.mark.parametrize(
+    "negative, reason",
+    [
+        ("a blue cup", None),
+        ("a red cup", "same_as_positive"),
+        ("A  Red  cup", "same_as_positive"),
+        ("", "empty"),
+        ("a red mug", "object_changed"),
+        ("the red cup", "only_function_words_changed"),
+        ("a huge shiny blue ceramic cup", "too_many_changes"),
+        ("a seen cup", "duplicate"),
+        ("a red cup that someone left on the table next to the window of the kitchen", "length_mismatch"),
+    ],
+)
+def test_structure_checks(negative, reason):
+    assert structure_problem("a red cup", negative, "cup", seen={"a seen cup"}) == reason
+
+
+def test_length_mismatch_is_its_own_reason():
+    assert structure_problem("a cup", "a cup of the of the of the", "cup", set()) == "length_mismatch"
+
+
+@pytest.fixture(scope="module")
+def tiny_nli(tmp_path_factory):
+    texts = [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10
+    return build_tiny_nli(tmp_path_factory.mktemp("models") / "nli", texts)
+
+
+def test_nli_labels_follow_the_models_own_label_names(tiny_nli, tmp_path):
+    """Checkpoints order contradiction/entailment/neutral differently; scores must follow id2label."""
+    config = json.loads((tiny_nli / "config.json").read_text())
+    reordered = tmp_path / "reordered"
+    reordered.mkdir()
+    for item in tiny_nli.iterdir():
+        (reordered / item.name).write_bytes(item.read_bytes())
+    config["id2label"] = {"0": "entailment", "1": "neutral", "2": "contradiction"}
+    config["label2id"] = {"entailment": 0, "neutral": 1, "contradiction": 2}
+    (reordered / "config.json").write_text(json.dumps(config))
+    pair = [("a man holds a red cup", "a man holds a blue cup")]
+    original, moved = NliScorer(str(tiny_nli)).score(pair)[0], NliScorer(str(reordered)).score(pair)[0]
+    assert sum(original.values()) == pytest.approx(1.0)
+    # the same logits, named differently: what was index 0 (contradiction) is now called entailment
+    assert moved["entailment"] == pytest.approx(original["contradiction"])
+    assert moved["contradiction"] == pytest.approx(original["neutral"])
+
+
+def region_row(key, caption, phrases):
+    regions = []
+    for text, head in phrases:
+        start = caption.index(text)
+        regions.append({"phrase": text, "start": start, "end": start + len(text), "head": head, "box": [1.0, 1.0, 9.0, 9.0], "box_norm": [0.1, 0.1, 0.9, 0.9], "score": 0.9})
+    return {"key": key, "short_caption": caption, "long_caption": None, "phrase_source": "short_caption", "width": 10, "height": 10,
+            "regions": regions, "detector": "test", "detector_is_random": True, "grounding": "{}"}
+
+
+@pytest.fixture
+def regions_dir(tmp_path):
+    rows = [
+        region_row("a", "A red cup on a wooden table.", [("A red cup", "cup"), ("a wooden table", "table")]),
+        region_row("b", "A man and a dog.", [("A man", "man"), ("a dog", "dog")]),
+        region_row("c", "An empty room.", []),
+    ]
+    path = tmp_path / "regions"
+    path.mkdir()
+    pq.write_table(conform(rows, "regions"), path / "part-00000.parquet")
+    return path
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_negatives_end_to_end_with_a_random_nli_model(tiny_nli, regions_dir, tmp_path):
+    out = tmp_path / "fggrn"
+    summary = run_stage(NegativesStage(regions_dir), out, make_config(f"negatives.nli_model={tiny_nli}", "negatives.per_region=5"))
+    assert (summary.rows_in, summary.rows_out) == (3, 3)
+    assert_dataset_invariants(out)
+    rows = {r["key"]: r for r in read_rows(out)}
+    cup, table = rows["a"]["regions"]
+    assert cup["negatives_flag"] == "ok" and len(cup["negatives"]) == 5
+    assert all(n["text"].endswith(" cup") and n["entailment"] < 0.5 for n in cup["negatives"])
+    assert {n["attribute"] for n in table["negatives"]} == {"material"}
+    assert [r["negatives_flag"] for r in rows["b"]["regions"]] == ["no_swappable_attribute"] * 2
+    assert rows["c"]["regions"] == [] and rows["a"]["nli_is_random"]
+    manifest = read_json(out / "_manifest.json")
+    assert manifest["counters"]["negatives"] == 10 and manifest["counters"]["regions_no_swappable_attribute"] == 2
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_nli_filter_drops_entailed_negatives_and_flags_the_region(tiny_nli, regions_dir, tmp_path):
+    out = tmp_path / "fggrn"
+    run_stage(NegativesStage(regions_dir), out, make_config(f"negatives.nli_model={tiny_nli}", "negatives.max_entailment=0"))
+    cup = read_rows(out)[0]["regions"][0]
+    assert cup["negatives"] == [] and cup["negatives_flag"] == "too_few_valid"
+    assert read_json(out / "_manifest.json")["counters"]["dropped_entailed"] == 20
+
+
+def test_bad_negatives_settings_stop_before_any_work(tiny_nli, regions_dir, tmp_path):
+    with pytest.raises(FgdataError, match="negatives.backend must be rules"):
+        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.backend=llm"))
+    with pytest.raises(FgdataError, match="cannot use model '/no/nli'"):
+        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.nli_model=/no/nli"))
+    assert not (tmp_path / "o").exists()
