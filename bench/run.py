@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from PIL import Image
 from ultralytics import YOLOWorld
 
@@ -68,16 +67,6 @@ def copy_sample_photos(dest: Path, copies: int) -> Path:
                 if sidecar.exists():
                     shutil.copyfile(sidecar, dest / f"{stem}{sidecar.suffix}")
     return dest
-
-
-def one_thread(fn) -> float:
-    """Seconds `fn` takes with torch on one thread: the budget a 1-CPU model actor gets."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return timed(fn)[1]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def timed(fn):
@@ -176,7 +165,6 @@ def bench_recaption(workdir: Path, copies: int, max_new_tokens: int, batch_size:
         "ratio_vs_raw_generate": round(raw_seconds / stage_seconds, 3),
         "stage_actor_busy_images_per_s": round(summary.rows_in / busy_seconds, 2),
         "ratio_vs_raw_generate_actor_busy": round(raw_seconds / busy_seconds, 3),
-        "ratio_vs_raw_generate_1_thread_actor_busy": round(raw_one_thread_seconds / busy_seconds, 3),
         "note": "stage wall time includes starting the model actor and loading the model; raw excludes the load. "
         "The actor reserves 1 CPU, so Ray gives its torch 1 thread while the raw loop uses both cores. "
         "No GPU was available to this run: the GPU benchmark of the real 7B architecture is still to do.",

@@ -128,6 +128,12 @@ def claim_output(out_dir: Path, stage: str, settings_hash: str, overwrite: bool)
     write_json(out_dir / RUN_FILE, {"stage": stage, "settings_hash": settings_hash})
 
 
+def lineage_entry(dataset_dir: Path, **extra) -> dict:
+    """How a manifest records an input dataset: its path, the stage that wrote it, and its own inputs."""
+    upstream = read_json(Path(dataset_dir) / MANIFEST_FILE) or {}
+    return {"path": str(dataset_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", []), **extra}
+
+
 def find_ancestor(dataset_dir: Path, kind: str) -> Path | None:
     """The nearest dataset of `kind` that `dataset_dir` descends from, following manifest lineage."""
     manifest = read_json(Path(dataset_dir) / MANIFEST_FILE)

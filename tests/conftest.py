@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,14 +79,3 @@ def run_cli(*args: str, timeout: float = 300, env_extra: dict | None = None) -> 
     """Runs the installed `fgdata` console script in a real subprocess."""
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([str(FGDATA), *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture
-def sample_copy(tmp_path) -> Path:
-    target = tmp_path / "sample"
-    shutil.copytree(SAMPLE_IMAGES, target)
-    return target
-
-
-def json_sidecar(path: Path, caption: str) -> None:
-    path.write_text(json.dumps({"caption": caption}))

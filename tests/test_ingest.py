@@ -7,7 +7,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE_IMAGES, assert_dataset_invariants, image_bytes, json_sidecar, make_config, read_rows
+from conftest import SAMPLE_IMAGES, assert_dataset_invariants, image_bytes, make_config, read_rows
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
 from pipeline.shards import read_json, read_rejects

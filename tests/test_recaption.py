@@ -1,4 +1,3 @@
-import io
 import json
 import sys
 from pathlib import Path

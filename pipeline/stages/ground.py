@@ -25,7 +25,7 @@ from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector, load_detector
 from pipeline.models.reference import check_model_reference
 from pipeline.schemas import check_input_columns, conform
-from pipeline.shards import MANIFEST_FILE, find_ancestor, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
 
 PHRASE_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
@@ -84,11 +84,7 @@ class GroundStage(Stage):
         return units
 
     def lineage(self) -> list[dict]:
-        upstream = read_json(self.phrases_dir / MANIFEST_FILE) or {}
-        return [
-            {"path": str(self.phrases_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])},
-            {"path": str(self.images_dir), "stage": (read_json(self.images_dir / MANIFEST_FILE) or {}).get("stage"), "role": "images"},
-        ]
+        return [lineage_entry(self.phrases_dir), lineage_entry(self.images_dir, role="images")]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
         return one_actor_per_gpu(config.ground, cluster_gpus)

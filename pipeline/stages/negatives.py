@@ -23,7 +23,7 @@ from pipeline.models.nli import NliScorer
 from pipeline.models.reference import check_model_reference
 from pipeline.negative_checks import structure_problem, words
 from pipeline.schemas import check_input_columns, conform
-from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
 from pipeline.stages.phrases import load_pipeline, pipeline_id
 
@@ -70,8 +70,7 @@ class NegativesStage(Stage):
         return units
 
     def lineage(self) -> list[dict]:
-        upstream = read_json(self.regions_dir / MANIFEST_FILE) or {}
-        return [{"path": str(self.regions_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])}]
+        return [lineage_entry(self.regions_dir)]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
         return one_actor_per_gpu(config.negatives, cluster_gpus)

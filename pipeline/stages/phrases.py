@@ -13,7 +13,7 @@ from pipeline.config import Config, PhrasesConfig
 from pipeline.errors import FgdataError
 from pipeline.expressions import ExpressionRules, extract_expressions
 from pipeline.schemas import check_input_columns, conform
-from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.text import clean_caption, latin_fraction
 
@@ -74,8 +74,7 @@ class PhrasesStage(Stage):
         return units
 
     def lineage(self) -> list[dict]:
-        upstream = read_json(self.input_dir / MANIFEST_FILE) or {}
-        return [{"path": str(self.input_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])}]
+        return [lineage_entry(self.input_dir)]
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         settings = config.phrases

@@ -25,7 +25,7 @@ from pipeline.models.generation import Generation, ImageTextGenerator, Sampling,
 from pipeline.models.reference import check_model_reference
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
-from pipeline.shards import MANIFEST_FILE, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit
 from pipeline.text import clean_caption
 
@@ -80,8 +80,7 @@ class RecaptionStage(Stage):
         return units
 
     def lineage(self) -> list[dict]:
-        upstream = read_json(self.images_dir / MANIFEST_FILE) or {}
-        return [{"path": str(self.images_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", [])}]
+        return [lineage_entry(self.images_dir)]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
         settings = config.recaption
