@@ -71,6 +71,7 @@ tiny-nli: $(TINY_NLI)/config.json
 
 negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL)
+	$(BIN)/fgdata export fgclip $(OUT)/fggrn $(OUT)/fgclip
 
 demo: negatives recaption
 	@echo

@@ -28,6 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+export_app = typer.Typer(help="Write a dataset in another project's layout.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
 log = logging.getLogger("fgdata")
 
 ConfigOption = Annotated[
@@ -194,6 +197,29 @@ def negatives(
     with _user_errors():
         settings = _setup(config, set_)
         _report_run(run_stage(NegativesStage(regions), out, settings, overwrite=overwrite))
+
+
+@export_app.command("fgclip")
+def export_fgclip_command(
+    fggrn: Annotated[Path, typer.Argument(help="FgGRN shards (from `fgdata negatives`).")],
+    out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/.")],
+    images: Annotated[Optional[Path], typer.Option(help="Image shards; default: found through FGGRN's lineage.")] = None,
+    negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1.")] = 10,
+):
+    """Write FgGRN as FG-CLIP's stage-2 trainer reads it: a JSON list with the images beside it.
+
+    Each item: f_path, caption (long caption), short_caption, and bbox_info with bbox (x1, y1, x2, y2
+    normalised to 0-1), short_expr (the phrase), long_expr (its caption sentence), flag_short_neg and
+    short_expr_negs (the hard negatives keyed "0".."9").
+    """
+    from pipeline.export_fgclip import export_fgclip
+
+    with _user_errors():
+        summary = export_fgclip(fggrn, out, images, negatives_needed=negatives)
+        typer.echo(
+            f"wrote {summary['json']}: {summary['items']} images, {summary['boxes']} boxes, "
+            f"{summary['boxes_with_negatives']} with {negatives} negatives; {len(summary['missing_images'])} image(s) not found"
+        )
 
 
 @app.command("tiny-model")

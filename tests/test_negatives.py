@@ -169,3 +169,31 @@ def test_bad_negatives_settings_stop_before_any_work(tiny_nli, regions_dir, tmp_
     with pytest.raises(FgdataError, match="cannot use model '/no/nli'"):
         run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.nli_model=/no/nli"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
+    from conftest import image_bytes
+    from pipeline.export_fgclip import export_fgclip, sentence_around
+
+    fggrn = tmp_path / "fggrn"
+    run_stage(NegativesStage(regions_dir), fggrn, make_config(f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1"))
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [{"key": k, "image": image_bytes(), "width": 10, "height": 10, "format": "JPEG", "short_caption": None, "source": "t"} for k in ("a", "b")]
+    pq.write_table(conform(rows, "images"), images / "part-00000.parquet")
+    out = tmp_path / "export"
+    summary = export_fgclip(fggrn, out, images, negatives_needed=10, progress=False)
+    assert (summary["items"], summary["missing_images"]) == (2, ["c"])
+    items = json.loads((out / "fgclip.json").read_text())
+    first = items[0]
+    assert first["caption"] == "A red cup on a wooden table." and first["short_caption"] == "A red cup on a wooden table."
+    assert (out / first["f_path"]).read_bytes() == rows[0]["image"]
+    cup = first["bbox_info"][0]
+    assert cup["bbox"] == [0.1, 0.1, 0.9, 0.9] and cup["short_expr"] == "A red cup"
+    assert cup["long_expr"] == "A red cup on a wooden table."
+    assert cup["flag_short_neg"] == 1 and list(cup["short_expr_negs"]) == [str(i) for i in range(10)]
+    assert all(n.endswith(" cup") for n in cup["short_expr_negs"].values())
+    man = items[1]["bbox_info"][0]
+    assert (man["flag_short_neg"], man["short_expr_negs"]) == (0, {})
+    assert sentence_around("A dog runs. A red cup sits here! Done", 14, 23) == "A red cup sits here!"
