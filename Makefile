@@ -69,8 +69,13 @@ $(TINY_NLI)/config.json: | setup
 
 tiny-nli: $(TINY_NLI)/config.json
 
+# NEG_BACKEND: rules offline; NEG_BACKEND=vllm NEG_MODEL=meta-llama/Llama-3.1-8B-Instruct for an LLM
+NEG_BACKEND ?= rules
+NEG_MODEL ?=
+
 negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
-	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL)
+	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL) \
+		--set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
 	$(BIN)/fgdata export fgclip $(OUT)/fggrn $(OUT)/fgclip
 
 demo: negatives recaption

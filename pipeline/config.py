@@ -132,7 +132,18 @@ class GroundConfig:
 
 @dataclass
 class NegativesConfig:
-    backend: str = "rules"  # attribute swaps from curated lexicons (the LLM backends are to come)
+    # "transformers" or "vllm" (an instruction LLM rewrites each phrase), or "rules" (attribute
+    # swaps from curated lexicons: CPU, no model, the baseline and offline fallback)
+    backend: str = "transformers"
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"  # 70B: set tensor_parallel_size with vllm
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    prompt: str = "hard_negatives.v1"
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
     per_region: int = 10
     min_valid: int = 3  # a region with fewer valid negatives is flagged too_few_valid
     max_changed_words: int = 3
@@ -140,7 +151,7 @@ class NegativesConfig:
     nli_model: str = "cross-encoder/nli-deberta-v3-base"
     max_entailment: float = 0.5  # a negative the positive entails at this probability is dropped
     seed: int = 0
-    batch_size: int = 64  # rows per batch
+    batch_size: int = 64  # rows per batch; all their regions go to the LLM in one call
     num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
     cpus_per_actor: float = 1.0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
+from pipeline.text import latin_fraction
+
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 _FUNCTION_WORDS = frozenset("a an the of in on with and at by to from its this that these those some".split())
 
@@ -21,6 +23,8 @@ def structure_problem(positive: str, negative: str, head: str, seen: set[str], m
     pos, neg = words(positive), words(negative)
     if not neg:
         return "empty"
+    if latin_fraction(negative) < 0.6:
+        return "not_english"
     if neg == pos:
         return "same_as_positive"
     if " ".join(neg) in seen:

@@ -140,7 +140,7 @@ def regions_dir(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_negatives_end_to_end_with_a_random_nli_model(tiny_nli, regions_dir, tmp_path):
     out = tmp_path / "fggrn"
-    summary = run_stage(NegativesStage(regions_dir), out, make_config(f"negatives.nli_model={tiny_nli}", "negatives.per_region=5"))
+    summary = run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.per_region=5"))
     assert (summary.rows_in, summary.rows_out) == (3, 3)
     assert_dataset_invariants(out)
     rows = {r["key"]: r for r in read_rows(out)}
@@ -157,17 +157,19 @@ def test_negatives_end_to_end_with_a_random_nli_model(tiny_nli, regions_dir, tmp
 @pytest.mark.usefixtures("ray_session")
 def test_nli_filter_drops_entailed_negatives_and_flags_the_region(tiny_nli, regions_dir, tmp_path):
     out = tmp_path / "fggrn"
-    run_stage(NegativesStage(regions_dir), out, make_config(f"negatives.nli_model={tiny_nli}", "negatives.max_entailment=0"))
+    run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.max_entailment=0"))
     cup = read_rows(out)[0]["regions"][0]
     assert cup["negatives"] == [] and cup["negatives_flag"] == "too_few_valid"
     assert read_json(out / "_manifest.json")["counters"]["dropped_entailed"] == 20
 
 
 def test_bad_negatives_settings_stop_before_any_work(tiny_nli, regions_dir, tmp_path):
-    with pytest.raises(FgdataError, match="negatives.backend must be rules"):
-        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.backend=llm"))
+    with pytest.raises(FgdataError, match="negatives.backend must be rules, transformers or vllm"):
+        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.backend=gpt"))
     with pytest.raises(FgdataError, match="cannot use model '/no/nli'"):
-        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.nli_model=/no/nli"))
+        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config("negatives.backend=rules", "negatives.nli_model=/no/nli"))
+    with pytest.raises(FgdataError, match="cannot use model '/no/llm'"):
+        run_stage(NegativesStage(regions_dir), tmp_path / "o", make_config(f"negatives.nli_model={tiny_nli}", "negatives.model=/no/llm"))
     assert not (tmp_path / "o").exists()
 
 
@@ -177,7 +179,7 @@ def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     from pipeline.export_fgclip import export_fgclip, sentence_around
 
     fggrn = tmp_path / "fggrn"
-    run_stage(NegativesStage(regions_dir), fggrn, make_config(f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1"))
+    run_stage(NegativesStage(regions_dir), fggrn, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1"))
     images = tmp_path / "images"
     images.mkdir()
     rows = [{"key": k, "image": image_bytes(), "width": 10, "height": 10, "format": "JPEG", "short_caption": None, "source": "t"} for k in ("a", "b")]
@@ -197,3 +199,67 @@ def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     man = items[1]["bbox_info"][0]
     assert (man["flag_short_neg"], man["short_expr_negs"]) == (0, {})
     assert sentence_around("A dog runs. A red cup sits here! Done", 14, 23) == "A red cup sits here!"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from pathlib import Path
+
+    from pipeline.models.tiny import build_tiny_llm
+
+    prompt = (Path(__file__).parent.parent / "prompts" / "hard_negatives.v1.txt").read_text()
+    texts = [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10 + [prompt] * 10
+    return build_tiny_llm(tmp_path_factory.mktemp("models") / "llm", texts)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_llm_backend_end_to_end_with_a_random_model(tiny_nli, tiny_llm, regions_dir, tmp_path):
+    out = tmp_path / "fggrn"
+    settings = ["negatives.backend=transformers", f"negatives.model={tiny_llm}", f"negatives.nli_model={tiny_nli}", "negatives.max_new_tokens=24"]
+    summary = run_stage(NegativesStage(regions_dir), out, make_config(*settings))
+    assert (summary.rows_in, summary.rows_out) == (3, 3)
+    assert_dataset_invariants(out)
+    manifest = read_json(out / "_manifest.json")
+    # a random model writes noise: nothing parses, every region is flagged, nothing is silently lost
+    assert manifest["counters"]["regions_too_few_valid"] == 4
+    assert sum(v for k, v in manifest["counters"].items() if k.startswith("llm_")) == 4
+    assert manifest["provenance"]["random_weights"] == [True]
+    backend = read_rows(out)[0]["negatives_backend"]
+    assert str(tiny_llm) in backend and "prompt hard_negatives.v1 sha256:" in backend and '"temperature": 0.7' in backend
+
+
+def test_prompts_are_filled_without_format_and_share_their_prefix():
+    from pipeline.prompts import load_prompt
+    from pipeline.stages.negatives import fill_prompt
+
+    template = load_prompt("hard_negatives.v1").text
+    first = fill_prompt(template, 10, "A red cup on a table.", "A red cup")
+    second = fill_prompt(template, 10, "A dog.", "a dog")
+    assert "write 10 new phrases" in first and first.endswith("Phrase: A red cup")
+    shared = len(first) - len(first.split("Caption:")[1])
+    assert first[:shared] == second[:shared]  # the instructions come first, identical, for prefix caching
+    assert fill_prompt('{"negative": "..."} {phrase}', 3, "c", "p") == '{"negative": "..."} p'
+
+
+def test_vllm_text_adapter_asks_for_structured_json(tiny_llm, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from pipeline.models.generation import Sampling
+    from pipeline.stages.negatives import answer_schema
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes"))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    import vllm  # the FAKE from tests/fakes
+
+    from pipeline.models.text_lm import VllmLM
+
+    vllm.CALLS.clear()
+    model = VllmLM(str(tiny_llm), revision=None, trust_remote_code=False, dtype="auto", tensor_parallel_size=4)
+    results = model.generate(["Phrase: a red cup"], Sampling(max_new_tokens=100, temperature=0.7, top_p=0.9, seed=3), json_schema=answer_schema(10))
+    (_, llm_kwargs), (_, params), (_, call) = vllm.CALLS
+    assert llm_kwargs["enable_prefix_caching"] is True and llm_kwargs["tensor_parallel_size"] == 4
+    assert json.loads(params["structured_outputs"].kwargs["json"]) == answer_schema(10)
+    assert {k: params[k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {"max_tokens": 100, "temperature": 0.7, "top_p": 0.9, "seed": 3}
+    assert call["prompts"][0].endswith("Phrase: a red cup<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert results[0].text == "fake output 0"

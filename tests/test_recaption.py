@@ -118,7 +118,7 @@ def test_vllm_adapter_makes_the_expected_calls(tiny_vlm, monkeypatch):
     assert [p["multi_modal_data"]["image"] for p in call["prompts"]] == images
     assert call["prompts"][0]["prompt"].endswith("Describe the image.<|im_end|>\n<|im_start|>assistant\n")
     assert "<|vision_start|><|image_pad|><|vision_end|>" in call["prompts"][0]["prompt"]
-    assert [(r.text, r.tokens, r.finish_reason) for r in results] == [("fake caption 0", 3, "stop"), ("fake caption 1", 3, "stop")]
+    assert [(r.text, r.tokens, r.finish_reason) for r in results] == [("fake output 0", 3, "stop"), ("fake output 1", 3, "stop")]
     truncated = model.generate(images[:1], "x", Sampling(max_new_tokens=4, temperature=0.7, top_p=0.9, seed=1))
     assert truncated[0].finish_reason == "length" and vllm.CALLS[-2][1]["top_p"] == 0.9
 

@@ -122,6 +122,32 @@ def build_tiny_nli(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
     return _mark_random(out_dir, "DebertaV2ForSequenceClassification", seed)
 
 
+def build_tiny_llm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM (a Llama-3.1-Instruct-shaped model, 2 layers) with a chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_bpe(vocabulary_texts, special), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return _mark_random(out_dir, "LlamaForCausalLM", seed)
+
+
 def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A ~0.2M-parameter Qwen2.5-VL (real Qwen2_5_VLForConditionalGeneration) with a BPE
     vocabulary trained on `vocabulary_texts`, saved with its processor to `out_dir`."""

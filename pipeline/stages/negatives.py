@@ -17,11 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.attribute_swap import attribute_swaps
+from pipeline.llm_output import parse_negatives
 from pipeline.config import Config
 from pipeline.errors import FgdataError
+from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliScorer
 from pipeline.models.reference import check_model_reference
+from pipeline.models.text_lm import load_text_generator
 from pipeline.negative_checks import structure_problem, words
+from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
@@ -34,7 +38,19 @@ LEXICON_VERSION = "rules:lexicon-v1"
 @dataclass
 class NegativeModels:
     nli: NliScorer
-    nlp: object  # the spaCy pipeline that finds attribute words
+    nlp: object  # the spaCy pipeline that finds attribute words (rules) and heads
+    llm: object | None  # a TextGenerator for the LLM backends
+
+
+def answer_schema(count: int) -> dict:
+    """The JSON shape the LLM must answer in (enforced by vLLM's structured outputs)."""
+    item = {"type": "object", "properties": {"negative": {"type": "string"}, "attribute": {"type": "string"}}, "required": ["negative", "attribute"]}
+    return {"type": "array", "items": item, "maxItems": count}
+
+
+def fill_prompt(template: str, count: int, caption: str, phrase: str) -> str:
+    # plain replacement, not str.format: a user's template may hold JSON braces
+    return template.replace("{count}", str(count)).replace("{caption}", caption).replace("{phrase}", phrase)
 
 
 @dataclass
@@ -54,11 +70,15 @@ class NegativesStage(Stage):
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.negatives
-        if settings.backend != "rules":
-            raise FgdataError(f"negatives.backend must be rules (LLM backends are not built yet), got {settings.backend!r}")
-        if Path(settings.nli_model).is_dir():
-            settings.nli_model = str(Path(settings.nli_model).resolve())
+        if settings.backend not in ("rules", "transformers", "vllm"):
+            raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
+        for name in ("nli_model", "model"):
+            if Path(getattr(settings, name)).is_dir():
+                setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
+        if settings.backend != "rules":
+            load_prompt(settings.prompt)
+            check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         load_pipeline(settings.spacy_model)
         units = []
         for path in list_shards(self.regions_dir):
@@ -76,7 +96,13 @@ class NegativesStage(Stage):
         return one_actor_per_gpu(config.negatives, cluster_gpus)
 
     def load_model(self, config: Config) -> NegativeModels:
-        return NegativeModels(nli=NliScorer(config.negatives.nli_model), nlp=load_pipeline(config.negatives.spacy_model))
+        s = config.negatives
+        llm = None
+        if s.backend != "rules":
+            llm = load_text_generator(
+                s.backend, s.model, revision=s.revision, trust_remote_code=s.trust_remote_code, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size
+            )
+        return NegativeModels(nli=NliScorer(s.nli_model), nlp=load_pipeline(s.spacy_model), llm=llm)
 
     def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
         return max(1, math.ceil(unit.payload["rows"] / config.negatives.batch_size))
@@ -88,53 +114,81 @@ class NegativesStage(Stage):
 
     def process(self, unit: WorkUnit, config: Config, model: NegativeModels | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.negatives
-        settings_json = json.dumps({k: getattr(settings, k) for k in ("per_region", "min_valid", "max_changed_words", "max_entailment", "seed")}, sort_keys=True)
-        backend = f"{LEXICON_VERSION} + {pipeline_id(model.nlp)}"
+        sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+        prompt = load_prompt(settings.prompt) if model.llm else None
+        backend = (
+            f"{model.llm.name}, prompt {prompt.name} sha256:{prompt.sha256}, sampling {sampling.to_json()}"
+            if model.llm
+            else f"{LEXICON_VERSION} + {pipeline_id(model.nlp)}"
+        )
+        chosen = {k: getattr(settings, k) for k in ("backend", "per_region", "min_valid", "max_changed_words", "max_entailment", "seed")}
+        settings_json = json.dumps(chosen, sort_keys=True)
         out, rows_in = [], 0
         counters: Counter = Counter()
         for batch in prepared:
             rows_in += batch.rows_in
             regions = [(row, region) for row in batch.rows for region in row["regions"]]
-            docs = model.nlp.pipe([region["phrase"] for _, region in regions])
-            candidates = []  # (region, swap, hypothesis in caption context)
-            for (row, region), doc in zip(regions, docs):
-                region["negatives"], region["_seen"] = [], set()
-                head = next((t.i for t in doc if t.lemma_.lower() == region["head"]), doc[:].root.i)
-                swaps = attribute_swaps(doc, head, settings.per_region, settings.seed)
-                region["negatives_flag"] = "ok" if swaps else "no_swappable_attribute"
+            proposals = self._propose(regions, model, settings, prompt, sampling, counters)
+            candidates = []  # (region, text, attribute, premise, hypothesis)
+            for (row, region), proposed in zip(regions, proposals):
+                region["negatives"], seen = [], set()
                 caption = row[row["phrase_source"]] or ""
-                for swap in swaps:
-                    problem = structure_problem(region["phrase"], swap.text, region["head"], region["_seen"], settings.max_changed_words)
+                for text, attribute in proposed[: 2 * settings.per_region]:
+                    problem = structure_problem(region["phrase"], text, region["head"], seen, settings.max_changed_words)
                     if problem:
                         counters[f"dropped_{problem}"] += 1
                         continue
-                    region["_seen"].add(" ".join(words(swap.text)))
-                    candidates.append((region, swap, caption[: region["start"]] + swap.text + caption[region["end"] :], caption))
-            scores = model.nli.score([(premise, hypothesis) for _, _, hypothesis, premise in candidates]) if candidates else []
-            for (region, swap, _, _), score in zip(candidates, scores):
+                    seen.add(" ".join(words(text)))
+                    candidates.append((region, text, attribute or "unspecified", caption, caption[: region["start"]] + text + caption[region["end"] :]))
+                counters["dropped_over_limit"] += max(0, len(proposed) - 2 * settings.per_region)
+            scores = model.nli.score([(premise, hypothesis) for *_, premise, hypothesis in candidates]) if candidates else []
+            for (region, text, attribute, _, _), score in zip(candidates, scores):
                 if score["entailment"] >= settings.max_entailment:
                     counters["dropped_entailed"] += 1
-                    continue
-                region["negatives"].append({"text": swap.text, "attribute": swap.attribute, **score})
+                elif len(region["negatives"]) < settings.per_region:
+                    region["negatives"].append({"text": text, "attribute": attribute, **score})
             for row in batch.rows:
                 for region in row["regions"]:
-                    region.pop("_seen")
                     counters["negatives"] += len(region["negatives"])
                     if region["negatives_flag"] == "ok" and len(region["negatives"]) < settings.min_valid:
                         region["negatives_flag"] = "too_few_valid"
                     counters[f"regions_{region['negatives_flag']}"] += 1
                 out.append(
-                    {
-                        **row,
-                        "negatives_backend": backend,
-                        "nli_model": model.nli.name,
-                        "nli_is_random": model.nli.is_random,
-                        "negatives_settings": settings_json,
-                    }
+                    {**row, "negatives_backend": backend, "nli_model": model.nli.name, "nli_is_random": model.nli.is_random, "negatives_settings": settings_json}
                 )
         return ShardResult(
             rows_in=rows_in,
             table=conform(out, "fggrn"),
             counters=counters,
-            provenance={"negatives_backend": backend, "nli_model": model.nli.name, "random_weights": model.nli.is_random},
+            provenance={
+                "negatives_backend": backend,
+                "nli_model": model.nli.name,
+                "random_weights": model.nli.is_random or bool(model.llm and model.llm.is_random),
+            },
         )
+
+    @staticmethod
+    def _propose(regions, model: NegativeModels, settings, prompt, sampling: Sampling, counters: Counter) -> list[list[tuple[str, str | None]]]:
+        """Candidate (negative, attribute) pairs per region, before any check; sets each region's flag."""
+        if model.llm is None:
+            proposals = []
+            for (_, region), doc in zip(regions, model.nlp.pipe([region["phrase"] for _, region in regions])):
+                head = next((t.i for t in doc if t.lemma_.lower() == region["head"]), doc[:].root.i)
+                swaps = attribute_swaps(doc, head, settings.per_region, settings.seed)
+                region["negatives_flag"] = "ok" if swaps else "no_swappable_attribute"
+                proposals.append([(swap.text, swap.attribute) for swap in swaps])
+            return proposals
+        if not regions:
+            return []
+        # one generate call for every region of the batch; the prompts share their instructions
+        texts = [fill_prompt(prompt.text, settings.per_region, row[row["phrase_source"]] or "", region["phrase"]) for row, region in regions]
+        generations = model.llm.generate(texts, sampling, json_schema=answer_schema(settings.per_region))
+        proposals = []
+        for (_, region), generation in zip(regions, generations):
+            parsed, reason = parse_negatives(generation.text)
+            counters["generated_tokens"] += generation.tokens
+            if reason:
+                counters[f"llm_{reason}"] += 1
+            region["negatives_flag"] = "ok"
+            proposals.append(parsed)
+        return proposals

@@ -5,8 +5,17 @@ calls and parameters of pipeline.models.vllm_vlm. Its "outputs" are fixed string
 """
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 CALLS: list = []
+
+
+class StructuredOutputsParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+sampling_params = SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams)
 
 
 class SamplingParams:
@@ -34,4 +43,4 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         CALLS.append(("generate", {"prompts": prompts, "sampling_params": sampling_params, "use_tqdm": use_tqdm}))
         finish = "length" if sampling_params.kwargs["max_tokens"] < 8 else "stop"
-        return [FakeRequestOutput([FakeCompletion(f" fake caption {i} ", [1, 2, 3], finish)]) for i, _ in enumerate(prompts)]
+        return [FakeRequestOutput([FakeCompletion(f" fake output {i} ", [1, 2, 3], finish)]) for i, _ in enumerate(prompts)]

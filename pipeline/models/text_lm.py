@@ -1,0 +1,97 @@
+"""Generate text from text prompts (instruction LLMs): transformers or vLLM, same interface."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.errors import FgdataError
+from pipeline.models.generation import Generation, Sampling
+from pipeline.models.reference import is_random_model
+
+
+def _chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+class TransformersLM:
+    def __init__(self, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = ("bfloat16" if self.device == "cuda" else "float32") if dtype == "auto" else dtype
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as exc:
+            raise FgdataError(f"cannot load language model {model!r} with transformers: {exc}") from None
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.name, self.is_random = f"{model} (transformers)", is_random_model(model)
+
+    def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
+        """`json_schema` is not enforced here (plain transformers has no constrained decoding); the
+        caller's parser copes with whatever comes back."""
+        torch = self._torch
+        inputs = self.tokenizer([_chat(self.tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0, "pad_token_id": self.tokenizer.pad_token_id}
+        if sampling.temperature > 0:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        results = []
+        for ids in new_tokens:
+            stop = next((i for i, token in enumerate(ids) if token in self._eos_ids), None)
+            kept = ids if stop is None else ids[:stop]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            results.append(Generation(text=text.strip(), tokens=len(kept) + (stop is not None), finish_reason="length" if stop is None else "stop"))
+        return results
+
+
+class VllmLM:
+    def __init__(self, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int):
+        try:
+            import vllm
+        except ImportError:
+            raise FgdataError("the vllm backend needs vLLM: pip install 'fgdata[gpu]' (or set the backend to transformers)") from None
+        from transformers import AutoTokenizer
+
+        self._vllm = vllm
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        # every prompt starts with the same instructions: prefix caching computes them once
+        self.llm = vllm.LLM(
+            model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
+        )
+        self.name, self.is_random = f"{model} (vllm)", is_random_model(model)
+
+    def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
+        vllm = self._vllm
+        options = {
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p if sampling.temperature > 0 else 1.0,
+            "seed": sampling.seed,
+        }
+        if json_schema is not None:  # constrained decoding: the output is valid JSON of this shape
+            options["structured_outputs"] = vllm.sampling_params.StructuredOutputsParams(json=json.dumps(json_schema))
+        outputs = self.llm.generate([_chat(self.tokenizer, p) for p in prompts], sampling_params=vllm.SamplingParams(**options), use_tqdm=False)
+        return [
+            Generation(text=o.outputs[0].text.strip(), tokens=len(o.outputs[0].token_ids), finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
+            for o in outputs
+        ]
+
+
+def load_text_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int):
+    if backend == "transformers":
+        return TransformersLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+    if backend == "vllm":
+        return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")
