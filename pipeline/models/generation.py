@@ -43,6 +43,27 @@ class ImageTextGenerator(Protocol):
         """One generation per image, all with the same user prompt."""
 
 
+def sample_new_tokens(model, inputs, sampling: Sampling, **options) -> list[list[int]]:
+    """transformers `generate` with our sampling settings; only the newly generated ids per row."""
+    import torch
+
+    options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0, **options}
+    if sampling.temperature > 0:
+        options.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    torch.manual_seed(sampling.seed)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **options)
+    return output[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def to_generation(ids: list[int], eos_ids: set[int], pad_id: int | None, decode) -> Generation:
+    """Text up to the first end-of-sequence id; without one, the model ran into max_new_tokens."""
+    stop = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+    kept = [t for t in ids if t != pad_id] if stop is None else ids[:stop]
+    text = decode(kept, skip_special_tokens=True).strip()
+    return Generation(text=text, tokens=len(kept) + (stop is not None), finish_reason="length" if stop is None else "stop")
+
+
 def load_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int) -> ImageTextGenerator:
     if backend == "transformers":
         from pipeline.models.transformers_vlm import TransformersVLM

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pipeline.errors import FgdataError
-from pipeline.models.generation import Generation, Sampling
+from pipeline.models.generation import Generation, Sampling, sample_new_tokens, to_generation
 from pipeline.models.reference import is_random_model
 
 
@@ -18,7 +18,6 @@ class TransformersLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = ("bfloat16" if self.device == "cuda" else "float32") if dtype == "auto" else dtype
         try:
@@ -37,22 +36,10 @@ class TransformersLM:
     def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
         """`json_schema` is not enforced here (plain transformers has no constrained decoding); the
         caller's parser copes with whatever comes back."""
-        torch = self._torch
-        inputs = self.tokenizer([_chat(self.tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0, "pad_token_id": self.tokenizer.pad_token_id}
-        if sampling.temperature > 0:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **options)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        results = []
-        for ids in new_tokens:
-            stop = next((i for i, token in enumerate(ids) if token in self._eos_ids), None)
-            kept = ids if stop is None else ids[:stop]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            results.append(Generation(text=text.strip(), tokens=len(kept) + (stop is not None), finish_reason="length" if stop is None else "stop"))
-        return results
+        chats = [_chat(self.tokenizer, p) for p in prompts]
+        inputs = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        new_tokens = sample_new_tokens(self.model, inputs, sampling, pad_token_id=self.tokenizer.pad_token_id)
+        return [to_generation(ids, self._eos_ids, self.tokenizer.pad_token_id, self.tokenizer.decode) for ids in new_tokens]
 
 
 class VllmLM:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from pipeline.errors import FgdataError
-from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt
+from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt, sample_new_tokens, to_generation
 from pipeline.models.reference import is_random_model
 
 
@@ -14,7 +14,6 @@ class TransformersVLM:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":  # bf16 on GPU (fp16 overflows in some VLMs), fp32 on CPU
             dtype = "bfloat16" if self.device == "cuda" else "float32"
@@ -39,22 +38,7 @@ class TransformersVLM:
         )
 
     def generate(self, images: list[Image.Image], prompt: str, sampling: Sampling) -> list[Generation]:
-        torch = self._torch
         text = chat_prompt(self.processor, prompt)
         inputs = self.processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True).to(self.device)
-        options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0}
-        if sampling.temperature > 0:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **options)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [self._result(text, ids) for text, ids in zip(texts, new_tokens)]
-
-    def _result(self, text: str, ids: list[int]) -> Generation:
-        for position, token in enumerate(ids):
-            if token in self._eos_ids:
-                return Generation(text=text.strip(), tokens=position + 1, finish_reason="stop")
-        generated = sum(1 for token in ids if token != self._pad_id)
-        return Generation(text=text.strip(), tokens=generated, finish_reason="length")
+        new_tokens = sample_new_tokens(self.model, inputs, sampling)
+        return [to_generation(ids, self._eos_ids, self._pad_id, self.processor.decode) for ids in new_tokens]
