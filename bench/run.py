@@ -6,6 +6,9 @@
 - ground (YOLO-World v2 small, random weights): the `ground` stage vs raw ultralytics
   `YOLOWorld.predict` over the same images with the same phrases as classes, and the phrase-
   embedding cache against embedding every image's phrases anew.
+- negatives (tiny random Llama + tiny random DeBERTa NLI, CPU): the stage's LLM backend vs a raw
+  batched `generate` over the same prompts, and its NLI scoring vs a raw sequence-classification
+  forward over the same pairs.
 - recaption (CPU here, tiny random Qwen2.5-VL): the `recaption` stage vs a raw batched
   `generate` loop over the same images; on CPU with a tiny model this measures the stage's
   overhead (Ray, decoding, checks, Parquet), not GPU decoding throughput.
@@ -31,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import torch
 from PIL import Image
 from ultralytics import YOLOWorld
 
@@ -38,7 +42,11 @@ from pipeline.config import load_config
 from pipeline.runner import run_stage
 from pipeline.stages.ingest import IngestStage
 from pipeline.models.generation import Sampling
-from pipeline.models.tiny import build_tiny_clip_text, build_tiny_vlm
+from pipeline.models.nli import NliScorer
+from pipeline.models.text_lm import TransformersLM
+from pipeline.models.tiny import build_tiny_clip_text, build_tiny_llm, build_tiny_nli, build_tiny_vlm
+from pipeline.schemas import conform
+from pipeline.stages.negatives import NegativesStage, fill_prompt
 from pipeline.models.yolo_world import PhraseEmbeddingCache, YoloWorldDetector
 from pipeline.stages.ground import GroundStage
 from pipeline.models.transformers_vlm import TransformersVLM
@@ -239,6 +247,67 @@ def bench_ground(workdir: Path, copies: int, batch_size: int) -> dict:
     }
 
 
+def bench_negatives(workdir: Path, images: int, batch_size: int, max_new_tokens: int) -> dict:
+    texts = [p.read_text() for p in SAMPLE.glob("*.txt")] * 10 + [load_prompt("hard_negatives.v1").text] * 10
+    llm_dir, nli_dir = build_tiny_llm(workdir / "llm", texts), build_tiny_nli(workdir / "nli", texts)
+    nlp = load_pipeline("en_core_web_sm")
+    captions = synthetic_captions(images, seed=3)
+    rows = []
+    for index, (caption, doc) in enumerate(zip(captions, nlp.pipe(captions))):
+        regions = [
+            {"phrase": c.text, "start": c.start_char, "end": c.end_char, "head": c.root.lemma_, "box": [0.0, 0.0, 1.0, 1.0], "box_norm": [0.0, 0.0, 0.1, 0.1], "score": 0.9}
+            for c in doc.noun_chunks
+        ]
+        rows.append({"key": f"{index:06d}", "short_caption": caption, "long_caption": None, "phrase_source": "short_caption", "width": 10, "height": 10,
+                     "regions": regions, "detector": "bench", "detector_is_random": True, "grounding": "{}"})
+    (workdir / "regions").mkdir()
+    pq.write_table(conform(rows, "regions"), workdir / "regions" / "part-00000.parquet")
+    regions = [(row, region) for row in rows for region in row["regions"]]
+    prompt = load_prompt("hard_negatives.v1").text
+    prompts = [fill_prompt(prompt, 10, row["short_caption"], region["phrase"]) for row, region in regions]
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, seed=0)
+
+    llm = TransformersLM(str(llm_dir), revision=None, trust_remote_code=False, dtype="auto")
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    _, raw_generate_seconds = timed(lambda: [llm.generate(b, sampling) for b in batches])
+
+    nli = NliScorer(str(nli_dir))
+    pairs = [(row["short_caption"], row["short_caption"].replace(region["phrase"], "a blue " + region["phrase"])) for row, region in regions]
+
+    def raw_nli():
+        for i in range(0, len(pairs), 64):
+            premises, hypotheses = zip(*pairs[i : i + 64])
+            inputs = nli.tokenizer(list(premises), list(hypotheses), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.inference_mode():
+                nli.model(**inputs).logits.softmax(-1)
+
+    _, raw_nli_seconds = timed(raw_nli)
+    _, scorer_seconds = timed(lambda: nli.score(pairs))
+
+    rows_per_batch = max(1, batch_size * len(rows) // max(len(regions), 1))
+    config = load_config(None, ["run.progress=false", "negatives.backend=transformers", f"negatives.model={llm_dir}", f"negatives.nli_model={nli_dir}",
+                                f"negatives.max_new_tokens={max_new_tokens}", f"negatives.batch_size={rows_per_batch}"])
+    summary, stage_seconds = timed(lambda: run_stage(NegativesStage(workdir / "regions"), workdir / "fggrn", config))
+    busy_seconds = sum(s["seconds"] for s in read_stats(workdir / "fggrn").values())
+    return {
+        "images": len(rows),
+        "regions": len(regions),
+        "model": "tiny random Llama (LlamaForCausalLM) + tiny random DeBERTa-v2 NLI, CPU",
+        "max_new_tokens": max_new_tokens,
+        "raw_generate_regions_per_s": round(len(regions) / raw_generate_seconds, 2),
+        "stage_regions_per_s": round(len(regions) / stage_seconds, 2),
+        "stage_actor_busy_regions_per_s": round(len(regions) / busy_seconds, 2),
+        "ratio_vs_raw_generate": round(raw_generate_seconds / stage_seconds, 3),
+        "ratio_vs_raw_generate_actor_busy": round(raw_generate_seconds / busy_seconds, 3),
+        "raw_nli_pairs_per_s": round(len(pairs) / raw_nli_seconds, 1),
+        "scorer_nli_pairs_per_s": round(len(pairs) / scorer_seconds, 1),
+        "ratio_nli_scorer_vs_raw": round(raw_nli_seconds / scorer_seconds, 3),
+        "note": "a random LLM writes no parseable negatives, so the stage's NLI step has little to do here; "
+        "the actor's busy time is generation plus parsing and checks. Stage wall time includes actor start and model loads. "
+        "sentence-transformers is not a dependency: the raw NLI baseline is the same transformers forward CrossEncoder.predict runs.",
+    }
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -257,7 +326,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
-    parser.add_argument("--only", choices=["phrases", "ingest", "ground", "recaption"], help="run one benchmark")
+    parser.add_argument("--only", choices=["phrases", "ingest", "ground", "negatives", "recaption"], help="run one benchmark")
     args = parser.parse_args()
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
@@ -266,6 +335,7 @@ def main() -> None:
             "phrases": lambda d: bench_phrases(d, args.captions, rows_per_shard=2000),
             "ingest": lambda d: bench_ingest(d, args.image_copies),
             "ground": lambda d: bench_ground(d, copies=4, batch_size=8),
+            "negatives": lambda d: bench_negatives(d, images=60, batch_size=32, max_new_tokens=48),
             "recaption": lambda d: bench_recaption(d, copies=8, max_new_tokens=64, batch_size=8),
         }
         for name, bench in benchmarks.items():

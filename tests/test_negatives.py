@@ -263,3 +263,26 @@ def test_vllm_text_adapter_asks_for_structured_json(tiny_llm, monkeypatch):
     assert {k: params[k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {"max_tokens": 100, "temperature": 0.7, "top_p": 0.9, "seed": 3}
     assert call["prompts"][0].endswith("Phrase: a red cup<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert results[0].text == "fake output 0"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_demo_sample_from_images_to_fggrn_and_resume(tiny_nli, tmp_path):
+    from pipeline.models.tiny import build_tiny_clip_text
+    from pipeline.stages.ground import GroundStage
+    from pipeline.stages.ingest import IngestStage
+    from pipeline.stages.phrases import PhrasesStage
+
+    clip = build_tiny_clip_text(tmp_path / "clip", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
+    run_stage(IngestStage(SAMPLE_IMAGES), tmp_path / "images", make_config("ingest.rows_per_shard=8"))
+    run_stage(PhrasesStage(tmp_path / "images"), tmp_path / "phrases", make_config())
+    ground = ("ground.detector=yolov8s-worldv2.yaml", f"ground.text_encoder={clip}", "ground.score_threshold=0")
+    run_stage(GroundStage(tmp_path / "phrases"), tmp_path / "regions", make_config(*ground))
+    settings = make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}")
+    first = run_stage(NegativesStage(tmp_path / "regions"), tmp_path / "fggrn", settings)
+    assert (first.rows_in, first.rows_out, first.rows_rejected) == (17, 17, 0)
+    assert_dataset_invariants(tmp_path / "fggrn")
+    rows = read_rows(tmp_path / "fggrn")
+    again = run_stage(NegativesStage(tmp_path / "regions"), tmp_path / "fggrn", settings)
+    assert (again.shards_run, again.shards_skipped) == (0, 3) and read_rows(tmp_path / "fggrn") == rows
+    assert any(region["negatives"] for row in rows for region in row["regions"])
