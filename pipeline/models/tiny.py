@@ -34,10 +34,18 @@ def _byte_level_bpe(texts: list[str], special_tokens: list[str]):
     return bpe
 
 
-def _mark_random(out_dir: Path, architecture: str, seed: int) -> Path:
-    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(
-        json.dumps({"architecture": architecture, "seed": seed, "note": "random weights: output is noise"}, indent=2)
-    )
+def _save_random(model_class, config, preprocessor, out_dir: Path, seed: int) -> Path:
+    """Initialises `model_class` from `config` with a fixed seed and saves it as a hub model is laid
+    out, with its tokenizer or processor and the random-weights marker."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    preprocessor.save_pretrained(out_dir)
+    marker = {"architecture": model_class.__name__, "seed": seed, "note": "random weights: output is noise"}
+    (out_dir / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(marker, indent=2))
     return out_dir
 
 
@@ -59,21 +67,15 @@ def _clip_text_config(tokenizer, projection_dim: int) -> dict:
 
 def build_tiny_clip_text(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A tiny random CLIPTextModelWithProjection with 512-d output, the width YOLO-World v2 takes."""
-    import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer(vocabulary_texts)
-    torch.manual_seed(seed)
-    model = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_text_config(tokenizer, projection_dim=512)))
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return _mark_random(out_dir, "CLIPTextModelWithProjection", seed)
+    config = CLIPTextConfig(**_clip_text_config(tokenizer, projection_dim=512))
+    return _save_random(CLIPTextModelWithProjection, config, tokenizer, out_dir, seed)
 
 
 def build_tiny_owlv2(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A tiny random Owlv2ForObjectDetection (64 px input) with its processor."""
-    import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     tokenizer = _clip_tokenizer(vocabulary_texts)
@@ -81,19 +83,13 @@ def build_tiny_owlv2(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) 
     text_config.pop("projection_dim")
     vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16)
     config = Owlv2Config(text_config=text_config, vision_config=vision_config, projection_dim=32)
-    torch.manual_seed(seed)
-    model = Owlv2ForObjectDetection(config)
     processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return _mark_random(out_dir, "Owlv2ForObjectDetection", seed)
+    return _save_random(Owlv2ForObjectDetection, config, processor, out_dir, seed)
 
 
 def build_tiny_nli(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A tiny random DebertaV2ForSequenceClassification with MNLI's three labels and a WordPiece
     tokenizer that encodes (premise, hypothesis) pairs as [CLS] a [SEP] b [SEP]."""
-    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
 
@@ -114,17 +110,11 @@ def build_tiny_nli(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
         max_position_embeddings=256, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
         id2label={0: "contradiction", 1: "entailment", 2: "neutral"}, label2id={"contradiction": 0, "entailment": 1, "neutral": 2},
     )
-    torch.manual_seed(seed)
-    model = DebertaV2ForSequenceClassification(config)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return _mark_random(out_dir, "DebertaV2ForSequenceClassification", seed)
+    return _save_random(DebertaV2ForSequenceClassification, config, tokenizer, out_dir, seed)
 
 
 def build_tiny_llm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A tiny random LlamaForCausalLM (a Llama-3.1-Instruct-shaped model, 2 layers) with a chat template."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     special = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
@@ -140,18 +130,12 @@ def build_tiny_llm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
         num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return _mark_random(out_dir, "LlamaForCausalLM", seed)
+    return _save_random(LlamaForCausalLM, config, tokenizer, out_dir, seed)
 
 
 def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
     """A ~0.2M-parameter Qwen2.5-VL (real Qwen2_5_VLForConditionalGeneration) with a BPE
     vocabulary trained on `vocabulary_texts`, saved with its processor to `out_dir`."""
-    import torch
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -181,15 +165,10 @@ def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
         vision_end_token_id=ids["<|vision_end|>"],
         **special,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=_CHAT_TEMPLATE,
     )
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return _mark_random(out_dir, "Qwen2_5_VLForConditionalGeneration", seed)
+    return _save_random(Qwen2_5_VLForConditionalGeneration, config, processor, out_dir, seed)
