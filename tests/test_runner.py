@@ -83,3 +83,15 @@ def test_joins_an_existing_cluster_named_by_ray_address(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_model_pools_fill_the_gpus_by_tensor_parallel_group():
+    from pipeline.config import RecaptionConfig
+    from pipeline.stages.base import ModelPool, model_pool
+
+    settings = RecaptionConfig()
+    assert model_pool(settings, cluster_gpus=0) == ModelPool(actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0)
+    assert model_pool(settings, cluster_gpus=8) == ModelPool(actors=8, gpus_per_actor=1.0, cpus_per_actor=1.0)
+    assert model_pool(settings, cluster_gpus=8, gpus_per_replica=4) == ModelPool(actors=2, gpus_per_actor=4.0, cpus_per_actor=1.0)
+    settings.num_actors = 3
+    assert model_pool(settings, cluster_gpus=8).actors == 3

@@ -30,10 +30,12 @@ class ModelPool:
     cpus_per_actor: float
 
 
-def one_actor_per_gpu(settings, cluster_gpus: float) -> ModelPool:
-    """`settings.num_actors` actors (0 = one per GPU, or one on CPU), each on a whole GPU when there are GPUs."""
-    actors = settings.num_actors or max(1, int(cluster_gpus))
-    return ModelPool(actors=actors, gpus_per_actor=1.0 if cluster_gpus >= 1 else 0.0, cpus_per_actor=settings.cpus_per_actor)
+def model_pool(settings, cluster_gpus: float, gpus_per_replica: int = 1) -> ModelPool:
+    """`settings.num_actors` model replicas, or as many as the GPUs hold (one without GPUs), each
+    on `gpus_per_replica` GPUs (a tensor-parallel group) when there are GPUs."""
+    gpus = float(gpus_per_replica) if cluster_gpus >= 1 else 0.0
+    actors = settings.num_actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+    return ModelPool(actors=actors, gpus_per_actor=gpus, cpus_per_actor=settings.cpus_per_actor)
 
 
 @dataclass

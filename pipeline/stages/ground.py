@@ -26,7 +26,7 @@ from pipeline.models.detection import PhraseDetector, load_detector
 from pipeline.models.reference import check_model_reference
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
 
 PHRASE_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
 IMAGE_COLUMNS = {"key": pa.string(), "image": pa.binary()}
@@ -87,7 +87,7 @@ class GroundStage(Stage):
         return [lineage_entry(self.phrases_dir), lineage_entry(self.images_dir, role="images")]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        return one_actor_per_gpu(config.ground, cluster_gpus)
+        return model_pool(config.ground, cluster_gpus)
 
     def load_model(self, config: Config) -> PhraseDetector:
         return load_detector(config.ground)

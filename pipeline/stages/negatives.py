@@ -28,7 +28,7 @@ from pipeline.negative_checks import structure_problem, words
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, one_actor_per_gpu
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
 from pipeline.stages.phrases import load_pipeline, pipeline_id
 
 REGION_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
@@ -93,7 +93,8 @@ class NegativesStage(Stage):
         return [lineage_entry(self.regions_dir)]
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        return one_actor_per_gpu(config.negatives, cluster_gpus)
+        s = config.negatives
+        return model_pool(s, cluster_gpus, gpus_per_replica=s.tensor_parallel_size if s.backend == "vllm" else 1)
 
     def load_model(self, config: Config) -> NegativeModels:
         s = config.negatives

@@ -26,7 +26,7 @@ from pipeline.models.reference import check_model_reference
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
 from pipeline.text import clean_caption
 
 REQUIRED_COLUMNS = {"key": pa.string(), "image": pa.binary(), "short_caption": pa.string()}
@@ -84,9 +84,7 @@ class RecaptionStage(Stage):
 
     def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
         settings = config.recaption
-        gpus_per_actor = float(settings.tensor_parallel_size) if cluster_gpus >= 1 else 0.0
-        actors = settings.num_actors or (max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor else 1)
-        return ModelPool(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=settings.cpus_per_actor)
+        return model_pool(settings, cluster_gpus, gpus_per_replica=settings.tensor_parallel_size if settings.backend == "vllm" else 1)
 
     def load_model(self, config: Config) -> ImageTextGenerator:
         s = config.recaption
