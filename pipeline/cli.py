@@ -30,6 +30,8 @@ app = typer.Typer(
 
 export_app = typer.Typer(help="Write a dataset in another project's layout.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+hierarcaps_app = typer.Typer(help="HierarCaps: caption hierarchies (import/export of the official layouts so far).", no_args_is_help=True)
+app.add_typer(hierarcaps_app, name="hierarcaps")
 
 log = logging.getLogger("fgdata")
 
@@ -220,6 +222,37 @@ def export_fgclip_command(
             f"wrote {summary['json']}: {summary['items']} images, {summary['boxes']} boxes, "
             f"{summary['boxes_with_negatives']} with {negatives} negatives; {len(summary['missing_images'])} image(s) not found"
         )
+
+
+@hierarcaps_app.command("import")
+def hierarcaps_import(
+    csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="An official HierarCaps CSV: train (positive,negative) or test (id,captions,image_url).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Read an official HierarCaps CSV into hierarcaps shards; malformed chains go to OUT/_rejects/."""
+    from pipeline.runner import run_stage
+    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        _report_run(run_stage(HierarcapsImportStage(csv_path), out, settings, overwrite=overwrite))
+
+
+@hierarcaps_app.command("export")
+def hierarcaps_export(
+    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
+    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
+):
+    """Write hierarcaps shards in an official CSV layout (tiers joined by ' => ')."""
+    from pipeline.hierarcaps_io import write_official_csv
+
+    with _user_errors():
+        summary = write_official_csv(dataset, out, layout)
+        typer.echo(f"wrote {summary['path']}: {summary['written']} rows ({summary['skipped_without_negatives']} without negatives left out)")
 
 
 @app.command("tiny-model")

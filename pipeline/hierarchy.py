@@ -1,0 +1,66 @@
+"""Caption hierarchies: parse a model's chain of tiers, check its shape, and check it with NLI.
+
+A chain runs from generic to specific (`animal => goat => goat on an island => <caption>`);
+each tier must be entailed by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+SEPARATOR = " => "
+_ARROWS = re.compile(r"\s*(?:=>|->|→|>)\s*")
+_NUMBERED = re.compile(r"^\s*(?:(?:tier|level)\s*)?\d+\s*[.):-]\s*(.*?)\s*$", re.I | re.M)
+
+
+def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
+    """The tiers of a chain written as `a => b => c`, a numbered list or a JSON list, or a reason."""
+    if not text or not text.strip():
+        return [], "empty_output"
+    candidates = []
+    start, end = text.find("["), text.rfind("]")
+    if 0 <= start < end:
+        try:
+            value = json.loads(text[start : end + 1])
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                candidates.append(value)
+        except json.JSONDecodeError:
+            pass
+    numbered = _NUMBERED.findall(text)
+    if len(numbered) >= 2:
+        candidates.append(numbered)
+    for line in text.splitlines():
+        if _ARROWS.search(line):
+            # prose before a colon ("Here is the hierarchy: a => b") is not a tier
+            chain_part = line.split(":", 1)[1] if ":" in line.split("=>")[0] else line
+            candidates.append(_ARROWS.split(chain_part.strip()))
+    if not candidates:
+        return [], "unparseable"
+    chain = [tier.strip().strip('"').strip() for tier in candidates[0]]
+    problem = chain_shape_problem(chain, tiers)
+    return ([], problem) if problem else (chain, None)
+
+
+def chain_shape_problem(chain: list[str], tiers: int = 4) -> str | None:
+    if len(chain) != tiers:
+        return "wrong_tier_count"
+    if any(not tier for tier in chain):
+        return "blank_tier"
+    lowered = [tier.lower() for tier in chain]
+    if len(set(lowered)) != len(lowered):
+        return "repeated_tier"
+    words = [len(tier.split()) for tier in chain]
+    if any(later < earlier for earlier, later in zip(words, words[1:])):
+        return "not_more_specific"
+    return None
+
+
+def entailment_pairs(chain: list[str]) -> list[tuple[str, str]]:
+    """(premise, hypothesis) per consecutive pair: the more specific tier must entail the generic one."""
+    return [(chain[i + 1], chain[i]) for i in range(len(chain) - 1)]
+
+
+def chain_nli_problem(entailment: list[float], threshold: float) -> tuple[int, float] | None:
+    """The first generic tier (0-based) its more specific neighbour does not entail, with the score."""
+    return next(((i, score) for i, score in enumerate(entailment) if score < threshold), None)

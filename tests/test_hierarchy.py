@@ -1,0 +1,87 @@
+import pytest
+
+from pipeline.hierarchy import chain_nli_problem, chain_shape_problem, entailment_pairs, parse_chain
+
+GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky island"]
+
+
+@pytest.mark.parametrize(
+    "text, expected, reason",
+    [
+        ("animal => goat => goat on an island => a white goat standing on a rocky island", GOAT, None),
+        ("Here is the hierarchy: animal => goat => goat on an island => a white goat standing on a rocky island", GOAT, None),
+        ("animal -> goat -> goat on an island -> a white goat standing on a rocky island", GOAT, None),
+        ("1. animal\n2. goat\n3. goat on an island\n4. a white goat standing on a rocky island", GOAT, None),
+        ("Tier 1: animal\nTier 2: goat\nTier 3: goat on an island\nTier 4: a white goat standing on a rocky island", GOAT, None),
+        ('["animal", "goat", "goat on an island", "a white goat standing on a rocky island"]', GOAT, None),
+        ("animal => goat => a white goat standing on a rocky island", [], "wrong_tier_count"),
+        ("animal => goat => goat on an island => goat => a goat", [], "wrong_tier_count"),
+        ("animal =>  => goat on an island => a white goat standing on a rocky island", [], "blank_tier"),
+        ("animal => goat => goat => a white goat standing on a rocky island", [], "repeated_tier"),
+        ("a white goat standing on a rocky island => goat on an island => goat => animal", [], "not_more_specific"),
+        ("", [], "empty_output"),
+        ("I cannot help with that request.", [], "unparseable"),
+    ],
+)
+def test_messy_chains(text, expected, reason):
+    assert parse_chain(text) == (expected, reason)
+
+
+def test_nli_filter_reports_the_failing_tier():
+    assert entailment_pairs(GOAT)[0] == ("goat", "animal")
+    assert chain_nli_problem([0.97, 0.91, 0.88], threshold=0.5) is None
+    assert chain_nli_problem([0.97, 0.21, 0.12], threshold=0.5) == (1, 0.21)  # "goat on an island" does not entail "goat"
+    assert chain_shape_problem(GOAT) is None
+
+
+TRAIN_CSV = (
+    "positive,negative\n"
+    "animal => goat => goat on an island => a white goat standing on a rocky island,"
+    "animal => sheep => sheep on an island => a black sheep standing on a rocky island\n"
+    "vehicle => motorcycle => red motorcycle => a red motorcycle parked in a garage,"
+    "vehicle => car => red car => a red car parked in a garage\n"
+    "thing => thing,broken => row\n"
+)
+TEST_CSV = (
+    "id,captions,image_url\n"
+    "17,animal => dog => dog on a sofa => a brown dog sleeping on a sofa,http://example.com/17.jpg\n"
+    "18,food => fruit => sliced fruit => sliced oranges on a plate,\n"
+)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("layout, text", [("train", TRAIN_CSV), ("test", TEST_CSV)])
+def test_official_layouts_round_trip(layout, text, tmp_path):
+    from conftest import assert_dataset_invariants, make_config, read_rows
+    from pipeline.hierarcaps_io import write_official_csv
+    from pipeline.runner import run_stage
+    from pipeline.shards import read_rejects
+    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+
+    source = tmp_path / f"{layout}.csv"
+    source.write_text(text)
+    first = tmp_path / "first"
+    run_stage(HierarcapsImportStage(source), first, make_config())
+    assert_dataset_invariants(first)
+    rows = read_rows(first)
+    if layout == "train":
+        assert [r["key"] for r in read_rejects(first).to_pylist()] == ["train-0000002"]
+        assert rows[0]["negative_tiers"][1] == "sheep" and rows[1]["tiers"][-1] == "a red motorcycle parked in a garage"
+    else:
+        assert rows[0]["key"] == "17" and rows[0]["image_url"] == "http://example.com/17.jpg" and rows[1]["image_url"] is None
+    exported = tmp_path / "exported.csv"
+    write_official_csv(first, exported, layout)
+    second = tmp_path / "second"
+    run_stage(HierarcapsImportStage(exported), second, make_config())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "source"} for r in rs]  # noqa: E731
+    assert strip(read_rows(second)) == strip(rows)
+
+
+def test_unknown_csv_layout_is_a_clear_error(tmp_path):
+    from pipeline.errors import FgdataError
+    from pipeline.hierarcaps_io import read_official_csv
+
+    bad = tmp_path / "x.csv"
+    bad.write_text("caption,url\na,b\n")
+    with pytest.raises(FgdataError, match="match neither HierarCaps layout"):
+        read_official_csv(bad)
