@@ -30,7 +30,7 @@ app = typer.Typer(
 
 export_app = typer.Typer(help="Write a dataset in another project's layout.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
-hierarcaps_app = typer.Typer(help="HierarCaps: caption hierarchies (import/export of the official layouts so far).", no_args_is_help=True)
+hierarcaps_app = typer.Typer(help="HierarCaps: caption hierarchies (import, NLI filter and export so far).", no_args_is_help=True)
 app.add_typer(hierarcaps_app, name="hierarcaps")
 
 log = logging.getLogger("fgdata")
@@ -239,6 +239,24 @@ def hierarcaps_import(
     with _user_errors():
         settings = _setup(config, set_)
         _report_run(run_stage(HierarcapsImportStage(csv_path), out, settings, overwrite=overwrite))
+
+
+@hierarcaps_app.command("filter")
+def hierarcaps_filter(
+    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the chains that pass.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Keep chains whose every tier is entailed by the next (NLI, hierarcaps.nli_model); the rest go
+    to OUT/_rejects/ with the failing tier and its score."""
+    from pipeline.runner import run_stage
+    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        _report_run(run_stage(HierarcapsFilterStage(dataset), out, settings, overwrite=overwrite))
 
 
 @hierarcaps_app.command("export")

@@ -157,6 +157,15 @@ class NegativesConfig:
 
 
 @dataclass
+class HierarcapsConfig:
+    nli_model: str = "cross-encoder/nli-deberta-v3-base"
+    min_entailment: float = 0.5  # each tier must be entailed by the next with at least this probability
+    batch_size: int = 256  # chains per NLI batch
+    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -164,6 +173,7 @@ class Config:
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    hierarcaps: HierarcapsConfig = field(default_factory=HierarcapsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

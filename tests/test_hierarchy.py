@@ -85,3 +85,26 @@ def test_unknown_csv_layout_is_a_clear_error(tmp_path):
     bad.write_text("caption,url\na,b\n")
     with pytest.raises(FgdataError, match="match neither HierarCaps layout"):
         read_official_csv(bad)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_nli_filter_stage_keeps_or_rejects_whole_chains(tmp_path):
+    from conftest import SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows
+    from pipeline.models.tiny import build_tiny_nli
+    from pipeline.runner import run_stage
+    from pipeline.shards import read_rejects
+    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+
+    nli = build_tiny_nli(tmp_path / "nli", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
+    (tmp_path / "test.csv").write_text(TEST_CSV)
+    run_stage(HierarcapsImportStage(tmp_path / "test.csv"), tmp_path / "imported", make_config())
+    # a random NLI model gives every pair about 1/3: a floor of 0 keeps all, 0.99 rejects all
+    run_stage(HierarcapsFilterStage(tmp_path / "imported"), tmp_path / "kept", make_config(f"hierarcaps.nli_model={nli}", "hierarcaps.min_entailment=0"))
+    kept = read_rows(tmp_path / "kept")
+    assert [r["key"] for r in kept] == ["17", "18"] and all(len(r["entailment"]) == 3 for r in kept)
+    run_stage(HierarcapsFilterStage(tmp_path / "imported"), tmp_path / "none", make_config(f"hierarcaps.nli_model={nli}", "hierarcaps.min_entailment=0.99"))
+    assert_dataset_invariants(tmp_path / "none", expected_keys={"17", "18"})
+    rejects = read_rejects(tmp_path / "none").to_pylist()
+    assert {r["reason"] for r in rejects} == {"not_entailed"}
+    assert rejects[0]["detail"].startswith("tier 2 ('dog') entails tier 1 ('animal') with only")
