@@ -65,6 +65,15 @@ def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config_file, overrides)
 
 
+def _run_stage(stage, out: Path, config_file: Path | None, overrides: list[str] | None, overwrite: bool) -> None:
+    """Resolves the settings, runs `stage` into `out` on Ray and prints what it wrote."""
+    from pipeline.runner import run_stage
+
+    with _user_errors():
+        settings = _setup(config_file, overrides)
+        _report_run(run_stage(stage, out, settings, overwrite=overwrite))
+
+
 def _report_run(summary) -> None:
     resumed = f", {summary.shards_skipped} already finished" if summary.shards_skipped else ""
     typer.echo(
@@ -90,12 +99,9 @@ def ingest(
     Corrupt, truncated, empty, oversized and non-image files go to OUT/_rejects/ with a reason.
     Shard size: --set ingest.rows_per_shard=N.
     """
-    from pipeline.runner import run_stage
     from pipeline.stages.ingest import IngestStage
 
-    with _user_errors():
-        settings = _setup(config, set_)
-        _report_run(run_stage(IngestStage(source, source_format), out, settings, overwrite=overwrite))
+    _run_stage(IngestStage(source, source_format), out, config, set_, overwrite)
 
 
 @app.command()
@@ -112,12 +118,9 @@ def phrases(
     pronouns, abstract or scene-level nouns and number/date/place entities are dropped.
     Empty, over-long and non-English captions go to OUT/_rejects/ with a reason.
     """
-    from pipeline.runner import run_stage
     from pipeline.stages.phrases import PhrasesStage
 
-    with _user_errors():
-        settings = _setup(config, set_)
-        _report_run(run_stage(PhrasesStage(inp), out, settings, overwrite=overwrite))
+    _run_stage(PhrasesStage(inp), out, config, set_, overwrite)
 
 
 @app.command()
@@ -139,13 +142,10 @@ def recaption(
     CPU tasks. Empty, cut-off, too short, repetitive or non-English captions are retried once with
     sampling, then go to OUT/_rejects/ with a reason, as do images the model cannot take.
     """
-    from pipeline.runner import run_stage
     from pipeline.stages.recaption import RecaptionStage
 
-    with _user_errors():
-        flags = [f"recaption.model={model}"] * bool(model) + [f"recaption.backend={backend}"] * bool(backend)
-        settings = _setup(config, [*flags, *(set_ or [])])
-        _report_run(run_stage(RecaptionStage(images), out, settings, overwrite=overwrite))
+    flags = [f"recaption.model={model}"] * bool(model) + [f"recaption.backend={backend}"] * bool(backend)
+    _run_stage(RecaptionStage(images), out, config, [*flags, *(set_ or [])], overwrite)
 
 
 @app.command()
@@ -168,13 +168,10 @@ def ground(
     ground.score_threshold, after NMS within a phrase and across near-identical boxes, within the
     area limits and caps; whole-image boxes are dropped. Images left with no region keep an empty list.
     """
-    from pipeline.runner import run_stage
     from pipeline.stages.ground import GroundStage
 
-    with _user_errors():
-        flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
-        settings = _setup(config, [*flags, *(set_ or [])])
-        _report_run(run_stage(GroundStage(phrases_dir, images), out, settings, overwrite=overwrite))
+    flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
+    _run_stage(GroundStage(phrases_dir, images), out, config, [*flags, *(set_ or [])], overwrite)
 
 
 @app.command()
@@ -193,12 +190,9 @@ def negatives(
     must not find it entailed by the positive in the caption. Regions with fewer than
     negatives.min_valid negatives are flagged, not dropped.
     """
-    from pipeline.runner import run_stage
     from pipeline.stages.negatives import NegativesStage
 
-    with _user_errors():
-        settings = _setup(config, set_)
-        _report_run(run_stage(NegativesStage(regions), out, settings, overwrite=overwrite))
+    _run_stage(NegativesStage(regions), out, config, set_, overwrite)
 
 
 @export_app.command("fgclip")
@@ -233,12 +227,9 @@ def hierarcaps_import(
     overwrite: OverwriteOption = False,
 ):
     """Read an official HierarCaps CSV into hierarcaps shards; malformed chains go to OUT/_rejects/."""
-    from pipeline.runner import run_stage
     from pipeline.stages.hierarcaps_import import HierarcapsImportStage
 
-    with _user_errors():
-        settings = _setup(config, set_)
-        _report_run(run_stage(HierarcapsImportStage(csv_path), out, settings, overwrite=overwrite))
+    _run_stage(HierarcapsImportStage(csv_path), out, config, set_, overwrite)
 
 
 @hierarcaps_app.command("filter")
@@ -251,12 +242,9 @@ def hierarcaps_filter(
 ):
     """Keep chains whose every tier is entailed by the next (NLI, hierarcaps.nli_model); the rest go
     to OUT/_rejects/ with the failing tier and its score."""
-    from pipeline.runner import run_stage
     from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
 
-    with _user_errors():
-        settings = _setup(config, set_)
-        _report_run(run_stage(HierarcapsFilterStage(dataset), out, settings, overwrite=overwrite))
+    _run_stage(HierarcapsFilterStage(dataset), out, config, set_, overwrite)
 
 
 @hierarcaps_app.command("export")
