@@ -11,6 +11,15 @@ from pipeline.errors import FgdataError
 RANDOM_WEIGHTS_MARKER = "fgdata_random_weights.json"
 
 
+def absolute_local_paths(settings, *names: str) -> None:
+    """Makes the named model settings absolute where they are local paths: Ray workers on other
+    nodes, or in another working directory, must find the same files (hub ids stay as they are)."""
+    for name in names:
+        value = getattr(settings, name)
+        if Path(value).exists():
+            setattr(settings, name, str(Path(value).resolve()))
+
+
 def is_random_model(model: str) -> bool:
     return (Path(model) / RANDOM_WEIGHTS_MARKER).exists()
 

@@ -30,6 +30,11 @@ class ModelPool:
     cpus_per_actor: float
 
 
+def row_batches(rows: list, size: int) -> list[list]:
+    """`rows` in batches of `size`; one empty batch for no rows, so a shard always has a batch."""
+    return [rows[i : i + size] for i in range(0, max(len(rows), 1), size)]
+
+
 def model_pool(settings, cluster_gpus: float, gpus_per_replica: int = 1) -> ModelPool:
     """`settings.num_actors` model replicas, or as many as the GPUs hold (one without GPUs), each
     on `gpus_per_replica` GPUs (a tensor-parallel group) when there are GPUs."""

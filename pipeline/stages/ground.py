@@ -23,7 +23,7 @@ from pipeline.boxes import BoxLimits, filter_detections, normalise_box
 from pipeline.config import Config, pick
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector, load_detector
-from pipeline.models.reference import check_model_reference
+from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
@@ -54,10 +54,7 @@ class GroundStage(Stage):
         settings = config.ground
         if settings.backend not in ("yolo_world", "owlv2"):
             raise FgdataError(f"ground.backend must be yolo_world or owlv2, got {settings.backend!r}")
-        # Local model paths become absolute for workers elsewhere; a wrong one stops the run here.
-        for name in ("text_encoder", "owl_model", "detector"):
-            if Path(getattr(settings, name)).exists():
-                setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
+        absolute_local_paths(settings, "text_encoder", "owl_model", "detector")
         if settings.backend == "yolo_world":
             if "/" in settings.detector and not Path(settings.detector).exists():
                 raise FgdataError(f"YOLO-World checkpoint {settings.detector} does not exist")

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 from pipeline.config import Config
 from pipeline.hierarchy import chain_nli_problem, entailment_pairs
 from pipeline.models.nli import NliScorer
-from pipeline.models.reference import check_model_reference
+from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.schemas import conform
 from pipeline.shards import lineage_entry, list_shards, read_shard
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
 
 
 class HierarcapsFilterStage(Stage):
@@ -33,8 +33,7 @@ class HierarcapsFilterStage(Stage):
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.hierarcaps
-        if Path(settings.nli_model).is_dir():
-            settings.nli_model = str(Path(settings.nli_model).resolve())
+        absolute_local_paths(settings, "nli_model")
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
         return [WorkUnit(p.name, {"path": str(p), "rows": pq.read_metadata(p).num_rows}) for p in list_shards(self.input_dir)]
 
@@ -51,9 +50,7 @@ class HierarcapsFilterStage(Stage):
         return max(1, math.ceil(unit.payload["rows"] / config.hierarcaps.batch_size))
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
-        rows = read_shard(Path(unit.payload["path"])).to_pylist()
-        size = config.hierarcaps.batch_size
-        return [rows[i : i + size] for i in range(0, max(len(rows), 1), size)]
+        return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.hierarcaps.batch_size)
 
     def process(self, unit: WorkUnit, config: Config, model: NliScorer | None = None, prepared: Iterable | None = None) -> ShardResult:
         threshold = config.hierarcaps.min_entailment

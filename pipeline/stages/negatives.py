@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -22,13 +22,13 @@ from pipeline.config import Config
 from pipeline.errors import FgdataError
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliScorer
-from pipeline.models.reference import check_model_reference
+from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.models.text_lm import load_text_generator
 from pipeline.negative_checks import structure_problem, words
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
 from pipeline.stages.phrases import load_pipeline, pipeline_id
 
 REGION_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
@@ -53,12 +53,6 @@ def fill_prompt(template: str, count: int, caption: str, phrase: str) -> str:
     return template.replace("{count}", str(count)).replace("{caption}", caption).replace("{phrase}", phrase)
 
 
-@dataclass
-class RowBatch:
-    rows: list[dict] = field(default_factory=list)
-    rows_in: int = 0
-
-
 class NegativesStage(Stage):
     name = "negatives"
     output_kind = "fggrn"
@@ -72,9 +66,7 @@ class NegativesStage(Stage):
         settings = config.negatives
         if settings.backend not in ("rules", "transformers", "vllm"):
             raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
-        for name in ("nli_model", "model"):
-            if Path(getattr(settings, name)).is_dir():
-                setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
+        absolute_local_paths(settings, "nli_model", "model")
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
         if settings.backend != "rules":
             load_prompt(settings.prompt)
@@ -108,10 +100,8 @@ class NegativesStage(Stage):
     def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
         return max(1, math.ceil(unit.payload["rows"] / config.negatives.batch_size))
 
-    def prepare(self, unit: WorkUnit, config: Config) -> list[RowBatch]:
-        rows = read_shard(Path(unit.payload["path"])).to_pylist()
-        size = config.negatives.batch_size
-        return [RowBatch(rows=rows[i : i + size], rows_in=len(rows[i : i + size])) for i in range(0, max(len(rows), 1), size)]
+    def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
+        return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.negatives.batch_size)
 
     def process(self, unit: WorkUnit, config: Config, model: NegativeModels | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.negatives
@@ -126,9 +116,9 @@ class NegativesStage(Stage):
         settings_json = json.dumps(chosen, sort_keys=True)
         out, rows_in = [], 0
         counters: Counter = Counter()
-        for batch in prepared:
-            rows_in += batch.rows_in
-            regions = [(row, region) for row in batch.rows for region in row["regions"]]
+        for rows in prepared:
+            rows_in += len(rows)
+            regions = [(row, region) for row in rows for region in row["regions"]]
             proposals = self._propose(regions, model, settings, prompt, sampling, counters)
             candidates = []  # (region, text, attribute, premise, hypothesis)
             for (row, region), proposed in zip(regions, proposals):
@@ -148,7 +138,7 @@ class NegativesStage(Stage):
                     counters["dropped_entailed"] += 1
                 elif len(region["negatives"]) < settings.per_region:
                     region["negatives"].append({"text": text, "attribute": attribute, **score})
-            for row in batch.rows:
+            for row in rows:
                 for region in row["regions"]:
                     counters["negatives"] += len(region["negatives"])
                     if region["negatives_flag"] == "ok" and len(region["negatives"]) < settings.min_valid:

@@ -22,7 +22,7 @@ from pipeline.config import Config, RecaptionConfig, pick
 from pipeline.errors import FgdataError
 from pipeline.images import ImageRejected
 from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, load_generator
-from pipeline.models.reference import check_model_reference
+from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.prompts import load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
@@ -67,8 +67,7 @@ class RecaptionStage(Stage):
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.recaption
-        if Path(settings.model).is_dir():  # workers on other nodes or cwds need the absolute path
-            settings.model = str(Path(settings.model).resolve())
+        absolute_local_paths(settings, "model")
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"recaption.backend must be transformers or vllm, got {settings.backend!r}")
         load_prompt(settings.prompt)  # a missing prompt or model stops the run before it starts
