@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ingest phrases recaption ground negatives tiny-vlm tiny-clip tiny-nli test test-fast bench clean
+.PHONY: setup demo ingest phrases recaption ground negatives hierarcaps tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,7 +78,42 @@ negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 		--set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
 	$(BIN)/fgdata export fgclip $(OUT)/fggrn $(OUT)/fgclip
 
-demo: negatives recaption
+# HierarCaps on the sample's captions. LLM: the instruction model that seeds chains (default a tiny
+# RANDOM Llama-shaped model: its chains are noise and get rejected, which the demo shows);
+# T5_BASE: what distill fine-tunes (default a tiny RANDOM T5; T5_BASE=google/flan-t5-base for the
+# real one). The bundled hand-written chains stand in for the validated seed set offline.
+TINY_LLM := out/models/tiny-llm
+TINY_T5 := out/models/tiny-t5
+LLM ?= $(TINY_LLM)
+T5_BASE ?= $(TINY_T5)
+H := $(OUT)/hierarcaps
+# random NLI scores are noise: the offline demo opens the thresholds so every step shows its output
+HIERARCAPS_NLI ?= --set hierarcaps.nli_model=$(NLI_MODEL) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),--set hierarcaps.min_entailment=0 --set hierarcaps.max_negative_entailment=1)
+HIERARCAPS_LLM ?= --model $(LLM) $(if $(filter $(TINY_LLM),$(LLM)),--set hierarcaps.max_new_tokens=32)
+DISTILL_ARGS ?= $(if $(filter $(TINY_T5),$(T5_BASE)),--set distill.max_steps=200 --set distill.learning_rate=3e-3 --set distill.warmup_steps=20 --set distill.eval_every=50 --set distill.eval_fraction=0.15)
+
+$(TINY_LLM)/config.json: | setup
+	$(BIN)/fgdata tiny-model $(TINY_LLM) --kind llm
+
+$(TINY_T5)/config.json: | setup
+	$(BIN)/fgdata tiny-model $(TINY_T5) --kind t5
+
+tiny-llm: $(TINY_LLM)/config.json
+tiny-t5: $(TINY_T5)/config.json
+
+hierarcaps: ingest $(if $(filter $(TINY_LLM),$(LLM)),tiny-llm) $(if $(filter $(TINY_T5),$(T5_BASE)),tiny-t5) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
+	$(BIN)/fgdata hierarcaps seed $(OUT)/images $(H)/seed $(HIERARCAPS_LLM)
+	$(BIN)/fgdata hierarcaps import sample/hierarcaps/handwritten_train.csv $(H)/handwritten
+	$(BIN)/fgdata hierarcaps filter $(H)/handwritten $(H)/validated $(HIERARCAPS_NLI)
+	$(BIN)/fgdata hierarcaps augment $(OUT)/images $(H)/augmented --demonstrations $(H)/validated $(HIERARCAPS_LLM)
+	$(BIN)/fgdata hierarcaps distill $(H)/validated --out $(H)/distilled --base $(T5_BASE) $(DISTILL_ARGS)
+	$(BIN)/fgdata hierarcaps generate $(OUT)/images $(H)/generated --model $(H)/distilled --set hierarcaps.candidate_temperature=2.0
+	$(BIN)/fgdata hierarcaps filter $(H)/generated $(H)/generated-valid $(HIERARCAPS_NLI)
+	$(BIN)/fgdata hierarcaps negatives $(H)/generated-valid $(H)/final $(HIERARCAPS_NLI)
+	$(BIN)/fgdata hierarcaps export $(H)/final $(H)/hierarcaps_train.csv
+	$(BIN)/fgdata info $(H)/final
+
+demo: negatives recaption hierarcaps
 	@echo
 	@echo "== what the demo wrote =="
 	$(BIN)/fgdata info $(OUT)/images

@@ -30,7 +30,16 @@ app = typer.Typer(
 
 export_app = typer.Typer(help="Write a dataset in another project's layout.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
-hierarcaps_app = typer.Typer(help="HierarCaps: caption hierarchies (import, NLI filter and export so far).", no_args_is_help=True)
+hierarcaps_app = typer.Typer(
+    help=(
+        "HierarCaps: 4-tier caption hierarchies, generic to specific, each tier entailed by the next.\n\n"
+        "The builder, step by step: seed (an LLM, few-shot) -> filter (NLI) -> augment (the LLM, with "
+        "validated chains as examples) -> filter -> distill (Flan-T5, both directions) -> generate (over "
+        "many captions, with candidate negatives) -> filter -> negatives (NLI) -> export. `make hierarcaps` "
+        "runs them all on the sample."
+    ),
+    no_args_is_help=True,
+)
 app.add_typer(hierarcaps_app, name="hierarcaps")
 
 log = logging.getLogger("fgdata")
@@ -232,6 +241,127 @@ def hierarcaps_import(
     _run_stage(HierarcapsImportStage(csv_path), out, config, set_, overwrite)
 
 
+CaptionsArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="CAPTIONS",
+        help="Caption or image shards (key, short_caption), or a .txt (a caption per line), .csv, .tsv or .parquet of captions.",
+    ),
+]
+SplitOption = Annotated[Optional[str], typer.Option(help="train or test: what the chains are for (hierarcaps.split).")]
+
+
+def _split_flags(split: str | None) -> list[str]:
+    if split not in (None, "train", "test"):
+        raise typer.BadParameter(f"--split must be train or test, got {split!r}")
+    return [f"hierarcaps.split={split}"] * bool(split)
+
+
+@hierarcaps_app.command("seed")
+def hierarcaps_seed(
+    captions: CaptionsArgument,
+    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Turn captions into chains with an instruction LLM and the few-shot prompt hierarcaps.seed_prompt.
+
+    Default model: meta-llama/Llama-3.1-8B-Instruct on transformers (--set hierarcaps.backend=vllm for
+    vLLM). The LLM writes the three tiers above each caption; answers that do not parse into four
+    distinct tiers of growing length go to OUT/_rejects/ with the reason and the answer.
+    """
+    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+
+    flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
+    _run_stage(HierarcapsSeedStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
+
+
+@hierarcaps_app.command("augment")
+def hierarcaps_augment(
+    captions: CaptionsArgument,
+    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    demonstrations: Annotated[Path, typer.Option(help="Validated chains (the output of `fgdata hierarcaps filter`) to show as examples.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Like seed, but each prompt shows hierarcaps.demonstrations chains drawn from DEMONSTRATIONS
+    (a different draw per caption, never the caption's own chain), to grow and diversify the set."""
+    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+
+    flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
+    _run_stage(HierarcapsSeedStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite)
+
+
+@hierarcaps_app.command("distill")
+def hierarcaps_distill(
+    chains: Annotated[list[Path], typer.Argument(help="One or more hierarcaps datasets of validated chains.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the fine-tuned model (and its checkpoints while training).")],
+    base: Annotated[Optional[str], typer.Option(help="Model to fine-tune, hub id or local directory (distill.base_model).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Fine-tune Flan-T5 on the chains in both directions: `generalize: <caption>` -> the tiers above
+    it, and `specify: <tier>` -> the next tier.
+
+    Default base: google/flan-t5-base. Chains are held out by key (distill.eval_fraction) for the
+    evaluation loss, logged every distill.eval_every steps, and the exact-match rates written to
+    OUT/distill.json. Checkpoints (safetensors + optimizer state) every distill.save_every steps; a
+    killed run resumes from the last one.
+    """
+    from pipeline.distill import distill
+
+    with _user_errors():
+        settings = _setup(config, [*([f"distill.base_model={base}"] * bool(base)), *(set_ or [])])
+        report = distill(chains, out, settings.distill, overwrite=overwrite, progress=settings.run.progress)
+        last = report["history"][-1] if report["history"] else {}
+        match = report["held_out_exact_match"] or {}
+        typer.echo(
+            f"wrote {out}: {report['steps']} steps on {report['chains']['train']} chains; final train loss "
+            f"{last.get('train_loss', float('nan')):.4f}, held-out loss {last.get('eval_loss') or float('nan'):.4f}, "
+            f"exact match to_general {match.get('to_general', float('nan')):.2f}, to_specific {match.get('to_specific', float('nan')):.2f}"
+        )
+
+
+@hierarcaps_app.command("generate")
+def hierarcaps_generate(
+    captions: CaptionsArgument,
+    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The distilled model directory (hierarcaps.generator).")] = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Write a chain for every caption with the distilled model (beam search, hierarcaps.num_beams),
+    and sample hierarcaps.negative_candidates siblings of every tier as candidate negatives."""
+    from pipeline.stages.hierarcaps_generate import HierarcapsGenerateStage
+
+    flags = [f"hierarcaps.generator={model}"] * bool(model) + _split_flags(split)
+    _run_stage(HierarcapsGenerateStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
+
+
+@hierarcaps_app.command("negatives")
+def hierarcaps_negatives(
+    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards with negative_candidates (from generate, then filter).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for chains with their negative chain.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Pick one negative per tier by NLI: not entailed by the tier's positive, and entailing the tier
+    above (a sibling under the same parent). Items with a tier left without one go to OUT/_rejects/."""
+    from pipeline.stages.hierarcaps_negatives import HierarcapsNegativesStage
+
+    _run_stage(HierarcapsNegativesStage(dataset), out, config, set_, overwrite)
+
+
 @hierarcaps_app.command("filter")
 def hierarcaps_filter(
     dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
@@ -265,7 +395,11 @@ def hierarcaps_export(
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
     kind: Annotated[
-        str, typer.Option(help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder), owlv2 or nli.")
+        str,
+        typer.Option(
+            help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder), owlv2, nli, "
+            "llm (a Llama-shaped chat model) or t5 (a Flan-T5-shaped model for hierarcaps distill)."
+        ),
     ] = "vlm",
 ):
     """Build a tiny RANDOM-weight model from a real config class, for offline demos and tests.
@@ -277,15 +411,18 @@ def tiny_model(
     from pipeline.prompts import load_prompt
     from pipeline.resources import resource_dir
 
-    builders = {"vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2, "nli": tiny.build_tiny_nli}
+    builders = {
+        "vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2,
+        "nli": tiny.build_tiny_nli, "llm": tiny.build_tiny_llm, "t5": tiny.build_tiny_t5,
+    }
     with _user_errors():
         if kind not in builders:
             raise FgdataError(f"unknown tiny model kind {kind!r}; available: {', '.join(builders)}")
         # the vocabulary is learnt from the bundled prompt and sample captions, so a random
         # model at least works with English word pieces
-        texts = [load_prompt("recaption_long.v1").text]
-        sample = resource_dir("prompts").parent / "sample" / "images"
-        texts += [p.read_text() for p in sorted(sample.glob("*.txt"))] if sample.is_dir() else []
+        texts = [load_prompt(name).text for name in ("recaption_long.v1", "hierarcaps_seed.v1")]
+        sample = resource_dir("prompts").parent / "sample"
+        texts += [p.read_text() for p in sorted(sample.glob("images/*.txt")) + sorted(sample.glob("images/*.json")) + sorted(sample.glob("hierarcaps/*.csv"))]
         typer.echo(f"wrote a random-weight {kind} to {builders[kind](out, texts * 20)}")
 
 

@@ -158,11 +158,57 @@ class NegativesConfig:
 
 @dataclass
 class HierarcapsConfig:
+    split: str = "train"  # what seed/augment/generate rows are for: train and test come from separate sources
+    # seed and augment: an instruction LLM writes the chains (backends shared with negatives)
+    backend: str = "transformers"  # or "vllm"
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    seed_prompt: str = "hierarcaps_seed.v1"  # a name in prompts/ or a path to your own .txt
+    augment_prompt: str = "hierarcaps_augment.v1"
+    demonstrations: int = 6  # validated chains shown in each augment prompt
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    # filter and negatives: an NLI cross-encoder checks every tier
     nli_model: str = "cross-encoder/nli-deberta-v3-base"
     min_entailment: float = 0.5  # each tier must be entailed by the next with at least this probability
-    batch_size: int = 256  # chains per NLI batch
+    max_negative_entailment: float = 0.5  # a negative its tier's positive entails this much is dropped
+    # generate: the distilled Flan-T5 (the output directory of `fgdata hierarcaps distill`)
+    generator: str = ""
+    num_beams: int = 4  # caption -> generic tiers
+    negative_candidates: int = 8  # sampled children of tier i-1 per tier, before the NLI check
+    candidate_temperature: float = 1.0
+    candidate_top_p: float = 0.95
+    generate_max_new_tokens: int = 64
+    batch_size: int = 256  # chains per model batch
     num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
     cpus_per_actor: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    """`fgdata hierarcaps distill`: fine-tune Flan-T5 on validated chains, in both directions."""
+
+    base_model: str = "google/flan-t5-base"  # hub id or local directory
+    revision: str | None = None
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32  # (source, target) pairs per step
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_source_tokens: int = 128
+    max_target_tokens: int = 96
+    eval_fraction: float = 0.05  # chains held out (by key) for evaluation loss and exact match
+    max_eval_chains: int = 500
+    eval_every: int = 500  # steps
+    save_every: int = 500  # steps; a checkpoint holds the optimizer, schedule and RNG state
+    keep_checkpoints: int = 2
+    seed: int = 0
 
 
 @dataclass
@@ -174,6 +220,7 @@ class Config:
     ground: GroundConfig = field(default_factory=GroundConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     hierarcaps: HierarcapsConfig = field(default_factory=HierarcapsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,6 +324,11 @@ def _coerce(key: str, value, expected, source: str):
     if expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong() from None
         raise wrong()
     if expected is str:
         if isinstance(value, str):

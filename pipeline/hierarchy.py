@@ -42,6 +42,25 @@ def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
     return ([], problem) if problem else (chain, None)
 
 
+def complete_chain(text: str, caption: str, tiers: int = 4) -> tuple[list[str], str | None]:
+    """A model writes the tiers above a caption; the caption is the last tier. An answer that
+    repeats the caption as its last tier is accepted too."""
+    above, problem = parse_chain(text, tiers - 1)
+    if problem == "wrong_tier_count":
+        whole, whole_problem = parse_chain(text, tiers)
+        if whole_problem is None and normal_text(whole[-1]) == normal_text(caption):
+            above, problem = whole[:-1], None
+    if problem:
+        return [], problem
+    chain = [*above, caption.strip()]
+    problem = chain_shape_problem(chain, tiers)
+    return ([], problem) if problem else (chain, None)
+
+
+def normal_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def chain_shape_problem(chain: list[str], tiers: int = 4) -> str | None:
     if len(chain) != tiers:
         return "wrong_tier_count"

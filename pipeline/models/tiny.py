@@ -172,3 +172,25 @@ def build_tiny_vlm(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) ->
         chat_template=_CHAT_TEMPLATE,
     )
     return _save_random(Qwen2_5_VLForConditionalGeneration, config, processor, out_dir, seed)
+
+
+def build_tiny_t5(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> Path:
+    """A tiny random T5ForConditionalGeneration (Flan-T5's architecture: gated-GELU, untied head)
+    with a BPE vocabulary trained on `vocabulary_texts`, laid out like T5's: <pad>=0, </s>=1, <unk>=2,
+    and </s> appended to every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    special = ["<pad>", "</s>", "<unk>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.train_from_iterator(vocabulary_texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=special))
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return _save_random(T5ForConditionalGeneration, config, tokenizer, out_dir, seed)

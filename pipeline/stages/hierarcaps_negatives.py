@@ -1,0 +1,119 @@
+"""`fgdata hierarcaps negatives`: pick one negative per tier from the generated candidates, by NLI.
+
+A candidate for tier i is kept only when the tier's positive does not entail it (below
+hierarcaps.max_negative_entailment) and it entails the positive of tier i-1 (at least
+hierarcaps.min_entailment): a sibling of the positive under the same parent, as
+`motorized transportation => motorcycle` gets `car`. Among the kept, the one the positive
+contradicts most wins. An item with no valid candidate for some tier is rejected, naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.errors import FgdataError
+from pipeline.models.nli import NliScorer
+from pipeline.models.reference import absolute_local_paths, check_model_reference
+from pipeline.schemas import conform
+from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
+
+
+def negative_pairs(tiers: list[str], candidates: list[list[str]]) -> list[tuple[str, str]]:
+    """The NLI pairs that judge a row's candidates, in the order `choose_negatives` reads them: per
+    candidate of tier i, (positive_i, candidate), then (candidate, positive_{i-1}) when i > 0."""
+    pairs = []
+    for i, options in enumerate(candidates):
+        for candidate in options:
+            pairs.append((tiers[i], candidate))
+            if i > 0:
+                pairs.append((candidate, tiers[i - 1]))
+    return pairs
+
+
+def choose_negatives(tiers: list[str], candidates: list[list[str]], scores: list[dict], max_entailed: float, min_parent: float) -> tuple[list[str] | None, str | None]:
+    """(one negative per tier, None), or (None, what failed) naming the first tier without one.
+    `scores` are NLI probabilities for `negative_pairs(tiers, candidates)`, in that order."""
+    scores = iter(scores)
+    chosen = []
+    for i, options in enumerate(candidates):
+        best, best_contradiction, reasons = None, -1.0, Counter()
+        for candidate in options:
+            against_positive = next(scores)
+            parent = next(scores)["entailment"] if i > 0 else 1.0
+            if against_positive["entailment"] >= max_entailed:
+                reasons["entailed_by_positive"] += 1
+            elif parent < min_parent:
+                reasons["does_not_entail_parent"] += 1
+            elif against_positive["contradiction"] > best_contradiction:
+                best, best_contradiction = candidate, against_positive["contradiction"]
+        if best is None:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "no candidates"
+            return None, f"tier {i + 1} ({tiers[i]!r}): {why}"
+        chosen.append(best)
+    return chosen, None
+
+
+class HierarcapsNegativesStage(Stage):
+    name = "hierarcaps-negatives"
+    output_kind = "hierarcaps"
+    config_section = "hierarcaps"
+    uses_model = True
+
+    def __init__(self, input_dir: Path):
+        self.input_dir = Path(input_dir).resolve()
+
+    def plan(self, config: Config) -> list[WorkUnit]:
+        settings = config.hierarcaps
+        absolute_local_paths(settings, "nli_model")
+        check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
+        units = []
+        for path in list_shards(self.input_dir):
+            if "negative_candidates" not in read_shard_schema(path).names:
+                raise FgdataError(f"{path}: no negative_candidates column (give the output of `fgdata hierarcaps generate`, or of filter after it)")
+            units.append(WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows}))
+        return units
+
+    def lineage(self) -> list[dict]:
+        return [lineage_entry(self.input_dir)]
+
+    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
+        return model_pool(config.hierarcaps, cluster_gpus)
+
+    def load_model(self, config: Config) -> NliScorer:
+        return NliScorer(config.hierarcaps.nli_model)
+
+    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
+        return max(1, math.ceil(unit.payload["rows"] / config.hierarcaps.batch_size))
+
+    def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
+        return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.hierarcaps.batch_size)
+
+    def process(self, unit: WorkUnit, config: Config, model: NliScorer | None = None, prepared: Iterable | None = None) -> ShardResult:
+        s = config.hierarcaps
+        kept, rejects, counters, rows_in = [], [], Counter(), 0
+        for rows in prepared:
+            rows_in += len(rows)
+            per_row = [negative_pairs(row["tiers"], row["negative_candidates"] or [[] for _ in row["tiers"]]) for row in rows]
+            flat = [pair for pairs in per_row for pair in pairs]
+            scores = model.score(flat) if flat else []
+            offset = 0
+            for row, pairs in zip(rows, per_row):
+                row_scores, offset = scores[offset : offset + len(pairs)], offset + len(pairs)
+                candidates = row["negative_candidates"] or [[] for _ in row["tiers"]]
+                negatives, problem = choose_negatives(row["tiers"], candidates, row_scores, s.max_negative_entailment, s.min_entailment)
+                counters["nli_pairs"] += len(pairs)
+                if problem:
+                    rejects.append({"key": row["key"], "reason": "no_valid_negative", "detail": problem, "source": unit.payload["path"]})
+                else:
+                    kept.append({**row, "negative_tiers": negatives})
+        return ShardResult(
+            rows_in=rows_in, table=conform(kept, "hierarcaps"), rejects=rejects, counters=counters,
+            provenance={"nli_model": model.name, "random_weights": model.is_random},
+        )
