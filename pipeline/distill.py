@@ -52,10 +52,7 @@ def read_chains(dataset_dirs: list[Path]) -> list[tuple[str, list[str]]]:
     """(key, tiers) of every row of the given hierarcaps datasets, in a stable order."""
     chains = []
     for dataset in dataset_dirs:
-        shards = list_shards(Path(dataset))
-        if not shards:
-            raise FgdataError(f"{dataset} holds no shards (give the output of `fgdata hierarcaps filter`)")
-        for shard in shards:
+        for shard in list_shards(Path(dataset)):
             table = read_shard(shard)
             if not {"key", "tiers"} <= set(table.column_names):
                 raise FgdataError(f"{shard}: needs columns key and tiers (a hierarcaps dataset)")
@@ -77,13 +74,13 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     out_dir = Path(out_dir).resolve()
     absolute_local_paths(settings, "base_model")
     settings_hash = hashlib.sha256(json.dumps({**asdict(settings), "inputs": sorted(map(str, dataset_dirs))}, sort_keys=True).encode()).hexdigest()[:16]
+    chains = read_chains(dataset_dirs)
     claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):
         log.info("%s already holds a finished distillation; --overwrite to train again", out_dir)
         return report
 
-    chains = read_chains(dataset_dirs)
     evaluation = [tiers for key, tiers in chains if held_out(key, settings.eval_fraction)][: settings.max_eval_chains]
     training = [tiers for key, tiers in chains if not held_out(key, settings.eval_fraction)]
     if not training:

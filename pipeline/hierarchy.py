@@ -14,8 +14,9 @@ _ARROWS = re.compile(r"\s*(?:=>|->|→|>)\s*")
 _NUMBERED = re.compile(r"^\s*(?:(?:tier|level)\s*)?\d+\s*[.):-]\s*(.*?)\s*$", re.I | re.M)
 
 
-def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
-    """The tiers of a chain written as `a => b => c`, a numbered list or a JSON list, or a reason."""
+def split_tiers(text: str) -> tuple[list[str], str | None]:
+    """The tiers of an answer written as `a => b => c`, a numbered list or a JSON list, as written
+    (no shape check yet), or a reason it holds no chain."""
     if not text or not text.strip():
         return [], "empty_output"
     candidates = []
@@ -37,21 +38,24 @@ def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
             candidates.append(_ARROWS.split(chain_part.strip()))
     if not candidates:
         return [], "unparseable"
-    chain = [tier.strip().strip('"').strip() for tier in candidates[0]]
-    problem = chain_shape_problem(chain, tiers)
+    return [tier.strip().strip('"').strip() for tier in candidates[0]], None
+
+
+def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
+    """A whole chain of `tiers` tiers, or the reason the answer is not one."""
+    chain, problem = split_tiers(text)
+    problem = problem or chain_shape_problem(chain, tiers)
     return ([], problem) if problem else (chain, None)
 
 
 def complete_chain(text: str, caption: str, tiers: int = 4) -> tuple[list[str], str | None]:
     """A model writes the tiers above a caption; the caption is the last tier. An answer that
-    repeats the caption as its last tier is accepted too."""
-    above, problem = parse_chain(text, tiers - 1)
-    if problem == "wrong_tier_count":
-        whole, whole_problem = parse_chain(text, tiers)
-        if whole_problem is None and normal_text(whole[-1]) == normal_text(caption):
-            above, problem = whole[:-1], None
+    repeats the caption as its last tier is read the same way."""
+    above, problem = split_tiers(text)
     if problem:
         return [], problem
+    if len(above) == tiers and normal_text(above[-1]) == normal_text(caption):
+        above = above[:-1]
     chain = [*above, caption.strip()]
     problem = chain_shape_problem(chain, tiers)
     return ([], problem) if problem else (chain, None)

@@ -50,11 +50,12 @@ class HierarcapsGenerateStage(Stage):
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.hierarcaps
+        units = caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
         if not settings.generator:
             raise FgdataError("no distilled model: pass --model DIR (the output of `fgdata hierarcaps distill`) or set hierarcaps.generator")
         absolute_local_paths(settings, "generator")
         check_model_reference(settings.generator, revision=None, trust_remote_code=False)
-        return caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
+        return units
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.captions)]

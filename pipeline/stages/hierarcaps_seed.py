@@ -60,6 +60,7 @@ class HierarcapsSeedStage(Stage):
         settings = config.hierarcaps
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"hierarcaps.backend must be transformers or vllm, got {settings.backend!r}")
+        units = caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
         absolute_local_paths(settings, "model")
         template = load_prompt(self._prompt_name(config)).text
         if "{caption}" not in template:
@@ -72,7 +73,7 @@ class HierarcapsSeedStage(Stage):
                 raise FgdataError(f"{self.demonstrations_dir} holds no chains to use as demonstrations")
             self.examples = random.Random(settings.seed).sample(chains, min(len(chains), MAX_DEMONSTRATION_POOL))
         check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        return caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
+        return units
 
     def lineage(self) -> list[dict]:
         demonstrations = [lineage_entry(self.demonstrations_dir, role="demonstrations")] if self.demonstrations_dir else []

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 CALLS: list = []
+RESPONDER = None  # a test may set a function prompt -> answer text; default: "fake output <i>"
 
 
 class StructuredOutputsParams:
@@ -43,4 +44,5 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         CALLS.append(("generate", {"prompts": prompts, "sampling_params": sampling_params, "use_tqdm": use_tqdm}))
         finish = "length" if sampling_params.kwargs["max_tokens"] < 8 else "stop"
-        return [FakeRequestOutput([FakeCompletion(f" fake output {i} ", [1, 2, 3], finish)]) for i, _ in enumerate(prompts)]
+        texts = [RESPONDER(p) if RESPONDER else f" fake output {i} " for i, p in enumerate(prompts)]
+        return [FakeRequestOutput([FakeCompletion(text, [1, 2, 3], finish)]) for text in texts]
