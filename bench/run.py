@@ -13,6 +13,10 @@
   `generate` loop over the same images; on CPU with a tiny model this measures the stage's
   overhead (Ray, decoding, checks, Parquet), not GPU decoding throughput.
 
+- hierarcaps (a tiny T5 distilled here on synthetic chains + tiny random DeBERTa NLI, CPU): the
+  `hierarcaps generate` stage vs raw `model.generate` doing the same beam search and candidate
+  sampling over the same captions, and NLI pairs/s of `hierarcaps filter` vs a raw forward.
+
 Results go to bench/results/<name>.json; numbers from one run on this machine, not targets.
 """
 
@@ -56,7 +60,7 @@ from pipeline.stages.phrases import PhrasesStage, load_pipeline
 from pipeline.stages.recaption import RecaptionStage, prepare_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import synthetic_captions  # noqa: E402
+from synthetic import synthetic_captions, synthetic_chains  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SAMPLE = Path(__file__).parent.parent / "sample" / "images"
@@ -308,6 +312,93 @@ def bench_negatives(workdir: Path, images: int, batch_size: int, max_new_tokens:
     }
 
 
+def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dict:
+    from pipeline.config import DistillConfig
+    from pipeline.distill import TO_GENERAL, TO_SPECIFIC, distill, distillation_pairs
+    from pipeline.hierarchy import SEPARATOR
+    from pipeline.models.tiny import build_tiny_t5
+    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps_generate import HierarcapsGenerateStage
+
+    chains = synthetic_chains(600, seed=1)
+    texts = [text for tiers in chains for pair in distillation_pairs(tiers) for text in pair]
+    base = build_tiny_t5(workdir / "t5", texts)
+    (workdir / "chains").mkdir()
+    rows = [{"key": f"c{i:05d}", "split": "train", "tiers": t, "source": "synthetic"} for i, t in enumerate(chains)]
+    pq.write_table(conform(rows, "hierarcaps"), workdir / "chains" / "part-00000.parquet")
+    settings = DistillConfig(base_model=str(base), max_steps=400, learning_rate=3e-3, warmup_steps=20, eval_every=400, save_every=10_000)
+    distill([workdir / "chains"], workdir / "distilled", settings, progress=False)
+
+    captions = [tiers[-1] for tiers in synthetic_chains(captions_count, seed=7)]
+    (workdir / "captions.txt").write_text("\n".join(captions) + "\n")
+    config = load_config(None, ["run.progress=false", f"hierarcaps.generator={workdir / 'distilled'}", f"hierarcaps.batch_size={batch_size}",
+                                "ingest.rows_per_shard=500", f"hierarcaps.nli_model={build_tiny_nli(workdir / 'nli', texts)}"])
+    s = config.hierarcaps
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "distilled")
+    model = AutoModelForSeq2SeqLM.from_pretrained(workdir / "distilled").eval()
+
+    def raw_generate():
+        # the same work as the stage, straight on transformers: beam search for the tiers, then
+        # candidate children of every tier's parent, sampled
+        for start in range(0, len(captions), batch_size):
+            batch = captions[start : start + batch_size]
+            inputs = tokenizer([TO_GENERAL + c for c in batch], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = model.generate(**inputs, num_beams=s.num_beams, max_new_tokens=s.generate_max_new_tokens)
+            tiers = [t.split(SEPARATOR) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            parents = [TO_SPECIFIC + p for t in tiers for p in ["", *t]]
+            inputs = tokenizer(parents, return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                model.generate(**inputs, do_sample=True, temperature=s.candidate_temperature, top_p=s.candidate_top_p,
+                               num_return_sequences=s.negative_candidates, max_new_tokens=s.generate_max_new_tokens)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the stage's actor reserves 1 CPU, and Ray gives its torch 1 thread
+    _, raw_seconds = timed(raw_generate)
+    torch.set_num_threads(threads)
+    summary, stage_seconds = timed(lambda: run_stage(HierarcapsGenerateStage(workdir / "captions.txt"), workdir / "generated", config))
+    busy_seconds = sum(st["seconds"] for st in read_stats(workdir / "generated").values())
+
+    chains_out = [r["tiers"] for shard in sorted((workdir / "generated").glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    pairs = [pair for tiers in chains_out for pair in zip(tiers[1:], tiers[:-1])]
+    nli = NliScorer(str(config.hierarcaps.nli_model))
+
+    def raw_nli():
+        for i in range(0, len(pairs), 64):
+            premises, hypotheses = zip(*pairs[i : i + 64])
+            inputs = nli.tokenizer(list(premises), list(hypotheses), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.inference_mode():
+                nli.model(**inputs).logits.softmax(-1)
+
+    torch.set_num_threads(1)
+    _, raw_nli_seconds = timed(raw_nli)
+    torch.set_num_threads(threads)
+    _, filter_seconds = timed(lambda: run_stage(HierarcapsFilterStage(workdir / "generated"), workdir / "filtered", config))
+    filter_busy = sum(st["seconds"] for st in read_stats(workdir / "filtered").values())
+    return {
+        "captions": len(captions),
+        "hierarchies_out": summary.rows_out,
+        "model": "tiny T5 (T5ForConditionalGeneration, d_model 64) distilled 400 steps on synthetic chains; tiny random DeBERTa-v2 NLI; CPU",
+        "num_beams": s.num_beams,
+        "negative_candidates_per_tier": s.negative_candidates,
+        "batch_size": batch_size,
+        "raw_generate_hierarchies_per_s": round(len(captions) / raw_seconds, 2),
+        "stage_hierarchies_per_s": round(summary.rows_in / stage_seconds, 2),
+        "stage_actor_busy_hierarchies_per_s": round(summary.rows_in / busy_seconds, 2),
+        "ratio_vs_raw_generate": round(raw_seconds / stage_seconds, 3),
+        "ratio_vs_raw_generate_actor_busy": round(raw_seconds / busy_seconds, 3),
+        "nli_pairs": len(pairs),
+        "raw_nli_pairs_per_s": round(len(pairs) / raw_nli_seconds, 1),
+        "filter_stage_nli_pairs_per_s": round(len(pairs) / filter_seconds, 1),
+        "filter_actor_busy_nli_pairs_per_s": round(len(pairs) / filter_busy, 1),
+        "ratio_filter_vs_raw_nli_actor_busy": round(raw_nli_seconds / filter_busy, 3),
+        "note": "raw loops run with 1 torch thread, as the stage's actor gets from Ray (1 CPU reserved). Stage wall time "
+        "includes starting the actor and loading the model. No GPU was available to this run: the GPU benchmark is still to do.",
+    }
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -326,7 +417,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
-    parser.add_argument("--only", choices=["phrases", "ingest", "ground", "negatives", "recaption"], help="run one benchmark")
+    parser.add_argument("--only", choices=["phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps"], help="run one benchmark")
     args = parser.parse_args()
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
@@ -337,6 +428,7 @@ def main() -> None:
             "ground": lambda d: bench_ground(d, copies=4, batch_size=8),
             "negatives": lambda d: bench_negatives(d, images=60, batch_size=32, max_new_tokens=48),
             "recaption": lambda d: bench_recaption(d, copies=8, max_new_tokens=64, batch_size=8),
+            "hierarcaps": lambda d: bench_hierarcaps(d, captions_count=2000, batch_size=64),
         }
         for name, bench in benchmarks.items():
             if args.only in (None, name):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows, run_cli
-from synthetic_chains import is_valid_child, synthetic_chains
+from synthetic import is_valid_child, synthetic_chains
 from pipeline.config import DistillConfig
 from pipeline.distill import TO_GENERAL, TO_SPECIFIC, distill, distillation_pairs, held_out
 from pipeline.hierarchy import SEPARATOR, complete_chain
