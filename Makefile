@@ -103,10 +103,12 @@ tiny-t5: $(TINY_T5)/config.json
 
 hierarcaps: ingest $(if $(filter $(TINY_LLM),$(LLM)),tiny-llm) $(if $(filter $(TINY_T5),$(T5_BASE)),tiny-t5) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 	$(BIN)/fgdata hierarcaps seed $(OUT)/images $(H)/seed $(HIERARCAPS_LLM)
+	$(BIN)/fgdata hierarcaps filter $(H)/seed $(H)/seed-valid $(HIERARCAPS_NLI)
 	$(BIN)/fgdata hierarcaps import sample/hierarcaps/handwritten_train.csv $(H)/handwritten
-	$(BIN)/fgdata hierarcaps filter $(H)/handwritten $(H)/validated $(HIERARCAPS_NLI)
-	$(BIN)/fgdata hierarcaps augment $(OUT)/images $(H)/augmented --demonstrations $(H)/validated $(HIERARCAPS_LLM)
-	$(BIN)/fgdata hierarcaps distill $(H)/validated --out $(H)/distilled --base $(T5_BASE) $(DISTILL_ARGS)
+	$(BIN)/fgdata hierarcaps filter $(H)/handwritten $(H)/handwritten-valid $(HIERARCAPS_NLI)
+	$(BIN)/fgdata hierarcaps augment $(OUT)/images $(H)/augmented --demonstrations $(H)/handwritten-valid $(HIERARCAPS_LLM)
+	$(BIN)/fgdata hierarcaps filter $(H)/augmented $(H)/augmented-valid $(HIERARCAPS_NLI)
+	$(BIN)/fgdata hierarcaps distill $(H)/handwritten-valid $(H)/seed-valid $(H)/augmented-valid --out $(H)/distilled --base $(T5_BASE) $(DISTILL_ARGS)
 	$(BIN)/fgdata hierarcaps generate $(OUT)/images $(H)/generated --model $(H)/distilled --set hierarcaps.candidate_temperature=2.0
 	$(BIN)/fgdata hierarcaps filter $(H)/generated $(H)/generated-valid $(HIERARCAPS_NLI)
 	$(BIN)/fgdata hierarcaps negatives $(H)/generated-valid $(H)/final $(HIERARCAPS_NLI)
