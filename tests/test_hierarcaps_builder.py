@@ -153,6 +153,14 @@ def score(entailment: float, contradiction: float = 0.0) -> dict:
     return {"entailment": entailment, "contradiction": contradiction, "neutral": 1 - entailment - contradiction}
 
 
+def test_sampled_candidates_keep_distinct_siblings_only():
+    from pipeline.stages.hierarcaps_generate import sibling_candidates
+
+    tiers = ["vehicle", "motorcycle"]
+    sampled = [["Vehicle", "animal", "animal ", "building"], ["car", "motorcycle", "", "car car car car", "bus"]]
+    assert sibling_candidates(tiers, sampled) == [["animal", "building"], ["car", "bus"]]
+
+
 def test_negative_choice_needs_a_sibling_under_the_same_parent():
     tiers = ["transportation", "motorized transportation", "motorcycle", "a red motorcycle parked in a garage"]
     candidates = [["food"], ["walking", "cars"], ["car", "scooter", "motorbike"], ["a red car parked in a garage"]]

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.caption_quality import repeated_ngram
 from pipeline.caption_sources import caption_units, unit_captions
 from pipeline.config import Config
 from pipeline.distill import TO_GENERAL, TO_SPECIFIC
@@ -27,12 +28,13 @@ from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_
 
 
 def sibling_candidates(tiers: list[str], sampled: list[list[str]]) -> list[list[str]]:
-    """Per tier, the distinct sampled children of its parent that differ from the tier itself."""
+    """Per tier, the distinct sampled children of its parent that differ from the tier itself and
+    do not loop (a word or phrase three times in a row: sampling ran away)."""
     candidates = []
     for positive, texts in zip(tiers, sampled):
         seen, kept = {normal_text(positive), ""}, []
         for text in texts:
-            if normal_text(text) not in seen:
+            if normal_text(text) not in seen and not repeated_ngram(normal_text(text).split(), repeats=3):
                 seen.add(normal_text(text))
                 kept.append(text.strip())
         candidates.append(kept)
