@@ -212,6 +212,58 @@ class DistillConfig:
 
 
 @dataclass
+class TrainConfig:
+    """What `fgdata train` shares between objectives (each section below sets its own defaults)."""
+
+    model: str = "openai/clip-vit-base-patch16"  # CLIPModel: hub id or local directory
+    revision: str | None = None
+    learning_rate: float = 1e-6
+    weight_decay: float = 1e-3
+    warmup_steps: int = 200
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32  # per device
+    gradient_accumulation: int = 1
+    bf16: bool = True  # autocast on GPU (fp16 is known to give NaN losses); CPU runs fp32
+    shuffle_buffer: int = 2000  # rows shuffled in a streaming buffer
+    num_workers: int = 4  # data loader processes decoding images
+    log_every: int = 20
+    save_every: int = 1000  # steps; checkpoints hold the optimizer, schedule and RNG state
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class FgclipTrainConfig(TrainConfig):
+    """FG-CLIP stage 2: global, regional and hard-negative losses (reference recipe defaults)."""
+
+    image_size: int = 224
+    long_text_tokens: int = 248  # Long-CLIP positions for long captions
+    keep_positions: int = 20  # the first positions are kept as trained, the rest interpolated
+    short_prompt: str = "a photo of {}"  # short captions are prompted, as FG-CLIP's trainer does
+    max_boxes: int = 4  # regions per image
+    hard_negatives: int = 10  # per region; regions with fewer take no part in the hard-negative loss
+    long_weight: float = 1.0  # image <-> long caption InfoNCE
+    short_weight: float = 1.0  # image <-> short caption InfoNCE
+    regional_weight: float = 0.1  # RoIAlign box features <-> region phrases, across the batch
+    hard_negative_weight: float = 0.5  # each region: its phrase vs its hard negatives
+
+
+@dataclass
+class RadialTrainConfig(TrainConfig):
+    """Radial Embedding (HierarCaps paper): only the text tower and text projection are trained."""
+
+    model: str = "openai/clip-vit-base-patch32"
+    learning_rate: float = 1e-7
+    weight_decay: float = 0.01  # AdamW's default
+    warmup_steps: int = 0
+    batch_size: int = 8
+    lambda_e: float = 1.0  # exterior-angle loss: positives in the cone, negatives outside
+    lambda_m: float = 1.0  # the batch's hardest positive and hardest negative
+    lambda_p: float = 10.0  # pullback to the frozen original text encoder
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -221,6 +273,8 @@ class Config:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     hierarcaps: HierarcapsConfig = field(default_factory=HierarcapsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    fgclip: FgclipTrainConfig = field(default_factory=FgclipTrainConfig)
+    radial: RadialTrainConfig = field(default_factory=RadialTrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -50,11 +50,23 @@ def _save_random(model_class, config, preprocessor, out_dir: Path, seed: int) ->
 
 
 def _clip_tokenizer(texts: list[str]):
-    from transformers import CLIPTokenizerFast
+    """A byte-level BPE with CLIP's special tokens that wraps every text as <start> ... <end>.
 
-    # id 0 stays unused: OWL treats a query whose first id is 0 as padding
-    bpe = _byte_level_bpe(texts, ["<|unused|>", "<|startoftext|>", "<|endoftext|>"])
-    return CLIPTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    Saved as a generic fast tokenizer, so `AutoTokenizer` loads exactly this one back (a
+    `CLIPTokenizer` would rebuild it from vocab and merges with CLIP's own word-end rules)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    # id 0 stays unused: OWL treats a query whose first id is 0 as padding. The end token must not
+    # be id 2: CLIP takes an eos id of 2 for an old config and pools at the highest token id instead
+    bpe = _byte_level_bpe(texts, ["<|unused|>", "<|endoftext|>", "<|startoftext|>"])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        model_max_length=77,
+    )
 
 
 def _clip_text_config(tokenizer, projection_dim: int) -> dict:
@@ -194,3 +206,20 @@ def build_tiny_t5(out_dir: Path, vocabulary_texts: list[str], seed: int = 0) -> 
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     return _save_random(T5ForConditionalGeneration, config, tokenizer, out_dir, seed)
+
+
+def build_tiny_clip(out_dir: Path, vocabulary_texts: list[str], seed: int = 0, image_size: int = 64, patch_size: int = 8) -> Path:
+    """A tiny random CLIPModel (both towers, 64-d joint space) with its tokenizer and image processor,
+    for training tests: 64 px images in 8 px patches give an 8 x 8 grid for RoIAlign."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_tokenizer(vocabulary_texts)
+    text_config = _clip_text_config(tokenizer, projection_dim=64)
+    text_config.update(hidden_size=64, intermediate_size=128)
+    vision_config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=64)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    return _save_random(CLIPModel, config, processor, out_dir, seed)

@@ -1,0 +1,199 @@
+"""`fgdata eval`: what a trained CLIP has learnt, on FgGRN shards, FG-OVD jsonl and HierarCaps.
+
+- fg-ovd: per box, the RoIAlign region feature against its positive phrase and its hard
+  negatives; accuracy = share of boxes whose positive ranks first (chance 1/(k+1)).
+- regional retrieval: each box against every distinct phrase of the set; top-1 accuracy.
+- retrieval: image <-> long caption and image <-> short caption, R@1 and R@5 both ways.
+- hierarcaps: d_corr (Kendall tau between each chain's distances to the root — the embedding of
+  the empty text — and its tier order, averaged), and hierarchical retrieval precision and recall
+  over 50 radius levels, for chains whose images are at hand.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import FgdataError
+from pipeline.shards import find_ancestor, list_shards, read_shard
+from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
+from pipeline.train.data import fgclip_sources, pixels, read_hierarchies
+
+RADIUS_LEVELS = 50
+
+
+class Encoder:
+    """Batched, gradient-free access to a CLIP's image, box and text embeddings."""
+
+    def __init__(self, model: str, image_size: int | None = None, batch_size: int = 64):
+        self.parts = load_clip(model)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = self.parts.model.to(self.device).eval()
+        self.image_size = image_size or self.model.config.vision_config.image_size
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], long: bool = False) -> torch.Tensor:
+        chunks = [encode_text(self.model, self.parts.tokenizer, texts[i : i + self.batch_size], long, self.device) for i in range(0, len(texts), self.batch_size)]
+        return torch.cat(chunks) if chunks else torch.zeros((0, self.model.config.projection_dim))
+
+    @torch.no_grad()
+    def images(self, images: list[bytes], boxes: list[list[list[float]]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image embeddings, and per image the features of its boxes (0-1 x1, y1, x2, y2)."""
+        embedded, regions = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            batch = torch.stack([pixels(b, self.image_size, self.parts.mean, self.parts.std) for b in chunk]).to(self.device)
+            pooled, grid = image_and_patch_features(self.model, batch)
+            embedded.append(pooled)
+            for offset in range(len(chunk)):
+                own = (boxes or [[]] * len(images))[start + offset]
+                rois = torch.tensor([[float(offset), *box] for box in own], dtype=torch.float32, device=self.device).reshape(-1, 5)
+                regions.append(box_features(grid, rois))
+        return torch.cat(embedded), regions
+
+
+def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int) -> dict:
+    """items: {image (bytes), boxes: [[box, positive, [negatives]]]}; boxes with fewer than
+    `hard_negatives` negatives are left out."""
+    _, regions = encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
+    hits = total = 0
+    for item, features in zip(items, regions):
+        for feature, (_, positive, negatives) in zip(features, item["boxes"]):
+            if len(negatives) < hard_negatives:
+                continue
+            texts = encoder.texts([positive, *negatives[:hard_negatives]])
+            hits += int((texts @ feature).argmax().item() == 0)
+            total += 1
+    return {"boxes": total, "accuracy": hits / total if total else None, "chance": 1 / (hard_negatives + 1)}
+
+
+def regional_retrieval(encoder: Encoder, items: list[dict]) -> dict:
+    _, regions = encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
+    phrases = sorted({p for i in items for _, p, _ in i["boxes"]})
+    if not phrases:
+        return {"boxes": 0, "top1": None, "chance": None}
+    texts = encoder.texts(phrases)
+    index = {p: n for n, p in enumerate(phrases)}
+    hits = total = 0
+    for item, features in zip(items, regions):
+        for feature, (_, phrase, _) in zip(features, item["boxes"]):
+            hits += int((texts @ feature).argmax().item() == index[phrase])
+            total += 1
+    return {"boxes": total, "phrases": len(phrases), "top1": hits / total, "chance": 1 / len(phrases)}
+
+
+def _recall_at(similarity: torch.Tensor, k: int) -> float:
+    """Row i's match is column i: share of rows with it among their top k."""
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
+    return (top == torch.arange(similarity.shape[0], device=similarity.device).unsqueeze(1)).any(1).float().mean().item()
+
+
+def retrieval(encoder: Encoder, images: list[bytes], captions: list[str], long: bool) -> dict:
+    image_features, _ = encoder.images(images)
+    similarity = image_features @ encoder.texts(captions, long=long).T
+    return {
+        "image_to_text_r1": _recall_at(similarity, 1), "image_to_text_r5": _recall_at(similarity, 5),
+        "text_to_image_r1": _recall_at(similarity.T, 1), "text_to_image_r5": _recall_at(similarity.T, 5),
+    }
+
+
+def kendall_tau(values: list[float]) -> float:
+    """Kendall's tau-a between `values` and their positions 0, 1, 2, ..."""
+    n = len(values)
+    concordant = sum(np.sign(values[j] - values[i]) for i in range(n) for j in range(i + 1, n))
+    return float(concordant) / (n * (n - 1) / 2)
+
+
+def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes] | None = None) -> dict:
+    root = encoder.texts([""])[0]
+    distances = [(encoder.texts(tiers) - root).norm(dim=-1).tolist() for tiers in chains]
+    taus = [kendall_tau(d) for d in distances]
+    result = {
+        "chains": len(chains),
+        "d_corr": float(np.mean(taus)),
+        "ordered_chains": float(np.mean([all(a < b for a, b in zip(d, d[1:])) for d in distances])),
+    }
+    if images:
+        result.update(_hierarchical_retrieval(encoder, chains, images, root))
+    return result
+
+
+def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes], root: torch.Tensor) -> dict:
+    """Sweep a radius over RADIUS_LEVELS levels between the smallest and largest text distance to the
+    root; at each, the image retrieves its best-matching text among those inside the radius. The
+    distinct texts retrieved are scored against the image's own tiers."""
+    texts = sorted({t for tiers in chains for t in tiers})
+    text_features = encoder.texts(texts)
+    radius = (text_features - root).norm(dim=-1)
+    levels = torch.linspace(radius.min().item(), radius.max().item(), RADIUS_LEVELS)
+    image_features, _ = encoder.images(images)
+    similarity = image_features @ text_features.T
+    precision, recall = [], []
+    for row, tiers in zip(similarity, chains):
+        retrieved = set()
+        for level in levels:
+            inside = radius <= level + 1e-6
+            if inside.any():
+                retrieved.add(texts[int(torch.where(inside, row, torch.tensor(-1e9)).argmax())])
+        truth = set(tiers)
+        precision.append(len(retrieved & truth) / len(retrieved))
+        recall.append(float(np.mean([t in retrieved for t in tiers])))
+    return {"hierarchical_precision": float(np.mean(precision)), "hierarchical_recall": float(np.mean(recall))}
+
+
+def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int) -> list[dict]:
+    items = []
+    for fggrn_shard, image_shard in fgclip_sources(fggrn_dirs, images):
+        pixels_by_key = dict(zip(*read_shard(image_shard, columns=["key", "image"]).to_pydict().values()))
+        for row in read_shard(fggrn_shard).to_pylist():
+            if row["key"] in pixels_by_key:
+                boxes = [(r["box_norm"], r["phrase"], [n["text"] for n in r["negatives"]]) for r in row["regions"]]
+                items.append({"key": row["key"], "image": pixels_by_key[row["key"]], "boxes": boxes, "long": row["long_caption"] or row["short_caption"], "short": row["short_caption"]})
+            if len(items) >= limit:
+                return items
+    return items
+
+
+def fgovd_items(jsonl: Path, image_root: Path | None) -> list[dict]:
+    """FG-OVD's published layout: one box per line with img_path, bbox (COCO x, y, w, h in pixels),
+    pos_expression and neg_expression; grouped by image."""
+    grouped: dict[str, dict] = {}
+    for number, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            path = (Path(image_root) if image_root else Path(jsonl).parent) / record["img_path"]
+            x, y, w, h = record["bbox"]
+            negatives = record["neg_expression"]
+            positive = record["pos_expression"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FgdataError(f"{jsonl} line {number}: not an FG-OVD record ({exc})") from None
+        if str(path) not in grouped:
+            if not path.exists():
+                raise FgdataError(f"{jsonl} line {number}: image {path} not found (pass --image-root)")
+            data = path.read_bytes()
+            width, height = Image.open(io.BytesIO(data)).size
+            grouped[str(path)] = {"image": data, "boxes": [], "size": (width, height)}
+        width, height = grouped[str(path)]["size"]
+        box = [x / width, y / height, (x + w) / width, (y + h) / height]
+        grouped[str(path)]["boxes"].append((box, positive if isinstance(positive, str) else positive[0], list(negatives)))
+    return list(grouped.values())
+
+
+def hierarcaps_items(sources: list[Path], limit: int) -> tuple[list[list[str]], list[bytes] | None]:
+    """The chains, and their images when every chain's key is found in an images dataset upstream."""
+    chains = read_hierarchies(sources, need_negatives=False)[:limit]
+    images_by_key: dict[str, bytes] = {}
+    for source in sources:
+        images_dir = find_ancestor(Path(source), "images") if Path(source).is_dir() else None
+        for shard in list_shards(images_dir) if images_dir else []:
+            images_by_key.update(zip(*read_shard(shard, columns=["key", "image"]).to_pydict().values()))
+    images = [images_by_key.get(key) for key, _, _ in chains]
+    return [tiers for _, tiers, _ in chains], images if all(images) else None

@@ -1,0 +1,161 @@
+"""`fgdata train`: one loop for both objectives — AdamW, warm-up then cosine, gradient
+accumulation, bf16 autocast on GPU, safetensors checkpoints with optimizer/schedule/RNG state,
+resume, and DDP under torchrun (features gathered across processes for the contrastive losses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import FgdataError
+from pipeline.models.reference import absolute_local_paths, is_random_model
+from pipeline.shards import claim_output, read_json, write_json
+from pipeline.train.objectives import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "train.json"
+CHECKPOINTS = "checkpoints"
+_MODEL_FILE = "model.safetensors"
+_STATE_FILE = "trainer_state.pt"
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group when torchrun launched us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, images: Path | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    if objective_name not in OBJECTIVES:
+        raise FgdataError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective_name!r}")
+    objective_class, section = OBJECTIVES[objective_name]
+    settings = getattr(config, section)
+    absolute_local_paths(settings, "model")
+    rank, world, local_rank = _distributed()
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    out_dir = Path(out_dir).resolve()
+    payload = {"objective": objective_name, "settings": asdict(settings), "sources": sorted(map(str, sources)), "images": str(images), "world": world}
+    settings_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    torch.manual_seed(settings.seed)
+    objective = objective_class([Path(s).resolve() for s in sources], settings, images, device, rank, world)
+    if rank == 0:
+        claim_output(out_dir, f"train-{objective_name}", settings_hash, overwrite)
+    report = read_json(out_dir / REPORT_FILE)
+    if report and report.get("finished"):
+        log.info("%s already holds a finished run; --overwrite to train again", out_dir)
+        return report
+
+    module = objective.module
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * objective.steps_per_epoch()))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
+    step, history = 0, []
+    checkpoint = _latest_checkpoint(out_dir)
+    if checkpoint:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(checkpoint / _MODEL_FILE), device=str(device)), strict=False)
+        state = torch.load(checkpoint / _STATE_FILE, weights_only=False, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+        log.info("resuming from %s (step %d of %d)", checkpoint.name, step, total_steps)
+    trained = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local_rank] if device != "cpu" else None) if world > 1 else module
+    autocast = device != "cpu" and settings.bf16
+    log.info("training %s (%s) on %s: %d steps of %d x %d x %d samples", objective_name, settings.model, device, total_steps, settings.batch_size, settings.gradient_accumulation, world)
+
+    batches = objective.batches(skip_batches=step * settings.gradient_accumulation)
+    started, window = time.perf_counter(), []
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {objective_name}", unit="step", disable=not progress or rank != 0)
+    module.train()
+    while step < total_steps:
+        parts_sum: dict[str, float] = {}
+        for _ in range(settings.gradient_accumulation):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = objective.loss(next(batches), trained)
+            (loss / settings.gradient_accumulation).backward()
+            for name, value in {"loss": loss.item(), **parts}.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value / settings.gradient_accumulation
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window.append(parts_sum)
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts_sum['loss']:.4f}")
+        if step % settings.log_every == 0 or step == total_steps:
+            entry = {"step": step, "lr": schedule.get_last_lr()[0], **{k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in window[-1]}}
+            history.append(entry)
+            window = []
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "lr")))
+        if rank == 0 and step % settings.save_every == 0 and step < total_steps:
+            _save_checkpoint(out_dir, step, module, optimizer, schedule, history, settings.keep_checkpoints)
+    bar.close()
+    if rank != 0:
+        return {}
+    objective.save(out_dir, module)
+    report = {
+        "finished": True,
+        "objective": objective_name,
+        "model": settings.model,
+        "model_is_random": is_random_model(settings.model),
+        "sources": [str(s) for s in sources],
+        "settings": asdict(settings),
+        "steps": total_steps,
+        "world_size": world,
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out_dir / REPORT_FILE, report)
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    return report
+
+
+def _save_checkpoint(out_dir: Path, step: int, module, optimizer, schedule, history, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    final = out_dir / CHECKPOINTS / f"step-{step:08d}"
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    # clone: safetensors refuses tensors that share memory (tied or viewed weights)
+    save_file({k: v.detach().clone().contiguous().cpu() for k, v in module.state_dict().items()}, str(partial / _MODEL_FILE))
+    torch.save({"step": step, "history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()}, partial / _STATE_FILE)
+    partial.rename(final)  # a checkpoint exists whole or not at all
+    for old in sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    for partial in (out_dir / CHECKPOINTS).glob("*.partial"):
+        shutil.rmtree(partial)
+    found = sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))
+    return found[-1] if found else None
