@@ -391,6 +391,106 @@ def hierarcaps_export(
         typer.echo(f"wrote {summary['path']}: {summary['written']} rows ({summary['skipped_without_negatives']} without negatives left out)")
 
 
+@app.command()
+def train(
+    sources: Annotated[list[Path], typer.Argument(help="fgclip: FgGRN shards (from `fgdata negatives`). re: hierarcaps shards or official train CSVs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained model, its checkpoints and train.json.")],
+    objective: Annotated[str, typer.Option(help="fgclip (FG-CLIP stage 2) or re (Radial Embedding on HierarCaps).")] = "fgclip",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="CLIP to start from, hub id or local directory (fgclip.model / radial.model).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="fgclip: image shards; default: found through the FgGRN lineage.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Train a CLIP dual encoder on fgdata's shards.
+
+    fgclip (settings under fgclip.): global InfoNCE image<->long caption (Long-CLIP positions, 248
+    tokens) and image<->short caption ("a photo of ..."), regional InfoNCE between RoIAlign box
+    features and region phrases (weight 0.1), and a hard-negative loss per region over its phrase
+    and 10 negatives (weight 0.5), with their own learnable temperatures; defaults follow FG-CLIP's
+    stage-2 recipe (openai/clip-vit-base-patch16, lr 1e-6, 200 warm-up steps, cosine, 1 epoch, bf16).
+
+    re (settings under radial.): only the text tower and projection learn; exterior-angle loss
+    around the root (the embedding of the empty text), hardest-pair term and pullback to the frozen
+    encoder (openai/clip-vit-base-patch32, lr 1e-7, batch 8, lambda_p 10).
+
+    Checkpoints every save_every steps (safetensors + optimizer state); rerun the same command to
+    resume. Multi-GPU: launch with `torchrun --nproc_per_node N .venv/bin/fgdata train ...`.
+    """
+    from pipeline.train.loop import train as run_training
+
+    with _user_errors():
+        section = {"fgclip": "fgclip", "re": "radial"}.get(objective, "fgclip")
+        settings = _setup(config, [*([f"{section}.model={model}"] * bool(model)), *(set_ or [])])
+        report = run_training(objective, sources, out, settings, images=images, overwrite=overwrite, progress=settings.run.progress)
+        if report:
+            last = report["history"][-1] if report["history"] else {}
+            parts = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "lr"))
+            typer.echo(f"wrote {out}: {report['objective']}, {report['steps']} steps in {report['seconds']}s; last losses: {parts}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="CLIP to evaluate: a `fgdata train` output, hub id or local directory.")],
+    fggrn: Annotated[Optional[list[Path]], typer.Option(help="FgGRN shards (held out): fg-ovd accuracy, regional and long/short retrieval. Repeatable.")] = None,
+    hierarcaps: Annotated[Optional[list[Path]], typer.Option(help="Hierarcaps shards or an official CSV: d_corr, and hierarchical retrieval when images are at hand. Repeatable.")] = None,
+    fg_ovd: Annotated[Optional[Path], typer.Option("--fg-ovd", help="An FG-OVD benchmark .jsonl (img_path, bbox, pos_expression, neg_expression).")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(help="Where FG-OVD's img_path values are relative to (default: the jsonl's folder).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image shards for --fggrn; default: found through its lineage.")] = None,
+    hard_negatives: Annotated[int, typer.Option(help="Negatives per box for the fg-ovd accuracy (chance = 1/(k+1)).")] = 10,
+    limit: Annotated[int, typer.Option(help="At most this many images / chains per set.")] = 5000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here too.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+):
+    """Measure a CLIP on fine-grained and hierarchical understanding; prints a table and writes JSON."""
+    import json as json_module
+
+    from pipeline import evaluate as ev
+
+    with _user_errors():
+        settings = _setup(config, set_)
+        if not (fggrn or hierarcaps or fg_ovd):
+            raise FgdataError("nothing to evaluate: give --fggrn, --hierarcaps and/or --fg-ovd")
+        encoder = ev.Encoder(model)
+        results: dict = {"model": model}
+        if fggrn:
+            items = ev.fggrn_items(fggrn, images, limit)
+            prompt = settings.fgclip.short_prompt
+            results["fggrn"] = {
+                "fg_ovd": ev.fgovd_accuracy(encoder, items, hard_negatives),
+                "regional_retrieval": ev.regional_retrieval(encoder, items),
+                "long_retrieval": ev.retrieval(encoder, [i["image"] for i in items], [i["long"] for i in items], long=True),
+                "short_retrieval": ev.retrieval(encoder, [i["image"] for i in items], [prompt.format(i["short"]) for i in items], long=False),
+            }
+        if fg_ovd:
+            results["fg_ovd_benchmark"] = ev.fgovd_accuracy(encoder, ev.fgovd_items(fg_ovd, image_root), hard_negatives)
+        if hierarcaps:
+            chains, chain_images = ev.hierarcaps_items(hierarcaps, limit)
+            results["hierarcaps"] = ev.hierarchy_metrics(encoder, chains, chain_images)
+        typer.echo(ev.format_table(results))
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json_module.dumps(results, indent=2) + "\n")
+            typer.echo(f"wrote {out}")
+
+
+@app.command("synthetic-world")
+def synthetic_world(
+    out: Annotated[Path, typer.Argument(help="Directory for images/, fggrn/ and hierarcaps/.")],
+    count: Annotated[int, typer.Option(help="How many images.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same world.")] = 0,
+    side: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+):
+    """Write a synthetic world of coloured shapes with known boxes, captions, hard negatives and
+    hierarchies: data to check that `fgdata train` learns before spending GPUs on real data."""
+    from pipeline.synthetic_world import write_world
+
+    with _user_errors():
+        paths = write_world(out, count, seed=seed, side=side)
+        typer.echo(f"wrote {count} items: " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command("tiny-model")
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
@@ -398,7 +498,7 @@ def tiny_model(
         str,
         typer.Option(
             help="vlm (Qwen2.5-VL, for recaption), clip-text (YOLO-World's phrase encoder), owlv2, nli, "
-            "llm (a Llama-shaped chat model) or t5 (a Flan-T5-shaped model for hierarcaps distill)."
+            "llm (a Llama-shaped chat model), t5 (a Flan-T5-shaped model for hierarcaps distill) or clip (a whole CLIPModel for train)."
         ),
     ] = "vlm",
 ):
@@ -413,7 +513,7 @@ def tiny_model(
 
     builders = {
         "vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2,
-        "nli": tiny.build_tiny_nli, "llm": tiny.build_tiny_llm, "t5": tiny.build_tiny_t5,
+        "nli": tiny.build_tiny_nli, "llm": tiny.build_tiny_llm, "t5": tiny.build_tiny_t5, "clip": tiny.build_tiny_clip,
     }
     with _user_errors():
         if kind not in builders:

@@ -237,7 +237,7 @@ class TrainConfig:
 class FgclipTrainConfig(TrainConfig):
     """FG-CLIP stage 2: global, regional and hard-negative losses (reference recipe defaults)."""
 
-    image_size: int = 224
+    image_size: int = 0  # 0 = the model's own (224 for ViT-B/16, the reference recipe)
     long_text_tokens: int = 248  # Long-CLIP positions for long captions
     keep_positions: int = 20  # the first positions are kept as trained, the rest interpolated
     short_prompt: str = "a photo of {}"  # short captions are prompted, as FG-CLIP's trainer does

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
 from pipeline.config import DistillConfig
 from pipeline.errors import FgdataError
 from pipeline.hierarchy import SEPARATOR, normal_text
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 TO_GENERAL = "generalize: "
 TO_SPECIFIC = "specify: "
 REPORT_FILE = "distill.json"
-CHECKPOINTS = "checkpoints"
-_STATE_FILE = "trainer_state.pt"
 
 
 def distillation_pairs(tiers: list[str]) -> list[tuple[str, str]]:
@@ -91,7 +89,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    checkpoint = _latest_checkpoint(out_dir)
+    checkpoint = latest_checkpoint(out_dir)
     from pipeline.models.seq2seq import load_seq2seq
 
     tokenizer, model = load_seq2seq(str(checkpoint or settings.base_model), revision=None if checkpoint else settings.revision)
@@ -100,7 +98,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
     step, history = 0, []
     if checkpoint:
-        state = torch.load(checkpoint / _STATE_FILE, weights_only=False)
+        state = load_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
@@ -156,7 +154,12 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
             running = []
             log.info("step %d: train loss %.4f, eval loss %s", step, entry["train_loss"], "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}")
         if step % settings.save_every == 0 and step < total_steps:
-            _save_checkpoint(out_dir, step, model, tokenizer, optimizer, schedule, history, settings.keep_checkpoints, device)
+            state = {
+                "history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None,
+            }
+            # model.safetensors + config.json, and the tokenizer, so a checkpoint loads like a model
+            save_checkpoint(out_dir, step, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), state, settings.keep_checkpoints)
     bar.close()
 
     model.save_pretrained(out_dir)
@@ -182,7 +185,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out_dir / REPORT_FILE, report)
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    remove_checkpoints(out_dir)
     return report
 
 
@@ -223,28 +226,3 @@ def _batch_at(step: int, pairs: list, batch_size: int, steps_per_epoch: int, see
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return [pairs[i] for i in order[index * batch_size : (index + 1) * batch_size]]
-
-
-def _save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, schedule, history, keep: int, device: str) -> None:
-    import torch
-
-    final = out_dir / CHECKPOINTS / f"step-{step:08d}"
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)  # model.safetensors + config.json
-    tokenizer.save_pretrained(partial)
-    state = {
-        "step": step, "history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None,
-    }
-    torch.save(state, partial / _STATE_FILE)
-    partial.rename(final)  # a checkpoint exists whole or not at all
-    for old in sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _latest_checkpoint(out_dir: Path) -> Path | None:
-    for partial in (out_dir / CHECKPOINTS).glob("*.partial"):
-        shutil.rmtree(partial)  # a save the kill interrupted
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))
-    return found[-1] if found else None

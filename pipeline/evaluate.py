@@ -197,3 +197,19 @@ def hierarcaps_items(sources: list[Path], limit: int) -> tuple[list[list[str]], 
             images_by_key.update(zip(*read_shard(shard, columns=["key", "image"]).to_pydict().values()))
     images = [images_by_key.get(key) for key, _, _ in chains]
     return [tiers for _, tiers, _ in chains], images if all(images) else None
+
+
+def format_table(results: dict) -> str:
+    """The results as `set  metric  value` lines."""
+    lines = [f"model: {results['model']}"]
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif prefix != "model":
+            shown = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            lines.append(f"  {prefix:<48} {shown:>10}")
+
+    walk("", results)
+    return "\n".join(lines)

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
 from pipeline.errors import FgdataError
 from pipeline.models.reference import absolute_local_paths, is_random_model
 from pipeline.shards import claim_output, read_json, write_json
@@ -26,9 +26,7 @@ from pipeline.train.objectives import OBJECTIVES
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "train.json"
-CHECKPOINTS = "checkpoints"
 _MODEL_FILE = "model.safetensors"
-_STATE_FILE = "trainer_state.pt"
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -76,12 +74,12 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * objective.steps_per_epoch()))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
     step, history = 0, []
-    checkpoint = _latest_checkpoint(out_dir)
+    checkpoint = latest_checkpoint(out_dir)
     if checkpoint:
         from safetensors.torch import load_file
 
         module.load_state_dict(load_file(str(checkpoint / _MODEL_FILE), device=str(device)), strict=False)
-        state = torch.load(checkpoint / _STATE_FILE, weights_only=False, map_location=device)
+        state = load_state(checkpoint, device)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
@@ -117,7 +115,8 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
             window = []
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "lr")))
         if rank == 0 and step % settings.save_every == 0 and step < total_steps:
-            _save_checkpoint(out_dir, step, module, optimizer, schedule, history, settings.keep_checkpoints)
+            state = {"history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()}
+            save_checkpoint(out_dir, step, lambda d: _save_weights(module, d / _MODEL_FILE), state, settings.keep_checkpoints)
     bar.close()
     if rank != 0:
         return {}
@@ -135,27 +134,12 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out_dir / REPORT_FILE, report)
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    remove_checkpoints(out_dir)
     return report
 
 
-def _save_checkpoint(out_dir: Path, step: int, module, optimizer, schedule, history, keep: int) -> None:
+def _save_weights(module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    final = out_dir / CHECKPOINTS / f"step-{step:08d}"
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     # clone: safetensors refuses tensors that share memory (tied or viewed weights)
-    save_file({k: v.detach().clone().contiguous().cpu() for k, v in module.state_dict().items()}, str(partial / _MODEL_FILE))
-    torch.save({"step": step, "history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()}, partial / _STATE_FILE)
-    partial.rename(final)  # a checkpoint exists whole or not at all
-    for old in sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _latest_checkpoint(out_dir: Path) -> Path | None:
-    for partial in (out_dir / CHECKPOINTS).glob("*.partial"):
-        shutil.rmtree(partial)
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"))
-    return found[-1] if found else None
+    save_file({k: v.detach().clone().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import FgdataError
 from pipeline.train.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
 from pipeline.train.data import FgclipStream, collate_fgclip, fgclip_sources, read_hierarchies
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
@@ -40,6 +41,10 @@ class FgclipObjective:
         self.rows = sum(pq.read_metadata(fggrn).num_rows for fggrn, _ in self.pairs)
         parts = load_clip(settings.model, settings.revision)
         extend_text_positions(parts.model, settings.long_text_tokens, settings.keep_positions)
+        own_size = parts.model.config.vision_config.image_size
+        if settings.image_size not in (0, own_size):
+            raise FgdataError(f"fgclip.image_size={settings.image_size}, but {settings.model} takes {own_size} px images; set 0 to use its own")
+        settings.image_size = own_size
         self.parts = parts
         self.module = FgclipModule(parts.model).to(device)
 
