@@ -2,7 +2,7 @@
 
 The more specific tier is the premise and the more generic one the hypothesis; a chain that
 fails is rejected with the failing tier and its score. (Negative chains are not checked here
-yet: that is the builder's negatives-filter step, still to come.)
+here: that is `fgdata hierarcaps negatives`, which shares this stage's NLI plumbing.)
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pipeline.shards import lineage_entry, list_shards, read_shard
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
 
 
-class HierarcapsFilterStage(Stage):
-    name = "hierarcaps-filter"
+class NliChainStage(Stage):
+    """An NLI cross-encoder (hierarcaps.nli_model) over the chains of hierarcaps shards, shard N to shard N."""
+
     output_kind = "hierarcaps"
     config_section = "hierarcaps"
     uses_model = True
@@ -51,6 +52,11 @@ class HierarcapsFilterStage(Stage):
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
         return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.hierarcaps.batch_size)
+
+
+
+class HierarcapsFilterStage(NliChainStage):
+    name = "hierarcaps-filter"
 
     def process(self, unit: WorkUnit, config: Config, model: NliScorer | None = None, prepared: Iterable | None = None) -> ShardResult:
         threshold = config.hierarcaps.min_entailment

@@ -9,20 +9,16 @@ contradicts most wins. An item with no valid candidate for some tier is rejected
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from pathlib import Path
 from typing import Iterable
-
-import pyarrow.parquet as pq
 
 from pipeline.config import Config
 from pipeline.errors import FgdataError
 from pipeline.models.nli import NliScorer
-from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.schemas import conform
-from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
+from pipeline.shards import list_shards, read_shard_schema
+from pipeline.stages.base import ShardResult, WorkUnit
+from pipeline.stages.hierarcaps_filter import NliChainStage
 
 
 def negative_pairs(tiers: list[str], candidates: list[list[str]]) -> list[tuple[str, str]]:
@@ -60,40 +56,14 @@ def choose_negatives(tiers: list[str], candidates: list[list[str]], scores: list
     return chosen, None
 
 
-class HierarcapsNegativesStage(Stage):
+class HierarcapsNegativesStage(NliChainStage):
     name = "hierarcaps-negatives"
-    output_kind = "hierarcaps"
-    config_section = "hierarcaps"
-    uses_model = True
-
-    def __init__(self, input_dir: Path):
-        self.input_dir = Path(input_dir).resolve()
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        settings = config.hierarcaps
-        absolute_local_paths(settings, "nli_model")
-        check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
-        units = []
         for path in list_shards(self.input_dir):
             if "negative_candidates" not in read_shard_schema(path).names:
                 raise FgdataError(f"{path}: no negative_candidates column (give the output of `fgdata hierarcaps generate`, or of filter after it)")
-            units.append(WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows}))
-        return units
-
-    def lineage(self) -> list[dict]:
-        return [lineage_entry(self.input_dir)]
-
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        return model_pool(config.hierarcaps, cluster_gpus)
-
-    def load_model(self, config: Config) -> NliScorer:
-        return NliScorer(config.hierarcaps.nli_model)
-
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        return max(1, math.ceil(unit.payload["rows"] / config.hierarcaps.batch_size))
-
-    def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
-        return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.hierarcaps.batch_size)
+        return super().plan(config)
 
     def process(self, unit: WorkUnit, config: Config, model: NliScorer | None = None, prepared: Iterable | None = None) -> ShardResult:
         s = config.hierarcaps
