@@ -176,3 +176,22 @@ def test_train_cli_stops_on_bad_input_with_a_message(world, tmp_path):
     assert missing.returncode == 2 and "pass --images DIR" in missing.stderr
     size = run_cli("train", str(world["train"]["fggrn"]), "--out", str(tmp_path / "o3"), "--model", str(world["clip"]), "--set", "fgclip.image_size=224")
     assert size.returncode == 2 and "takes 64 px images" in size.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_one_model(world, tmp_path):
+    """Data parallel on CPU (gloo): the contrastive features are gathered, so both ranks log the
+    same global losses, and the gradients are averaged, so they keep one set of weights."""
+    torchrun = REPO / ".venv" / "bin" / "torchrun"
+    overrides = [f"--set={item}" for item in [*FAST, "fgclip.max_steps=6", "fgclip.batch_size=8", "fgclip.log_every=3"]]
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(REPO / ".venv" / "bin" / "fgdata"), "train", str(world["train"]["fggrn"]),
+         "--model", str(world["clip"]), "--out", str(tmp_path / "ddp"), *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = [line for line in result.stderr.splitlines() if line.startswith("fgdata: step 6:")]
+    assert len(logged) == 2
+    global_losses = [line.split(", regional")[0].split("long ")[1] for line in logged]
+    assert global_losses[0] == global_losses[1]
+    assert json.loads((tmp_path / "ddp" / "train.json").read_text())["world_size"] == 2

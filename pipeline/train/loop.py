@@ -1,6 +1,7 @@
 """`fgdata train`: one loop for both objectives — AdamW, warm-up then cosine, gradient
 accumulation, bf16 autocast on GPU, safetensors checkpoints with optimizer/schedule/RNG state,
-resume, and DDP under torchrun (features gathered across processes for the contrastive losses).
+resume, and data parallelism under torchrun: contrastive features are gathered across processes
+(with gradients) and gradients are averaged across them before each optimizer step.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
         torch.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
         log.info("resuming from %s (step %d of %d)", checkpoint.name, step, total_steps)
-    trained = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local_rank] if device != "cpu" else None) if world > 1 else module
     autocast = device != "cpu" and settings.bf16
     log.info("training %s (%s) on %s: %d steps of %d x %d x %d samples", objective_name, settings.model, device, total_steps, settings.batch_size, settings.gradient_accumulation, world)
 
@@ -97,10 +97,12 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
         parts_sum: dict[str, float] = {}
         for _ in range(settings.gradient_accumulation):
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = objective.loss(next(batches), trained)
+                loss, parts = objective.loss(next(batches), module)
             (loss / settings.gradient_accumulation).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / settings.gradient_accumulation
+        if world > 1:
+            _average_gradients(parameters, world)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
@@ -136,6 +138,18 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
     write_json(out_dir / REPORT_FILE, report)
     remove_checkpoints(out_dir)
     return report
+
+
+def _average_gradients(parameters, world: int) -> None:
+    """What DDP does, done by hand: the objectives call parts of the model (towers, projections),
+    not one forward, so every process averages its gradients with the others here."""
+    import torch.distributed as dist
+
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= world
 
 
 def _save_weights(module, path: Path) -> None:

@@ -7,14 +7,20 @@ import torch.nn.functional as F
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates `x` from every process (with gradients) under torchrun; itself otherwise."""
+    """Concatenates `x` from every process (with gradients) under torchrun; itself otherwise.
+    Processes may hold different numbers of rows (regions per batch vary): rows are padded to the
+    largest count for the collective and the padding dropped after."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x))
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    largest = int(max(c.item() for c in counts))
+    padded = torch.cat([x, x.new_zeros((largest - x.shape[0], *x.shape[1:]))])
+    return torch.cat([part[: int(n.item())] for part, n in zip(all_gather(padded), counts)])
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,7 @@ class FgclipObjective:
 
     def loss(self, batch: dict, module) -> tuple[torch.Tensor, dict]:
         s, device = self.settings, self.device
-        clip = module.clip if hasattr(module, "clip") else module.module.clip
-        heads = module if hasattr(module, "clip") else module.module
+        clip, heads = module.clip, module
         tokenizer = self.parts.tokenizer
         images, grid = image_and_patch_features(clip, batch["pixels"].to(device))
         long = encode_text(clip, tokenizer, batch["long"], long=True, device=device)
@@ -138,7 +137,7 @@ class RadialObjective:
 
     def loss(self, batch: list, module) -> tuple[torch.Tensor, dict]:
         s, tiers = self.settings, len(batch[0][1])
-        clip = getattr(module, "module", module)
+        clip = module
         texts = [t for _, positive, _ in batch for t in positive] + [t for _, _, negative in batch for t in negative]
         embedded = encode_text(clip, self.parts.tokenizer, texts + [""], long=False, device=self.device)
         current, root = embedded[:-1], embedded[-1]
