@@ -26,9 +26,10 @@ from tqdm import tqdm
 from pipeline.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
 from pipeline.config import DistillConfig
 from pipeline.errors import FgdataError
+from pipeline.hierarcaps_io import read_chains
 from pipeline.hierarchy import SEPARATOR, normal_text
 from pipeline.models.reference import RANDOM_WEIGHTS_MARKER, absolute_local_paths, is_random_model
-from pipeline.shards import claim_output, lineage_entry, list_shards, read_json, read_shard, write_json
+from pipeline.shards import claim_output, lineage_entry, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ def distillation_pairs(tiers: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_chains(dataset_dirs: list[Path]) -> list[tuple[str, list[str]]]:
-    """(key, tiers) of every row of the given hierarcaps datasets, in a stable order."""
-    chains = []
-    for dataset in dataset_dirs:
-        for shard in list_shards(Path(dataset)):
-            table = read_shard(shard)
-            if not {"key", "tiers"} <= set(table.column_names):
-                raise FgdataError(f"{shard}: needs columns key and tiers (a hierarcaps dataset)")
-            chains += [(row["key"], row["tiers"]) for row in table.select(["key", "tiers"]).to_pylist()]
-    keys = [key for key, _ in chains]
-    if len(keys) != len(set(keys)):
-        raise FgdataError("the same key appears in more than one input dataset; give each chain once")
-    return chains
-
-
 def held_out(key: str, fraction: float) -> bool:
     """Stable by key, so a resumed or repeated run holds out the same chains."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
@@ -72,7 +58,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     out_dir = Path(out_dir).resolve()
     absolute_local_paths(settings, "base_model")
     settings_hash = hashlib.sha256(json.dumps({**asdict(settings), "inputs": sorted(map(str, dataset_dirs))}, sort_keys=True).encode()).hexdigest()[:16]
-    chains = read_chains(dataset_dirs)
+    chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs)]
     claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):

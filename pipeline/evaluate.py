@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline.errors import FgdataError
+from pipeline.hierarcaps_io import read_chains
 from pipeline.shards import find_ancestor, list_shards, read_shard
 from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
-from pipeline.train.data import fgclip_sources, pixels, read_hierarchies
+from pipeline.train.data import fgclip_sources, pixels
 
 RADIUS_LEVELS = 50
 
@@ -189,7 +190,7 @@ def fgovd_items(jsonl: Path, image_root: Path | None) -> list[dict]:
 
 def hierarcaps_items(sources: list[Path], limit: int) -> tuple[list[list[str]], list[bytes] | None]:
     """The chains, and their images when every chain's key is found in an images dataset upstream."""
-    chains = read_hierarchies(sources, need_negatives=False)[:limit]
+    chains = read_chains(sources)[:limit]
     images_by_key: dict[str, bytes] = {}
     for source in sources:
         images_dir = find_ancestor(Path(source), "images") if Path(source).is_dir() else None

@@ -7,6 +7,7 @@ test:  columns `id,captions,image_url`, `captions` the 4-tier chain.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +15,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import FgdataError
 from pipeline.hierarchy import SEPARATOR, chain_shape_problem
 from pipeline.shards import list_shards
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = {"train": ["positive", "negative"], "test": ["id", "captions", "image_url"]}
 
@@ -80,3 +83,32 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str) -> dict:
                 written += 1
     partial.replace(out)
     return {"written": written, "skipped_without_negatives": skipped, "path": str(out)}
+
+
+def read_chains(sources: list[Path], need_negatives: bool = False) -> list[tuple[str, list[str], list[str] | None]]:
+    """(key, tiers, negative tiers or None) from hierarcaps shards or official CSVs, in a stable
+    order; with `need_negatives`, chains without a negative chain are left out (and counted)."""
+    chains = []
+    for source in map(Path, sources):
+        if source.is_file():
+            _, rows, rejects = read_official_csv(source)
+            if rejects:
+                log.warning("%s: %d malformed rows skipped (see `fgdata hierarcaps import`)", source, len(rejects))
+            chains += [(row["key"], row["tiers"], row["negative_tiers"]) for row in rows]
+            continue
+        for shard in list_shards(source):
+            table = pq.read_table(shard)
+            if not {"key", "tiers", "negative_tiers"} <= set(table.column_names):
+                raise FgdataError(f"{shard}: needs columns key, tiers and negative_tiers (a hierarcaps dataset)")
+            chains += [(r["key"], r["tiers"], r["negative_tiers"]) for r in table.select(["key", "tiers", "negative_tiers"]).to_pylist()]
+    keys = [key for key, _, _ in chains]
+    if len(keys) != len(set(keys)):
+        raise FgdataError("the same key appears more than once across the inputs; give each chain once")
+    if need_negatives:
+        without = sum(negative is None for _, _, negative in chains)
+        if without:
+            log.warning("%d chains have no negative chain and are left out", without)
+        chains = [chain for chain in chains if chain[2] is not None]
+    if not chains:
+        raise FgdataError(f"no usable chains in {', '.join(map(str, sources))}")
+    return chains

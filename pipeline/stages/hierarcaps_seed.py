@@ -17,7 +17,7 @@ from typing import Iterable
 
 from pipeline.caption_sources import caption_units, unit_captions
 from pipeline.config import Config
-from pipeline.distill import read_chains
+from pipeline.hierarcaps_io import read_chains
 from pipeline.errors import FgdataError
 from pipeline.hierarchy import SEPARATOR, complete_chain, normal_text
 from pipeline.models.generation import Sampling
@@ -68,9 +68,7 @@ class HierarcapsSeedStage(Stage):
         if self.demonstrations_dir:
             if "{examples}" not in template:
                 raise FgdataError(f"augment prompt {self._prompt_name(config)!r} has no {{examples}} placeholder")
-            chains = [tiers for _, tiers in read_chains([self.demonstrations_dir])]
-            if not chains:
-                raise FgdataError(f"{self.demonstrations_dir} holds no chains to use as demonstrations")
+            chains = [tiers for _, tiers, _ in read_chains([self.demonstrations_dir])]
             self.examples = random.Random(settings.seed).sample(chains, min(len(chains), MAX_DEMONSTRATION_POOL))
         check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         return units

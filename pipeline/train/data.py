@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from pipeline.errors import FgdataError
-from pipeline.hierarcaps_io import read_official_csv
 from pipeline.shards import find_ancestor, list_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -122,25 +121,3 @@ def collate_fgclip(samples: list[dict]) -> dict:
         "phrases": phrases,
         "negatives": negatives,
     }
-
-
-def read_hierarchies(sources: list[Path], need_negatives: bool = True) -> list[tuple[str, list[str], list[str] | None]]:
-    """(key, tiers, negative tiers) from hierarcaps shards or official CSVs, in a stable order."""
-    chains = []
-    for source in sources:
-        source = Path(source)
-        if source.is_file():
-            _, rows, rejects = read_official_csv(source)
-            if rejects:
-                log.warning("%s: %d malformed rows skipped (see `fgdata hierarcaps import`)", source, len(rejects))
-        else:
-            rows = [row for shard in list_shards(source) for row in read_shard(shard, columns=["key", "tiers", "negative_tiers"]).to_pylist()]
-        chains += [(row["key"], row["tiers"], row.get("negative_tiers")) for row in rows]
-    if need_negatives:
-        without = sum(negative is None for _, _, negative in chains)
-        if without:
-            log.warning("%d chains have no negative chain and are left out of training", without)
-        chains = [chain for chain in chains if chain[2] is not None]
-    if not chains:
-        raise FgdataError(f"no usable chains in {', '.join(map(str, sources))}")
-    return chains

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import FgdataError
+from pipeline.hierarcaps_io import read_chains
 from pipeline.train.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
-from pipeline.train.data import FgclipStream, collate_fgclip, fgclip_sources, read_hierarchies
+from pipeline.train.data import FgclipStream, collate_fgclip, fgclip_sources
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
 
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -99,7 +100,7 @@ class RadialObjective:
 
     def __init__(self, sources: list[Path], settings, images: Path | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
-        self.chains = read_hierarchies(sources)
+        self.chains = read_chains(sources, need_negatives=True)
         self.parts = load_clip(settings.model, settings.revision)
         clip = self.parts.model.to(device)
         for parameter in clip.parameters():
