@@ -49,6 +49,17 @@ def unit_captions(unit: WorkUnit) -> list[dict]:
     ]
 
 
+def with_captions(batch: list[dict], rejects: list[dict], source: str) -> list[dict]:
+    """The items of `batch` that have a caption; the others go to `rejects` as empty_caption."""
+    usable = []
+    for item in batch:
+        if (item["caption"] or "").strip():
+            usable.append(item)
+        else:
+            rejects.append({"key": item["key"], "reason": "empty_caption", "detail": "", "source": source})
+    return usable
+
+
 def _read_caption_file(path: Path, caption_fields: list[str]) -> list[dict]:
     if not path.exists():
         raise FgdataError(f"{path} does not exist (give caption shards, or a .txt/.csv/.tsv/.parquet file of captions)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.caption_quality import repeated_ngram
-from pipeline.caption_sources import caption_units, unit_captions
+from pipeline.caption_sources import caption_units, unit_captions, with_captions
 from pipeline.config import Config
 from pipeline.distill import TO_GENERAL, TO_SPECIFIC
 from pipeline.errors import FgdataError
@@ -83,12 +83,7 @@ class HierarcapsGenerateStage(Stage):
         rows, rejects, counters, rows_in = [], [], Counter(), 0
         for batch in prepared:
             rows_in += len(batch)
-            usable = []
-            for item in batch:
-                if (item["caption"] or "").strip():
-                    usable.append(item)
-                else:
-                    rejects.append({"key": item["key"], "reason": "empty_caption", "detail": "", "source": unit.name})
+            usable = with_captions(batch, rejects, unit.name)
             answers = model.generate([TO_GENERAL + item["caption"].strip() for item in usable], max_new_tokens=s.generate_max_new_tokens, num_beams=s.num_beams)
             chains = []
             for item, (answer,) in zip(usable, answers):

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.caption_sources import caption_units, unit_captions
+from pipeline.caption_sources import caption_units, unit_captions, with_captions
 from pipeline.config import Config
 from pipeline.hierarcaps_io import read_chains
 from pipeline.errors import FgdataError
@@ -99,12 +99,7 @@ class HierarcapsSeedStage(Stage):
         rows, rejects, counters, rows_in = [], [], Counter(), 0
         for batch in prepared:
             rows_in += len(batch)
-            usable = []
-            for item in batch:
-                if not (item["caption"] or "").strip():
-                    rejects.append({"key": item["key"], "reason": "empty_caption", "detail": "", "source": unit.name})
-                else:
-                    usable.append(item)
+            usable = with_captions(batch, rejects, unit.name)
             texts = [self._fill(prompt.text, item, settings) for item in usable]
             generations = model.generate(texts, sampling) if texts else []
             for item, generation in zip(usable, generations):
