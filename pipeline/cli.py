@@ -457,11 +457,13 @@ def evaluate(
         if fggrn:
             items = ev.fggrn_items(fggrn, images, limit)
             prompt = settings.fgclip.short_prompt
+            image_features, regions = ev.encode_items(encoder, items)
+            pictures = [i["image"] for i in items]
             results["fggrn"] = {
-                "fg_ovd": ev.fgovd_accuracy(encoder, items, hard_negatives),
-                "regional_retrieval": ev.regional_retrieval(encoder, items),
-                "long_retrieval": ev.retrieval(encoder, [i["image"] for i in items], [i["long"] for i in items], long=True),
-                "short_retrieval": ev.retrieval(encoder, [i["image"] for i in items], [prompt.format(i["short"]) for i in items], long=False),
+                "fg_ovd": ev.fgovd_accuracy(encoder, items, hard_negatives, regions),
+                "regional_retrieval": ev.regional_retrieval(encoder, items, regions),
+                "long_retrieval": ev.retrieval(encoder, pictures, [i["long"] for i in items], long=True, image_features=image_features),
+                "short_retrieval": ev.retrieval(encoder, pictures, [prompt.format(i["short"]) for i in items], long=False, image_features=image_features),
             }
         if fg_ovd:
             results["fg_ovd_benchmark"] = ev.fgovd_accuracy(encoder, ev.fgovd_items(fg_ovd, image_root), hard_negatives)

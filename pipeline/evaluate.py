@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pipeline.errors import FgdataError
 from pipeline.hierarcaps_io import read_chains
 from pipeline.shards import find_ancestor, list_shards, read_shard
 from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
-from pipeline.train.data import fgclip_sources, pixels
+from pipeline.train.data import fgclip_rows, fgclip_sources, pixels
 
 RADIUS_LEVELS = 50
 
@@ -59,23 +60,31 @@ class Encoder:
         return torch.cat(embedded), regions
 
 
-def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int) -> dict:
+def encode_items(encoder: Encoder, items: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Image embeddings and per-image box features of `items`, computed once for every metric."""
+    return encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
+
+
+def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int, regions: list[torch.Tensor] | None = None) -> dict:
     """items: {image (bytes), boxes: [[box, positive, [negatives]]]}; boxes with fewer than
-    `hard_negatives` negatives are left out."""
-    _, regions = encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
-    hits = total = 0
-    for item, features in zip(items, regions):
-        for feature, (_, positive, negatives) in zip(features, item["boxes"]):
-            if len(negatives) < hard_negatives:
-                continue
-            texts = encoder.texts([positive, *negatives[:hard_negatives]])
-            hits += int((texts @ feature).argmax().item() == 0)
-            total += 1
-    return {"boxes": total, "accuracy": hits / total if total else None, "chance": 1 / (hard_negatives + 1)}
+    `hard_negatives` negatives are left out. `regions`: the items' box features, if already encoded."""
+    regions = regions if regions is not None else encode_items(encoder, items)[1]
+    features, texts = [], []
+    for item, boxes in zip(items, regions):
+        for feature, (_, positive, negatives) in zip(boxes, item["boxes"]):
+            if len(negatives) >= hard_negatives:
+                features.append(feature)
+                texts += [positive, *negatives[:hard_negatives]]
+    if not features:
+        return {"boxes": 0, "accuracy": None, "chance": 1 / (hard_negatives + 1)}
+    candidates = encoder.texts(texts).reshape(len(features), hard_negatives + 1, -1)
+    scores = torch.einsum("bd,bkd->bk", torch.stack(features), candidates)
+    accuracy = (scores.argmax(dim=1) == 0).float().mean().item()
+    return {"boxes": len(features), "accuracy": accuracy, "chance": 1 / (hard_negatives + 1)}
 
 
-def regional_retrieval(encoder: Encoder, items: list[dict]) -> dict:
-    _, regions = encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
+def regional_retrieval(encoder: Encoder, items: list[dict], regions: list[torch.Tensor] | None = None) -> dict:
+    regions = regions if regions is not None else encode_items(encoder, items)[1]
     phrases = sorted({p for i in items for _, p, _ in i["boxes"]})
     if not phrases:
         return {"boxes": 0, "top1": None, "chance": None}
@@ -95,8 +104,8 @@ def _recall_at(similarity: torch.Tensor, k: int) -> float:
     return (top == torch.arange(similarity.shape[0], device=similarity.device).unsqueeze(1)).any(1).float().mean().item()
 
 
-def retrieval(encoder: Encoder, images: list[bytes], captions: list[str], long: bool) -> dict:
-    image_features, _ = encoder.images(images)
+def retrieval(encoder: Encoder, images: list[bytes], captions: list[str], long: bool, image_features: torch.Tensor | None = None) -> dict:
+    image_features = image_features if image_features is not None else encoder.images(images)[0]
     similarity = image_features @ encoder.texts(captions, long=long).T
     return {
         "image_to_text_r1": _recall_at(similarity, 1), "image_to_text_r5": _recall_at(similarity, 5),
@@ -149,16 +158,8 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
 
 
 def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int) -> list[dict]:
-    items = []
-    for fggrn_shard, image_shard in fgclip_sources(fggrn_dirs, images):
-        pixels_by_key = dict(zip(*read_shard(image_shard, columns=["key", "image"]).to_pydict().values()))
-        for row in read_shard(fggrn_shard).to_pylist():
-            if row["key"] in pixels_by_key:
-                boxes = [(r["box_norm"], r["phrase"], [n["text"] for n in r["negatives"]]) for r in row["regions"]]
-                items.append({"key": row["key"], "image": pixels_by_key[row["key"]], "boxes": boxes, "long": row["long_caption"] or row["short_caption"], "short": row["short_caption"]})
-            if len(items) >= limit:
-                return items
-    return items
+    """The first `limit` FgGRN rows with their image bytes and every box (the trainer's join)."""
+    return list(islice(fgclip_rows(fgclip_sources(fggrn_dirs, images), max_boxes=None), limit))
 
 
 def fgovd_items(jsonl: Path, image_root: Path | None) -> list[dict]:

@@ -45,21 +45,21 @@ def pixels(image_bytes: bytes, size: int, mean, std) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def _fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int):
-    """Rows with their image bytes, in shard order; rows without an image are logged and skipped."""
+def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None):
+    """Rows with their image bytes and (box, phrase, negatives) per region, the first `max_boxes`
+    (None: all), in shard order; rows without an image are logged and skipped."""
     for fggrn_shard, image_shard in pairs:
         images = dict(zip(*read_shard(image_shard, columns=["key", "image"]).to_pydict().values()))
         for row in read_shard(fggrn_shard).to_pylist():
             if row["key"] not in images:
                 log.warning("%s: no image for key %s, skipped", fggrn_shard.name, row["key"])
                 continue
-            regions = [r for r in row["regions"]][:max_boxes]
             yield {
                 "key": row["key"],
                 "image": images[row["key"]],
                 "long": row["long_caption"] or row["short_caption"] or "",
                 "short": row["short_caption"] or "",
-                "regions": [(r["box_norm"], r["phrase"], [n["text"] for n in r["negatives"]]) for r in regions],
+                "boxes": [(r["box_norm"], r["phrase"], [n["text"] for n in r["negatives"]]) for r in row["regions"][:max_boxes]],
             }
 
 
@@ -84,7 +84,7 @@ class FgclipStream(torch.utils.data.IterableDataset):
             order = list(self.pairs)
             rng.shuffle(order)
             buffer = []
-            for index, row in enumerate(_fgclip_rows(order, s.max_boxes)):
+            for index, row in enumerate(fgclip_rows(order, s.max_boxes)):
                 if index % streams != stream:
                     continue
                 buffer.append(row)
@@ -109,7 +109,7 @@ class FgclipStream(torch.utils.data.IterableDataset):
 def collate_fgclip(samples: list[dict]) -> dict:
     boxes, phrases, negatives = [], [], []
     for index, sample in enumerate(samples):
-        for box, phrase, negs in sample["regions"]:
+        for box, phrase, negs in sample["boxes"]:
             boxes.append([float(index), *box])
             phrases.append(phrase)
             negatives.append(negs)
