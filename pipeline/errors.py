@@ -14,3 +14,8 @@ class StageFailed(FgdataError):
         lines += [f"  {name}: {error}" for name, error in sorted(failures.items())]
         lines.append("Finished shards are kept; rerun the same command to retry the rest.")
         super().__init__("\n".join(lines))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a one-line user error quotes of a library's."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

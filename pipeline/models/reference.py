@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 
 # A model directory made by `fgdata tiny-model` carries this file: what it produces is noise
 # from random weights, and every row it produces says so.
@@ -32,5 +32,4 @@ def check_model_reference(model: str, *, revision: str | None, trust_remote_code
     try:
         AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise FgdataError(f"cannot use model {model!r}: {first_line} (give a hub id or a local model directory)") from None
+        raise FgdataError(f"cannot use model {model!r}: {first_line(exc)} (give a hub id or a local model directory)") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.models.reference import is_random_model
 
 
@@ -14,8 +14,7 @@ def load_seq2seq(model: str, *, revision: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         network = AutoModelForSeq2SeqLM.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise FgdataError(f"cannot load text-to-text model {model!r}: {first_line}") from None
+        raise FgdataError(f"cannot load text-to-text model {model!r}: {first_line(exc)}") from None
     return tokenizer, network
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 
 LONG_TEXT_KEY = "fgdata_long_text"  # in the text config: {"short": 77, "long": 248}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -35,8 +35,7 @@ def load_clip(reference: str, revision: str | None = None) -> ClipParts:
         model = CLIPModel.from_pretrained(reference, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(reference, revision=revision)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise FgdataError(f"cannot load CLIP model {reference!r}: {first_line}") from None
+        raise FgdataError(f"cannot load CLIP model {reference!r}: {first_line(exc)}") from None
     try:
         processor = AutoImageProcessor.from_pretrained(reference, revision=revision)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
