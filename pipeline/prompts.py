@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,3 +33,13 @@ def load_prompt(name_or_path: str) -> Prompt:
     if not text:
         raise FgdataError(f"prompt file {path} is empty")
     return Prompt(name=name, text=text, sha256=hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Fills each `{name}` of `values` in one pass over the template. Text put in is never read
+    again, so a caption holding `{phrase}` stays verbatim; other braces (JSON in a user's
+    template, an unknown `{name}`) are left as they are, which str.format would not allow."""
+    if not values:
+        return template
+    placeholder = re.compile("|".join(re.escape("{" + name + "}") for name in values))
+    return placeholder.sub(lambda match: values[match.group()[1:-1]], template)

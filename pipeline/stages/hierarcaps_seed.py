@@ -23,7 +23,7 @@ from pipeline.hierarchy import SEPARATOR, complete_chain, normal_text
 from pipeline.models.generation import Sampling
 from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.models.text_lm import load_text_generator
-from pipeline.prompts import load_prompt
+from pipeline.prompts import fill_template, load_prompt
 from pipeline.schemas import conform
 from pipeline.shards import lineage_entry
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
@@ -117,9 +117,8 @@ class HierarcapsSeedStage(Stage):
         )
 
     def _fill(self, template: str, item: dict, settings) -> str:
-        # plain replacement, not str.format: a caption or an example may hold braces
-        text = template.replace("{caption}", item["caption"].strip())
+        values = {"caption": item["caption"].strip()}
         if self.demonstrations_dir:
             examples = draw_demonstrations(self.examples, item["key"], item["caption"], settings.demonstrations, settings.seed)
-            text = text.replace("{examples}", format_examples(examples))
-        return text
+            values["examples"] = format_examples(examples)
+        return fill_template(template, values)

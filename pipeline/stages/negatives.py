@@ -25,7 +25,7 @@ from pipeline.models.nli import NliScorer
 from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.models.text_lm import load_text_generator
 from pipeline.negative_checks import structure_problem, words
-from pipeline.prompts import load_prompt
+from pipeline.prompts import fill_template, load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
@@ -49,8 +49,7 @@ def answer_schema(count: int) -> dict:
 
 
 def fill_prompt(template: str, count: int, caption: str, phrase: str) -> str:
-    # plain replacement, not str.format: a user's template may hold JSON braces
-    return template.replace("{count}", str(count)).replace("{caption}", caption).replace("{phrase}", phrase)
+    return fill_template(template, {"count": str(count), "caption": caption, "phrase": phrase})
 
 
 class NegativesStage(Stage):
