@@ -19,7 +19,17 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.config import Config, RunConfig
 from pipeline.errors import FgdataError, StageFailed
-from pipeline.shards import MANIFEST_FILE, claim_output, finished_shards, read_stats, write_json
+from pipeline.shards import (
+    DONE_DIR,
+    MANIFEST_FILE,
+    STATS_DIR,
+    claim_output,
+    read_json,
+    shard_markers,
+    unfinished_reason,
+    unit_fingerprint,
+    write_json,
+)
 from pipeline.stages.base import Stage, run_shard
 
 log = logging.getLogger(__name__)
@@ -62,23 +72,38 @@ def ensure_ray(run: RunConfig) -> None:
 
 
 def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:
-    out_dir = Path(out_dir).resolve()
     started = time.perf_counter()
     units = stage.plan(config)
-    settings_hash = config.section_hash(stage.config_section)
-    claim_output(out_dir, stage.name, settings_hash, overwrite)
-    done = finished_shards(out_dir)
+    # The inputs' lineage is read now, in planning, so corrupt or unfinished input stops the run
+    # before any shard is written.
+    lineage = stage.lineage()
+    inputs = [Path(entry["path"]) for entry in lineage if entry.get("path")]
+    for source in inputs:
+        reason = unfinished_reason(source)
+        if reason:
+            raise FgdataError(f"{source} is not finished: {reason}; rerun the command that writes it before {stage.name}")
+    settings_hash = config.sections_hash(stage.config_sections)
+    out_dir = claim_output(out_dir, stage.name, settings_hash, overwrite, inputs=inputs)
+    shared = stage.plan_fingerprint()
+    fingerprints = {u.name: unit_fingerprint(settings_hash, u.name, u.payload, shared) for u in units}
+    done = _finished_for_this_input(out_dir, fingerprints)
     pending = [u for u in units if u.name not in done]
     skipped = len(units) - len(pending)
     if skipped:
         log.info("%s: resuming, %d of %d shards already finished", stage.name, skipped, len(units))
     failures: dict[str, str] = {}
     if pending:
-        failures = _run_pending(stage, pending, out_dir, config, len(units), skipped)
+        failures = _run_pending(stage, pending, out_dir, config, len(units), skipped, fingerprints)
+    # A worker of an earlier, killed run can still finish a shard after this run wrote it:
+    # only markers carrying this run's fingerprint count.
+    markers = shard_markers(out_dir)
+    for unit in units:
+        if unit.name not in failures and markers.get(unit.name) != fingerprints[unit.name]:
+            failures[unit.name] = "its completion marker was replaced by another run; rerun the same command"
     if failures:
         raise StageFailed(stage.name, failures)
-    stats = read_stats(out_dir)
-    manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started)
+    stats = {u.name: read_json(out_dir / STATS_DIR / u.name.replace(".parquet", ".json")) for u in units}
+    manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage)
     write_json(out_dir / MANIFEST_FILE, manifest)
     return RunSummary(
         out_dir=out_dir,
@@ -92,11 +117,35 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     )
 
 
-def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int) -> dict[str, str]:
+def _finished_for_this_input(out_dir: Path, fingerprints: dict[str, str]) -> set[str]:
+    """The shards already done from this very input and settings. A finished shard made from
+    another input, or one the input no longer has, would mix two inputs in one dataset: refused."""
+    done = set()
+    for name, marker in sorted(shard_markers(out_dir).items()):
+        if marker != fingerprints.get(name):
+            what = "that the input no longer has" if name not in fingerprints else "made from a different input"
+            raise FgdataError(
+                f"{out_dir} holds a finished shard {name} {what}: the input changed since that run. "
+                "Write to a new output directory, or rerun with --overwrite to redo it whole"
+            )
+        try:
+            stats = read_json(out_dir / STATS_DIR / name.replace(".parquet", ".json"))
+        except FgdataError:
+            stats = None
+        if stats is None or not {"rows_in", "rows_out", "rows_rejected", "counters", "provenance", "seconds"} <= set(stats):
+            # a damaged stats file: the shard is simply done again
+            log.warning("%s: %s has unreadable stats; redoing it", out_dir, name)
+            (out_dir / DONE_DIR / f"{name}.done").unlink()
+            continue
+        done.add(name)
+    return done
+
+
+def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
     ensure_ray(config.run)
     stage_ref, config_ref = ray.put(stage), ray.put(config)
     if stage.uses_model:
-        submit, limit = _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config)
+        submit, limit = _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config, fingerprints)
     else:
         task = ray.remote(run_shard).options(
             num_cpus=config.run.cpus_per_task,
@@ -107,7 +156,7 @@ def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: in
         limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
         def submit(unit):
-            return task.remote(stage_ref, unit, str(out_dir), config_ref), None
+            return task.remote(stage_ref, unit, str(out_dir), config_ref, marker=fingerprints[unit.name]), None
 
     queue = deque(pending)
     in_flight: dict = {}
@@ -141,11 +190,11 @@ class ModelWorker:
         self.stage, self.config = stage, config
         self.model = stage.load_model(config)
 
-    def run(self, unit, batch_refs: list, out_dir: str) -> dict:
+    def run(self, unit, batch_refs: list, out_dir: str, marker: str) -> dict:
         # Batches arrive as references so the next one can still be decoding while this one
         # is on the model; each is fetched only when the model is ready for it.
         batches = (ray.get(ref) for ref in batch_refs)
-        return run_shard(self.stage, unit, out_dir, self.config, model=self.model, prepared=batches)
+        return run_shard(self.stage, unit, out_dir, self.config, model=self.model, prepared=batches, marker=marker)
 
 
 def _prepare_batches(stage: Stage, unit, config: Config):
@@ -153,7 +202,7 @@ def _prepare_batches(stage: Stage, unit, config: Config):
     return batches[0] if len(batches) == 1 else tuple(batches)
 
 
-def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, config: Config):
+def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, config: Config, fingerprints: dict[str, str]):
     """Starts the actor pool; returns a submit(unit) that preprocesses on CPU then runs on an actor."""
     resources = ray.cluster_resources()
     pool = stage.pool(resources.get("GPU", 0), config)
@@ -178,7 +227,7 @@ def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, co
         refs = refs if isinstance(refs, list) else [refs]
         index = min(load, key=load.get)
         load[index] += 1
-        result = actors[index].run.options(name=f"fgdata-{stage.name}", retry_exceptions=True).remote(unit, refs, str(out_dir))
+        result = actors[index].run.options(name=f"fgdata-{stage.name}", retry_exceptions=True).remote(unit, refs, str(out_dir), fingerprints[unit.name])
 
         def on_done():
             load[index] -= 1
@@ -199,7 +248,7 @@ def _short_error(exc: BaseException) -> str:
     return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])[:500]
 
 
-def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float) -> dict:
+def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float, lineage: list[dict]) -> dict:
     counters: Counter = Counter()
     provenance: dict = {}
     for shard in stats.values():
@@ -214,7 +263,7 @@ def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "settings_hash": settings_hash,
-        "inputs": stage.lineage(),
+        "inputs": lineage,
         "provenance": provenance,
         "versions": _versions(),
         "shards": sorted(stats),

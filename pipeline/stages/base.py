@@ -63,6 +63,8 @@ class Stage(ABC):
     name: str
     output_kind: str
     config_section: str
+    # Other sections whose settings also decide the output (all of them go into the run's hash).
+    extra_config_sections: tuple[str, ...] = ()
     # Model stages run `process` in a pool of Ray actors that load the model once
     # (`load_model`), fed with batches that `prepare` builds in CPU tasks beforehand.
     uses_model: bool = False
@@ -72,6 +74,15 @@ class Stage(ABC):
 
     @abstractmethod
     def process(self, unit: WorkUnit, config: Config, model: Any = None, prepared: Iterable | None = None) -> ShardResult: ...
+
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        return (self.config_section, *self.extra_config_sections)
+
+    def plan_fingerprint(self) -> str:
+        """What `plan` decided beyond the work units that still shapes every shard (e.g. the
+        demonstrations drawn for augment); part of every shard's fingerprint."""
+        return ""
 
     def load_model(self, config: Config) -> Any:
         raise NotImplementedError(f"{self.name} does not use a model")
@@ -91,7 +102,9 @@ class Stage(ABC):
         """The inputs this dataset descends from, recorded in the manifest."""
 
 
-def run_shard(stage: Stage, unit: WorkUnit, out_dir: str, config: Config, model: Any = None, prepared: Iterable | None = None) -> dict:
+def run_shard(
+    stage: Stage, unit: WorkUnit, out_dir: str, config: Config, model: Any = None, prepared: Iterable | None = None, marker: str = ""
+) -> dict:
     started = time.perf_counter()
     result = stage.process(unit, config, model=model, prepared=prepared)
     rows_out, rows_rejected = result.table.num_rows, len(result.rejects)
@@ -109,5 +122,5 @@ def run_shard(stage: Stage, unit: WorkUnit, out_dir: str, config: Config, model:
         "provenance": result.provenance,
         "seconds": round(time.perf_counter() - started, 4),
     }
-    write_shard(Path(out_dir), unit.name, result.table, stage.output_kind, result.rejects, stats)
+    write_shard(Path(out_dir), unit.name, result.table, stage.output_kind, result.rejects, stats, marker=marker)
     return stats
