@@ -51,7 +51,11 @@ class PhrasesConfig:
     batch_size: int = 256
     max_caption_chars: int = 4000  # longer captions are rejected, not silently cut
     min_latin_fraction: float = 0.6  # share of letters in Latin script; below = not English
-    max_phrase_words: int = 24
+    # Latin letters are not English: a caption of english_check_min_words+ words needs this share of
+    # common English function words (recaption's check), and fewer German/French/... ones.
+    min_english_fraction: float = 0.08
+    english_check_min_words: int = 6
+    max_phrase_words: int = 24  # longer phrases keep the words nearest their head noun
     # Scene-level and abstract heads that no detector can box (GRIT's abstract-noun rule).
     abstract_heads: list[str] = field(
         default_factory=lambda: [
@@ -74,7 +78,8 @@ class PhrasesConfig:
         ]
     )
     # Prepositions that introduce an attribute of the object rather than a second object.
-    attribute_preps: list[str] = field(default_factory=lambda: ["of", "with", "in", "without"])
+    # ("without" names what is absent, so it never expands an expression: "a table", not "a table without chairs".)
+    attribute_preps: list[str] = field(default_factory=lambda: ["of", "with", "in"])
     # GRIT drops number, date and place entities: they name no visible object.
     drop_entity_types: list[str] = field(
         default_factory=lambda: ["DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL", "GPE", "LOC"]
@@ -281,7 +286,14 @@ class Config:
 
     def section_hash(self, section: str) -> str:
         """Hash of the settings that decide a stage's output (used to refuse mixed resumes)."""
-        payload = json.dumps(dataclasses.asdict(getattr(self, section)), sort_keys=True)
+        return self.sections_hash((section,))
+
+    def sections_hash(self, sections: tuple[str, ...]) -> str:
+        """Hash of every section a stage reads; one section hashes as it always has."""
+        if len(sections) == 1:
+            payload = json.dumps(dataclasses.asdict(getattr(self, sections[0])), sort_keys=True)
+        else:
+            payload = json.dumps({name: dataclasses.asdict(getattr(self, name)) for name in sections}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

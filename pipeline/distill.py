@@ -29,7 +29,7 @@ from pipeline.errors import FgdataError
 from pipeline.hierarcaps_io import read_chains
 from pipeline.hierarchy import SEPARATOR, normal_text
 from pipeline.models.reference import RANDOM_WEIGHTS_MARKER, absolute_local_paths, is_random_model
-from pipeline.shards import claim_output, lineage_entry, read_json, write_json
+from pipeline.shards import MODEL_DIR_ENTRIES, claim_output, lineage_entry, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     absolute_local_paths(settings, "base_model")
     settings_hash = hashlib.sha256(json.dumps({**asdict(settings), "inputs": sorted(map(str, dataset_dirs))}, sort_keys=True).encode()).hexdigest()[:16]
     chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs)]
-    claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite)
+    claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite, inputs=list(dataset_dirs), owned=MODEL_DIR_ENTRIES)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):
         log.info("%s already holds a finished distillation; --overwrite to train again", out_dir)

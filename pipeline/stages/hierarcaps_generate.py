@@ -45,6 +45,7 @@ class HierarcapsGenerateStage(Stage):
     name = "hierarcaps-generate"
     output_kind = "hierarcaps"
     config_section = "hierarcaps"
+    extra_config_sections = ("ingest",)  # rows_per_shard and caption_fields split caption files
     uses_model = True
 
     def __init__(self, captions: Path):

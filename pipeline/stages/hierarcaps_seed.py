@@ -44,6 +44,7 @@ def draw_demonstrations(pool: list[list[str]], key: str, caption: str, count: in
 
 class HierarcapsSeedStage(Stage):
     config_section = "hierarcaps"
+    extra_config_sections = ("ingest",)  # rows_per_shard and caption_fields split caption files
     output_kind = "hierarcaps"
     uses_model = True
 
@@ -72,6 +73,9 @@ class HierarcapsSeedStage(Stage):
             self.examples = random.Random(settings.seed).sample(chains, min(len(chains), MAX_DEMONSTRATION_POOL))
         check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         return units
+
+    def plan_fingerprint(self) -> str:
+        return repr(getattr(self, "examples", None))
 
     def lineage(self) -> list[dict]:
         demonstrations = [lineage_entry(self.demonstrations_dir, role="demonstrations")] if self.demonstrations_dir else []
