@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the bundled sample is split into small shards to show sharding; your own DATA gets the real default
+INGEST_ARGS ?= $(if $(filter sample/images,$(DATA)),--set ingest.rows_per_shard=8)
+
 ingest: setup
-	$(BIN)/fgdata ingest $(DATA) $(OUT)/images --set ingest.rows_per_shard=8
+	$(BIN)/fgdata ingest $(DATA) $(OUT)/images $(INGEST_ARGS)
 
 phrases: ingest
 	$(BIN)/fgdata phrases $(OUT)/images $(OUT)/phrases
