@@ -239,7 +239,8 @@ def unfinished_reason(dataset_dir: Path) -> str | None:
 
 def lineage_entry(dataset_dir: Path, **extra) -> dict:
     """How a manifest records an input dataset: its path, the stage that wrote it, and its own inputs."""
-    upstream = read_json(Path(dataset_dir) / MANIFEST_FILE) or {}
+    upstream = read_json(Path(dataset_dir) / MANIFEST_FILE) if Path(dataset_dir).is_dir() else None
+    upstream = upstream or {}
     return {"path": str(dataset_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", []), **extra}
 
 
@@ -250,8 +251,11 @@ def find_ancestor(dataset_dir: Path, kind: str) -> Path | None:
         return None
     if manifest.get("kind") == kind:
         return Path(dataset_dir)
-    for parent in manifest.get("inputs", []):
-        found = find_ancestor(Path(parent["path"]), kind) if parent.get("path") else None
+    parents = manifest.get("inputs", [])
+    if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
+        raise FgdataError(f"{Path(dataset_dir) / MANIFEST_FILE}: corrupt fgdata metadata ('inputs' is not a list of objects)")
+    for parent in parents:
+        found = find_ancestor(Path(parent["path"]), kind) if isinstance(parent.get("path"), str) else None
         if found:
             return found
     return None
