@@ -83,6 +83,17 @@ def _run_stage(stage, out: Path, config_file: Path | None, overrides: list[str] 
         _report_run(run_stage(stage, out, settings, overwrite=overwrite))
 
 
+def _check_out_file(out: Path, overwrite: bool) -> None:
+    """A results file named by --out, checked before any work: never a folder, never replaced unless asked."""
+    if out.is_dir():
+        raise FgdataError(f"--out {out} is a folder; give a file name")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking:
+        raise FgdataError(f"--out {out} is under {blocking}, which is a file; give a path in a folder")
+    if out.exists() and not overwrite:
+        raise FgdataError(f"--out {out} already exists; choose another file name, or add --overwrite to replace it")
+
+
 def _report_run(summary) -> None:
     resumed = f", {summary.shards_skipped} already finished" if summary.shards_skipped else ""
     typer.echo(
@@ -210,6 +221,9 @@ def export_fgclip_command(
     out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/.")],
     images: Annotated[Optional[Path], typer.Option(help="Image shards; default: found through FGGRN's lineage.")] = None,
     negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1.")] = 10,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the files an earlier export into OUT wrote first (nothing else), instead of refreshing them.")
+    ] = False,
 ):
     """Write FgGRN as FG-CLIP's stage-2 trainer reads it: a JSON list with the images beside it.
 
@@ -220,10 +234,11 @@ def export_fgclip_command(
     from pipeline.export_fgclip import export_fgclip
 
     with _user_errors():
-        summary = export_fgclip(fggrn, out, images, negatives_needed=negatives)
+        summary = export_fgclip(fggrn, out, images, negatives_needed=negatives, overwrite=overwrite)
         typer.echo(
             f"wrote {summary['json']}: {summary['items']} images, {summary['boxes']} boxes, "
-            f"{summary['boxes_with_negatives']} with {negatives} negatives; {len(summary['missing_images'])} image(s) not found"
+            f"{summary['boxes_with_negatives']} with {negatives} negatives; {len(summary['missing_images'])} image(s) not found, "
+            f"{summary['bad_boxes']} bad box(es) left out"
         )
 
 
@@ -440,18 +455,20 @@ def evaluate(
     hard_negatives: Annotated[int, typer.Option(help="Negatives per box for the fg-ovd accuracy (chance = 1/(k+1)).")] = 10,
     limit: Annotated[int, typer.Option(help="At most this many images / chains per set.")] = 5000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here too.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file when it already exists.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
 ):
     """Measure a CLIP on fine-grained and hierarchical understanding; prints a table and writes JSON."""
-    import json as json_module
-
     from pipeline import evaluate as ev
+    from pipeline.shards import write_json
 
     with _user_errors():
         settings = _setup(config, set_)
         if not (fggrn or hierarcaps or fg_ovd):
             raise FgdataError("nothing to evaluate: give --fggrn, --hierarcaps and/or --fg-ovd")
+        if out:
+            _check_out_file(out, overwrite)
         encoder = ev.Encoder(model)
         results: dict = {"model": model}
         if fggrn:
@@ -472,8 +489,7 @@ def evaluate(
             results["hierarcaps"] = ev.hierarchy_metrics(encoder, chains, chain_images)
         typer.echo(ev.format_table(results))
         if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json_module.dumps(results, indent=2) + "\n")
+            write_json(out, results)  # atomic: a reader never sees half a file
             typer.echo(f"wrote {out}")
 
 
