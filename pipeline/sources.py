@@ -3,14 +3,31 @@
 Four layouts: a folder of images with `.txt`/`.json` sidecars; img2dataset's "files" output
 (`00000.parquet` + `00000/000000000.jpg` + sidecars); img2dataset's webdataset tars; and a
 Parquet/CSV table of image paths and captions. Listing reads captions, never image bytes.
+
+Every candidate image becomes exactly one SourceItem: one that cannot be used carries its
+`problem`, so the stage rejects it with a reason and nothing is skipped silently. Policies:
+- Only regular files (or symlinks to them) are ever opened; a directory, FIFO, device or socket
+  with an image name is rejected as `not_a_file` (opening a FIFO waits forever for a writer).
+  Symlinked folders are not entered (no loops, nothing outside SOURCE is read).
+- A caption sidecar that exists but is unusable (not a regular file, unreadable, over
+  MAX_SIDECAR_BYTES, not UTF-8, JSON that does not parse or nests too deep, a caption field that
+  is not text) rejects its image as `bad_caption_sidecar`: keeping the image would silently drop
+  its caption. A null caption field counts as no caption (img2dataset writes null).
+- A file name that is not valid UTF-8 is kept: its key and `source` show each undecodable byte as
+  `\\xNN` (Python's "backslashreplace"), since Parquet strings must be UTF-8. A name that clashes
+  with a literal `\\xNN` spelling is a `duplicate_key` reject, never a lost row.
+- A file named only by its suffix (`.jpg`) has nothing to strip: its key keeps the suffix.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -20,6 +37,9 @@ from pipeline.errors import FgdataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 FORMATS = ("auto", "folder", "img2dataset", "webdataset", "table")
+# A sidecar is alt-text plus some metadata (img2dataset adds EXIF); anything larger is not one,
+# and reading it whole would let one file exhaust a worker's memory.
+MAX_SIDECAR_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,10 +47,63 @@ class SourceItem:
     """One image to ingest. `problem` is set when the listing already knows it must be rejected."""
 
     key: str
-    path: str  # image file, or the tar holding it
+    path: str  # image file, or the tar holding it (as the OS names it: may hold surrogate escapes)
     member: str | None = None  # member name inside the tar
+    span: tuple[int, int] | None = None  # (offset, size) of the member's bytes in the tar
     caption: str | None = None
     problem: tuple[str, str] | None = None  # (reason, detail)
+
+
+class NotRegularFile(OSError):
+    """The path is a directory, FIFO, device or socket, which fgdata never opens."""
+
+
+def escape_undecodable(text: str) -> str:
+    """`text` as valid UTF-8: bytes of a file name that are not UTF-8 (held by Python as
+    surrogate escapes) become `\\xNN`; any other lone surrogate becomes `\\udXXX`."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _file_kind(mode: int) -> str:
+    for is_kind, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if is_kind(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (symlinks followed); raises OSError
+    (NotRegularFile for a directory, FIFO, device or socket) otherwise."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{escape_undecodable(path)} is {_file_kind(mode)}, not a file")
+    # O_NONBLOCK: should a FIFO replace the file after the stat, open returns at once instead of
+    # waiting for a writer; the fstat then refuses it.
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    mode = os.fstat(handle.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        handle.close()
+        raise NotRegularFile(f"{escape_undecodable(path)} is {_file_kind(mode)}, not a file")
+    return handle
+
+
+def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file `path`; OSError when it is not one, cannot be read, or
+    holds more than `max_bytes`."""
+    with open_regular_file(path) as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise OSError(f"{escape_undecodable(path)} is larger than {max_bytes} bytes")
+    return data
 
 
 def detect_format(source: Path) -> str:
@@ -57,107 +130,236 @@ def list_items(source: Path, fmt: str, config: IngestConfig) -> list[SourceItem]
     items = listers[fmt](source, config)
     if not items:
         raise FgdataError(f"{source} ({fmt}) holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return _mark_duplicate_keys(sorted(items, key=lambda item: (item.key, item.path, item.member or "")))
+    return _mark_duplicate_keys(items)
 
 
 def _mark_duplicate_keys(items: list[SourceItem]) -> list[SourceItem]:
     # Keys must be unique across the whole dataset, so duplicates are found here, on the
-    # driver, not per shard; the first (in sorted order) keeps the key.
+    # driver, not per shard. A usable item comes first in the sort so that a broken file (a
+    # directory named x.jpg) never takes the key from a good image; after that, sorted order.
+    items = sorted(items, key=lambda item: (item.key, item.problem is not None, item.path, item.member or ""))
     marked, previous = [], None
     for item in items:
-        if item.key == previous and item.problem is None:
-            item = replace(item, problem=("duplicate_key", f"key {item.key!r} is already used by another image"))
+        if item.key == previous:
+            also = f"; it is also unusable: {item.problem[1]}" if item.problem else ""
+            item = replace(item, problem=("duplicate_key", f"key {item.key!r} is already used by another image{also}"))
         marked.append(item)
         previous = item.key
     return marked
 
 
-def _caption_from_json(text: str, fields: list[str]) -> str | None:
-    record = json.loads(text)
+def _image_suffix(name: str) -> str | None:
+    """The image suffix `name` ends with, as spelled (`.JPG`), or None."""
+    lower = name.lower()
+    return next((name[-len(s) :] for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
+
+
+def _parse_caption(data: bytes, is_json: bool, fields: list[str]) -> str | None:
+    """The caption in a .txt or .json sidecar's bytes; ValueError when there is none usable."""
+    text = data.decode("utf-8")
+    if not is_json:
+        return text
+    try:
+        record = json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
     if not isinstance(record, dict):
-        raise ValueError("sidecar JSON is not an object")
+        raise ValueError(f"the JSON is a {type(record).__name__}, not an object")
     for name in fields:
-        if isinstance(record.get(name), str):
-            return record[name]
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r} is a {type(value).__name__}, not text")
+        return value
     return None
 
 
-def _sidecar_caption(image: Path, fields: list[str]) -> tuple[str | None, tuple[str, str] | None]:
-    txt, jsn = image.with_suffix(".txt"), image.with_suffix(".json")
+def _sidecar_caption(image_name: str, sidecar: str | None, fields: list[str]) -> tuple[str | None, tuple[str, str] | None]:
+    if sidecar is None:
+        return None, None
     try:
-        if txt.exists():
-            return txt.read_text(encoding="utf-8"), None
-        if jsn.exists():
-            return _caption_from_json(jsn.read_text(encoding="utf-8"), fields), None
-    except (UnicodeDecodeError, ValueError) as exc:
-        return None, ("bad_caption_sidecar", f"cannot read the caption sidecar of {image.name}: {exc}")
-    return None, None
+        data = read_regular_file(sidecar, MAX_SIDECAR_BYTES)
+        return _parse_caption(data, sidecar.lower().endswith(".json"), fields), None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, ("bad_caption_sidecar", f"cannot read the caption sidecar of {escape_undecodable(image_name)}: {escape_undecodable(str(exc))}")
+
+
+def _not_a_file(path: str) -> tuple[str, str] | None:
+    """Why `path` cannot be read as an image file, from its metadata alone; None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        target = os.readlink(path) if os.path.islink(path) else None
+        detail = f"a symbolic link to {escape_undecodable(target)}, which does not exist" if target else "it disappeared while listing"
+        return "missing_file", detail
+    except OSError as exc:  # a symlink loop, a name too long, ...
+        return "unreadable_file", escape_undecodable(str(exc))
+    if not stat.S_ISREG(mode):
+        return "not_a_file", f"{escape_undecodable(os.path.basename(path))} is {_file_kind(mode)}, not a file"
+    return None
 
 
 def _folder_items(folder: Path, config: IngestConfig, key_of) -> list[SourceItem]:
-    items = []
-    for path in folder.rglob("*"):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            caption, problem = _sidecar_caption(path, config.caption_fields)
-            items.append(SourceItem(key=key_of(path), path=str(path), caption=caption, problem=problem))
+    """One item per name with an image suffix under `folder`, whatever kind of file it is.
+    `key_of(relative_path, suffix)` gives the key."""
+    items: list[SourceItem] = []
+
+    def unreadable_folder(error: OSError) -> None:
+        relative = os.path.relpath(error.filename, folder)
+        detail = f"cannot list the folder, so its images are not known: {escape_undecodable(str(error.strerror or error))}"
+        items.append(SourceItem(key=escape_undecodable(relative), path=error.filename, problem=("unreadable_folder", detail)))
+
+    # followlinks=False: a symlink to a folder is not entered (loops, reads outside SOURCE).
+    for root, dirs, files in os.walk(folder, onerror=unreadable_folder):
+        names = set(dirs) | set(files)
+        by_lower = {name.lower(): name for name in sorted(names, reverse=True)}
+        for name in sorted(names):
+            suffix = _image_suffix(name)
+            if suffix is None:
+                continue
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder).replace(os.sep, "/")
+            problem = _not_a_file(path)
+            caption = None
+            if problem is None:
+                stem = name[: -len(suffix)]
+                sidecar = _find_sidecar(stem, names, by_lower)
+                caption, problem = _sidecar_caption(name, sidecar and os.path.join(root, sidecar), config.caption_fields)
+            items.append(SourceItem(key=escape_undecodable(key_of(relative, suffix)), path=path, caption=caption, problem=problem))
     return items
 
 
+def _find_sidecar(stem: str, names: set[str], by_lower: dict[str, str]) -> str | None:
+    # .txt before .json; the exact spelling before another case (x.TXT).
+    for wanted in (f"{stem}.txt", f"{stem}.json"):
+        if wanted in names:
+            return wanted
+        if wanted.lower() in by_lower:
+            return by_lower[wanted.lower()]
+    return None
+
+
+def _strip_suffix(relative: str, suffix: str) -> str:
+    stripped = relative[: -len(suffix)]
+    return relative if stripped == "" or stripped.endswith("/") else stripped
+
+
 def _list_folder(source: Path, config: IngestConfig) -> list[SourceItem]:
-    return _folder_items(source, config, key_of=lambda p: p.relative_to(source).with_suffix("").as_posix())
+    return _folder_items(source, config, key_of=_strip_suffix)
 
 
 def _list_img2dataset(source: Path, config: IngestConfig) -> list[SourceItem]:
     # img2dataset names every file by its key; its per-shard parquet also lists the rows whose
-    # download failed, which have no file: they become rejects so the counts add up.
-    items = _folder_items(source, config, key_of=lambda p: p.stem)
+    # download failed, which have no file: they become rejects so the counts add up, and so
+    # does a row marked success whose file is missing.
+    items = _folder_items(source, config, key_of=lambda relative, suffix: _strip_suffix(relative, suffix).rpartition("/")[2])
     present = {item.key for item in items}
     for table_path in sorted(source.glob("*.parquet")):
         columns = pq.read_schema(table_path).names
         if not {"key", "status"} <= set(columns):
             continue
         wanted = [c for c in ("key", "status", "error_message", "caption") if c in columns]
-        for row in pq.read_table(table_path, columns=wanted).to_pylist():
-            if row["status"] != "success" and row["key"] not in present:
-                detail = f"img2dataset could not download it: {row.get('error_message') or row['status']}"
-                items.append(
-                    SourceItem(key=row["key"], path=str(table_path), caption=row.get("caption"), problem=("download_failed", detail))
-                )
+        for index, row in enumerate(pq.read_table(table_path, columns=wanted).to_pylist()):
+            key = _cell_text(row["key"]) or f"{table_path.stem}-row-{index}"
+            if key in present:
+                continue
+            if row["status"] == "success":
+                problem = ("missing_file", f"img2dataset lists it as downloaded, but {table_path.stem}/{key}.* is not there")
+            else:
+                problem = ("download_failed", f"img2dataset could not download it: {row.get('error_message') or row['status']}")
+            caption = row.get("caption") if isinstance(row.get("caption"), str) else None
+            items.append(SourceItem(key=key, path=str(table_path), caption=caption, problem=problem))
     return items
 
 
 def _list_webdataset(source: Path, config: IngestConfig) -> list[SourceItem]:
-    items = []
-    for tar_path in sorted(source.glob("*.tar")):
-        samples: dict[str, dict] = {}
+    return [item for tar_path in sorted(source.glob("*.tar")) for item in _tar_items(source, tar_path, config)]
+
+
+def _tar_items(source: Path, tar_path: Path, config: IngestConfig) -> list[SourceItem]:
+    """One item per member with an image suffix. A damaged tar keeps the members listed before
+    the damage (a member cut short is rejected when read) and adds one `unreadable_tar` reject,
+    keyed by the tar's name, for whatever came after it; the other tars are not affected."""
+    key = escape_undecodable(tar_path.relative_to(source).as_posix())
+    try:
+        handle = open_regular_file(str(tar_path))
+    except OSError as exc:
+        return [SourceItem(key=key, path=str(tar_path), problem=("unreadable_tar", escape_undecodable(str(exc))))]
+    images: list[tuple[str, tarfile.TarInfo]] = []
+    captions: dict[str, tarfile.TarInfo] = {}
+    items, damage = [], None
+    with handle:
         try:
-            with tarfile.open(tar_path) as tar:
+            # "r:" reads uncompressed tars only, so member offsets are file offsets: members are
+            # read later by offset, which works even when the tar is cut short further on.
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
                 for member in tar:
-                    if not member.isfile():
-                        continue
-                    # webdataset: the key is the member path up to the first dot of its basename
+                    # webdataset: the sample key is the member path up to the first dot of its basename
                     folder, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
-                    if f".{ext.lower()}" in IMAGE_SUFFIXES:
-                        sample["image"] = member.name
-                    elif ext in ("txt", "json"):
-                        sample[ext] = tar.extractfile(member).read()
+                    stem, _, extension = base.partition(".")
+                    prefix = f"{folder}/{stem}" if folder else stem
+                    if _image_suffix(base):
+                        images.append((prefix, member))
+                    elif extension.lower() in ("txt", "json"):
+                        captions.setdefault(prefix, member)
         except (tarfile.TarError, OSError) as exc:
-            raise FgdataError(f"{tar_path}: not a readable tar file ({exc})") from None
-        for key, sample in samples.items():
-            if "image" not in sample:
-                continue
-            caption, problem = None, None
-            try:
-                if "txt" in sample:
-                    caption = sample["txt"].decode("utf-8")
-                elif "json" in sample:
-                    caption = _caption_from_json(sample["json"].decode("utf-8"), config.caption_fields)
-            except (UnicodeDecodeError, ValueError) as exc:
-                problem = ("bad_caption_sidecar", f"cannot read the caption of {key}: {exc}")
-            items.append(SourceItem(key=key, path=str(tar_path), member=sample["image"], caption=caption, problem=problem))
+            damage = exc
+        for prefix, member in images:
+            problem, caption = _member_problem(member), None
+            if problem is None and prefix in captions:
+                caption, problem = _member_caption(handle, captions[prefix], member.name, config.caption_fields)
+            items.append(
+                SourceItem(
+                    key=escape_undecodable(prefix if prefix.rpartition("/")[2] else member.name),  # ".jpg" has no stem
+                    path=str(tar_path),
+                    member=member.name,
+                    span=(member.offset_data, member.size),
+                    caption=caption,
+                    problem=problem,
+                )
+            )
+    if damage is not None:
+        detail = f"the tar is damaged after {len(images)} image members (those are ingested): {damage}"
+        items.append(SourceItem(key=key, path=str(tar_path), problem=("unreadable_tar", escape_undecodable(detail))))
     return items
+
+
+def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    if member.isfile() and not member.issparse():
+        return None
+    kind = "a sparse file" if member.isfile() else "a directory" if member.isdir() else "a link" if member.issym() or member.islnk() else "not a file"
+    return "not_a_file", f"tar member {escape_undecodable(member.name)} is {kind}"
+
+
+def read_member(handle: BinaryIO, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar; OSError when the tar ends before them."""
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) < size:
+        raise OSError(f"the tar ends after {len(data)} of the member's {size} bytes")
+    return data
+
+
+def _member_caption(handle: BinaryIO, member: tarfile.TarInfo, image_name: str, fields: list[str]) -> tuple[str | None, tuple[str, str] | None]:
+    try:
+        if _member_problem(member):
+            raise OSError(_member_problem(member)[1])
+        if member.size > MAX_SIDECAR_BYTES:
+            raise OSError(f"{member.size} bytes is more than a caption ({MAX_SIDECAR_BYTES})")
+        data = read_member(handle, member.offset_data, member.size)
+        return _parse_caption(data, member.name.lower().endswith(".json"), fields), None
+    except (OSError, ValueError) as exc:
+        return None, ("bad_caption_sidecar", f"cannot read the caption of {escape_undecodable(image_name)}: {escape_undecodable(str(exc))}")
+
+
+def _cell_text(value) -> str | None:
+    """A table cell as text; None for null, NaN and empty (pandas turns a null into NaN, which
+    must not become the key or path "nan")."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return None
+    text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+    return text or None
 
 
 def _list_table(source: Path, config: IngestConfig) -> list[SourceItem]:
@@ -171,13 +373,17 @@ def _list_table(source: Path, config: IngestConfig) -> list[SourceItem]:
     caption_column = next((c for c in config.caption_fields if c in frame.columns), None)
     items = []
     for index, row in enumerate(frame.to_dict("records")):
-        raw_path = row[image_column]
-        path = Path(str(raw_path)) if raw_path else None
+        raw_path = _cell_text(row[image_column])
+        path = Path(raw_path) if raw_path else None
         if path is not None and not path.is_absolute():
             path = source.parent / path
-        key = str(row["key"]) if row.get("key") not in (None, "") else (path.with_suffix("").name if path else f"row-{index}")
-        caption = row.get(caption_column) if caption_column else None
-        caption = caption if isinstance(caption, str) else None
+        key = _cell_text(row.get("key")) or (path.with_suffix("").name if path else f"row-{index}")
         problem = None if path else ("missing_image_path", f"row {index} of {source.name} has no {image_column}")
-        items.append(SourceItem(key=key, path=str(path or source), caption=caption, problem=problem))
+        caption = row.get(caption_column) if caption_column else None
+        if caption is not None and not isinstance(caption, str):
+            if _cell_text(caption) is None:
+                caption = None
+            else:
+                caption, problem = None, problem or ("bad_caption", f"row {index}: {caption_column} is a {type(caption).__name__}, not text")
+        items.append(SourceItem(key=escape_undecodable(key), path=str(path or source), caption=caption, problem=problem))
     return items

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.config import Config
-from pipeline.images import ImageRejected, inspect_image
+from pipeline.images import ImageRejected, inspect_image, normalised_bytes
 from pipeline.schemas import conform
-from pipeline.sources import SourceItem, detect_format, list_items
+from pipeline.sources import (
+    NotRegularFile, SourceItem, detect_format, escape_undecodable, list_items, open_regular_file, read_member, read_regular_file,
+)
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.shards import shard_name
 from pipeline.text import clean_caption
@@ -38,6 +40,10 @@ class IngestStage(Stage):
         counters: Counter = Counter()
         with _TarCache() as tars:
             for item in unit.payload:
+                where = _where(item)
+                # Parquet strings must be UTF-8: a path that is not shows its odd bytes as \xNN (see sources.py).
+                source = escape_undecodable(where)
+                counters["names_escaped"] += source != where
                 try:
                     if item.problem:
                         raise ImageRejected(*item.problem)
@@ -45,8 +51,17 @@ class IngestStage(Stage):
                     info = inspect_image(
                         data, min_side=config.ingest.min_side, max_pixels=config.ingest.max_pixels, formats=config.ingest.formats
                     )
+                    stored_format = info.format
+                    if info.normalise:
+                        # EXIF orientation is decided here, once: the row stores upright, 8-bit,
+                        # flattened bytes that every loader (the detector's to_rgb, FG-CLIP's
+                        # plain convert("RGB"), a browser) decodes to the same pixels, so the
+                        # recorded size and every box are in that one frame. See README "Image shards".
+                        data, stored_format = normalised_bytes(data)
+                        counters.update(f"normalised_{why}" for why in info.normalise)
                 except ImageRejected as rejected:
-                    rejects.append({"key": item.key, "reason": rejected.reason, "detail": rejected.detail, "source": _where(item)})
+                    detail = escape_undecodable(rejected.detail)
+                    rejects.append({"key": item.key, "reason": rejected.reason, "detail": detail, "source": source})
                     continue
                 caption = clean_caption(item.caption)
                 if caption is not None and len(caption) > config.ingest.max_caption_chars:
@@ -59,9 +74,9 @@ class IngestStage(Stage):
                         "image": data,
                         "width": info.width,
                         "height": info.height,
-                        "format": info.format,
+                        "format": stored_format,
                         "short_caption": caption or None,
-                        "source": _where(item),
+                        "source": source,
                     }
                 )
                 counters["image_bytes"] += len(data)
@@ -73,19 +88,23 @@ def _where(item: SourceItem) -> str:
 
 
 def _read_file(path: str) -> bytes:
+    # The listing saw a regular file, but it may have changed since; a FIFO is never opened.
     try:
-        return Path(path).read_bytes()
+        return read_regular_file(path)
     except FileNotFoundError:
         raise ImageRejected("missing_file", f"{path} does not exist") from None
+    except NotRegularFile as exc:
+        raise ImageRejected("not_a_file", str(exc)) from None
     except OSError as exc:
         raise ImageRejected("unreadable_file", f"{path}: {exc}") from None
 
 
 class _TarCache:
-    """Keeps each tar open once per shard rather than once per image."""
+    """Keeps each tar open once per shard rather than once per image; members are read at the
+    offsets the listing found, so a tar damaged further on still yields its earlier members."""
 
     def __init__(self):
-        self._open: dict[str, tarfile.TarFile] = {}
+        self._open: dict[str, BinaryIO] = {}
 
     def __enter__(self):
         return self
@@ -97,8 +116,7 @@ class _TarCache:
     def read(self, item: SourceItem) -> bytes:
         try:
             if item.path not in self._open:
-                self._open[item.path] = tarfile.open(item.path)
-            member = self._open[item.path].extractfile(item.member)
-            return member.read() if member else b""
-        except (tarfile.TarError, KeyError, OSError) as exc:
+                self._open[item.path] = open_regular_file(item.path)
+            return read_member(self._open[item.path], *item.span)
+        except OSError as exc:
             raise ImageRejected("unreadable_file", f"cannot read {item.member} from {item.path}: {exc}") from None
