@@ -74,6 +74,11 @@ def test_export_refuses_a_folder_it_did_not_write_and_keeps_the_users_files(tmp_
         message = refused(invoke("export", "fgclip", world["fggrn"], out, *extra), str(out), "not written by fgdata", "choose a new folder")
         assert "--overwrite" not in message  # never offered for a folder fgdata did not write
         assert snapshot(out) == before
+    # nor through a symlink to it
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    refused(invoke("export", "fgclip", world["fggrn"], link, "--overwrite"), "symlink")
+    assert snapshot(out) == before
 
 
 def test_export_refuses_another_stages_folder_and_its_own_input(tmp_path):
