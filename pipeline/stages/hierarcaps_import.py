@@ -20,6 +20,8 @@ class HierarcapsImportStage(Stage):
         self.csv_path = Path(csv_path).resolve()
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        # The whole file is judged here, on the driver: a bad row or a repeated id is a reject
+        # before any shard runs, so no shard can fail for it (and no rerun can fail the same way).
         _, rows, rejects = read_official_csv(self.csv_path)
         items = [("row", r) for r in rows] + [("reject", r) for r in rejects]
         items.sort(key=lambda item: item[1]["key"])
