@@ -397,12 +397,13 @@ def hierarcaps_export(
     dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
     layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
 ):
     """Write hierarcaps shards in an official CSV layout (tiers joined by ' => ')."""
     from pipeline.hierarcaps_io import write_official_csv
 
     with _user_errors():
-        summary = write_official_csv(dataset, out, layout)
+        summary = write_official_csv(dataset, out, layout, overwrite=overwrite)
         typer.echo(f"wrote {summary['path']}: {summary['written']} rows ({summary['skipped_without_negatives']} without negatives left out)")
 
 
