@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -20,11 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import FgdataError
+from pipeline.box_checks import check_box, shown
+from pipeline.errors import FgdataError, first_line
 from pipeline.hierarcaps_io import read_chains
 from pipeline.shards import find_ancestor, list_shards, read_shard
 from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
-from pipeline.train.data import fgclip_rows, fgclip_sources, pixels
+from pipeline.train.data import fgclip_rows, fgclip_sources, pixels, usable_chains
+
+log = logging.getLogger(__name__)
 
 RADIUS_LEVELS = 50
 
@@ -69,18 +75,20 @@ def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int, reg
     """items: {image (bytes), boxes: [[box, positive, [negatives]]]}; boxes with fewer than
     `hard_negatives` negatives are left out. `regions`: the items' box features, if already encoded."""
     regions = regions if regions is not None else encode_items(encoder, items)[1]
-    features, texts = [], []
+    features, texts, left_out = [], [], 0
     for item, boxes in zip(items, regions):
         for feature, (_, positive, negatives) in zip(boxes, item["boxes"]):
             if len(negatives) >= hard_negatives:
                 features.append(feature)
                 texts += [positive, *negatives[:hard_negatives]]
+            else:
+                left_out += 1
     if not features:
-        return {"boxes": 0, "accuracy": None, "chance": 1 / (hard_negatives + 1)}
+        return {"boxes": 0, "accuracy": None, "chance": 1 / (hard_negatives + 1), "left_out_too_few_negatives": left_out}
     candidates = encoder.texts(texts).reshape(len(features), hard_negatives + 1, -1)
     scores = torch.einsum("bd,bkd->bk", torch.stack(features), candidates)
     accuracy = (scores.argmax(dim=1) == 0).float().mean().item()
-    return {"boxes": len(features), "accuracy": accuracy, "chance": 1 / (hard_negatives + 1)}
+    return {"boxes": len(features), "accuracy": accuracy, "chance": 1 / (hard_negatives + 1), "left_out_too_few_negatives": left_out}
 
 
 def regional_retrieval(encoder: Encoder, items: list[dict], regions: list[torch.Tensor] | None = None) -> dict:
@@ -157,41 +165,160 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
     return {"hierarchical_precision": float(np.mean(precision)), "hierarchical_recall": float(np.mean(recall))}
 
 
-def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int) -> list[dict]:
-    """The first `limit` FgGRN rows with their image bytes and every box (the trainer's join)."""
-    return list(islice(fgclip_rows(fgclip_sources(fggrn_dirs, images), max_boxes=None), limit))
+def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int, skipped: Counter | None = None) -> list[dict]:
+    """The first `limit` FgGRN rows with their image bytes and every usable box (the trainer's join);
+    rows without an image and bad regions are counted by reason in `skipped`."""
+    counts: Counter = Counter()
+    items = list(islice(fgclip_rows(fgclip_sources(fggrn_dirs, images), max_boxes=None, counts=counts), limit))
+    if skipped is not None:
+        skipped.update({k: v for k, v in counts.items() if k.startswith(("skipped_", "dropped_"))})
+    return items
 
 
-def fgovd_items(jsonl: Path, image_root: Path | None) -> list[dict]:
+@dataclass(frozen=True)
+class FgovdRecord:
+    """One FG-OVD line, checked: a box (COCO x, y, w, h in pixels) of an image, its positive phrase
+    and its negatives."""
+
+    img_path: str
+    bbox: tuple[float, float, float, float]
+    positive: str
+    negatives: tuple[str, ...]
+
+
+def parse_fgovd_record(line: bytes | str) -> tuple[FgovdRecord | None, tuple[str, str] | None]:
+    """(record, None) or (None, (reason, detail)) for one line of an FG-OVD jsonl; never raises.
+
+    neg_expression is a list of phrases, or FG-CLIP's `short_expr_negs` dict whose values are the
+    phrases; pos_expression a phrase or a list whose first item is the phrase."""
+    try:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        record = json.loads(text)
+    except UnicodeDecodeError:
+        return None, ("not_utf8", "the line is not UTF-8 text")
+    except (ValueError, RecursionError) as exc:
+        return None, ("not_json", f"not a JSON object ({first_line(exc)})")
+    if not isinstance(record, dict):
+        return None, ("not_json", f"a JSON {type(record).__name__}, not an object")
+    missing = [k for k in ("img_path", "bbox", "pos_expression", "neg_expression") if k not in record]
+    if missing:
+        return None, ("missing_field", f"not an FG-OVD record: no {', '.join(missing)}")
+    path, bbox, positive, negatives = record["img_path"], record["bbox"], record["pos_expression"], record["neg_expression"]
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        return None, ("bad_img_path", f"img_path {shown(path)}")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None, ("bad_bbox", f"bbox {shown(bbox)} is not [x, y, w, h]")
+    if isinstance(positive, list) and positive:
+        positive = positive[0]
+    if not isinstance(positive, str) or not positive.strip():
+        return None, ("bad_positive", f"pos_expression {shown(record['pos_expression'])}")
+    if isinstance(negatives, dict):
+        negatives = list(negatives.values())
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        return None, ("bad_negatives", f"neg_expression {shown(record['neg_expression'])} is not a list of phrases")
+    try:
+        bbox = tuple(float(v) for v in bbox)
+    except OverflowError:  # an integer too large for a float; NaN and inf are left to check_box
+        return None, ("box_not_finite", f"bbox {shown(bbox)} holds a number beyond float range")
+    return FgovdRecord(path, bbox, positive, tuple(negatives)), None
+
+
+def image_in_root(root: Path, img_path: str) -> tuple[Path | None, tuple[str, str] | None]:
+    """(the regular file `img_path` names inside `root`, None) or (None, (reason, detail)): a
+    benchmark file must not read what lies outside its image root (absolute paths, `..`, links)."""
+    try:
+        path = (root / img_path).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        return None, ("bad_img_path", f"img_path {shown(img_path)} ({first_line(exc)})")
+    if not path.is_relative_to(root):
+        return None, ("image_outside_root", f"img_path {shown(img_path)} leads outside {root}")
+    if not path.exists():
+        return None, ("image_not_found", f"{path} not found (pass --image-root)")
+    if not path.is_file():
+        return None, ("image_not_a_file", f"{path} is not a regular file")
+    return path, None
+
+
+def _read_image(path: Path) -> tuple[tuple[bytes, int, int] | None, tuple[str, str] | None]:
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decoded in full once: a truncated file fails here, not mid-batch
+            return (data, *image.size), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, ("image_undecodable", f"{path}: {first_line(exc)}")
+
+
+def fgovd_items(jsonl: Path, image_root: Path | None, skipped: Counter | None = None) -> list[dict]:
     """FG-OVD's published layout: one box per line with img_path, bbox (COCO x, y, w, h in pixels),
-    pos_expression and neg_expression; grouped by image."""
-    grouped: dict[str, dict] = {}
-    for number, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
+    pos_expression and neg_expression; grouped by image. A line that fails `parse_fgovd_record`,
+    names no readable image inside the root or has a bad box is counted by reason in `skipped`;
+    with no usable line at all, a one-line error says why."""
+    jsonl = Path(jsonl)
+    root = Path(image_root or jsonl.parent).resolve()
+    try:
+        lines = jsonl.read_bytes().splitlines()
+    except OSError as exc:
+        raise FgdataError(f"cannot read the FG-OVD file {jsonl}: {first_line(exc)}") from None
+    counts: Counter = Counter()
+    first_skip = None
+    grouped: dict[Path, dict] = {}
+    bad_images: dict[Path, tuple[str, str]] = {}
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            path = (Path(image_root) if image_root else Path(jsonl).parent) / record["img_path"]
-            x, y, w, h = record["bbox"]
-            negatives = record["neg_expression"]
-            positive = record["pos_expression"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise FgdataError(f"{jsonl} line {number}: not an FG-OVD record ({exc})") from None
-        if str(path) not in grouped:
-            if not path.exists():
-                raise FgdataError(f"{jsonl} line {number}: image {path} not found (pass --image-root)")
-            data = path.read_bytes()
-            width, height = Image.open(io.BytesIO(data)).size
-            grouped[str(path)] = {"image": data, "boxes": [], "size": (width, height)}
-        width, height = grouped[str(path)]["size"]
-        box = [x / width, y / height, (x + w) / width, (y + h) / height]
-        grouped[str(path)]["boxes"].append((box, positive if isinstance(positive, str) else positive[0], list(negatives)))
-    return list(grouped.values())
+        item, problem = _fgovd_box(line, root, grouped, bad_images)
+        if problem:
+            counts[problem[0]] += 1
+            first_skip = first_skip or f"line {number}: {problem[1]}"
+            continue
+        grouped[item[0]]["boxes"].append(item[1])
+    if skipped is not None:
+        skipped.update(counts)
+    items = [item for item in grouped.values() if item["boxes"]]
+    if not items:
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no lines"
+        raise FgdataError(f"{jsonl}: no usable FG-OVD record ({summary}; first: {first_skip})")
+    if counts:
+        log.warning("%s: %d lines skipped (%s)", jsonl, sum(counts.values()), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return items
 
 
-def hierarcaps_items(sources: list[Path], limit: int) -> tuple[list[list[str]], list[bytes] | None]:
-    """The chains, and their images when every chain's key is found in an images dataset upstream."""
-    chains = read_chains(sources)[:limit]
+def _fgovd_box(line: bytes, root: Path, grouped: dict, bad_images: dict):
+    """((image path, (normalised box, positive, negatives)), None) for one line, or (None, problem);
+    each image is read once and kept in `grouped` (or its problem in `bad_images`)."""
+    record, problem = parse_fgovd_record(line)
+    if problem:
+        return None, problem
+    path, problem = image_in_root(root, record.img_path)
+    if problem:
+        return None, problem
+    if path not in grouped and path not in bad_images:
+        image, problem = _read_image(path)
+        if problem:
+            bad_images[path] = problem
+        else:
+            grouped[path] = {"image": image[0], "size": image[1:], "boxes": []}
+    if path in bad_images:
+        return None, bad_images[path]
+    width, height = grouped[path]["size"]
+    x, y, w, h = record.bbox
+    box, problem = check_box([x, y, x + w, y + h], width, height)
+    if problem:
+        return None, problem
+    normalised = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+    return (path, (normalised, record.positive, list(record.negatives))), None
+
+
+def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = None) -> tuple[list[list[str]], list[bytes] | None]:
+    """The usable chains, and their images when every chain's key is found in an images dataset
+    upstream; chains of another shape are counted by reason in `skipped`."""
+    counts: Counter = Counter()
+    chains = usable_chains(read_chains(sources), need_negatives=False, counts=counts)[:limit]
+    if skipped is not None:
+        skipped.update(counts)
+    if not chains:
+        raise FgdataError(f"no usable chain in {', '.join(map(str, sources))} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
     images_by_key: dict[str, bytes] = {}
     for source in sources:
         images_dir = find_ancestor(Path(source), "images") if Path(source).is_dir() else None

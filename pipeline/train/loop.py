@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
 from pipeline.errors import FgdataError
 from pipeline.models.reference import absolute_local_paths, is_random_model
-from pipeline.shards import claim_output, read_json, write_json
+from pipeline.shards import MODEL_DIR_ENTRIES, claim_output, read_json, write_json
 from pipeline.train.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
     torch.manual_seed(settings.seed)
     objective = objective_class([Path(s).resolve() for s in sources], settings, images, device, rank, world)
     if rank == 0:
-        claim_output(out_dir, f"train-{objective_name}", settings_hash, overwrite)
+        claim_output(out_dir, f"train-{objective_name}", settings_hash, overwrite, inputs=list(sources), owned=MODEL_DIR_ENTRIES)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):
         log.info("%s already holds a finished run; --overwrite to train again", out_dir)
@@ -96,8 +96,11 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
     while step < total_steps:
         parts_sum: dict[str, float] = {}
         for _ in range(settings.gradient_accumulation):
+            batch = next(batches, None)
+            if batch is None:
+                raise FgdataError(f"the training data ran out at step {step}: a whole pass over {', '.join(map(str, sources))} yielded no sample")
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = objective.loss(next(batches), module)
+                loss, parts = objective.loss(batch, module)
             (loss / settings.gradient_accumulation).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / settings.gradient_accumulation
@@ -133,6 +136,7 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
         "steps": total_steps,
         "world_size": world,
         "history": history,
+        "data": dict(objective.data),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out_dir / REPORT_FILE, report)

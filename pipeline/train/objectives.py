@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import FgdataError
 from pipeline.hierarcaps_io import read_chains
 from pipeline.train.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
-from pipeline.train.data import FgclipStream, collate_fgclip, fgclip_sources
+from pipeline.train.data import TIERS, FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources, usable_chains
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
+
+log = logging.getLogger(__name__)
 
 _MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -39,7 +42,11 @@ class FgclipObjective:
     def __init__(self, sources: list[Path], settings, images: Path | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
         self.pairs = fgclip_sources(sources, images)
-        self.rows = sum(pq.read_metadata(fggrn).num_rows for fggrn, _ in self.pairs)
+        # before the model loads: a set with no usable row would otherwise stream nothing forever
+        self.data = count_fgclip_rows(self.pairs, settings.max_boxes)
+        self.rows = self.data["rows_usable"]
+        if not self.rows:
+            raise FgdataError(f"no usable FgGRN row in {', '.join(map(str, sources))} ({_summary(self.data)}); check that the image shards hold these keys")
         parts = load_clip(settings.model, settings.revision)
         extend_text_positions(parts.model, settings.long_text_tokens, settings.keep_positions)
         own_size = parts.model.config.vision_config.image_size
@@ -100,7 +107,15 @@ class RadialObjective:
 
     def __init__(self, sources: list[Path], settings, images: Path | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
-        self.chains = read_chains(sources, need_negatives=True)
+        # checked before the model loads: one chain of another shape fails a whole batch
+        self.data = Counter()
+        chains = read_chains(sources, need_negatives=True)
+        self.chains = usable_chains(chains, need_negatives=True, counts=self.data)
+        self.data.update(rows=len(chains), rows_usable=len(self.chains))
+        if not self.chains:
+            raise FgdataError(f"no usable chain in {', '.join(map(str, sources))} ({_summary(self.data)}); each needs {TIERS} non-empty tiers and a negative chain of {TIERS}")
+        if len(self.chains) < len(chains):
+            log.warning("re data: %s", _summary(self.data))
         self.parts = load_clip(settings.model, settings.revision)
         clip = self.parts.model.to(device)
         for parameter in clip.parameters():
@@ -149,6 +164,10 @@ class RadialObjective:
     def save(self, out_dir: Path, module) -> None:
         module.save_pretrained(out_dir)
         self.parts.tokenizer.save_pretrained(out_dir)
+
+
+def _summary(counts: Counter) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
 
 
 OBJECTIVES = {"fgclip": (FgclipObjective, "fgclip"), "re": (RadialObjective, "radial")}
