@@ -461,6 +461,8 @@ def evaluate(
     set_: SetOption = None,
 ):
     """Measure a CLIP on fine-grained and hierarchical understanding; prints a table and writes JSON."""
+    from collections import Counter
+
     from pipeline import evaluate as ev
     from pipeline.shards import write_json
 
@@ -473,7 +475,8 @@ def evaluate(
         encoder = ev.Encoder(model)
         results: dict = {"model": model}
         if fggrn:
-            items = ev.fggrn_items(fggrn, images, limit)
+            fggrn_skipped = Counter()
+            items = ev.fggrn_items(fggrn, images, limit, fggrn_skipped)
             prompt = settings.fgclip.short_prompt
             image_features, regions = ev.encode_items(encoder, items)
             pictures = [i["image"] for i in items]
@@ -482,12 +485,16 @@ def evaluate(
                 "regional_retrieval": ev.regional_retrieval(encoder, items, regions),
                 "long_retrieval": ev.retrieval(encoder, pictures, [i["long"] for i in items], long=True, image_features=image_features),
                 "short_retrieval": ev.retrieval(encoder, pictures, [prompt.format(i["short"]) for i in items], long=False, image_features=image_features),
+                "skipped": dict(fggrn_skipped),
             }
         if fg_ovd:
-            results["fg_ovd_benchmark"] = ev.fgovd_accuracy(encoder, ev.fgovd_items(fg_ovd, image_root), hard_negatives)
+            fg_ovd_skipped = Counter()
+            fg_ovd_items = ev.fgovd_items(fg_ovd, image_root, fg_ovd_skipped)
+            results["fg_ovd_benchmark"] = {**ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
         if hierarcaps:
-            chains, chain_images = ev.hierarcaps_items(hierarcaps, limit)
-            results["hierarcaps"] = ev.hierarchy_metrics(encoder, chains, chain_images)
+            chains_skipped = Counter()
+            chains, chain_images = ev.hierarcaps_items(hierarcaps, limit, chains_skipped)
+            results["hierarcaps"] = {**ev.hierarchy_metrics(encoder, chains, chain_images), "skipped": dict(chains_skipped)}
         typer.echo(ev.format_table(results))
         if out:
             write_json(out, results)  # atomic: a reader never sees half a file
