@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 from pipeline.text import latin_fraction
@@ -38,8 +37,8 @@ def caption_problem(text: str, finish_reason: str, limits: CaptionLimits) -> tup
     fraction = latin_fraction(text)  # before counting words: scripts without spaces have "few words"
     if fraction < limits.min_latin_fraction:
         return "not_english", f"only {fraction:.0%} of letters are Latin script"
-    words = [w.lower() for w in _WORD.findall(text)]
-    if len(words) < limits.min_words:
+    words = caption_words(text)
+    if not words or len(words) < limits.min_words:  # no words at all would divide by zero below
         return "too_short", f"{len(words)} words, fewer than {limits.min_words}"
     loop = repeated_ngram(words, limits.max_ngram_repeats)
     if loop:
@@ -49,10 +48,20 @@ def caption_problem(text: str, finish_reason: str, limits: CaptionLimits) -> tup
         distinct = len(set(trigrams)) / len(trigrams)
         if distinct < limits.min_distinct_trigrams:
             return "degenerate", f"only {distinct:.0%} of word trigrams are distinct"
-    english = sum(count for word, count in Counter(words).items() if word in _ENGLISH_FUNCTION_WORDS) / len(words)
+    english = english_fraction(words)
     if english < limits.min_english_fraction:
         return "not_english", f"only {english:.0%} of words are common English function words"
     return None
+
+
+def caption_words(text: str) -> list[str]:
+    """The lower-cased words of a text (letters and digits; inner apostrophes and hyphens kept)."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def english_fraction(words: list[str]) -> float:
+    """Share of the words that are common English function words; 0.0 for no words."""
+    return sum(word in _ENGLISH_FUNCTION_WORDS for word in words) / len(words) if words else 0.0
 
 
 def repeated_ngram(words: list[str], repeats: int, max_n: int = 8) -> str | None:

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from pipeline.hierarchy import chain_nli_problem, chain_shape_problem, entailment_pairs, parse_chain
@@ -25,6 +27,28 @@ GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky
 )
 def test_messy_chains(text, expected, reason):
     assert parse_chain(text) == (expected, reason)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("[" * 100_000, "too_long"),
+        ("[" * 5_000 + "]" * 5_000, "unparseable"),  # was RecursionError
+        ('["animal", ' + "7" * 5_000 + "]", "unparseable"),  # was ValueError (int of 4,300+ digits)
+        ("x" + "\n" * 31_000 + "x", "unparseable"),  # the multi-line regexes took 15 s
+        ("1. " + " " * 16_000 + "animal", "unparseable"),
+        ("animal" + " " * 30_000 + "=> goat", "wrong_tier_count"),
+    ],
+    ids=["100k brackets", "deep brackets", "huge integer", "31k newlines", "16k spaces", "30k spaces by an arrow"],
+)
+def test_hostile_chains_give_a_reason_fast(text, reason):
+    start = time.perf_counter()
+    assert parse_chain(text) == ([], reason)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_chain_after_a_long_run_of_blank_lines_is_still_read():
+    assert parse_chain("\n" * 16_000 + " => ".join(GOAT)) == (GOAT, None)
 
 
 def test_nli_filter_reports_the_failing_tier():

@@ -1,5 +1,7 @@
 """33 messy LLM answers written for this test: the exact parse, then each candidate's verdict."""
 
+import time
+
 import pytest
 
 from pipeline.llm_output import parse_negatives
@@ -61,3 +63,24 @@ def test_candidate_verdicts(negative, verdict):
 
 def test_there_are_at_least_thirty_cases():
     assert len(CASES) + len(VERDICTS) >= 30
+
+
+# Hostile answers from issue 12: each once escaped as an exception or took seconds.
+HOSTILE = [
+    ("100,000 nested brackets", "[" * 100_000, ([], "too_long")),
+    ("nested brackets under the size limit", "[" * 5_000 + "]" * 5_000, ([], "unparseable")),  # was RecursionError
+    ("integer of 5,000 digits", "[" + "1" * 5_000 + "]", ([], "empty_list")),  # was ValueError
+    ("16,000 newlines", "x" + "\n" * 16_000 + "x", ([], "unparseable")),
+    ("31,000 newlines", "x" + "\n" * 31_000 + "x", ([], "unparseable")),
+    ("spaces after a fence", "```json" + " " * 16_000, ([], "unparseable")),
+    ("spaces inside an attribute", "- a cup (" + " " * 16_000 + "colour)", ([("a cup", "colour")], None)),
+    ("item after 16,000 blank lines", "Here:" + "\n" * 16_000 + "1. a blue cup (colour)", ([("a blue cup", "colour")], None)),
+    ("runaway generation", "- a blue cup\n" * 5_000, ([], "too_long")),
+]
+
+
+@pytest.mark.parametrize("name, text, expected", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_answers_parse_fast(name, text, expected):
+    start = time.perf_counter()
+    assert parse_negatives(text) == expected
+    assert time.perf_counter() - start < 1.0  # the old regexes took 2 s at 16,000 newlines, 8 s at 32,000
