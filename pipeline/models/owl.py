@@ -6,6 +6,7 @@ from PIL import Image
 
 from pipeline.boxes import Detection
 from pipeline.errors import FgdataError
+from pipeline.images import to_rgb
 from pipeline.models.reference import is_random_model
 
 
@@ -26,7 +27,7 @@ class OwlDetector:
 
     def detect(self, images: list[Image.Image], phrases: list[list[str]], score_threshold: float) -> list[list[Detection]]:
         torch = self._torch
-        images = [image.convert("RGB") for image in images]
+        images = [to_rgb(image) for image in images]
         # OWLv2 needs at least one query per image; an image without phrases gets a
         # placeholder whose detections are dropped.
         queries = [p if p else ["object"] for p in phrases]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.boxes import Detection
 from pipeline.errors import FgdataError
+from pipeline.images import to_rgb
 from pipeline.models.reference import is_random_model
 
 
@@ -108,7 +109,7 @@ class YoloWorldDetector:
         for i, image_phrases in enumerate(phrases):
             if image_phrases:
                 features[i, : len(image_phrases)] = self.texts.embed(image_phrases)
-        arrays = [np.asarray(image.convert("RGB")) for image in images]
+        arrays = [np.asarray(to_rgb(image)) for image in images]
         x = torch.from_numpy(letterbox_batch(arrays, self.image_size)).to(self.device).float() / 255
         self.net.model[-1].nc = width
         with torch.inference_mode():

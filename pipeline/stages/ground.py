@@ -7,7 +7,6 @@ model actors detect, filter and write one row per image with its nested list of 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections import Counter
@@ -22,6 +21,7 @@ from PIL import Image
 from pipeline.boxes import BoxLimits, filter_detections, normalise_box
 from pipeline.config import Config, pick
 from pipeline.errors import FgdataError
+from pipeline.images import ImageRejected, decode_rgb
 from pipeline.models.detection import PhraseDetector, load_detector
 from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.schemas import check_input_columns, conform
@@ -109,13 +109,12 @@ class GroundStage(Stage):
                 batch.rejects.append({"key": row["key"], "reason": "image_missing", "detail": detail, "source": unit.payload["phrases"]})
                 continue
             try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                batch.rejects.append({"key": row["key"], "reason": "decode_error", "detail": str(exc), "source": str(images_path)})
+                image = decode_rgb(data)  # upright, like the width/height ingest recorded
+            except ImageRejected as rejected:
+                batch.rejects.append({"key": row["key"], "reason": rejected.reason, "detail": rejected.detail, "source": str(images_path)})
                 continue
             batch.rows.append(row)
-            batch.images.append(image.convert("RGB"))
+            batch.images.append(image)
         return batches
 
     def process(self, unit: WorkUnit, config: Config, model: PhraseDetector | None = None, prepared: Iterable | None = None) -> ShardResult:

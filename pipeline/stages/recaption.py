@@ -6,7 +6,6 @@ generate, check each caption, retry a rejected one once with sampling, and write
 
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from PIL import Image
 from pipeline.caption_quality import CaptionLimits, caption_problem
 from pipeline.config import Config, RecaptionConfig, pick
 from pipeline.errors import FgdataError
-from pipeline.images import ImageRejected
+from pipeline.images import ImageRejected, decode_rgb
 from pipeline.models.generation import Generation, ImageTextGenerator, Sampling, load_generator
 from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.prompts import load_prompt
@@ -43,15 +42,10 @@ class PreparedBatch:
 
 def prepare_image(data: bytes, settings: RecaptionConfig) -> Image.Image:
     """Decodes to RGB and shrinks to fit max_image_side; raises ImageRejected for what a VLM cannot take."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageRejected("decode_error", f"the image does not decode: {exc}") from None
+    image = decode_rgb(data)  # upright, 8-bit, transparency flattened: the pixels every stage sees
     width, height = image.size
     if max(width, height) / max(min(width, height), 1) > settings.max_aspect_ratio:
         raise ImageRejected("extreme_aspect_ratio", f"{width}x{height} is beyond max_aspect_ratio={settings.max_aspect_ratio}")
-    image = image.convert("RGB")
     image.thumbnail((settings.max_image_side, settings.max_image_side), Image.Resampling.BICUBIC)
     return image
 
