@@ -90,6 +90,15 @@ def normalised_bytes(data: bytes) -> tuple[bytes, str]:
     said needs it. A JPEG that only needs turning upright stays a JPEG, re-encoded with its own
     quantisation tables and subsampling (one generation of rounding, same size class) and its
     EXIF kept minus the orientation tag; everything else becomes a lossless 8-bit RGB PNG."""
+    try:
+        return _normalised(data)
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one image's failure is its reject
+        raise ImageRejected("decode_error", f"the image does not re-encode: {_quote(exc)}") from None
+
+
+def _normalised(data: bytes) -> tuple[bytes, str]:
     image = _open(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
