@@ -112,7 +112,7 @@ def detect_format(source: Path) -> str:
             return "table"
         raise FgdataError(f"{source} is a file but not a .csv or .parquet table of image paths")
     if not source.is_dir():
-        raise FgdataError(f"{source} does not exist")
+        raise FgdataError(f"{source} is not a folder or a table file" if source.exists() else f"{source} does not exist")
     if any(source.glob("*.tar")):
         return "webdataset"
     if any((source / p.stem).is_dir() for p in source.glob("*.parquet")):
@@ -334,17 +334,18 @@ def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
 
 def read_member(handle: BinaryIO, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of an open tar; OSError when the tar ends before them."""
+    available = max(0, os.fstat(handle.fileno()).st_size - offset)
+    if available < size:  # checked first: a damaged header can claim any size
+        raise OSError(f"the tar ends after {available} of the member's {size} bytes")
     handle.seek(offset)
-    data = handle.read(size)
-    if len(data) < size:
-        raise OSError(f"the tar ends after {len(data)} of the member's {size} bytes")
-    return data
+    return handle.read(size)
 
 
 def _member_caption(handle: BinaryIO, member: tarfile.TarInfo, image_name: str, fields: list[str]) -> tuple[str | None, tuple[str, str] | None]:
     try:
-        if _member_problem(member):
-            raise OSError(_member_problem(member)[1])
+        problem = _member_problem(member)
+        if problem:
+            raise OSError(problem[1])
         if member.size > MAX_SIDECAR_BYTES:
             raise OSError(f"{member.size} bytes is more than a caption ({MAX_SIDECAR_BYTES})")
         data = read_member(handle, member.offset_data, member.size)
@@ -363,6 +364,8 @@ def _cell_text(value) -> str | None:
 
 
 def _list_table(source: Path, config: IngestConfig) -> list[SourceItem]:
+    if not source.is_file():  # a FIFO would block the reader forever
+        raise FgdataError(f"{source} is not a table file")
     try:
         frame = pd.read_csv(source, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(source)
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad file

@@ -348,11 +348,17 @@ def test_a_damaged_tar_costs_only_its_own_members(tmp_path):
     (source / "00001.tar").write_bytes(whole[: second_ends - 10])  # "second" is cut short
     (source / "00002.tar").write_bytes(b"not a tar at all")
     os.mkfifo(source / "00003.tar")
+    header = bytearray(write_tar(tmp_path / "big.tar", {"big.jpg": image_bytes()}))
+    header[124:136] = b"%011o\0" % (7 << 30)  # the header claims 7 GiB: never allocated
+    header[148:156] = b"%06o\0 " % (sum(header[:148]) + 8 * 32 + sum(header[156:512]))
+    (source / "00004.tar").write_bytes(bytes(header))
     rows, rejects = ingest_in_process(source, "webdataset")
     assert {r["key"] for r in rows} == {"healthy", "first"}
     assert reasons(rejects) == {
         "second": "unreadable_file", "00001.tar": "unreadable_tar", "00002.tar": "unreadable_tar", "00003.tar": "unreadable_tar",
+        "big": "unreadable_file", "00004.tar": "unreadable_tar",
     }
+    assert "of the member's 7516192768 bytes" in next(r["detail"] for r in rejects if r["key"] == "big")
     assert "is a FIFO" in next(r["detail"] for r in rejects if r["key"] == "00003.tar")
 
 
@@ -371,5 +377,10 @@ def test_table_nulls_never_become_nan_and_fifo_paths_are_not_opened(tmp_path):
     rows, rejects = ingest_in_process(tmp_path / "list.parquet")
     assert {r["key"]: r["short_caption"] for r in rows} == {"a": "first", "k-b": None}
     assert reasons(rejects) == {"row-2": "missing_image_path", "k-pipe": "not_a_file", tmp_path.name: "not_a_file"}
-    pq.write_table(pa.table({"image_path": ["a.jpg"], "caption": [3.5]}), tmp_path / "numbers.parquet")
-    assert reasons(ingest_in_process(tmp_path / "numbers.parquet")[1]) == {"a": "bad_caption"}
+    pq.write_table(pa.table({"image_path": ["a.jpg", "nul\0.jpg"], "caption": [3.5, None]}), tmp_path / "odd.parquet")
+    assert reasons(ingest_in_process(tmp_path / "odd.parquet")[1]) == {"a": "bad_caption", "nul\0": "unreadable_file"}
+    os.mkfifo(tmp_path / "fifo.csv")
+    with deadline(10), pytest.raises(FgdataError, match="is not a table file"):
+        IngestStage(tmp_path / "fifo.csv", "table").plan(make_config())
+    with deadline(10), pytest.raises(FgdataError, match="is not a folder or a table file"):
+        IngestStage(tmp_path / "fifo.csv").plan(make_config())

@@ -95,7 +95,7 @@ def _read_file(path: str) -> bytes:
         raise ImageRejected("missing_file", f"{path} does not exist") from None
     except NotRegularFile as exc:
         raise ImageRejected("not_a_file", str(exc)) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a path from a table with a NUL byte in it
         raise ImageRejected("unreadable_file", f"{path}: {exc}") from None
 
 
