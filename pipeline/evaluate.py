@@ -168,10 +168,15 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
 def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int, skipped: Counter | None = None) -> list[dict]:
     """The first `limit` FgGRN rows with their image bytes and every usable box (the trainer's join);
     rows without an image and bad regions are counted by reason in `skipped`."""
+    if limit < 1:
+        raise FgdataError(f"--limit must be at least 1, got {limit}")
     counts: Counter = Counter()
     items = list(islice(fgclip_rows(fgclip_sources(fggrn_dirs, images), max_boxes=None, counts=counts), limit))
+    skips = {k: v for k, v in sorted(counts.items()) if k.startswith(("skipped_", "dropped_"))}
+    if not items:
+        raise FgdataError(f"no usable FgGRN row in {', '.join(map(str, fggrn_dirs))} (rows {counts['rows']}{''.join(f', {k} {v}' for k, v in skips.items())})")
     if skipped is not None:
-        skipped.update({k: v for k, v in counts.items() if k.startswith(("skipped_", "dropped_"))})
+        skipped.update(skips)
     return items
 
 
@@ -228,14 +233,14 @@ def image_in_root(root: Path, img_path: str) -> tuple[Path | None, tuple[str, st
     benchmark file must not read what lies outside its image root (absolute paths, `..`, links)."""
     try:
         path = (root / img_path).resolve()
-    except (OSError, ValueError, RuntimeError) as exc:
-        return None, ("bad_img_path", f"img_path {shown(img_path)} ({first_line(exc)})")
-    if not path.is_relative_to(root):
-        return None, ("image_outside_root", f"img_path {shown(img_path)} leads outside {root}")
-    if not path.exists():
-        return None, ("image_not_found", f"{path} not found (pass --image-root)")
-    if not path.is_file():
-        return None, ("image_not_a_file", f"{path} is not a regular file")
+        if not path.is_relative_to(root):
+            return None, ("image_outside_root", f"img_path {shown(img_path)} leads outside {root}")
+        if not path.exists():
+            return None, ("image_not_found", f"{shown(str(path))} not found (pass --image-root)")
+        if not path.is_file():
+            return None, ("image_not_a_file", f"{shown(str(path))} is not a regular file")
+    except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL, a link loop
+        return None, ("bad_img_path", f"img_path {shown(img_path)} ({shown(first_line(exc))})")
     return path, None
 
 
@@ -313,6 +318,8 @@ def _fgovd_box(line: bytes, root: Path, grouped: dict, bad_images: dict):
 def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = None) -> tuple[list[list[str]], list[bytes] | None]:
     """The usable chains, and their images when every chain's key is found in an images dataset
     upstream; chains of another shape are counted by reason in `skipped`."""
+    if limit < 1:
+        raise FgdataError(f"--limit must be at least 1, got {limit}")
     counts: Counter = Counter()
     chains = usable_chains(read_chains(sources), need_negatives=False, counts=counts)[:limit]
     if skipped is not None:

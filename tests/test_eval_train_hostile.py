@@ -138,7 +138,7 @@ def image_root(tmp_path_factory):
 
 
 @settings(max_examples=200)
-@given(st.one_of(st.text(max_size=30), st.sampled_from(["../secret.png", "/etc/passwd", "sub/../../secret.png", "link.png", "./a.png", "sub", "a.png\0x", "..", "/"])))
+@given(st.one_of(st.text(max_size=30), st.sampled_from(["../secret.png", "/etc/passwd", "sub/../../secret.png", "link.png", "./a.png", "sub", "a.png\0x", "..", "/", "a" * 300, "a/" * 3000])))
 def test_an_img_path_names_a_regular_file_inside_the_root_or_gets_a_reason(image_root, img_path):
     path, problem = image_in_root(image_root, img_path)
     if problem:
@@ -168,7 +168,7 @@ def test_eval_fg_ovd_scores_only_the_good_records_and_reports_the_rest_by_reason
         "image_not_a_file": [{**good, "bbox": [1, 1, 5, 5], "img_path": "sub"}],
         "image_not_found": [{**good, "bbox": [1, 1, 5, 5], "img_path": "nope.png"}],
         "image_undecodable": [{**good, "bbox": [1, 1, 5, 5], "img_path": "notes.png"}],
-        "bad_img_path": [{**good, "bbox": [1, 1, 5, 5], "img_path": 7}],
+        "bad_img_path": [{**good, "bbox": [1, 1, 5, 5], "img_path": 7}, {**good, "bbox": [1, 1, 5, 5], "img_path": "a" * 300 + ".png"}],
         "missing_field": [{"img_path": "a.png"}],
     }
     lines += [json.dumps(record) for records in hostile.values() for record in records]
@@ -347,3 +347,17 @@ def test_eval_hierarcaps_scores_only_well_shaped_chains(tmp_path, tiny_clip):
     # eval reads the positive tiers only: chains whose negatives alone are bad still count
     assert chains == [GOOD_CHAIN[0]] * 5 and skipped == {"skipped_tiers_wrong_count": 2, "skipped_tiers_blank": 2}
     assert hierarchy_metrics(Encoder(str(tiny_clip)), chains)["chains"] == 5
+
+
+def test_eval_fggrn_with_no_usable_row_is_one_line_not_an_empty_tensor_crash(tmp_path):
+    from pipeline.errors import FgdataError
+    from pipeline.evaluate import fggrn_items
+
+    paths = write_world(tmp_path / "w", 4, seed=7)
+    strangers = tmp_path / "strangers"
+    strangers.mkdir()
+    pq.write_table(pa.table({"key": ["nobody"], "image": [b""]}), strangers / "part-00000.parquet")
+    with pytest.raises(FgdataError, match=r"no usable FgGRN row .*\(rows 4, skipped_no_image 4\)"):
+        fggrn_items([paths["fggrn"]], strangers, 100)
+    with pytest.raises(FgdataError, match="--limit must be at least 1"):
+        fggrn_items([paths["fggrn"]], None, 0)
