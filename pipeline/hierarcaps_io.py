@@ -41,7 +41,7 @@ MAX_FIELD_CHARS = 10_000
 MAX_KEY_CHARS = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NOT_UTF8 = re.compile(r"[\udc80-\udcff]")  # where surrogateescape put an undecodable byte
-_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
 def read_official_csv(path: Path) -> tuple[str, list[dict], list[dict]]:
@@ -96,7 +96,8 @@ def _records_from(lines: list[str], start: int):
     """(first line, last line, fields, csv error) per CSV record from line index `start` on (lines
     are numbered from 1), blank lines left out; it stops after a record the csv module cannot read.
     strict: a quote that closes a field must be followed by a comma or the line end."""
-    reader, done = csv.reader(lines[start:], strict=True), 0
+    # a generator, not lines[start:]: a file of stray quotes restarts here at every line
+    reader, done = csv.reader((lines[i] for i in range(start, len(lines))), strict=True), 0
     try:
         for fields in reader:
             first, done = start + done + 1, reader.line_num
@@ -145,7 +146,8 @@ def parse_record(layout: str, columns: dict[str, int], width: int, fields: list[
 
 
 def _one_line(text: str) -> str:
-    return _LINE_BREAKS.sub(" ", text) if "\n" in text or "\r" in text else text
+    # split and strip, not one regex with \s* around the break: that backtracks over long runs of spaces
+    return " ".join(part.strip() for part in _LINE_BREAKS.split(text)) if "\n" in text or "\r" in text else text
 
 
 def _key(layout: str, columns: dict[str, int], fields: list[str], line: int, index: int) -> tuple[str, tuple[str, str] | None]:

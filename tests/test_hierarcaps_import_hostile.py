@@ -92,6 +92,24 @@ def test_hostile_test_layout_rows_each_end_as_a_row_or_their_own_reject(tmp_path
     conform(rejects, "rejects")  # every reject (none quotes undecodable bytes) can be written
 
 
+def test_a_stray_quote_on_every_line_costs_each_line_only_and_stays_linear(tmp_path):
+    def timed_read(path, lines):
+        path.write_text("id,captions,image_url\n" + "\n".join(lines) + f"\nlast,{GOOD},{URL}\n")
+        started = time.perf_counter()
+        result = read_official_csv(path)
+        return result, time.perf_counter() - started
+
+    count = 60_000
+    (_, rows, rejects), seconds = timed_read(tmp_path / "quotes.csv", [f'{i},"{GOOD},{URL}' for i in range(count)])
+    (_, clean_rows, _), clean_seconds = timed_read(tmp_path / "clean.csv", [f"{i},{GOOD},{URL}" for i in range(count)])
+    assert [r["key"] for r in rows] == ["last"] and len(clean_rows) == count + 1
+    assert len(rejects) == count and {r["reason"] for r in rejects} == {"unbalanced_quote"}
+    assert rejects[0]["key"] == "0"  # the id of the line, where it has one
+    # every stray quote restarts the reader; restarting from a copy of the rest of the file made
+    # this quadratic (7x the clean file's time at this size)
+    assert seconds < 2 * clean_seconds + 0.5
+
+
 def test_hostile_train_layout_gzipped_like_the_official_file(tmp_path):
     negative = "plant => flower => flower in a vase => a red flower standing in a vase"
     text = "\n".join(
