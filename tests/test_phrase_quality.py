@@ -1,7 +1,7 @@
 """Phrase splitting against 46 captions labelled by hand for this test (tests/data/phrase_labels.jsonl).
 
 Labels follow the documented rules: maximal expressions for concrete objects, expanded by one
-attribute preposition (of, with, in, without) while locatives ("on a desk") start a second
+attribute preposition (of, with, in) while locatives ("on a desk") start a second
 expression; no pronoun, abstract/scene-level, number, date or place chunks.
 """
 
