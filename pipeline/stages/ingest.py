@@ -56,7 +56,7 @@ class IngestStage(Stage):
                         # EXIF orientation is decided here, once: the row stores upright, 8-bit,
                         # flattened bytes that every loader (the detector's to_rgb, FG-CLIP's
                         # plain convert("RGB"), a browser) decodes to the same pixels, so the
-                        # recorded size and every box are in that one frame. See README "Image shards".
+                        # recorded size and every box are in that one frame. See README "Data format".
                         data, stored_format = normalised_bytes(data)
                         counters.update(f"normalised_{why}" for why in info.normalise)
                 except ImageRejected as rejected:
