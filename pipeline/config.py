@@ -1,7 +1,8 @@
 """One resolved config per run: defaults < YAML file (--config) < --set key=value overrides.
 
 Every section is a plain dataclass; a key that does not exist or a value of the wrong type
-is an error that names the key, so a typo never silently falls back to a default.
+is an error that names the key, so a typo never silently falls back to a default. Every number
+has an allowed range (RANGES below), checked once everything is merged and before any work.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import TypeVar
 
 import yaml
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 
 T = TypeVar("T")
 
@@ -297,6 +299,120 @@ class Config:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take (always finite)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False  # `low` itself is excluded
+    open_high: bool = False
+    meaning: str = ""  # why, shown in the error
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # NaN compares False to everything
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low = f"{'more than' if self.open_low else 'at least'} {_number(self.low)}"
+        if self.high == math.inf:
+            return low + self.meaning
+        return f"{low} and {'less than' if self.open_high else 'at most'} {_number(self.high)}{self.meaning}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+COUNT = Range(1)
+ZERO_OR_MORE = Range(0)
+POSITIVE = Range(0, open_low=True)
+FRACTION = Range(0, 1)
+TOP_P = Range(0, 1, open_low=True)
+SEED = Range(0, 2**32 - 1, meaning=" (numpy and CUDA take 32-bit seeds)")
+
+# The range of each numeric setting, by field name for every section that has it; a
+# "section.field" entry wins over the name alone. tests/test_config.py checks that every
+# numeric setting has one, so a new setting must be added here.
+RANGES: dict[str, Range] = {
+    # shared names
+    "batch_size": COUNT, "max_new_tokens": COUNT, "tensor_parallel_size": COUNT,
+    "num_actors": Range(0, meaning=" (0 = automatic)"), "cpus_per_actor": ZERO_OR_MORE,
+    "temperature": ZERO_OR_MORE, "top_p": TOP_P, "seed": SEED,
+    "min_latin_fraction": FRACTION, "max_caption_chars": COUNT,
+    "learning_rate": POSITIVE, "weight_decay": ZERO_OR_MORE, "warmup_steps": ZERO_OR_MORE,
+    "epochs": POSITIVE, "max_steps": Range(0, meaning=" (0 = run by epochs)"),
+    "log_every": COUNT, "eval_every": COUNT, "save_every": COUNT, "keep_checkpoints": COUNT,
+    # run: a CPU share of 0 would start every shard at once, no CPU at all waits forever
+    "run.num_cpus": Range(1, meaning=" (or null for all cores)"), "run.cpus_per_task": POSITIVE,
+    "run.max_shards_in_flight": Range(0, meaning=" (0 = twice the cluster's CPUs)"), "run.max_retries": ZERO_OR_MORE,
+    "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT,
+    "phrases.max_phrase_words": COUNT, "phrases.english_check_min_words": ZERO_OR_MORE,
+    "recaption.max_image_side": COUNT, "recaption.max_aspect_ratio": Range(1),
+    "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,
+    "min_english_fraction": FRACTION, "recaption.min_distinct_trigrams": FRACTION,
+    # 1 would call every caption a loop: each word "repeats" once
+    "recaption.max_ngram_repeats": Range(2),
+    "ground.image_size": Range(32, meaning=" (the detector's stride)"), "ground.score_threshold": FRACTION,
+    "ground.nms_iou": FRACTION, "ground.cross_phrase_iou": FRACTION, "ground.min_box_area": FRACTION,
+    "ground.max_box_area": FRACTION, "ground.whole_image_area": FRACTION,
+    "ground.max_boxes_per_phrase": COUNT, "ground.max_boxes_per_image": COUNT, "ground.text_cache_size": ZERO_OR_MORE,
+    "negatives.per_region": COUNT, "negatives.min_valid": ZERO_OR_MORE, "negatives.max_changed_words": COUNT,
+    "negatives.max_entailment": FRACTION,
+    "hierarcaps.demonstrations": ZERO_OR_MORE, "hierarcaps.min_entailment": FRACTION,
+    "hierarcaps.max_negative_entailment": FRACTION, "hierarcaps.num_beams": COUNT,
+    "hierarcaps.negative_candidates": Range(0, meaning=" (0 = no negatives)"),
+    "hierarcaps.candidate_temperature": POSITIVE, "hierarcaps.candidate_top_p": TOP_P,
+    "hierarcaps.generate_max_new_tokens": COUNT,
+    "distill.max_source_tokens": COUNT, "distill.max_target_tokens": COUNT,
+    "distill.eval_fraction": Range(0, 1, open_high=True, meaning=" (1 leaves nothing to train on)"),
+    "distill.max_eval_chains": ZERO_OR_MORE,
+    # fgclip and radial share the trainer's names; these are theirs alone
+    "gradient_accumulation": COUNT, "shuffle_buffer": COUNT, "num_workers": ZERO_OR_MORE,
+    "fgclip.image_size": Range(0, meaning=" (0 = the model's own)"), "fgclip.long_text_tokens": Range(77, meaning=" (CLIP's own 77 positions)"),
+    "fgclip.keep_positions": COUNT, "fgclip.max_boxes": COUNT, "fgclip.hard_negatives": ZERO_OR_MORE,
+    "fgclip.long_weight": ZERO_OR_MORE, "fgclip.short_weight": ZERO_OR_MORE, "fgclip.regional_weight": ZERO_OR_MORE,
+    "fgclip.hard_negative_weight": ZERO_OR_MORE,
+    "radial.lambda_e": ZERO_OR_MORE, "radial.lambda_m": ZERO_OR_MORE, "radial.lambda_p": ZERO_OR_MORE,
+}
+# Pairs whose order matters: (section, smaller setting, larger setting, strictly smaller).
+ORDERED: list[tuple[str, str, str, bool]] = [
+    ("ground", "min_box_area", "max_box_area", False),
+    ("negatives", "min_valid", "per_region", False),
+    ("fgclip", "keep_positions", "long_text_tokens", True),
+]
+
+
+def range_of(section: str, name: str) -> Range | None:
+    return RANGES.get(f"{section}.{name}") or RANGES.get(name)
+
+
+def numeric_settings(config: Config):
+    """(section, name, value) of every int or float setting (bools are not numbers here)."""
+    for section_field in dataclasses.fields(config):
+        section = getattr(config, section_field.name)
+        for name, hint in typing.get_type_hints(type(section)).items():
+            options = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+            if options & {int, float}:
+                yield section_field.name, name, getattr(section, name)
+
+
+def validate(config: Config) -> None:
+    """One-line FgdataError naming the first setting out of its range; runs before any work."""
+    for section, name, value in numeric_settings(config):
+        allowed = range_of(section, name)
+        if value is not None and allowed is not None and value not in allowed:
+            raise FgdataError(f"setting {section}.{name}={_shown(value)} is out of range: it must be {allowed}")
+    for section, smaller, larger, strictly in ORDERED:
+        low, high = getattr(getattr(config, section), smaller), getattr(getattr(config, section), larger)
+        if low > high or (strictly and low == high):
+            relation = "less than" if strictly else "at most"
+            raise FgdataError(f"setting {section}.{smaller}={low!r} must be {relation} {section}.{larger}={high!r}")
+
+
 def pick(target: type[T], settings) -> T:
     """Builds `target` (a dataclass) from the same-named fields of a config section."""
     return target(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(target)})
@@ -311,16 +427,31 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         if not sep or not key.strip():
             raise FgdataError(f"--set expects key=value (for example phrases.batch_size=128), got {item!r}")
         _set_key(config, key.strip(), _parse_scalar(raw), source="--set")
+    validate(config)
     return config
 
 
+# A settings file is a few KiB; anything this large is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FgdataError(f"config file {path} does not exist")
+    if not path.is_file():  # a directory, or a FIFO or device that would block the read forever
+        raise FgdataError(f"config file {path} is not a regular file; give the path of a YAML file")
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise FgdataError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise FgdataError(f"config file {path} is not valid YAML: {exc}") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise FgdataError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB; give the path of a YAML settings file")
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FgdataError(f"config file {path} is not UTF-8 text (byte {exc.start}); give the path of a YAML file") from None
+    except OSError as exc:
+        raise FgdataError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        # deep nesting exhausts PyYAML's recursive composer; an int of 4,300+ digits makes int() raise
+        raise FgdataError(f"config file {path} is not valid YAML: {first_line(exc)[:300]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -331,7 +462,7 @@ def _read_yaml(path: Path) -> dict:
 def _parse_scalar(raw: str):
     try:
         return yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):
         return raw
 
 
@@ -359,7 +490,7 @@ def _set_key(config: Config, dotted: str, value, source: str) -> None:
 
 def _coerce(key: str, value, expected, source: str):
     def wrong() -> FgdataError:
-        return FgdataError(f"{source}: {key} must be {_type_name(expected)}, got {value!r}")
+        return FgdataError(f"{source}: {key} must be {_type_name(expected)}, got {_shown(value)}")
 
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
@@ -401,6 +532,12 @@ def _coerce(key: str, value, expected, source: str):
             return value
         raise wrong()
     raise wrong()
+
+
+def _shown(value) -> str:
+    """A value as an error message quotes it: one short line, even for a megabyte of text."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _type_name(expected) -> str:

@@ -143,6 +143,10 @@ def _finished_for_this_input(out_dir: Path, fingerprints: dict[str, str]) -> set
 
 def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
     ensure_ray(config.run)
+    # a task bigger than every node would wait for one forever
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if config.run.cpus_per_task > largest:
+        raise FgdataError(f"run.cpus_per_task={config.run.cpus_per_task:g} is more than the largest Ray node's {largest:g} CPUs; lower it")
     stage_ref, config_ref = ray.put(stage), ray.put(config)
     if stage.uses_model:
         submit, limit = _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config, fingerprints)

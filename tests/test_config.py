@@ -1,6 +1,8 @@
+import os
+
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config, numeric_settings, range_of, validate
 from pipeline.errors import FgdataError
 
 
@@ -58,3 +60,104 @@ def test_settings_hash_follows_the_stage_section_only():
     base = load_config()
     assert base.section_hash("phrases") == load_config(None, ["run.num_cpus=1"]).section_hash("phrases")
     assert base.section_hash("phrases") != load_config(None, ["phrases.batch_size=8"]).section_hash("phrases")
+
+
+# Settings that once gave a traceback, silently dropped or cut data, or hung (issue 12).
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ingest.rows_per_shard=0", "ingest.rows_per_shard=0 is out of range: it must be at least 1"),  # was a traceback
+        ("ingest.rows_per_shard=-1", "ingest.rows_per_shard=-1 is out of range"),  # dropped every image
+        ("ingest.max_caption_chars=-1", "ingest.max_caption_chars=-1 is out of range"),  # cut a character off each caption
+        ("run.num_cpus=0", "run.num_cpus=0 is out of range: it must be at least 1 \\(or null for all cores\\)"),  # hung
+        ("run.cpus_per_task=0", "run.cpus_per_task=0.0 is out of range: it must be more than 0"),
+        ("run.max_retries=-1", "run.max_retries=-1 is out of range: it must be at least 0"),
+        ("run.max_shards_in_flight=-1", "run.max_shards_in_flight=-1 is out of range"),
+        ("phrases.batch_size=0", "phrases.batch_size=0 is out of range"),
+        ("recaption.batch_size=0", "recaption.batch_size=0 is out of range"),
+        ("ground.batch_size=0", "ground.batch_size=0 is out of range"),
+        ("negatives.batch_size=0", "negatives.batch_size=0 is out of range"),
+        ("hierarcaps.batch_size=0", "hierarcaps.batch_size=0 is out of range"),
+        ("distill.batch_size=0", "distill.batch_size=0 is out of range"),
+        ("fgclip.batch_size=0", "fgclip.batch_size=0 is out of range"),
+        ("radial.batch_size=-8", "radial.batch_size=-8 is out of range"),
+        ("ground.score_threshold=1.5", "ground.score_threshold=1.5 is out of range: it must be at least 0 and at most 1"),
+        ("recaption.top_p=0", "recaption.top_p=0.0 is out of range: it must be more than 0 and at most 1"),
+        ("fgclip.learning_rate=0", "fgclip.learning_rate=0.0 is out of range: it must be more than 0"),
+        ("distill.learning_rate=.nan", "distill.learning_rate=nan is out of range"),
+        ("radial.learning_rate=.inf", "radial.learning_rate=inf is out of range"),
+        ("distill.eval_fraction=1", "distill.eval_fraction=1.0 is out of range: .* \\(1 leaves nothing to train on\\)"),
+        ("recaption.seed=-1", "recaption.seed=-1 is out of range: it must be at least 0 and at most 4294967295"),
+        ("recaption.max_ngram_repeats=1", "recaption.max_ngram_repeats=1 is out of range: it must be at least 2"),
+        ("ground.text_cache_size=-1", "ground.text_cache_size=-1 is out of range"),
+        ("negatives.min_valid=11", "negatives.min_valid=11 must be at most negatives.per_region=10"),
+        ("fgclip.keep_positions=248", "fgclip.keep_positions=248 must be less than fgclip.long_text_tokens=248"),
+        ("ingest.rows_per_shard=-" + "1" * 4000, "ingest.rows_per_shard=-1111.*\\.\\.\\. is out of range"),  # quoted short
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(FgdataError, match=message) as refused:
+        load_config(None, [override])
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 300
+
+
+def test_ranges_are_checked_in_files_too(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("ground:\n  min_box_area: 0.5\n  max_box_area: 0.2\n")
+    with pytest.raises(FgdataError, match="ground.min_box_area=0.5 must be at most ground.max_box_area=0.2"):
+        load_config(config_file)
+
+
+def test_every_numeric_setting_has_a_range_and_its_default_is_in_it():
+    missing = [f"{section}.{name}" for section, name, _ in numeric_settings(Config()) if range_of(section, name) is None]
+    assert missing == [], f"add a range to pipeline.config.RANGES for {missing}"
+    validate(Config())  # the defaults themselves pass
+    assert load_config(None, ["run.num_cpus=null"]).run.num_cpus is None  # null stays "all cores"
+
+
+def _mkfifo(path):
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("a directory", lambda p: p.mkdir(), "is not a regular file"),
+        ("a FIFO", _mkfifo, "is not a regular file"),  # reading it would block forever
+        ("binary", lambda p: p.write_bytes(bytes(range(256)) * 4), "is not UTF-8 text"),
+        ("latin-1 text", lambda p: p.write_bytes("ingest:\n  rows_per_shard: 5  # café\n".encode("latin-1")), "is not UTF-8 text"),
+        ("NUL bytes", lambda p: p.write_bytes(b"ingest:\n  rows_per_shard: 5\x00\n"), "is not valid YAML"),
+        ("100,000 nested brackets", lambda p: p.write_text("[" * 100_000), "is not valid YAML"),  # was RecursionError
+        ("an int of 5,000 digits", lambda p: p.write_text("ingest:\n  rows_per_shard: " + "1" * 5000), "is not valid YAML"),
+        ("2 MiB", lambda p: p.write_text("#" * (2 << 20)), "is over 1 MiB"),
+    ],
+)
+def test_a_config_that_is_no_yaml_text_file_is_a_one_line_error(tmp_path, name, make, message):
+    path = tmp_path / "settings.yaml"
+    make(path)
+    with pytest.raises(FgdataError, match=message) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_cli_refuses_a_bad_setting_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import SAMPLE_IMAGES
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["ingest", str(SAMPLE_IMAGES), str(tmp_path / "out"), "--set", "ingest.rows_per_shard=-1"])
+    assert result.exit_code == 2 and "ingest.rows_per_shard=-1 is out of range" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever(tmp_path):
+    from conftest import SAMPLE_IMAGES, make_config
+    from pipeline.runner import run_stage
+    from pipeline.stages.ingest import IngestStage
+
+    out = tmp_path / "out"
+    with pytest.raises(FgdataError, match="run.cpus_per_task=64 is more than the largest Ray node's 2 CPUs"):
+        run_stage(IngestStage(SAMPLE_IMAGES), out, make_config("run.cpus_per_task=64"))
+    assert not list(out.glob("part-*.parquet"))
