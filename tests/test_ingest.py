@@ -384,3 +384,19 @@ def test_table_nulls_never_become_nan_and_fifo_paths_are_not_opened(tmp_path):
         IngestStage(tmp_path / "fifo.csv", "table").plan(make_config())
     with deadline(10), pytest.raises(FgdataError, match="is not a folder or a table file"):
         IngestStage(tmp_path / "fifo.csv").plan(make_config())
+
+
+def test_a_folder_that_cannot_be_listed_is_a_reject(tmp_path, monkeypatch):
+    # chmod 000 does not stop root, so the refusal is simulated where os.walk lists a folder.
+    (tmp_path / "ok.jpg").write_bytes(image_bytes())
+    (tmp_path / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    rows, rejects = ingest_in_process(tmp_path)
+    assert [r["key"] for r in rows] == ["ok"] and reasons(rejects) == {"locked": "unreadable_folder"}
