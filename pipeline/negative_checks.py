@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
+from pipeline.attribute_swap import same_meaning
 from pipeline.text import latin_fraction
 
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
@@ -36,9 +37,24 @@ def structure_problem(positive: str, negative: str, head: str, seen: set[str], m
     changed = _changed_content_words(pos, neg)
     if changed == 0:
         return "only_function_words_changed"
+    if _only_synonyms_changed(pos, neg):
+        return "same_meaning"  # "a large horse" → "a huge horse" contradicts nothing
     if changed > max_changed_words:
         return "too_many_changes"
     return None
+
+
+def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
+    """Whether every changed word was replaced, one for one, by a word of the same meaning class
+    in the attribute lexicons (whichever backend wrote the negative)."""
+    pairs = []
+    for op, i1, i2, j1, j2 in SequenceMatcher(a=positive, b=negative, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        if op != "replace" or i2 - i1 != j2 - j1:
+            return False
+        pairs += [(a, b) for a, b in zip(positive[i1:i2], negative[j1:j2]) if a != b and a not in _FUNCTION_WORDS]
+    return bool(pairs) and all(same_meaning(a, b) for a, b in pairs)
 
 
 def _content(span: list[str]) -> int:

@@ -32,7 +32,7 @@ from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_
 from pipeline.stages.phrases import load_pipeline, pipeline_id
 
 REGION_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
-LEXICON_VERSION = "rules:lexicon-v1"
+LEXICON_VERSION = "rules:lexicon-v2"  # v2: contradicting classes, no swaps inside compounds
 
 
 @dataclass
