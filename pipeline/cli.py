@@ -177,6 +177,9 @@ def ground(
     ] = None,
     backend: Annotated[Optional[str], typer.Option(help="yolo_world or owlv2 (ground.backend).")] = None,
     detector: Annotated[Optional[str], typer.Option(help="YOLO-World checkpoint name or path (ground.detector).")] = None,
+    trust_model_file: Annotated[
+        bool, typer.Option("--trust-model-file", help="Load a detector file whose safety fgdata cannot check: it may run code (ground.trust_model_file).")
+    ] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -191,6 +194,7 @@ def ground(
     from pipeline.stages.ground import GroundStage
 
     flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
+    flags += ["ground.trust_model_file=true"] * trust_model_file
     _run_stage(GroundStage(phrases_dir, images), out, config, [*flags, *(set_ or [])], overwrite)
 
 
@@ -218,28 +222,45 @@ def negatives(
 @export_app.command("fgclip")
 def export_fgclip_command(
     fggrn: Annotated[Path, typer.Argument(help="FgGRN shards (from `fgdata negatives`).")],
-    out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/.")],
+    out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/ (FG-CLIP's --data_path and --image_folder).")],
     images: Annotated[Optional[Path], typer.Option(help="Image shards; default: found through FGGRN's lineage.")] = None,
-    negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1.")] = 10,
+    negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1 (FG-CLIP's hard-negative loss takes exactly 10).")] = 10,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the files an earlier export into OUT wrote first (nothing else), instead of refreshing them.")
+    ] = False,
+    lowercase: Annotated[
+        bool, typer.Option("--lowercase/--keep-case", help="Lowercase region texts (short_expr, long_expr, negatives), as FG-CLIP 2 does to the negatives it reads.")
+    ] = True,
+    allow_missing_long_captions: Annotated[
+        bool, typer.Option("--allow-missing-long-captions", help="Export images without a long caption (their caption repeats short_caption, counted) instead of refusing.")
     ] = False,
 ):
     """Write FgGRN as FG-CLIP's stage-2 trainer reads it: a JSON list with the images beside it.
 
-    Each item: f_path, caption (long caption), short_caption, and bbox_info with bbox (x1, y1, x2, y2
-    normalised to 0-1), short_expr (the phrase), long_expr (its caption sentence), flag_short_neg and
-    short_expr_negs (the hard negatives keyed "0".."9").
+    Each item: f_path, caption (long caption), short_caption, and bbox_info, one box per phrase
+    (best score), boxes with hard negatives first: bbox (x1, y1, x2, y2 normalised to 0-1),
+    short_expr (the phrase), long_expr (the phrase with its modifiers from the long caption),
+    flag_short_neg and short_expr_negs (the hard negatives keyed "0".."9"). An image with no box
+    that has hard negatives is left out and counted. fgclip.json is the only .json file in OUT.
     """
     from pipeline.export_fgclip import export_fgclip
 
     with _user_errors():
-        summary = export_fgclip(fggrn, out, images, negatives_needed=negatives, overwrite=overwrite)
+        summary = export_fgclip(
+            fggrn, out, images, negatives_needed=negatives, overwrite=overwrite, lowercase=lowercase, allow_missing_long_captions=allow_missing_long_captions
+        )
+        left_out = ", ".join(f"{n} {reason}" for reason, n in summary["left_out"].items() if n) or "none"
         typer.echo(
             f"wrote {summary['json']}: {summary['items']} images, {summary['boxes']} boxes, "
             f"{summary['boxes_with_negatives']} with {negatives} negatives; {len(summary['missing_images'])} image(s) not found, "
-            f"{summary['bad_boxes']} bad box(es) left out"
+            f"{summary['bad_boxes']} bad box(es) left out, {summary['duplicate_phrase_boxes']} box(es) of a phrase already boxed left out; "
+            f"images left out: {left_out}; {summary['missing_long_captions']} image(s) without a long caption"
         )
+        if summary["missing_long_captions"]:
+            typer.echo(f"warning: {summary['missing_long_captions']} image(s) have no long caption: their caption repeats short_caption", err=True)
+        if summary["other_data_files"]:
+            names = ", ".join(summary["other_data_files"])
+            typer.echo(f"warning: {out} also holds {names}; FG-CLIP's loaders read every *.json and *.jsonl there as data", err=True)
 
 
 @hierarcaps_app.command("import")

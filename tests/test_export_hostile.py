@@ -100,7 +100,7 @@ def test_export_is_refreshed_in_place_and_overwrite_deletes_only_its_own_files(t
     world = make_world(tmp_path, keys=["a", "b", "c"])
     out = tmp_path / "export"
     assert invoke("export", "fgclip", world["fggrn"], out).exit_code == 0
-    record = json.loads((out / "_run.json").read_text())
+    record = json.loads((out / "_run.fgdata").read_text())
     assert record["stage"] == "export-fgclip"
     first = exported(out)
     paths = [out / item["f_path"] for item in first]
@@ -118,7 +118,7 @@ def test_export_is_refreshed_in_place_and_overwrite_deletes_only_its_own_files(t
     assert invoke("export", "fgclip", world["fggrn"], out).exit_code == 0  # refreshed, no --overwrite needed
     assert paths[0].read_bytes() == good  # same size, other bytes: rewritten
     assert not paths[1].is_symlink() and outside.read_bytes() == b"precious"
-    assert json.loads((out / "_export.json").read_text())["images_written"] == 2
+    assert json.loads((out / "_export.fgdata").read_text())["images_written"] == 2
     assert exported(out) == first
 
     # a later export of other keys: refreshing keeps the earlier images (recorded as ours),
@@ -139,9 +139,9 @@ def test_export_overwrite_never_deletes_outside_what_its_record_may_name(tmp_pat
     assert invoke("export", "fgclip", world["fggrn"], out).exit_code == 0
     (tmp_path / "thesis.txt").write_text("years of work")
     (out / "images" / ".hidden").write_text("mine")
-    record = json.loads((out / "_run.json").read_text())
+    record = json.loads((out / "_run.fgdata").read_text())
     record["files"] += ["../thesis.txt", "images/../../thesis.txt", "images/.hidden", "/etc/hostname"]
-    (out / "_run.json").write_text(json.dumps(record))
+    (out / "_run.fgdata").write_text(json.dumps(record))
     assert invoke("export", "fgclip", world["fggrn"], out, "--overwrite").exit_code == 0
     assert (tmp_path / "thesis.txt").read_text() == "years of work" and (out / "images" / ".hidden").read_text() == "mine"
 
@@ -172,7 +172,7 @@ def test_export_gives_every_key_its_own_stable_safe_file_name(tmp_path):
     # stable: the name depends on the key alone, and a second export writes nothing new
     assert names == [image_file_name(k, "PNG") for k in HOSTILE_KEYS]
     assert invoke("export", "fgclip", world["fggrn"], out).exit_code == 0
-    assert json.loads((out / "_export.json").read_text())["images_written"] == 0
+    assert json.loads((out / "_export.fgdata").read_text())["images_written"] == 0
     print(f"hostile keys: {len(HOSTILE_KEYS)} in, {len(items)} exported, {seconds:.2f}s")
 
 
@@ -228,7 +228,7 @@ def test_corrupt_run_record_in_the_export_folder_is_refused_untouched(tmp_path, 
     world = make_world(tmp_path)
     out = tmp_path / "export"
     assert invoke("export", "fgclip", world["fggrn"], out).exit_code == 0
-    run_file = out / "_run.json"
+    run_file = out / "_run.fgdata"
     if damage == "no stage":
         run_file.write_text(json.dumps({"files": ["fgclip.json"]}))
     else:

@@ -264,7 +264,7 @@ def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     assert cup["flag_short_neg"] == 1 and list(cup["short_expr_negs"]) == [str(i) for i in range(10)]
     assert all(n.endswith(" cup") for n in cup["short_expr_negs"].values())
     table = first["bbox_info"][1]
-    assert (table["short_expr"], table["long_expr"], table["flag_short_neg"], table["short_expr_negs"]) == ("a wooden table", "a wooden table", 0, {})
+    assert (table["short_expr"], table["long_expr"], table["flag_short_neg"]) == ("a wooden table", "a wooden table", 1)
     assert region_description("A dog runs. A red cup sits here! Done", 12, 21) == "A red cup sits here"
 
 
