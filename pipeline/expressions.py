@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from spacy.tokens import Doc, Span, Token
 
@@ -36,6 +37,10 @@ _ABSENCE_VERBS = {"lack"}
 # "a car is not visible": the subject of a negated copula with one of these is absent too.
 _PRESENCE_WORDS = {"visible", "present", "seen", "shown", "pictured", "depicted", "there", "included"}
 _OBJECT_DEPS = {"dobj", "attr", "oprd", "dative", "pobj"}
+# Number agreement for the verb-tagged-as-noun guard: "a ... drifts" cannot be one noun phrase.
+_SINGULAR_DETERMINERS = {"a", "an", "one", "each", "every", "this", "that", "another"}
+_SINGULAR_NOUN_TAGS = {"NN", "NNP"}
+_FINITE_VERB_TAGS = {"VBZ", "VBP", "VBD", "MD"}
 
 
 @dataclass(frozen=True)
@@ -45,27 +50,38 @@ class ExpressionRules:
     attribute_preps: frozenset[str]
     drop_entity_types: frozenset[str]
     max_words: int
+    # Prepositions that join only a worn item ("a man in a blue jacket", not "strawberries in a
+    # bowl") or a worn item, part or marking ("a kitten with blue eyes", not "a table with a mug").
+    worn_preps: frozenset[str] = frozenset()
+    part_preps: frozenset[str] = frozenset()
+    worn_heads: frozenset[str] = frozenset()
+    part_heads: frozenset[str] = frozenset()
+    # Lemmas the pipeline's lemmatizer knows as verbs (for the verb-tagged-as-noun guard).
+    verb_lemmas: frozenset[str] = frozenset()
 
 
 def extract_expressions(doc: Doc, rules: ExpressionRules, counters: Counter | None = None) -> list[dict]:
     """Expressions of one parsed caption; `counters` (if given) counts negated phrases dropped and
     phrases cut to max_words."""
     counters = Counter() if counters is None else counters
-    chunks = [_trim(chunk) for chunk in doc.noun_chunks]
-    spans = []
-    for chunk in chunks:
-        if not _is_groundable(chunk.root, rules):
+    phrases = _noun_phrases(doc, rules)
+    starting_at = {phrase.span.start: phrase for phrase in phrases}
+    spans: dict[tuple[int, int], tuple[Span, Token]] = {}
+    for phrase in phrases:
+        if not _is_groundable(phrase.root, rules):
             continue
-        if is_negated(chunk):
+        if is_negated(phrase.span, phrase.root):
             counters["phrases_negated"] += 1
             continue
-        span = _limit(_expand(chunk, rules), rules.max_words)
-        counters["phrases_truncated"] += span.start != chunk.start
-        spans.append(span)
-    maximal = [s for s in spans if not any(o is not s and o.start <= s.start and s.end <= o.end for o in spans)]
+        # Every noun phrase gives an expression, nested or not: "a man in a blue jacket" and
+        # "a blue jacket" are both objects to box.
+        whole = _expand(phrase, starting_at, rules)
+        span = _limit(whole, rules.max_words)
+        counters["phrases_truncated"] += span.start != whole.start
+        spans[span.start, span.end] = (span, phrase.root)
     merged: dict[str, dict] = {}
-    for span in maximal:
-        key = _normalise(span)
+    for span, root in sorted(spans.values(), key=lambda item: (item[0].start, -item[0].end)):
+        key = _normalise(span)  # only the same words again are the same expression ("a dog" ... "the dog")
         if key in merged:
             merged[key]["mentions"] += 1
             continue
@@ -73,10 +89,70 @@ def extract_expressions(doc: Doc, rules: ExpressionRules, counters: Counter | No
             "text": span.text,
             "start": span.start_char,
             "end": span.end_char,
-            "head": span.root.lemma_.lower(),
+            "head": root.lemma_.lower(),
             "mentions": 1,
         }
     return list(merged.values())
+
+
+class _Phrase(NamedTuple):
+    span: Span
+    root: Token  # the head noun; a piece cut before a verb has no root of its own in the parse
+    source: Span  # the noun chunk it comes from
+
+
+def _noun_phrases(doc: Doc, rules: ExpressionRules) -> list[_Phrase]:
+    """spaCy's noun chunks, trimmed, and cut where the small tagger took the clause's verb for a
+    noun: "a white hat slices tomatoes" is "a white hat" + "tomatoes"."""
+    phrases = []
+    for chunk in (_trim(c) for c in doc.noun_chunks):
+        verb = _verb_tagged_as_noun(chunk, rules)
+        if verb is None:
+            phrases.append(_Phrase(chunk, chunk.root, chunk))
+            continue
+        phrases.append(_Phrase(doc[chunk.start : verb.i], doc[verb.i - 1], chunk))
+        if verb.i + 1 < chunk.end:
+            phrases.append(_Phrase(doc[verb.i + 1 : chunk.end], chunk.root, chunk))
+    return phrases
+
+
+def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
+    """A word inside a noun chunk that reads as the sentence's verb, or None. Only a word the
+    lemmatizer also knows as a verb qualifies, and only where number agreement or a missing verb
+    rules the compound out, so true compounds ("tennis shoes on a floor", "apple slices") stay:
+    - "a blue sailboat drifts", "a white hat slices tomatoes": a singular determiner cannot head a
+      plural noun, so a plural after a singular noun is a third-person verb;
+    - "a girl with curly hair smiles at ...": a plural after a singular noun in a sentence that has
+      no finite verb, with a noun phrase before it to be the subject and words after it;
+    - "pigeons peck at crumbs": a bare plural noun then a word that can be a verb, at the start of a
+      sentence that has no finite verb, followed by more words."""
+    doc = chunk.doc
+    for token in chunk[1:]:
+        before = doc[token.i - 1]
+        if not rules.verb_lemmas or token.lemma_.lower() not in rules.verb_lemmas:
+            continue
+        sentence = token.sent
+        has_finite_verb = any(t.tag_ in _FINITE_VERB_TAGS for t in sentence)
+        continues = token.i + 1 < sentence.end and not doc[token.i + 1].is_punct
+        if token.tag_ == "NNS" and before.tag_ in _SINGULAR_NOUN_TAGS:
+            if chunk[0].lower_ in _SINGULAR_DETERMINERS:
+                return token
+            if not has_finite_verb and continues and chunk.start > sentence.start and _noun_before(chunk, sentence):
+                return token
+        if (
+            token.tag_ in _SINGULAR_NOUN_TAGS
+            and before.tag_ == "NNS"
+            and token.i == chunk.end - 1
+            and chunk.start == sentence.start
+            and not has_finite_verb
+            and continues
+        ):
+            return token
+    return None
+
+
+def _noun_before(chunk: Span, sentence: Span) -> bool:
+    return any(t.pos_ in _CONTENT_POS for t in chunk.doc[sentence.start : chunk.start])
 
 
 def _is_groundable(root: Token, rules: ExpressionRules) -> bool:
@@ -84,7 +160,7 @@ def _is_groundable(root: Token, rules: ExpressionRules) -> bool:
         return False
     if not any(ch.isalpha() for ch in root.text):  # an emoji or symbol the tagger called a noun
         return False
-    words = {root.lemma_.lower(), root.lower_, _glued_word(root)}
+    words = _words(root)
     if words & rules.abstract_heads:
         return False
     has_of_phrase = any(c.dep_ == "prep" and c.lower_ == "of" for c in root.rights)
@@ -99,31 +175,46 @@ def _glued_word(token: Token) -> str:
     return token.doc[start : token.i + 1].text.lower()
 
 
-def _expand(chunk: Span, rules: ExpressionRules) -> Span:
-    root = chunk.root
+def _expand(phrase: _Phrase, starting_at: dict[int, _Phrase], rules: ExpressionRules) -> Span:
+    """The phrase and one attached prepositional attribute ("a man" + "in a blue jacket"), or the
+    phrase alone."""
+    chunk, root = phrase.span, phrase.root
     preposition = next((c for c in root.rights if c.dep_ == "prep" and c.i == chunk.end), None)
     if preposition is None or preposition.lower_ not in rules.attribute_preps or preposition.lower_ in _NEGATING_PREPS:
         return chunk
     obj = next((c for c in preposition.children if c.dep_ == "pobj"), None)
+    # The object must be the noun phrase right after the preposition, all of it modifying the
+    # object ("in a blue jacket"); anything else means the parse is not a simple attribute. A
+    # piece cut before a verb tagged as a noun stands for the chunk it was cut from.
+    attribute = starting_at.get(preposition.i + 1)
+    if obj is None or attribute is None or obj not in attribute.source or attribute.source.start != attribute.span.start:
+        return chunk
     # "buildings in the distance": an attribute must name something visible too
-    if obj is None or not _is_groundable(obj, rules) or obj.i + 1 - chunk.start > rules.max_words:
+    if not _is_groundable(attribute.root, rules) or attribute.span.end - chunk.start > rules.max_words:
         return chunk
-    if _negated_noun(obj, set()):  # "a man with no hat" is "a man"
+    if _negated_noun(attribute.root, set()):  # "a man with no hat" is "a man"
         return chunk
-    # Everything between the preposition and its object must modify that object
-    # ("in a blue jacket"); anything else means the parse is not a simple attribute.
-    if any(not obj.is_ancestor(token) for token in chunk.doc[preposition.i + 1 : obj.i]):
+    # "a table with a mug", "strawberries in a bowl": a second object, not an attribute
+    words = _words(attribute.root)
+    if preposition.lower_ in rules.worn_preps and not words & rules.worn_heads:
         return chunk
-    return chunk.doc[chunk.start : obj.i + 1]
+    if preposition.lower_ in rules.part_preps and not words & (rules.worn_heads | rules.part_heads):
+        return chunk
+    return chunk.doc[chunk.start : attribute.span.end]
 
 
-def is_negated(chunk: Span) -> bool:
-    """Whether a noun phrase names something the caption says is absent."""
+def _words(token: Token) -> set[str]:
+    return {token.lemma_.lower(), token.lower_, _glued_word(token)}
+
+
+def is_negated(chunk: Span, root: Token | None = None) -> bool:
+    """Whether a noun phrase (headed by `root`, by default its parse root) names something the
+    caption says is absent."""
     before = chunk.doc[chunk.start - 1] if chunk.start > 0 else None
     # "..., not a red car": the parser often hangs "not" on some other word, so look at the text too
     if before is not None and before.lower_ in _NEGATORS and before.sent == chunk.root.sent:
         return True
-    return _negated_noun(chunk.root, set())
+    return _negated_noun(chunk.root if root is None else root, set())
 
 
 def _negated_noun(noun: Token, visited: set[int]) -> bool:

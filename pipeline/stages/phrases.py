@@ -64,7 +64,23 @@ def rules_from(config: PhrasesConfig) -> ExpressionRules:
         attribute_preps=frozenset(p.lower() for p in config.attribute_preps),
         drop_entity_types=frozenset(config.drop_entity_types),
         max_words=config.max_phrase_words,
+        worn_preps=frozenset(p.lower() for p in config.worn_preps),
+        part_preps=frozenset(p.lower() for p in config.part_preps),
+        worn_heads=frozenset(h.lower() for h in config.worn_heads),
+        part_heads=frozenset(h.lower() for h in config.part_heads),
+        verb_lemmas=_verb_lemmas(config.spacy_model),
     )
+
+
+@cache
+def _verb_lemmas(name: str) -> frozenset[str]:
+    """Words the pipeline's rule lemmatizer lists as verbs (WordNet's verb index in en_core_web_*);
+    empty when the pipeline has no such table, which turns the verb-tagged-as-noun guard off."""
+    try:
+        lookups = load_pipeline(name).get_pipe("lemmatizer").lookups
+        return frozenset(lookups.get_table("lemma_index")["verb"])
+    except (KeyError, AttributeError, ValueError):
+        return frozenset()
 
 
 class PhrasesStage(Stage):
