@@ -82,6 +82,45 @@ class PhrasesConfig:
     # Prepositions that introduce an attribute of the object rather than a second object.
     # ("without" names what is absent, so it never expands an expression: "a table", not "a table without chairs".)
     attribute_preps: list[str] = field(default_factory=lambda: ["of", "with", "in"])
+    # Of those, "in" joins only what is worn ("a man in a blue jacket"; "strawberries in a bowl" are
+    # two objects) and "with" only what is worn or part of the object or marked on it ("a kitten with
+    # blue eyes"; "a table with a mug" is two objects). Either way the nested object is kept as well.
+    worn_preps: list[str] = field(default_factory=lambda: ["in"])
+    part_preps: list[str] = field(default_factory=lambda: ["with"])
+    worn_heads: list[str] = field(
+        default_factory=lambda: [
+            "hat", "cap", "helmet", "hood", "glasses", "sunglasses", "goggles", "scarf", "backpack", "necklace",
+            "earring", "bracelet", "watch", "tie", "bowtie", "mask", "glove", "mitten", "jacket", "coat", "shirt",
+            "t-shirt", "dress", "suit", "uniform", "costume", "sweater", "hoodie", "jeans", "shorts", "apron",
+            "gown", "robe", "vest", "skirt", "pants", "trousers", "boot", "shoe", "sneaker", "sandal", "overalls",
+            "outfit", "clothes", "clothing", "attire", "bikini", "swimsuit", "wetsuit", "tuxedo", "blouse",
+            "pajamas", "kimono", "sari", "raincoat", "parka", "cardigan", "blazer", "jersey", "scrubs", "sock",
+            "leggings", "headband", "crown", "tiara", "turban", "hijab", "beanie", "beret", "bandana",
+            "headscarf", "headphones", "earbuds", "lanyard", "badge", "belt", "snowsuit", "cape", "cloak",
+            "poncho", "tutu", "kilt", "veil", "collar", "harness", "leash",
+        ]
+    )
+    part_heads: list[str] = field(
+        default_factory=lambda: [
+            # bodies, hair and fur
+            "hair", "beard", "mustache", "moustache", "eye", "ear", "nose", "tail", "wing", "fur", "feather",
+            "mane", "horn", "antler", "paw", "leg", "arm", "face", "smile", "tooth", "teeth", "tusk", "tattoo",
+            "freckle", "braid", "ponytail", "bangs", "curl", "bun", "dreadlocks", "whisker", "claw", "beak",
+            "hoof", "skin", "shell", "scale",
+            # markings and surfaces
+            "spot", "stripe", "dot", "pattern", "marking", "logo", "label", "lettering", "writing", "design",
+            "print", "graffiti", "decal", "sticker", "emblem", "trim", "border", "stitching", "embroidery",
+            "frosting", "icing", "glaze", "advertisement", "finish", "paint",
+            # parts of things
+            "handle", "lid", "sail", "mast", "hull", "roof", "window", "door", "wheel", "tire", "tyre", "spoke",
+            "key", "screen", "button", "sleeve", "pocket", "lace", "strap", "buckle", "zipper", "petal", "leaf",
+            "stem", "thorn", "frame", "drawer", "shelf", "column", "arch", "balcony", "chimney", "porch",
+            "steeple", "tower", "dome", "shutter", "awning", "facade", "blade", "shade", "dial", "base", "spout",
+            "rim", "brim", "heel", "sole", "seat", "backrest", "armrest", "headboard", "canopy", "railing",
+            "bumper", "headlight", "propeller", "antenna", "cord", "ribbon", "bow", "tassel", "fringe", "bead",
+            "sequin", "crust", "wick", "bristle", "surround", "mantel", "basket", "hinge", "knob", "clasp",
+        ]
+    )
     # GRIT drops number, date and place entities: they name no visible object.
     drop_entity_types: list[str] = field(
         default_factory=lambda: ["DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL", "GPE", "LOC"]
@@ -119,6 +158,9 @@ class GroundConfig:
     backend: str = "yolo_world"  # or "owlv2" (a transformers zero-shot detector)
     # YOLO-World: an ultralytics checkpoint name or path; a .yaml builds random weights
     detector: str = "yolov8x-worldv2.pt"
+    # Load a detector file fgdata cannot vouch for (a .pt whose sha256 is not in its table of
+    # official weights, an architecture .yaml with more than plain data): such files can run code.
+    trust_model_file: bool = False
     # The CLIP ViT-B/32 text tower YOLO-World v2 was trained with, for phrase embeddings
     text_encoder: str = "openai/clip-vit-base-patch32"
     owl_model: str = "google/owlv2-base-patch16-ensemble"  # used when backend=owlv2
