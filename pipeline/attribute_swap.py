@@ -25,7 +25,8 @@ SCALES: dict[str, list[list[tuple[str, ...]]]] = {
     "colour": [[("red",), ("blue",), ("green",), ("yellow",), ("black",), ("white",), ("brown",), ("grey", "gray"), ("orange",),
                 ("pink",), ("purple",), ("silver",), ("golden",), ("beige",), ("dark",), ("bright",)]],
     "material": [[("wooden",), ("metal", "metallic", "steel"), ("plastic",), ("glass",), ("leather",), ("stone",), ("brick",),
-                  ("paper",), ("cotton",), ("woolen", "wool"), ("marble",), ("ceramic",), ("concrete",), ("fabric",), ("rubber",)]],
+                  ("paper",), ("cotton",), ("woolen", "wool"), ("marble",), ("ceramic",), ("concrete",), ("fabric",), ("rubber",),
+                  ("wicker",), ("bamboo",), ("foam",)]],
     "size": [
         [("large", "big", "huge", "giant"), ("small", "tiny", "little")],
         [("tall",), ("short",)],
