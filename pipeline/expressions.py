@@ -40,6 +40,10 @@ _OBJECT_DEPS = {"dobj", "attr", "oprd", "dative", "pobj"}
 # Number agreement for the verb-tagged-as-noun guard: "a ... drifts" cannot be one noun phrase.
 _SINGULAR_DETERMINERS = {"a", "an", "one", "each", "every", "this", "that", "another"}
 _SINGULAR_NOUN_TAGS = {"NN", "NNP"}
+_NOUN_TAGS = {"NN", "NNP", "NNS", "NNPS"}
+_VERB_IN_CHUNK_TAGS = {"VBZ", "VBP", "VBD", "VBG"}
+# "a few logs", "a dozen eggs": a singular determiner that does go with a plural noun
+_COUNT_WORDS = {"few", "couple", "dozen", "hundred", "thousand", "lot", "number", "great", "good", "million"}
 _FINITE_VERB_TAGS = {"VBZ", "VBP", "VBD", "MD"}
 
 
@@ -103,17 +107,50 @@ class _Phrase(NamedTuple):
 
 def _noun_phrases(doc: Doc, rules: ExpressionRules) -> list[_Phrase]:
     """spaCy's noun chunks, trimmed, and cut where the small tagger took the clause's verb for a
-    noun: "a white hat slices tomatoes" is "a white hat" + "tomatoes"."""
+    noun ("a white hat slices tomatoes" is "a white hat" + "tomatoes"); plus the noun phrases the
+    chunker never offers because their head is such a verb ("a striped shirt" in "a toddler in a
+    striped shirt plays", parsed with "plays" as the object of "in")."""
+    chunks = [_trim(c) for c in doc.noun_chunks]
+    covered = {i for chunk in chunks for i in range(chunk.start, chunk.end)}
+    for token in doc:
+        if token.i not in covered and token.i > 0 and _is_stranded_modifier(doc[token.i - 1], token):
+            start = _left_edge_of_phrase(doc[token.i - 1], token)
+            if not covered & set(range(start, token.i)):
+                chunks.append(doc[start : token.i + 1])
     phrases = []
-    for chunk in (_trim(c) for c in doc.noun_chunks):
-        verb = _verb_tagged_as_noun(chunk, rules)
+    for chunk in sorted(chunks, key=lambda c: c.start):
+        verb = chunk[-1] if chunk[-1].tag_.startswith("VB") else _verb_tagged_as_noun(chunk, rules)
         if verb is None:
             phrases.append(_Phrase(chunk, chunk.root, chunk))
             continue
-        phrases.append(_Phrase(doc[chunk.start : verb.i], doc[verb.i - 1], chunk))
+        if verb.i > chunk.start:
+            phrases.append(_Phrase(doc[chunk.start : verb.i], doc[verb.i - 1], chunk))
         if verb.i + 1 < chunk.end:
             phrases.append(_Phrase(doc[verb.i + 1 : chunk.end], chunk.root, chunk))
     return phrases
+
+
+_NOUN_MODIFIER_DEPS = {"det", "amod", "compound", "poss", "nummod", "case", "nmod", "advmod"}
+
+
+def _is_stranded_modifier(noun: Token, head: Token) -> bool:
+    """A noun that modifies a verb the parser made the head of its phrase ("shirt" -> "plays")."""
+    return noun.tag_ in {"NN", "NNS", "NNP", "NNPS"} and noun.dep_ == "compound" and noun.head == head and (
+        head.tag_ in _VERB_IN_CHUNK_TAGS or head.tag_ in {"NN", "NNS"}
+    )
+
+
+def _left_edge_of_phrase(noun: Token, head: Token) -> int:
+    """Start of the run of noun modifiers ("a striped") that ends at `noun`."""
+    start = noun.i
+    while start > head.sent.start:
+        previous = noun.doc[start - 1]
+        if previous.dep_ not in _NOUN_MODIFIER_DEPS or previous.is_punct or not (
+            head.is_ancestor(previous) and previous.i < head.i
+        ):
+            break
+        start -= 1
+    return start
 
 
 def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
@@ -121,29 +158,45 @@ def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
     lemmatizer also knows as a verb qualifies, and only where number agreement or a missing verb
     rules the compound out, so true compounds ("tennis shoes on a floor", "apple slices") stay:
     - "a blue sailboat drifts", "a white hat slices tomatoes": a singular determiner cannot head a
-      plural noun, so a plural after a singular noun is a third-person verb;
-    - "a girl with curly hair smiles at ...": a plural after a singular noun in a sentence that has
-      no finite verb, with a noun phrase before it to be the subject and words after it;
-    - "pigeons peck at crumbs": a bare plural noun then a word that can be a verb, at the start of a
-      sentence that has no finite verb, followed by more words."""
+      plural noun, so a plural after another word (not "a few") is a third-person verb;
+    - "a girl with curly hair smiles at ...": a plural after a noun in a sentence that has no finite
+      verb, with a noun before it to be the subject and words after it;
+    - "pigeons peck at crumbs": a word that can be a verb closing the chunk after a plural noun, in
+      a sentence that has no finite verb, with words after it;
+    - "an older man shovels snow": a plural opening the chunk right after the clause's subject.
+    "Has no finite verb" means none above the chunk in the parse: "gulls perch on posts, and hills
+    rise" has one, in another clause."""
     doc = chunk.doc
+    for token in chunk[1:]:  # "a white hat chopping onions": tagged a verb, after a noun
+        if token.tag_ in _VERB_IN_CHUNK_TAGS and doc[token.i - 1].tag_ in _NOUN_TAGS:
+            return token
+    first = chunk[0]
+    if (
+        len(chunk) > 1
+        and first.tag_ == "NNS"
+        and first.lemma_.lower() in rules.verb_lemmas
+        and chunk.start > 0
+        and doc[chunk.start - 1].dep_ in {"nsubj", "nsubjpass"}
+    ):
+        return first  # "an older man shovels snow": a subject right before it makes it the verb
     for token in chunk[1:]:
         before = doc[token.i - 1]
         if not rules.verb_lemmas or token.lemma_.lower() not in rules.verb_lemmas:
             continue
         sentence = token.sent
-        has_finite_verb = any(t.tag_ in _FINITE_VERB_TAGS for t in sentence)
+        # a finite verb above the chunk in the parse ("The dog sleeps next to apple slices")
+        has_finite_verb = any(t.tag_ in _FINITE_VERB_TAGS for t in token.ancestors)
         continues = token.i + 1 < sentence.end and not doc[token.i + 1].is_punct
-        if token.tag_ == "NNS" and before.tag_ in _SINGULAR_NOUN_TAGS:
-            if chunk[0].lower_ in _SINGULAR_DETERMINERS:
+        if token.tag_ == "NNS":
+            counted = any(t.lower_ in _COUNT_WORDS for t in doc[chunk.start : token.i])
+            if chunk[0].lower_ in _SINGULAR_DETERMINERS and before.i > chunk.start and not counted:
                 return token
-            if not has_finite_verb and continues and chunk.start > sentence.start and _noun_before(chunk, sentence):
+            if before.tag_ in _NOUN_TAGS and not has_finite_verb and continues and _noun_before(chunk, sentence):
                 return token
         if (
             token.tag_ in _SINGULAR_NOUN_TAGS
-            and before.tag_ == "NNS"
             and token.i == chunk.end - 1
-            and chunk.start == sentence.start
+            and before.tag_ == "NNS"
             and not has_finite_verb
             and continues
         ):

@@ -36,7 +36,7 @@ CASES = {
     "url": ("A dog https://example.com/very/long/path?x=1&y=2 runs on a beach", ["A dog", "a beach"]),
     "url_only": ("https://example.com/images/0001.jpg", "empty_caption"),
     "script": ("A cat <script>alert(1)</script> sleeps on a sofa", ["A cat", "a sofa"]),
-    "ansi": ("a car with \x1b[31mred\x1b[0m paint", ["a car with red paint"]),
+    "ansi": ("a car with \x1b[31mred\x1b[0m paint", ["a car with red paint", "red paint"]),
     "markdown": ("![img](http://x.example/a.png) A **brown** dog next to a [red ball](https://b.example/ball)", None),
     "double_escaped": ("a &amp;lt;i&amp;gt;red&amp;lt;/i&amp;gt; car", ["a red car"]),
     # a run-on chunk inside English prose (alone, 3 function words in 69 would read as not English)
