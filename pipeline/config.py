@@ -67,7 +67,7 @@ class PhrasesConfig:
             "way", "thing", "something", "everything", "nothing", "color", "colour", "shape", "style",
             "detail", "time", "moment", "day", "night", "angle", "focus", "light", "lighting",
             "atmosphere", "mood", "setting", "composition", "frame", "sunset", "sunrise", "dusk",
-            "dawn",
+            "dawn", "sunlight",
         ]
     )
     # "a group of people": the quantity word is dropped when an of-phrase follows, so the
@@ -76,7 +76,7 @@ class PhrasesConfig:
         default_factory=lambda: [
             "number", "lot", "couple", "variety", "kind", "type", "sort", "bunch", "group", "pair",
             "set", "series", "handful", "dozen", "plenty", "hundred", "thousand", "array", "range",
-            "row", "line",
+            "row", "line", "stack", "pile",
         ]
     )
     # Prepositions that introduce an attribute of the object rather than a second object.
