@@ -1,12 +1,14 @@
 """Referring expressions from a spaCy parse, in the manner of Kosmos-2's GRIT recipe.
 
-Each noun chunk is expanded to the right through one attached prepositional attribute
-("a man" + "in a blue jacket"): a preposition that says what the object is, has or wears
-(of, with, in, ... from config) followed by a noun and its own left modifiers. Locative
-prepositions ("on a desk"), conjunctions and clauses end the expression, because what they
-introduce is a second object that gets an expression of its own. Chunks headed by a
-pronoun, an abstract or scene-level noun, or a number/date/place entity are dropped; only
-maximal spans are kept and repeated expressions are merged into their first mention.
+Every noun chunk that names a visible object is an expression, nested ones included ("a man in a
+blue jacket" and "a blue jacket": both are objects to box). A chunk is expanded to the right through
+one attached prepositional attribute: "of" always ("a cup of coffee"), "in" only by something worn,
+"with" only by something worn, a part or a marking (word lists from config); "a table with a mug" is
+two objects. Locative prepositions ("on a desk"), conjunctions and clauses end the expression. Words
+the small tagger took for nouns but that are the clause's verb ("a blue sailboat drifts") are cut
+out of their chunk (_verb_tagged_as_noun). Chunks headed by a pronoun, an abstract or scene-level
+noun, or a number/date/place entity are dropped; the same words again are merged into their first
+mention.
 
 Negated noun phrases ("no people", "not a red car", "without chairs", "neither a cat nor a
 dog", "there isn't a car", "free of furniture", "lacking a wheel") name what the image does NOT
