@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from pipeline.errors import FgdataError, first_line
+
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"  # step, history, optimizer, schedule and RNG state (torch.save)
+STATE_FILE = "trainer_state.pt"  # step, history, optimizer, schedule and RNG state: tensors and plain data only
 
 
 def save_checkpoint(out_dir: Path, step: int, write_weights: Callable[[Path], None], state: dict, keep: int) -> Path:
@@ -35,9 +37,20 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_state(checkpoint: Path, device="cpu") -> dict:
+    """The state is tensors and plain data, read with weights_only=True: a state file that holds
+    anything else (a pickle that would run code when read) is refused, never unpickled."""
+    import pickle
+
     import torch
 
-    return torch.load(Path(checkpoint) / STATE_FILE, weights_only=False, map_location=device)
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FgdataError(
+            f"cannot resume from {path}: not a checkpoint state of tensors and plain data ({first_line(exc)}); "
+            f"delete {Path(checkpoint)} to resume from an earlier checkpoint or start over"
+        ) from None
 
 
 def remove_checkpoints(out_dir: Path) -> None:
