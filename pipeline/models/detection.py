@@ -22,7 +22,10 @@ def load_detector(settings) -> PhraseDetector:
     if settings.backend == "yolo_world":
         from pipeline.models.yolo_world import YoloWorldDetector
 
-        return YoloWorldDetector(settings.detector, settings.text_encoder, image_size=settings.image_size, cache_size=settings.text_cache_size)
+        return YoloWorldDetector(
+            settings.detector, settings.text_encoder, image_size=settings.image_size, cache_size=settings.text_cache_size,
+            trust_model_file=settings.trust_model_file,
+        )
     if settings.backend == "owlv2":
         from pipeline.models.owl import OwlDetector
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.models.reference import is_random_model
 
 _LABELS = ("contradiction", "entailment", "neutral")
@@ -18,10 +18,10 @@ class NliScorer:
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=False, use_safetensors=True).to(self.device).eval()
         except (OSError, ValueError) as exc:
-            raise FgdataError(f"cannot load NLI model {model!r}: {exc}") from None
+            raise FgdataError(f"cannot load NLI model {model!r}: {first_line(exc)}") from None
         # Label order differs between NLI checkpoints; the config names them.
         names = {index: label.lower() for index, label in self.model.config.id2label.items()}
         missing = [label for label in _LABELS if label not in names.values()]

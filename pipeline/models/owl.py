@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from pipeline.boxes import Detection
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.images import to_rgb
 from pipeline.models.reference import is_random_model
 
@@ -18,10 +18,10 @@ class OwlDetector:
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.processor = AutoProcessor.from_pretrained(model)
-            self.model = Owlv2ForObjectDetection.from_pretrained(model).to(self.device).eval()
+            self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
+            self.model = Owlv2ForObjectDetection.from_pretrained(model, use_safetensors=True).to(self.device).eval()
         except (OSError, ValueError) as exc:
-            raise FgdataError(f"cannot load OWLv2 detector {model!r}: {exc}") from None
+            raise FgdataError(f"cannot load OWLv2 detector {model!r}: {first_line(exc)}") from None
         self.name = model
         self.is_random = is_random_model(model)
 

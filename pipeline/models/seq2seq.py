@@ -11,8 +11,8 @@ def load_seq2seq(model: str, *, revision: str | None = None):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
-        network = AutoModelForSeq2SeqLM.from_pretrained(model, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+        network = AutoModelForSeq2SeqLM.from_pretrained(model, revision=revision, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise FgdataError(f"cannot load text-to-text model {model!r}: {first_line(exc)}") from None
     return tokenizer, network

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.models.generation import Generation, Sampling, sample_new_tokens, to_generation
 from pipeline.models.reference import is_random_model
 
@@ -22,9 +22,11 @@ class TransformersLM:
         dtype = ("bfloat16" if self.device == "cuda" else "float32") if dtype == "auto" else dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), use_safetensors=True
+            )
         except (OSError, ValueError) as exc:
-            raise FgdataError(f"cannot load language model {model!r} with transformers: {exc}") from None
+            raise FgdataError(f"cannot load language model {model!r} with transformers: {first_line(exc)}") from None
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

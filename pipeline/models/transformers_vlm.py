@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.models.generation import Generation, ModelInfo, Sampling, chat_prompt, sample_new_tokens, to_generation
 from pipeline.models.reference import is_random_model
 
@@ -20,10 +20,10 @@ class TransformersVLM:
         try:
             self.processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
-                model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
+                model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), use_safetensors=True
             )
         except (OSError, ValueError) as exc:
-            raise FgdataError(f"cannot load image-text model {model!r} with transformers: {exc}") from None
+            raise FgdataError(f"cannot load image-text model {model!r} with transformers: {first_line(exc)}") from None
         self.model.to(self.device).eval()
         # Decoder-only generation continues from the last position, so pad on the left.
         self.processor.tokenizer.padding_side = "left"

@@ -8,7 +8,9 @@ per-image text features. Letterboxing, NMS and the mapping back to pixels are ul
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,13 +18,168 @@ import numpy as np
 from PIL import Image
 
 from pipeline.boxes import Detection
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line
 from pipeline.images import to_rgb
 from pipeline.models.reference import is_random_model
 
 
 # A data pipeline must not pip-install packages while it runs; ultralytics does unless told not to.
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+# sha256 digests of ultralytics' official YOLO-World weights (github.com/ultralytics/assets
+# releases): the only .pt files loaded without ground.trust_model_file, because loading a .pt
+# unpickles it and a pickle can run any code. ultralytics publishes no digests next to these
+# assets; the only ones we found are a third-party mirror's git-lfs oids
+# (huggingface.co/Bingsu/yolo-world-mirror) of files ultralytics has since re-uploaded, so they are
+# not listed: an empty entry means such a file needs the opt-in too. Add a digest only after
+# checking it yourself (`sha256sum` of the file downloaded from the ultralytics release).
+OFFICIAL_WEIGHTS_SHA256: dict[str, tuple[str, ...]] = {
+    "yolov8s-worldv2.pt": (),
+    "yolov8m-worldv2.pt": (),
+    "yolov8l-worldv2.pt": (),
+    "yolov8x-worldv2.pt": (),
+    "yolov8s-world.pt": (),
+    "yolov8m-world.pt": (),
+    "yolov8l-world.pt": (),
+    "yolov8x-world.pt": (),
+}
+
+# ultralytics' parse_model looks each layer's module name up in its own module globals and calls it
+# with the layer's args (a function there that unpickles a file would run), and eval()s
+# `activation`. A user's architecture may name only these layer classes (those of the bundled
+# architectures, less TorchVision, which fetches other weights) and plain literals.
+LAYER_MODULES = frozenset(
+    "A2C2f AConv ADown AIFI Bottleneck C2 C2PSA C2f C2fAttn C2fCIB C3 C3Ghost C3k2 CBFuse CBLinear Classify "
+    "Concat Conv DWConv Detect ELAN1 GhostConv HGBlock HGStem ImagePoolingAttn OBB Pose PSA RTDETRDecoder RepC3 "
+    "RepNCSPELAN4 ResNetLayer SCDown SPP SPPELAN SPPF Segment WorldDetect v10Detect "
+    "nn.ConvTranspose2d nn.Identity nn.MaxPool2d nn.Upsample nn.ZeroPad2d".split()
+)
+ARCHITECTURE_NUMBERS = frozenset({"nc", "depth_multiple", "width_multiple", "kpt_shape", "end2end", "reg_max", "scales", "ch", "channels"})
+ACTIVATION = re.compile(r"(torch\.)?nn\.(ReLU|ReLU6|SiLU|GELU|Mish|Hardswish|LeakyReLU|ELU|SELU|CELU|Sigmoid|Tanh)\(\s*([0-9.eE+-]+\s*)?\)")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a name ultralytics may look up, never a call
+MAX_ARCHITECTURE_NODES = 100_000  # yaml anchors can make a small file a huge tree
+TRUST_HINT = "if you trust this file, pass --trust-model-file (ground.trust_model_file=true)"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundled_architecture(detector: str) -> Path | None:
+    """An architecture file shipped inside ultralytics, named as ultralytics names it:
+    `yolov8s-worldv2.yaml` is cfg/models/v8/yolov8-worldv2.yaml at scale s. A path is never one."""
+    if Path(detector).name != detector or Path(detector).suffix not in (".yaml", ".yml"):
+        return None
+    from ultralytics.utils import ROOT
+
+    models = ROOT / "cfg" / "models"
+    for name in (detector, re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", detector)):  # ultralytics' scale rule
+        found = sorted(models.rglob(name))
+        if found:
+            return found[0]
+    return None
+
+
+def _plain(value, allow_identifiers: bool, budget: list[int]) -> bool:
+    """Numbers, booleans, None, and lists or mappings of them (identifier strings where allowed)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return allow_identifiers and IDENTIFIER.fullmatch(value) is not None
+    if isinstance(value, list):
+        return all(_plain(v, allow_identifiers, budget) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v, allow_identifiers, budget) for k, v in value.items())
+    return False
+
+
+def architecture_problem(cfg) -> str | None:
+    """Why an architecture mapping is more than the plain data the model builder needs, or None."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("backbone"), list) or not isinstance(cfg.get("head"), list):
+        return "it is not a mapping with backbone and head lists"
+    budget = [MAX_ARCHITECTURE_NODES]
+    for key, value in cfg.items():
+        if key in ("backbone", "head"):
+            continue
+        if key == "activation":
+            if not (isinstance(value, str) and ACTIVATION.fullmatch(value.strip())):
+                return f"activation {str(value)[:80]!r} is not a plain torch.nn activation"
+        elif key == "scale":
+            if not (isinstance(value, str) and IDENTIFIER.fullmatch(value)):
+                return f"scale {str(value)[:80]!r} is not a scale name"
+        elif key not in ARCHITECTURE_NUMBERS:
+            return f"unknown field {str(key)[:80]!r}"
+        elif not _plain(value, False, budget):
+            return f"field {key!r} is not plain numbers"
+    for index, layer in enumerate(cfg["backbone"] + cfg["head"]):
+        if not (isinstance(layer, list) and len(layer) == 4):
+            return f"layer {index} is not [from, repeats, module, args]"
+        source, repeats, module, args = layer
+        if not (_plain(source, False, budget) and isinstance(repeats, int) and isinstance(args, list)):
+            return f"layer {index} has a from, repeats or args that is not plain numbers"
+        if module not in LAYER_MODULES:
+            return f"layer {index} names module {str(module)[:80]!r}, not a known layer class"
+        if not _plain(args, True, budget):
+            return f"layer {index} args hold something other than literals and names"
+    return None
+
+
+def vet_detector(detector: str, trust: bool, *, fetch: bool) -> tuple[str, object]:
+    """What to build and from what, decided before anything is unpickled or evaluated:
+    ("architecture", mapping) for a bundled or plain-data .yaml; ("weights", path) for official
+    weights whose sha256 matches; ("trusted", detector) under ground.trust_model_file. Without
+    `fetch` (on the driver) a bare official name not yet downloaded passes here and is checked
+    after the download, in the actor. Anything else is a one-line FgdataError."""
+    import yaml
+
+    bundled = bundled_architecture(detector)
+    path = bundled or Path(detector)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FgdataError(f"YOLO-World architecture {detector!r} is neither a file nor one bundled with ultralytics")
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise FgdataError(f"cannot read YOLO-World architecture {path}: {first_line(exc)}") from None
+        if not bundled and not trust:
+            problem = architecture_problem(cfg)
+            if problem:
+                raise FgdataError(f"refusing to build YOLO-World from {path}: {problem}, and ultralytics runs some architecture fields as code; {TRUST_HINT}")
+        if not isinstance(cfg, dict):
+            raise FgdataError(f"YOLO-World architecture {path} is not a mapping")
+        from ultralytics.nn.tasks import guess_model_scale
+
+        # as ultralytics' yaml_model_load: the scale letter comes from the name asked for
+        return "architecture", {**cfg, "scale": guess_model_scale(detector), "yaml_file": detector}
+    if trust:
+        return "trusted", detector
+    if path.suffix != ".pt":
+        raise FgdataError(f"refusing to load YOLO-World detector {detector!r}: only a .yaml architecture or official .pt weights load without the opt-in; {TRUST_HINT}")
+    official = {digest for digests in OFFICIAL_WEIGHTS_SHA256.values() for digest in digests}
+    if not path.is_file():
+        if detector not in OFFICIAL_WEIGHTS_SHA256:
+            raise FgdataError(f"YOLO-World weights {detector} do not exist (give a path, or one of {', '.join(OFFICIAL_WEIGHTS_SHA256)})")
+        if not OFFICIAL_WEIGHTS_SHA256[detector]:
+            raise FgdataError(f"refusing to load {detector}: fgdata has no verified sha256 for it yet, and a .pt file is a pickle that can run code when loaded; {TRUST_HINT}")
+        if not fetch:
+            return "weights", detector
+        from ultralytics.utils.downloads import attempt_download_asset
+
+        path = Path(attempt_download_asset(detector))  # downloads only; loading comes after the check
+    digest = file_sha256(path)
+    if digest not in official:
+        raise FgdataError(
+            f"refusing to load {path}: a .pt file is a pickle that can run code when loaded, and its sha256 {digest[:16]}… "
+            f"is not one of ultralytics' official YOLO-World weights known to fgdata; {TRUST_HINT}"
+        )
+    return "weights", path
 
 
 class PhraseEmbeddingCache:
@@ -33,10 +190,10 @@ class PhraseEmbeddingCache:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
-            self.model = CLIPTextModelWithProjection.from_pretrained(text_encoder).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(text_encoder, trust_remote_code=False)
+            self.model = CLIPTextModelWithProjection.from_pretrained(text_encoder, use_safetensors=True).to(device).eval()
         except (OSError, ValueError) as exc:
-            raise FgdataError(f"cannot load CLIP text encoder {text_encoder!r}: {exc}") from None
+            raise FgdataError(f"cannot load CLIP text encoder {text_encoder!r}: {first_line(exc)}") from None
         self._torch, self.device, self.capacity = torch, device, capacity
         self._cache: OrderedDict[str, object] = OrderedDict()
         self.hits = self.misses = 0
@@ -78,22 +235,26 @@ def boxes_to_pixels(boxes, letterboxed: tuple[int, int], shape: tuple[int, int])
 
 
 class YoloWorldDetector:
-    def __init__(self, detector: str, text_encoder: str, *, image_size: int, cache_size: int):
+    def __init__(self, detector: str, text_encoder: str, *, image_size: int, cache_size: int, trust_model_file: bool = False):
         import torch
         from ultralytics import YOLOWorld
+        from ultralytics.nn.tasks import WorldModel
 
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        kind, source = vet_detector(detector, trust_model_file, fetch=True)
         # A model built from a .yaml architecture file has random weights: seeded, so that a
         # restarted actor or a rerun builds the same one and resumed shards match.
-        self.is_random = Path(detector).suffix in (".yaml", ".yml") or is_random_model(text_encoder)
+        self.is_random = kind == "architecture" or is_random_model(text_encoder)
         if self.is_random:
             torch.manual_seed(0)
         try:
+            # built from the mapping checked above, so the file read is the file built
+            net = WorldModel(source, verbose=False) if kind == "architecture" else YOLOWorld(str(source)).model
             # fused conv+batchnorm, as ultralytics' own predictor runs it
-            self.net = YOLOWorld(detector).model.fuse(verbose=False).to(self.device).eval()
-        except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
-            raise FgdataError(f"cannot load YOLO-World detector {detector!r}: {exc}") from None
+            self.net = net.fuse(verbose=False).to(self.device).eval()
+        except (FileNotFoundError, OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FgdataError(f"cannot load YOLO-World detector {detector!r}: {first_line(exc)}") from None
         self.texts = PhraseEmbeddingCache(text_encoder, self.device, cache_size)
         self.image_size = image_size
         self.name = f"{detector} + {text_encoder}"

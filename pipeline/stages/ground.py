@@ -58,6 +58,9 @@ class GroundStage(Stage):
         if settings.backend == "yolo_world":
             if "/" in settings.detector and not Path(settings.detector).exists():
                 raise FgdataError(f"YOLO-World checkpoint {settings.detector} does not exist")
+            from pipeline.models.yolo_world import vet_detector
+
+            vet_detector(settings.detector, settings.trust_model_file, fetch=False)  # before any actor unpickles it
             check_model_reference(settings.text_encoder, revision=None, trust_remote_code=False)
         else:
             check_model_reference(settings.owl_model, revision=None, trust_remote_code=False)

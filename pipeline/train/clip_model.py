@@ -32,12 +32,12 @@ def load_clip(reference: str, revision: str | None = None) -> ClipParts:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(reference, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(reference, revision=revision)
+        model = CLIPModel.from_pretrained(reference, revision=revision, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(reference, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise FgdataError(f"cannot load CLIP model {reference!r}: {first_line(exc)}") from None
     try:
-        processor = AutoImageProcessor.from_pretrained(reference, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(reference, revision=revision, trust_remote_code=False)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError, AttributeError):
         mean, std = CLIP_MEAN, CLIP_STD
