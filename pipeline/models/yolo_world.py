@@ -29,10 +29,11 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 # sha256 digests of ultralytics' official YOLO-World weights (github.com/ultralytics/assets
 # releases): the only .pt files loaded without ground.trust_model_file, because loading a .pt
 # unpickles it and a pickle can run any code. ultralytics publishes no digests next to these
-# assets; the only ones we found are a third-party mirror's git-lfs oids
-# (huggingface.co/Bingsu/yolo-world-mirror) of files ultralytics has since re-uploaded, so they are
-# not listed: an empty entry means such a file needs the opt-in too. Add a digest only after
-# checking it yourself (`sha256sum` of the file downloaded from the ultralytics release).
+# assets; the only ones we found are third-party mirrors' git-lfs oids, and copies differ
+# (yolov8x-worldv2.pt: 146,353,272 bytes at huggingface.co/Bingsu/yolo-world-mirror, 146,355,704
+# elsewhere), so none is verified and none is listed: an empty entry means that file needs the
+# opt-in too. Add a digest only after checking it yourself (`sha256sum` of the file downloaded
+# from the ultralytics release).
 OFFICIAL_WEIGHTS_SHA256: dict[str, tuple[str, ...]] = {
     "yolov8s-worldv2.pt": (),
     "yolov8m-worldv2.pt": (),
@@ -47,7 +48,8 @@ OFFICIAL_WEIGHTS_SHA256: dict[str, tuple[str, ...]] = {
 # ultralytics' parse_model looks each layer's module name up in its own module globals and calls it
 # with the layer's args (a function there that unpickles a file would run), and eval()s
 # `activation`. A user's architecture may name only these layer classes (those of the bundled
-# architectures, less TorchVision, which fetches other weights) and plain literals.
+# YOLOv3-v12, RT-DETR and YOLO-World architectures; not TorchVision, which fetches other weights)
+# and plain literals.
 LAYER_MODULES = frozenset(
     "A2C2f AConv ADown AIFI Bottleneck C2 C2PSA C2f C2fAttn C2fCIB C3 C3Ghost C3k2 CBFuse CBLinear Classify "
     "Concat Conv DWConv Detect ELAN1 GhostConv HGBlock HGStem ImagePoolingAttn OBB Pose PSA RTDETRDecoder RepC3 "
