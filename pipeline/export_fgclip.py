@@ -97,11 +97,10 @@ def long_expression(row: dict, region: dict) -> tuple[str, str]:
     the phrase was found in, else the phrase alone."""
     phrase, start, end = region["phrase"], region["start"], region["end"]
     source = row.get(row["phrase_source"]) or ""
-    spans = []
-    if row["phrase_source"] == "long_caption" and source[start:end] == phrase:
-        spans.append(("long_caption", source, (start, end)))
+    at_span = 0 <= start < end and source[start:end] == phrase
+    spans = [("long_caption", source, (start, end))] if at_span and row["phrase_source"] == "long_caption" else []
     spans.append(("long_caption", row["long_caption"] or "", _find_phrase(row["long_caption"] or "", phrase)))
-    if source[start:end] == phrase and 0 <= start < end:
+    if at_span:
         spans.append((row["phrase_source"], source, (start, end)))
     for name, text, span in spans:
         if span is not None:
