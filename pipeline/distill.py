@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,7 +58,8 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     out_dir = Path(out_dir).resolve()
     absolute_local_paths(settings, "base_model")
     settings_hash = hashlib.sha256(json.dumps({**asdict(settings), "inputs": sorted(map(str, dataset_dirs))}, sort_keys=True).encode()).hexdigest()[:16]
-    chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs)]
+    dropped: Counter = Counter()  # chains the reader left out, by reason: they go in the report
+    chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs, counts=dropped)]
     claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite, inputs=list(dataset_dirs), owned=MODEL_DIR_ENTRIES)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):
@@ -164,6 +165,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         "inputs": [lineage_entry(Path(d).resolve()) for d in dataset_dirs],
         "settings": asdict(settings),
         "chains": {"train": len(training), "held_out": len(evaluation)},
+        "chains_dropped": dict(sorted(dropped.items())),  # left out by the reader, by reason
         "pairs": {"train": len(pairs), "held_out": len(eval_pairs)},
         "steps": total_steps,
         "history": history,

@@ -4,6 +4,9 @@ As TAU-VAILab/hierarcaps ships and reads them (`code/train.py`, `evaluation/hier
 train (`hierarcaps_train.csv.gz`): `positive,negative`, each a 4-tier chain split on " => ";
 test (`hierarcaps_test.csv`): `id,captions,image_url`, the chain split on "=>" and stripped.
 `negative` and `image_url` may be absent; extra columns are ignored. Files may be gzipped.
+Curated chains are judged by structure only (4 tiers, none blank, no control characters), never
+by the shape rule for model output (`hierarchy.chain_shape_problem`): all 1,000 official test
+and 23,479 expanded chains import whole.
 
 Every data record of the file ends as a row or as a reject with a reason: a short row, a stray
 quote, bytes that are not UTF-8, a NUL, an empty or repeated id cost that row only, never the file.
@@ -216,15 +219,19 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: boo
     return {"written": written, "skipped_without_negatives": skipped, "path": str(out)}
 
 
-def read_chains(sources: list[Path], need_negatives: bool = False) -> list[tuple[str, list[str], list[str] | None]]:
+def read_chains(sources: list[Path], need_negatives: bool = False, counts: Counter | None = None) -> list[tuple[str, list[str], list[str] | None]]:
     """(key, tiers, negative tiers or None) from hierarcaps shards or official CSVs, in a stable
-    order; with `need_negatives`, chains without a negative chain are left out (and counted)."""
+    order; with `need_negatives`, chains without a negative chain are left out. Every chain left
+    out is counted in `counts` as `skipped_<reason>` (the CSV reject reasons, `no_negative_chain`)
+    so that callers record them (distill.json, the train manifest); nothing is dropped silently."""
+    counts = Counter() if counts is None else counts
     chains = []
     for source in map(Path, sources):
         if source.is_file():
             _, rows, rejects = read_official_csv(source)
             if rejects:
                 reasons = Counter(reject["reason"] for reject in rejects)
+                counts.update({f"skipped_{reason}": n for reason, n in reasons.items()})
                 log.warning("%s: %d rows skipped (%s); `fgdata hierarcaps import` lists them", source, len(rejects), ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
             chains += [(row["key"], row["tiers"], row["negative_tiers"]) for row in rows]
             continue
@@ -239,8 +246,10 @@ def read_chains(sources: list[Path], need_negatives: bool = False) -> list[tuple
     if need_negatives:
         without = sum(negative is None for _, _, negative in chains)
         if without:
+            counts["skipped_no_negative_chain"] += without
             log.warning("%d chains have no negative chain and are left out", without)
         chains = [chain for chain in chains if chain[2] is not None]
     if not chains:
-        raise FgdataError(f"no usable chains in {', '.join(map(str, sources))}")
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+        raise FgdataError(f"no usable chains in {', '.join(map(str, sources))}" + (f" ({skipped})" if skipped else ""))
     return chains

@@ -171,8 +171,11 @@ def test_a_file_without_a_usable_header_is_a_one_line_error(tmp_path, data, mess
 def test_eval_and_train_csv_path_keeps_the_good_chains(tmp_path):
     path = tmp_path / "hierarcaps_test.csv"
     path.write_bytes(_hostile_test_csv())
-    chains = read_chains([path])
+    counts = Counter()
+    chains = read_chains([path], counts=counts)
     assert sorted(key for key, _, _ in chains) == ["1", "12", "13", "4"]  # a duplicate id no longer stops eval/train
+    # every row left out is counted by its reason, for the run's report
+    assert counts == {f"skipped_{reason}": n for reason, n in Counter(r for _, r in HOSTILE_TEST_ROWS if r).items()}
 
 
 def test_cli_import_of_a_hostile_csv_exits_0_with_every_row_accounted_for(tmp_path):

@@ -20,7 +20,9 @@ GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky
         ("animal => goat => goat on an island => goat => a goat", [], "wrong_tier_count"),
         ("animal =>  => goat on an island => a white goat standing on a rocky island", [], "blank_tier"),
         ("animal => goat => goat => a white goat standing on a rocky island", [], "repeated_tier"),
-        ("a white goat standing on a rocky island => goat on an island => goat => animal", [], "not_more_specific"),
+        ("animal => Goat =>  goat  => a white goat standing on a rocky island", [], "repeated_tier"),  # case and spacing
+        # prose in a generic tier: 12 words over the 1 of the next (the official data: at most 4 over)
+        ("animal, the most general category that a goat belongs to => goat => goat on an island => a white goat standing on a rocky island", [], "tier_too_long"),
         ("", [], "empty_output"),
         ("I cannot help with that request.", [], "unparseable"),
     ],
@@ -49,6 +51,14 @@ def test_hostile_chains_give_a_reason_fast(text, reason):
 
 def test_a_chain_after_a_long_run_of_blank_lines_is_still_read():
     assert parse_chain("\n" * 16_000 + " => ".join(GOAT)) == (GOAT, None)
+
+
+def test_a_reversed_chain_passes_the_shape_rule_and_fails_nli():
+    # fewer words is not less specific (`baked goods => cake`), so word counts cannot tell the
+    # order; the NLI filter does: "goat on an island" does not entail "a white goat ..."
+    reversed_goat = GOAT[::-1]
+    assert parse_chain(" => ".join(reversed_goat)) == (reversed_goat, None)
+    assert chain_nli_problem([0.08, 0.3, 0.2], threshold=0.5) == (0, 0.08)
 
 
 def test_nli_filter_reports_the_failing_tier():

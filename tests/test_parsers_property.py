@@ -13,7 +13,7 @@ from pipeline.hierarchy import SEPARATOR, complete_chain, parse_chain, split_tie
 from pipeline.llm_output import MAX_OUTPUT_CHARS, parse_negatives
 
 NEGATIVE_REASONS = {"empty_output", "too_long", "unparseable", "empty_list"}
-CHAIN_REASONS = {"empty_output", "too_long", "unparseable", "wrong_tier_count", "blank_tier", "repeated_tier", "not_more_specific"}
+CHAIN_REASONS = {"empty_output", "too_long", "unparseable", "wrong_tier_count", "blank_tier", "repeated_tier", "last_tier_not_caption", "tier_too_long"}
 # min_words=0: a text with no words at all once divided by zero
 LIMITS = CaptionLimits(min_words=0, min_latin_fraction=0.6, min_english_fraction=0.08, max_ngram_repeats=4, min_distinct_trigrams=0.5)
 
