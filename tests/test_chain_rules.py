@@ -154,3 +154,28 @@ def test_distill_report_records_the_dropped_chains(tmp_path):
     report = distill([path], tmp_path / "distilled", settings, progress=False)
     assert report["chains"]["train"] == len(REAL)
     assert report["chains_dropped"] == {"skipped_wrong_tier_count": 2}
+
+
+def test_train_re_counts_and_says_how_many_chains_it_used_and_left_out(tmp_path, caplog):
+    import logging
+
+    from conftest import make_config
+    from pipeline.models.tiny import build_tiny_clip
+    from pipeline.train.objectives import RadialObjective
+
+    negative = "plant => flower => flower in a vase => a red flower standing in a vase"
+    path = tmp_path / "hierarcaps_train.csv.gz"
+    rows = [f"{_csv_field(SEPARATOR.join(tiers))},{negative}" for tiers in REAL]
+    rows += [f"{SEPARATOR.join(REAL[0])},", f"baked goods => cake,{negative}", f"{SEPARATOR.join(REAL[1])}"]
+    path.write_bytes(gzip.compress(("positive,negative\n" + "\n".join(rows) + "\n").encode()))
+    clip = build_tiny_clip(tmp_path / "clip", [text for tiers in REAL for text in tiers] + negative.split(" => "))
+    settings = make_config(f"radial.model={clip}").radial
+    with caplog.at_level(logging.INFO, logger="pipeline.train.objectives"):
+        objective = RadialObjective([path], settings, images=None, device="cpu")
+    assert len(objective.chains) == len(REAL)
+    # the manifest's `data` (train.json): every row of the file is used or counted by reason
+    assert objective.data == {
+        "rows": len(REAL) + 3, "rows_usable": len(REAL),
+        "skipped_no_negative_chain": 1, "skipped_wrong_tier_count": 1, "skipped_wrong_field_count": 1,
+    }
+    assert f"re data: {len(REAL)} chains used, 3 left out (skipped_no_negative_chain 1, skipped_wrong_field_count 1, skipped_wrong_tier_count 1)" in caplog.text

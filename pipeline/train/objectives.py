@@ -109,13 +109,15 @@ class RadialObjective:
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
         # checked before the model loads: one chain of another shape fails a whole batch
         self.data = Counter()
-        chains = read_chains(sources, need_negatives=True)
+        chains = read_chains(sources, need_negatives=True, counts=self.data)  # rows a CSV read leaves out, by reason
+        left_by_reader = sum(self.data.values())
         self.chains = usable_chains(chains, need_negatives=True, counts=self.data)
-        self.data.update(rows=len(chains), rows_usable=len(self.chains))
+        self.data.update(rows=len(chains) + left_by_reader, rows_usable=len(self.chains))
         if not self.chains:
             raise FgdataError(f"no usable chain in {', '.join(map(str, sources))} ({_summary(self.data)}); each needs {TIERS} non-empty tiers and a negative chain of {TIERS}")
-        if len(self.chains) < len(chains):
-            log.warning("re data: %s", _summary(self.data))
+        dropped = Counter({name: n for name, n in self.data.items() if name.startswith("skipped_")})
+        # said on every run, not only when some are left out: a fifth of a file lost must not go unseen
+        log.log(logging.WARNING if dropped else logging.INFO, "re data: %d chains used, %d left out%s", len(self.chains), sum(dropped.values()), f" ({_summary(dropped)})" if dropped else "")
         self.parts = load_clip(settings.model, settings.revision)
         clip = self.parts.model.to(device)
         for parameter in clip.parameters():
