@@ -312,3 +312,50 @@ def test_trainer_state_round_trips_as_tensors_and_plain_data(tmp_path):
     fresh.load_state_dict(loaded["optimizer"])
     torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 1.0).load_state_dict(loaded["schedule"])
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_distill_resumes_from_its_own_checkpoint_and_refuses_a_poisoned_one(tmp_path, marker, monkeypatch):
+    """A real distill state, saved and read back under weights_only=True; the same run with its
+    state file swapped for a pickle stops with one line, before any step."""
+    import pyarrow.parquet as pq
+    from synthetic import synthetic_chains  # bench/, on the path through conftest
+
+    import pipeline.distill as distill_module
+    from pipeline.config import DistillConfig
+    from pipeline.models.tiny import build_tiny_t5
+    from pipeline.schemas import conform
+
+    chains = synthetic_chains(40, seed=2)
+    data = tmp_path / "chains"
+    data.mkdir()
+    rows = [{"key": f"chain-{i:05d}", "split": "train", "tiers": tiers, "source": "synthetic"} for i, tiers in enumerate(chains)]
+    pq.write_table(conform(rows, "hierarcaps"), data / "part-00000.parquet")
+    base = build_tiny_t5(tmp_path / "t5", [text for tiers in chains for pair in distill_module.distillation_pairs(tiers) for text in pair])
+    settings = DistillConfig(base_model=str(base), max_steps=6, save_every=2, eval_every=3, batch_size=8, eval_fraction=0.0)
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        saved = save_checkpoint(*args, **kwargs)
+        raise Killed(saved)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distill_module, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            distill_module.distill([data], tmp_path / "out", settings, progress=False)
+    checkpoint = latest_checkpoint(tmp_path / "out")
+    assert checkpoint.name == "step-00000002"
+    state = load_state(checkpoint)
+    assert state["step"] == 2 and state["optimizer"]["state"] and state["rng"].dtype == torch.uint8
+
+    good_state = (checkpoint / "trainer_state.pt").read_bytes()
+    torch.save({**state, "rng": WritesMarker(marker)}, checkpoint / "trainer_state.pt")
+    with pytest.raises(FgdataError, match="cannot resume") as refused:
+        distill_module.distill([data], tmp_path / "out", settings, progress=False)
+    one_line(refused.value)
+    assert not marker.exists()
+
+    (checkpoint / "trainer_state.pt").write_bytes(good_state)
+    report = distill_module.distill([data], tmp_path / "out", settings, progress=False)
+    assert report["finished"] and report["steps"] == 6 and [e["step"] for e in report["history"]] == [3, 6]
