@@ -198,7 +198,16 @@ class NegativesConfig:
     max_changed_words: int = 3
     spacy_model: str = "en_core_web_sm"
     nli_model: str = "cross-encoder/nli-deberta-v3-base"
-    max_entailment: float = 0.5  # a negative the positive entails at this probability is dropped
+    # "contradiction": keep a negative the positive contradicts with P >= min_contradiction (0.5 makes
+    # contradiction the model's own top label); "not_entailed": keep one entailed below max_entailment
+    nli_rule: str = "contradiction"
+    min_contradiction: float = 0.5
+    max_entailment: float = 0.5  # the not_entailed rule: a negative entailed this much is dropped
+    # a negative whose replaced words embed this close to the positive's (or an accepted negative's) is
+    # a rewording, not a negative: grey/gray 0.97, metal/metallic 0.88, while the closest true
+    # contradiction measured (three/four, wide/narrow) is 0.82. null turns the check off.
+    embedding_model: str | None = "sentence-transformers/all-MiniLM-L6-v2"
+    max_embedding_similarity: float = 0.85
     seed: int = 0
     batch_size: int = 64  # rows per batch; all their regions go to the LLM in one call
     num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
@@ -225,7 +234,11 @@ class HierarcapsConfig:
     # filter and negatives: an NLI cross-encoder checks every tier
     nli_model: str = "cross-encoder/nli-deberta-v3-base"
     min_entailment: float = 0.5  # each tier must be entailed by the next with at least this probability
-    max_negative_entailment: float = 0.5  # a negative its tier's positive entails this much is dropped
+    # a tier's negative: "contradiction" keeps one its positive contradicts with P >= min_negative_contradiction,
+    # "not_entailed" one it entails below max_negative_entailment
+    negative_nli_rule: str = "contradiction"
+    min_negative_contradiction: float = 0.5
+    max_negative_entailment: float = 0.5
     # generate: the distilled Flan-T5 (the output directory of `fgdata hierarcaps distill`)
     generator: str = ""
     num_beams: int = 4  # caption -> generic tiers
@@ -273,7 +286,14 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 32  # per device
     gradient_accumulation: int = 1
-    bf16: bool = True  # autocast on GPU (fp16 is known to give NaN losses); CPU runs fp32
+    # FG-CLIP's recipe (train.sh, clean_clip_trainer.py:40-41, 76-89; the README's train table):
+    schedule: str = "cosine"  # after the warm-up: "cosine" down to 0 at the last step, or "constant"
+    weight_decay_exempt: str = "norms_biases"  # LayerNorm parameters and biases; "open_clip": every 1-D parameter and the logit scales; "none"
+    max_grad_norm: float = 0.0  # 0 = no clipping (zero2.json sets none); open_clip-style runs use 1.0
+    # fp32 weights under bf16 autocast on GPU (fp16 is known to give NaN losses); CPU runs fp32. The
+    # reference casts the weights themselves to bf16 with fp32 master copies (DeepSpeed bf16).
+    bf16: bool = True
+    tf32: bool = True  # TF32 matmuls on GPU (train.sh --tf32 True)
     shuffle_buffer: int = 2000  # rows shuffled in a streaming buffer
     num_workers: int = 4  # data loader processes decoding images
     log_every: int = 20
@@ -294,8 +314,12 @@ class FgclipTrainConfig(TrainConfig):
     hard_negatives: int = 10  # per region; regions with fewer take no part in the hard-negative loss
     long_weight: float = 1.0  # image <-> long caption InfoNCE
     short_weight: float = 1.0  # image <-> short caption InfoNCE
-    regional_weight: float = 0.1  # RoIAlign box features <-> region phrases, across the batch
+    regional_weight: float = 0.1  # RoIAlign box features <-> region texts, this device's boxes only
     hard_negative_weight: float = 0.5  # each region: its phrase vs its hard negatives
+    # the reference's per-device batch (train.sh: 512 x 8 GPUs). Gradient accumulation does not make a
+    # contrastive batch larger; on a smaller device keep the batch and set grad_cache_chunk instead
+    batch_size: int = 512
+    grad_cache_chunk: int = 0  # > 0: GradCache, embed with gradients this many images/texts at a time
 
 
 @dataclass
@@ -307,6 +331,14 @@ class RadialTrainConfig(TrainConfig):
     weight_decay: float = 0.01  # AdamW's default
     warmup_steps: int = 0
     batch_size: int = 8
+    # HierarCaps' train.py:212, 249: torch AdamW over every parameter, constant lr, no clipping, fp32
+    schedule: str = "constant"
+    weight_decay_exempt: str = "none"
+    bf16: bool = False
+    tf32: bool = False
+    # the cosine of the exterior angle is clipped to [-c, c] before acos: 1 as the reference
+    # (train.py:183); 1 - 1e-6 keeps acos' gradient finite at exactly straight or reversed tiers
+    cosine_clip: float = 1.0
     lambda_e: float = 1.0  # exterior-angle loss: positives in the cone, negatives outside
     lambda_m: float = 1.0  # the batch's hardest positive and hardest negative
     lambda_p: float = 10.0  # pullback to the frozen original text encoder
@@ -403,7 +435,8 @@ RANGES: dict[str, Range] = {
     "ground.max_box_area": FRACTION, "ground.whole_image_area": FRACTION,
     "ground.max_boxes_per_phrase": COUNT, "ground.max_boxes_per_image": COUNT, "ground.text_cache_size": ZERO_OR_MORE,
     "negatives.per_region": COUNT, "negatives.min_valid": ZERO_OR_MORE, "negatives.max_changed_words": COUNT,
-    "negatives.max_entailment": FRACTION,
+    "negatives.max_entailment": FRACTION, "negatives.min_contradiction": FRACTION, "negatives.max_embedding_similarity": FRACTION,
+    "hierarcaps.min_negative_contradiction": FRACTION,
     "hierarcaps.demonstrations": ZERO_OR_MORE, "hierarcaps.min_entailment": FRACTION,
     "hierarcaps.max_negative_entailment": FRACTION, "hierarcaps.num_beams": COUNT,
     "hierarcaps.negative_candidates": Range(0, meaning=" (0 = no negatives)"),
@@ -417,8 +450,15 @@ RANGES: dict[str, Range] = {
     "fgclip.image_size": Range(0, meaning=" (0 = the model's own)"), "fgclip.long_text_tokens": Range(77, meaning=" (CLIP's own 77 positions)"),
     "fgclip.keep_positions": COUNT, "fgclip.max_boxes": COUNT, "fgclip.hard_negatives": ZERO_OR_MORE,
     "fgclip.long_weight": ZERO_OR_MORE, "fgclip.short_weight": ZERO_OR_MORE, "fgclip.regional_weight": ZERO_OR_MORE,
-    "fgclip.hard_negative_weight": ZERO_OR_MORE,
+    "fgclip.hard_negative_weight": ZERO_OR_MORE, "fgclip.grad_cache_chunk": Range(0, meaning=" (0 = off)"),
+    "max_grad_norm": Range(0, meaning=" (0 = no clipping)"),
+    "radial.cosine_clip": Range(0, 1, open_low=True, meaning=" (cosines lie in [-1, 1])"),
     "radial.lambda_e": ZERO_OR_MORE, "radial.lambda_m": ZERO_OR_MORE, "radial.lambda_p": ZERO_OR_MORE,
+}
+# String settings that take one of a few values, by field name; checked with the ranges.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": ("cosine", "constant"),
+    "weight_decay_exempt": ("norms_biases", "open_clip", "none"),
 }
 # Pairs whose order matters: (section, smaller setting, larger setting, strictly smaller).
 ORDERED: list[tuple[str, str, str, bool]] = [
@@ -448,6 +488,11 @@ def validate(config: Config) -> None:
         allowed = range_of(section, name)
         if value is not None and allowed is not None and value not in allowed:
             raise FgdataError(f"setting {section}.{name}={_shown(value)} is out of range: it must be {allowed}")
+    for section_field in dataclasses.fields(config):
+        for name, allowed in CHOICES.items():
+            value = getattr(getattr(config, section_field.name), name, None)
+            if value is not None and value not in allowed:
+                raise FgdataError(f"setting {section_field.name}.{name}={_shown(value)} must be one of {', '.join(allowed)}")
     for section, smaller, larger, strictly in ORDERED:
         low, high = getattr(getattr(config, section), smaller), getattr(getattr(config, section), larger)
         if low > high or (strictly and low == high):

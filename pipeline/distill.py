@@ -81,7 +81,10 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
 
     tokenizer, model = load_seq2seq(str(checkpoint or settings.base_model), revision=None if checkpoint else settings.revision)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    from pipeline.train.optim import parameter_groups
+
+    # the transformers Trainer's rule: no decay on biases and LayerNorm (T5LayerNorm) weights
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, "norms_biases"), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
     step, history = 0, []
     if checkpoint:

@@ -1,5 +1,5 @@
-"""`fgdata train`: one loop for both objectives — AdamW, warm-up then cosine, gradient
-accumulation, bf16 autocast on GPU, safetensors checkpoints with optimizer/schedule/RNG state,
+"""`fgdata train`: one loop for both objectives — AdamW and schedule as each reference builds them
+(build_optimizer), gradient accumulation, bf16 autocast on GPU (a setting), safetensors checkpoints with optimizer/schedule/RNG state,
 resume, and data parallelism under torchrun: contrastive features are gathered across processes
 (with gradients) and gradients are averaged across them before each optimizer step.
 """
@@ -23,6 +23,7 @@ from pipeline.errors import FgdataError
 from pipeline.models.reference import absolute_local_paths, is_random_model
 from pipeline.shards import MODEL_DIR_ENTRIES, claim_output, read_json, write_json
 from pipeline.train.objectives import OBJECTIVES
+from pipeline.train.optim import lr_factor, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,15 @@ REPORT_FILE = "train.json"
 _MODEL_FILE = "model.safetensors"
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def build_optimizer(module, settings, total_steps: int):
+    """AdamW and its schedule, as the references build them. FG-CLIP (train.sh, clean_clip_trainer.py:
+    40-41, 76-89): wd 1e-3 on all but LayerNorm parameters and biases, 200 warm-up steps then cosine,
+    no clipping (zero2.json sets no gradient_clipping). HierarCaps (train.py:212, 249): AdamW's own
+    wd 0.01 on every parameter, constant lr, clipping commented out. The settings name each rule."""
+    groups = parameter_groups(module, settings.weight_decay, settings.weight_decay_exempt)
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings.warmup_steps, total_steps, settings.schedule))
+    return optimizer, schedule
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -71,9 +76,8 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
 
     module = objective.module
     parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * objective.steps_per_epoch()))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
+    optimizer, schedule = build_optimizer(module, settings, total_steps)
     step, history = 0, []
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint:
@@ -87,6 +91,8 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
         step, history = state["step"], state["history"]
         log.info("resuming from %s (step %d of %d)", checkpoint.name, step, total_steps)
     autocast = device != "cpu" and settings.bf16
+    if device != "cpu":  # what --tf32 sets in FG-CLIP's train.sh: fp32 matmuls and convolutions on TF32 cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
     log.info("training %s (%s) on %s: %d steps of %d x %d x %d samples", objective_name, settings.model, device, total_steps, settings.batch_size, settings.gradient_accumulation, world)
 
     batches = objective.batches(skip_batches=step * settings.gradient_accumulation)
@@ -99,14 +105,18 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
             batch = next(batches, None)
             if batch is None:
                 raise FgdataError(f"the training data ran out at step {step}: a whole pass over {', '.join(map(str, sources))} yielded no sample")
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = objective.loss(batch, module)
-            (loss / settings.gradient_accumulation).backward()
+            if getattr(objective, "grad_cache", False):  # GradCache: the objective runs its own chunked backward
+                loss, parts = objective.cached_step(batch, module, 1 / settings.gradient_accumulation, autocast)
+            else:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss, parts = objective.loss(batch, module)
+                (loss / settings.gradient_accumulation).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / settings.gradient_accumulation
         if world > 1:
             _average_gradients(parameters, world)
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        if settings.max_grad_norm > 0:  # off by default: neither reference clips (see build_optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
