@@ -204,7 +204,7 @@ def test_negatives_stage_and_export_round_trip(world, tmp_path):
     rows[0]["negative_candidates"] = [[], [], [], []]  # nothing to choose from: rejected, tier 1 named
     pq.write_table(conform(rows, "hierarcaps"), data / "part-00000.parquet")
     # random NLI scores are noise: thresholds open, so the structure is what is tested here
-    settings = make_config(f"hierarcaps.nli_model={nli}", "hierarcaps.min_entailment=0", "hierarcaps.max_negative_entailment=1")
+    settings = make_config(f"hierarcaps.nli_model={nli}", "hierarcaps.min_entailment=0", "hierarcaps.min_negative_contradiction=0")
     summary = run_stage(HierarcapsNegativesStage(data), tmp_path / "final", settings)
     assert (summary.rows_out, summary.rows_rejected) == (11, 1)
     assert_dataset_invariants(tmp_path / "final", {row["key"] for row in rows})

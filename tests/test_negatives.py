@@ -201,7 +201,7 @@ def regions_dir(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_negatives_end_to_end_with_a_random_nli_model(tiny_nli, regions_dir, tmp_path):
     out = tmp_path / "fggrn"
-    summary = run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.per_region=5"))
+    summary = run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.per_region=5", "negatives.nli_rule=not_entailed"))
     assert (summary.rows_in, summary.rows_out) == (3, 3)
     assert_dataset_invariants(out)
     rows = {r["key"]: r for r in read_rows(out)}
@@ -218,7 +218,7 @@ def test_negatives_end_to_end_with_a_random_nli_model(tiny_nli, regions_dir, tmp
 @pytest.mark.usefixtures("ray_session")
 def test_nli_filter_drops_entailed_negatives_and_flags_the_region(tiny_nli, regions_dir, tmp_path):
     out = tmp_path / "fggrn"
-    run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.max_entailment=0"))
+    run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.nli_rule=not_entailed", "negatives.max_entailment=0"))
     cup = read_rows(out)[0]["regions"][0]
     assert cup["negatives"] == [] and cup["negatives_flag"] == "too_few_valid"
     assert read_json(out / "_manifest.json")["counters"]["dropped_entailed"] == 20
@@ -240,7 +240,7 @@ def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     from pipeline.export_fgclip import export_fgclip, region_description
 
     fggrn = tmp_path / "fggrn"
-    run_stage(NegativesStage(regions_dir), fggrn, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1"))
+    run_stage(NegativesStage(regions_dir), fggrn, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1", "negatives.min_contradiction=0"))
     images = tmp_path / "images"
     images.mkdir()
     rows = [{"key": k, "image": image_bytes(), "width": 10, "height": 10, "format": "JPEG", "short_caption": None, "source": "t"} for k in ("a", "b")]
@@ -345,7 +345,7 @@ def test_demo_sample_from_images_to_fggrn_and_resume(tiny_nli, tmp_path):
     run_stage(PhrasesStage(tmp_path / "images"), tmp_path / "phrases", make_config())
     ground = ("ground.detector=yolov8s-worldv2.yaml", f"ground.text_encoder={clip}", "ground.score_threshold=0")
     run_stage(GroundStage(tmp_path / "phrases"), tmp_path / "regions", make_config(*ground))
-    settings = make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}")
+    settings = make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.min_contradiction=0")  # random NLI: threshold open
     first = run_stage(NegativesStage(tmp_path / "regions"), tmp_path / "fggrn", settings)
     assert (first.rows_in, first.rows_out, first.rows_rejected) == (17, 17, 0)
     assert_dataset_invariants(tmp_path / "fggrn")

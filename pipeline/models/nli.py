@@ -1,42 +1,98 @@
-"""Natural-language inference with a sequence-classification cross-encoder (DeBERTa-class MNLI)."""
+"""Natural-language inference with a cross-encoder, run through sentence-transformers' `CrossEncoder`
+(as users run cross-encoder/nli-deberta-v3-base), and the rule that turns its scores into keep/drop."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import FgdataError, first_line
 from pipeline.models.reference import is_random_model
 
 _LABELS = ("contradiction", "entailment", "neutral")
+NLI_RULES = ("contradiction", "not_entailed")
 
 
 class NliScorer:
     """P(contradiction), P(entailment), P(neutral) for (premise, hypothesis) pairs."""
 
-    def __init__(self, model: str, batch_size: int = 64):
+    def __init__(self, model: str, batch_size: int = 64, max_length: int = 256):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from sentence_transformers import CrossEncoder
 
-        self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=False, use_safetensors=True).to(self.device).eval()
-        except (OSError, ValueError) as exc:
+            # no code from the model's folder runs, and pickled weights are refused (safetensors only)
+            self.cross_encoder = CrossEncoder(
+                model, device=self.device, max_length=max_length, trust_remote_code=False, model_kwargs={"use_safetensors": True}
+            )
+        except (OSError, ValueError, KeyError) as exc:
             raise FgdataError(f"cannot load NLI model {model!r}: {first_line(exc)}") from None
-        # Label order differs between NLI checkpoints; the config names them.
-        names = {index: label.lower() for index, label in self.model.config.id2label.items()}
+        self.tokenizer, self.model = self.cross_encoder.tokenizer, self.cross_encoder.model
+        # Label order differs between NLI checkpoints; the config names them, so look them up by name.
+        names = {int(index): str(label).lower() for index, label in self.model.config.id2label.items()}
         missing = [label for label in _LABELS if label not in names.values()]
-        if missing:
+        if missing or len(names) != len(_LABELS):
             raise FgdataError(f"NLI model {model!r} has labels {sorted(names.values())}, not {list(_LABELS)}")
         self._order = [next(i for i, name in names.items() if name == label) for label in _LABELS]
         self.name, self.batch_size, self.is_random = model, batch_size, is_random_model(model)
 
     def score(self, pairs: list[tuple[str, str]]) -> list[dict[str, float]]:
-        torch = self._torch
-        results = []
-        for start in range(0, len(pairs), self.batch_size):
-            premises, hypotheses = zip(*pairs[start : start + self.batch_size])
-            inputs = self.tokenizer(list(premises), list(hypotheses), padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                probabilities = self.model(**inputs).logits.softmax(-1)[:, self._order].tolist()
-            results += [dict(zip(_LABELS, row)) for row in probabilities]
-        return results
+        if not pairs:
+            return []
+        probabilities = self.cross_encoder.predict(
+            [list(pair) for pair in pairs], batch_size=self.batch_size, apply_softmax=True, show_progress_bar=False, convert_to_numpy=True
+        )
+        return [dict(zip(_LABELS, map(float, row[self._order]))) for row in probabilities]
+
+
+@dataclass(frozen=True)
+class NliDecision:
+    """Whether a candidate negative is valid, from its NLI scores against the positive.
+
+    `contradiction` (the default): valid when P(contradiction) >= min_contradiction: the negative must
+    contradict the positive, so a neutral rewrite ("a bright jacket" for "a blue jacket") is dropped.
+    `not_entailed` (the older rule): valid when P(entailment) < max_entailment; neutral rewrites pass."""
+
+    rule: str
+    min_contradiction: float
+    max_entailment: float
+
+    def __post_init__(self):
+        if self.rule not in NLI_RULES:
+            raise FgdataError(f"NLI rule must be {' or '.join(NLI_RULES)}, got {self.rule!r}")
+
+    def problem(self, score: dict[str, float]) -> str | None:
+        """None when valid, else the reason it is dropped (a counter name)."""
+        if self.rule == "contradiction":
+            return None if score["contradiction"] >= self.min_contradiction else "not_contradicted"
+        return None if score["entailment"] < self.max_entailment else "entailed"
+
+
+def best_threshold(scores: list[float], labels: list[bool], min_precision: float) -> tuple[float, float, float] | None:
+    """(threshold, precision, recall) of the lowest threshold t at which the items scoring >= t are
+    labelled True with at least `min_precision`: the most recall that precision allows. None when no
+    threshold reaches it."""
+    best = None
+    for t in sorted(set(scores), reverse=True):
+        kept = [label for score, label in zip(scores, labels) if score >= t]
+        precision, recall = sum(kept) / len(kept), sum(kept) / max(1, sum(labels))
+        if precision >= min_precision:
+            best = (t, precision, recall)
+    return best
+
+
+def calibrate_contradiction(scorer: NliScorer, fixture: Path, min_precision: float = 0.95) -> dict:
+    """Scores a hand-labelled fixture (JSON lines: caption, positive, negative, contradicts) the way the
+    negatives stage does (the caption with the phrase replaced is the hypothesis) and returns the
+    lowest P(contradiction) threshold that keeps `min_precision`, with every pair's scores."""
+    items = [json.loads(line) for line in Path(fixture).read_text().splitlines() if line.strip()]
+    pairs = [(item["caption"], item["caption"].replace(item["positive"], item["negative"], 1)) for item in items]
+    scores = scorer.score(pairs)
+    found = best_threshold([s["contradiction"] for s in scores], [bool(item["contradicts"]) for item in items], min_precision)
+    return {
+        "model": scorer.name, "random_weights": scorer.is_random, "pairs": len(items), "min_precision": min_precision,
+        "threshold": found and found[0], "precision": found and found[1], "recall": found and found[2],
+        "scores": [{**item, **score} for item, score in zip(items, scores)],
+    }

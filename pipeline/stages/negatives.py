@@ -1,7 +1,8 @@
-"""`fgdata negatives`: hard negatives for every region phrase, checked for structure and by NLI.
+"""`fgdata negatives`: hard negatives for every region phrase, checked for structure, meaning and by NLI.
 
-Each candidate must keep the object, change 1-3 content words, and not be entailed by the
-positive when both are read in the caption ("... a red cup ..." vs "... a blue cup ...").
+Each candidate must keep the object, change 1-3 content words, not merely reword the positive or
+an accepted negative (lexicons, then sentence-embedding similarity), and contradict the positive
+when both are read in the caption ("... a red cup ..." vs "... a blue cup ...": negatives.nli_rule).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pipeline.llm_output import parse_negatives
 from pipeline.config import Config
 from pipeline.errors import FgdataError
 from pipeline.models.generation import Sampling
-from pipeline.models.nli import NliScorer
+from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
+from pipeline.models.nli import NliDecision, NliScorer
 from pipeline.models.reference import absolute_local_paths, check_model_reference
 from pipeline.models.text_lm import load_text_generator
-from pipeline.negative_checks import structure_problem, words
+from pipeline.negative_checks import embedding_texts, meaning_problem, structure_problem, words
 from pipeline.prompts import fill_template, load_prompt
 from pipeline.schemas import check_input_columns, conform
 from pipeline.shards import lineage_entry, list_shards, read_shard, read_shard_schema
@@ -40,6 +42,7 @@ class NegativeModels:
     nli: NliScorer
     nlp: object  # the spaCy pipeline that finds attribute words (rules) and heads
     llm: object | None  # a TextGenerator for the LLM backends
+    embedder: TextEmbedder | None = None  # None: negatives.embedding_model is null
 
 
 def answer_schema(count: int) -> dict:
@@ -50,6 +53,14 @@ def answer_schema(count: int) -> dict:
 
 def fill_prompt(template: str, count: int, caption: str, phrase: str) -> str:
     return fill_template(template, {"count": str(count), "caption": caption, "phrase": phrase})
+
+
+def nli_decision(settings) -> NliDecision:
+    """The keep/drop rule for negatives (FgdataError for an unknown negatives.nli_rule)."""
+    try:
+        return NliDecision(settings.nli_rule, settings.min_contradiction, settings.max_entailment)
+    except FgdataError as exc:
+        raise FgdataError(f"negatives.nli_rule: {exc}") from None
 
 
 class NegativesStage(Stage):
@@ -65,8 +76,12 @@ class NegativesStage(Stage):
         settings = config.negatives
         if settings.backend not in ("rules", "transformers", "vllm"):
             raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
+        nli_decision(settings)
         absolute_local_paths(settings, "nli_model", "model")
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
+        if settings.embedding_model:
+            absolute_local_paths(settings, "embedding_model")
+            check_model_reference(resolve_embedding_model(settings.embedding_model), revision=None, trust_remote_code=False)
         if settings.backend != "rules":
             load_prompt(settings.prompt)
             check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
@@ -94,7 +109,8 @@ class NegativesStage(Stage):
             llm = load_text_generator(
                 s.backend, s.model, revision=s.revision, trust_remote_code=s.trust_remote_code, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size
             )
-        return NegativeModels(nli=NliScorer(s.nli_model), nlp=load_pipeline(s.spacy_model), llm=llm)
+        embedder = TextEmbedder(s.embedding_model) if s.embedding_model else None
+        return NegativeModels(nli=NliScorer(s.nli_model), nlp=load_pipeline(s.spacy_model), llm=llm, embedder=embedder)
 
     def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
         return max(1, math.ceil(unit.payload["rows"] / config.negatives.batch_size))
@@ -111,7 +127,11 @@ class NegativesStage(Stage):
             if model.llm
             else f"{LEXICON_VERSION} + {pipeline_id(model.nlp)}"
         )
-        chosen = {k: getattr(settings, k) for k in ("backend", "per_region", "min_valid", "max_changed_words", "max_entailment", "seed")}
+        keys = ("backend", "per_region", "min_valid", "max_changed_words", "nli_rule", "min_contradiction", "max_entailment",
+                "embedding_model", "max_embedding_similarity", "seed")
+        chosen = {k: getattr(settings, k) for k in keys}
+        decision = nli_decision(settings)
+        similarity = model.embedder.similarity if model.embedder else None
         settings_json = json.dumps(chosen, sort_keys=True)
         out, rows_in = [], 0
         counters: Counter = Counter()
@@ -119,22 +139,35 @@ class NegativesStage(Stage):
             rows_in += len(rows)
             regions = [(row, region) for row in rows for region in row["regions"]]
             proposals = self._propose(regions, model, settings, prompt, sampling, counters)
-            candidates = []  # (region, text, attribute, premise, hypothesis)
+            structured = []  # per region: the (text, attribute) candidates that pass the structure checks
             for (row, region), proposed in zip(regions, proposals):
-                region["negatives"], seen = [], set()
-                caption = row[row["phrase_source"]] or ""
+                region["negatives"], seen, passed = [], set(), []
                 for text, attribute in proposed[: 2 * settings.per_region]:
                     problem = structure_problem(region["phrase"], text, region["head"], seen, settings.max_changed_words)
                     if problem:
                         counters[f"dropped_{problem}"] += 1
                         continue
                     seen.add(" ".join(words(text)))
-                    candidates.append((region, text, attribute or "unspecified", caption, caption[: region["start"]] + text + caption[region["end"] :]))
+                    passed.append((text, attribute))
+                structured.append(passed)
                 counters["dropped_over_limit"] += max(0, len(proposed) - 2 * settings.per_region)
-            scores = model.nli.score([(premise, hypothesis) for *_, premise, hypothesis in candidates]) if candidates else []
+            if model.embedder:  # every span the meaning checks compare, embedded in one batch
+                model.embedder.warm(t for (_, region), passed in zip(regions, structured) for t in embedding_texts(region["phrase"], [p[0] for p in passed]))
+            candidates = []  # (region, text, attribute, premise, hypothesis)
+            for (row, region), passed in zip(regions, structured):
+                caption, accepted = row[row["phrase_source"]] or "", []
+                for text, attribute in passed:
+                    problem = meaning_problem(region["phrase"], text, accepted, similarity, settings.max_embedding_similarity)
+                    if problem:
+                        counters[f"dropped_{problem}"] += 1
+                        continue
+                    accepted.append(text)
+                    candidates.append((region, text, attribute or "unspecified", caption, caption[: region["start"]] + text + caption[region["end"] :]))
+            scores = model.nli.score([(premise, hypothesis) for *_, premise, hypothesis in candidates])
             for (region, text, attribute, _, _), score in zip(candidates, scores):
-                if score["entailment"] >= settings.max_entailment:
-                    counters["dropped_entailed"] += 1
+                problem = decision.problem(score)
+                if problem:
+                    counters[f"dropped_{problem}"] += 1
                 elif len(region["negatives"]) < settings.per_region:
                     region["negatives"].append({"text": text, "attribute": attribute, **score})
             for row in rows:
@@ -153,6 +186,8 @@ class NegativesStage(Stage):
             provenance={
                 "negatives_backend": backend,
                 "nli_model": model.nli.name,
+                "nli_rule": decision.rule,
+                "embedding_model": model.embedder.name if model.embedder else None,
                 "random_weights": model.nli.is_random or bool(model.llm and model.llm.is_random),
             },
         )
