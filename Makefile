@@ -76,8 +76,11 @@ tiny-nli: $(TINY_NLI)/config.json
 NEG_BACKEND ?= rules
 NEG_MODEL ?=
 
+# random NLI scores are noise (P(contradiction) near 1/3): the offline demo opens the contradiction floor
+TINY_NLI_NEGATIVES = $(if $(filter $(TINY_NLI),$(NLI_MODEL)),--set negatives.min_contradiction=0)
+
 negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
-	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL) \
+	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn --set negatives.nli_model=$(NLI_MODEL) $(TINY_NLI_NEGATIVES) \
 		--set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
 	$(BIN)/fgdata export fgclip $(OUT)/fggrn $(OUT)/fgclip --allow-missing-long-captions  # the demo's phrases come from the short captions: caption repeats them (counted)
 
@@ -91,7 +94,7 @@ LLM ?= $(TINY_LLM)
 T5_BASE ?= $(TINY_T5)
 H := $(OUT)/hierarcaps
 # random NLI scores are noise: the offline demo opens the thresholds so every step shows its output
-HIERARCAPS_NLI ?= --set hierarcaps.nli_model=$(NLI_MODEL) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),--set hierarcaps.min_entailment=0 --set hierarcaps.max_negative_entailment=1)
+HIERARCAPS_NLI ?= --set hierarcaps.nli_model=$(NLI_MODEL) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),--set hierarcaps.min_entailment=0 --set hierarcaps.min_negative_contradiction=0)
 HIERARCAPS_LLM ?= --model $(LLM) $(if $(filter $(TINY_LLM),$(LLM)),--set hierarcaps.max_new_tokens=32)
 DISTILL_ARGS ?= $(if $(filter $(TINY_T5),$(T5_BASE)),--set distill.max_steps=200 --set distill.learning_rate=3e-3 --set distill.warmup_steps=20 --set distill.eval_every=50 --set distill.eval_fraction=0.15)
 
