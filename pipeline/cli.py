@@ -210,9 +210,11 @@ def negatives(
 
     Backend `rules` swaps one colour, material, size, count, pattern, texture, state, position,
     shape or age word from curated lexicons (CPU). Every candidate must keep the head noun, change
-    1-3 content words and stay close in length; then an NLI cross-encoder (negatives.nli_model)
-    must not find it entailed by the positive in the caption. Regions with fewer than
-    negatives.min_valid negatives are flagged, not dropped.
+    1-3 content words, stay close in length and not merely reword the positive or another negative
+    (lexicons, then all-MiniLM-L6-v2 similarity, negatives.embedding_model); then an NLI
+    cross-encoder (negatives.nli_model) must find it contradicted by the positive in the caption
+    (negatives.nli_rule=contradiction, P >= negatives.min_contradiction; or not_entailed). Regions
+    with fewer than negatives.min_valid negatives are flagged, not dropped.
     """
     from pipeline.stages.negatives import NegativesStage
 
