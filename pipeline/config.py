@@ -47,6 +47,16 @@ class IngestConfig:
 
 
 @dataclass
+class DownloadConfig:
+    """How `fgdata download` fetches URLs (img2dataset). Never changes what a downloaded image's row
+    holds, so a rerun may raise the timeout for the URLs that failed without being refused."""
+
+    timeout: float = 10.0  # seconds per socket operation; a slower server is a `timeout` reject
+    threads: int = 16  # concurrent requests per shard task
+    retries: int = 0  # extra tries per URL within one run (a rerun retries every failure anyway)
+
+
+@dataclass
 class PhrasesConfig:
     # en_core_web_trf gives better parses on GPU; see README for installing official pipelines.
     spacy_model: str = "en_core_web_sm"
@@ -348,6 +358,7 @@ class RadialTrainConfig(TrainConfig):
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
@@ -424,6 +435,7 @@ RANGES: dict[str, Range] = {
     "run.num_cpus": Range(1, meaning=" (or null for all cores)"), "run.cpus_per_task": POSITIVE,
     "run.max_shards_in_flight": Range(0, meaning=" (0 = twice the cluster's CPUs)"), "run.max_retries": ZERO_OR_MORE,
     "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT,
+    "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE,
     "phrases.max_phrase_words": COUNT, "phrases.english_check_min_words": ZERO_OR_MORE,
     "recaption.max_image_side": COUNT, "recaption.max_aspect_ratio": Range(1),
     "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,

@@ -29,7 +29,7 @@ RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
 _TMP_TAG = ".tmp-"
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
-DATASET_ENTRIES = ("part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*")
+DATASET_ENTRIES = ("part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*", "_download")
 # What `train` and `hierarcaps distill` write: the model (save_pretrained), checkpoints and the report.
 MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt", "*.model", f".*{_TMP_TAG}*")
 
