@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench clean
+.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -145,11 +145,18 @@ demo: negatives recaption hierarcaps
 	$(BIN)/fgdata info $(OUT)/regions
 	$(BIN)/fgdata info $(OUT)/fggrn
 	$(BIN)/fgdata info $(OUT)/captions
+	$(BIN)/fgdata report $(OUT)/fggrn --out $(OUT)/report.html --overwrite
+	@echo "open $(OUT)/report.html in a browser (or: python3 -m webbrowser $(OUT)/report.html)"
 
-test: setup
+# the report tests render pages in headless Chromium (Debian's package; CI runs as root with apt)
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) \
+		|| echo "chromium could not be installed (not root, or no apt): the browser tests will be skipped"
+
+test: setup chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup chromium
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

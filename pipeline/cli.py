@@ -427,7 +427,7 @@ def hierarcaps_export(
 
     with _user_errors():
         summary = write_official_csv(dataset, out, layout, overwrite=overwrite)
-        typer.echo(f"wrote {summary['path']}: {summary['written']} rows ({summary['skipped_without_negatives']} without negatives left out)")
+        typer.echo(f"wrote {summary['path']}: {summary['written']} rows ({summary['skipped_without_negatives']} without negatives left out), data card {summary['datacard']}")
 
 
 @app.command()
@@ -472,11 +472,11 @@ def train(
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="CLIP to evaluate: a `fgdata train` output, hub id or local directory.")],
     fggrn: Annotated[Optional[list[Path]], typer.Option(help="FgGRN shards (held out): fg-ovd accuracy, regional and long/short retrieval. Repeatable.")] = None,
-    hierarcaps: Annotated[Optional[list[Path]], typer.Option(help="Hierarcaps shards or an official CSV: d_corr, and hierarchical retrieval when images are at hand. Repeatable.")] = None,
+    hierarcaps: Annotated[Optional[list[Path]], typer.Option(help="Hierarcaps shards or an official CSV (e.g. hierarcaps_test.csv): d_corr, and hierarchical precision/recall as the reference evaluator computes them when images are at hand (--image-root, or an images dataset upstream of shards). Repeatable.")] = None,
     fg_ovd: Annotated[Optional[Path], typer.Option("--fg-ovd", help="An FG-OVD benchmark .jsonl (img_path, bbox, pos_expression, neg_expression).")] = None,
-    image_root: Annotated[Optional[Path], typer.Option(help="Where FG-OVD's img_path values are relative to (default: the jsonl's folder).")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(help="FG-OVD: where img_path values are relative to (default: the jsonl's folder). HierarCaps: the folder of the test images (the reference's assets/test_imgs), matched by the COCO id in image_url.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image shards for --fggrn; default: found through its lineage.")] = None,
-    hard_negatives: Annotated[int, typer.Option(help="Negatives per box for the fg-ovd accuracy (chance = 1/(k+1)).")] = 10,
+    hard_negatives: Annotated[Optional[int], typer.Option(help="Cap on the negatives per box for the fg-ovd accuracy; default: all of them, as FG-CLIP's evaluator scores (chance = mean 1/(k+1)).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many images / chains per set.")] = 5000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here too.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file when it already exists.")] = False,
@@ -513,10 +513,10 @@ def evaluate(
         if fg_ovd:
             fg_ovd_skipped = Counter()
             fg_ovd_items = ev.fgovd_items(fg_ovd, image_root, fg_ovd_skipped)
-            results["fg_ovd_benchmark"] = {**ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
+            results["fg_ovd_benchmark"] = {"file": str(fg_ovd), **ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
         if hierarcaps:
             chains_skipped = Counter()
-            chains, chain_images = ev.hierarcaps_items(hierarcaps, limit, chains_skipped)
+            chains, chain_images = ev.hierarcaps_items(hierarcaps, limit, chains_skipped, image_root)
             results["hierarcaps"] = {**ev.hierarchy_metrics(encoder, chains, chain_images), "skipped": dict(chains_skipped)}
         typer.echo(ev.format_table(results))
         if out:
@@ -585,6 +585,28 @@ def info(
 
     with _user_errors():
         typer.echo(describe_dataset(dataset, top=top))
+
+
+@app.command()
+def report(
+    dataset: Annotated[Path, typer.Argument(help="A dataset directory written by an fgdata stage.")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write (self-contained: images inline).")],
+    sample: Annotated[int, typer.Option(help="At most this many rows feed the histograms and examples (chosen at random).")] = 20_000,
+    gallery: Annotated[int, typer.Option(help="How many images (or chains) to show.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+):
+    """Write one HTML page to look at a dataset: the funnel across its lineage, rejects by reason with
+    examples, images with boxes drawn, negatives with NLI scores, histograms, HierarCaps chains."""
+    from pipeline.report_html import write_report
+
+    with _user_errors():
+        if sample < 1 or gallery < 0:
+            raise FgdataError("--sample must be at least 1 and --gallery at least 0")
+        _check_out_file(out, overwrite)
+        summary = write_report(dataset, out, sample=sample, gallery=gallery, seed=seed)
+        sampled = f", {summary['sampled']:,} sampled" if summary["sampled"] < summary["rows"] else ""
+        typer.echo(f"wrote {out}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
 
 
 @app.command("config")

@@ -83,13 +83,14 @@ def random_weight_steps(steps: list[dict]) -> list[str]:
 
 
 def licence_note(path: str) -> str:
-    """Where a source's licence is stated, or 'unknown'. Only files right beside the source are
-    looked at; a README counts only when it mentions a licence."""
+    """Where a source's licence is stated, or 'unknown'. Only files beside the source (in its folder,
+    then the folder above, where a dataset's README usually sits) are looked at; a README counts
+    only when it mentions a licence."""
     source = Path(path)
     folder = source if source.is_dir() else source.parent
     if "://" in path or not folder.is_dir():
         return "unknown (no licence file can be read beside this source)"
-    for candidate in (folder / name for name in _LICENCE_NAMES):
+    for candidate in (where / name for where in (folder, folder.parent) for name in _LICENCE_NAMES):
         try:
             if not candidate.is_file():
                 continue
@@ -98,7 +99,7 @@ def licence_note(path: str) -> str:
         except OSError:
             continue
         return f"see {candidate}"
-    return "unknown (no LICENSE, LICENCE, COPYING or README stating a licence beside it)"
+    return "unknown (no LICENSE, LICENCE, COPYING or README stating a licence beside it or in the folder above)"
 
 
 def _section(manifest: dict) -> dict:
@@ -222,3 +223,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise FgdataError(f"cannot write {path}: {first_line(exc)}") from None
+
+
+def export_datacard(dataset_dir: Path, note: str) -> str:
+    """The card an export ships: the dataset's own DATACARD.md (rendered from its manifest when an
+    older run wrote none) under a line saying what the export holds."""
+    dataset_dir = Path(dataset_dir)
+    card = dataset_dir / DATACARD_FILE
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+    else:
+        manifest = read_json(dataset_dir / MANIFEST_FILE)
+        text = render_datacard(dataset_dir, manifest) if manifest is not None else f"# Data card: {_text(dataset_dir.name)}\n\nNo manifest: provenance unknown.\n"
+    return f"> {_text(note)}\n\n{text}"

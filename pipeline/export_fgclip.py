@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from pipeline.box_checks import check_box
+from pipeline.datacard import DATACARD_FILE, export_datacard
 from pipeline.errors import FgdataError, first_line
 from pipeline.schemas import check_input_columns, load_schema
 from pipeline.shards import MANIFEST_FILE, RUN_FILE, find_ancestor, list_shards, check_output_path, read_json, read_shard, read_shard_schema, write_json
@@ -215,7 +216,7 @@ def _recorded_files(out_dir: Path) -> tuple[list[str], bool]:
 
 def _is_export_file(name: str) -> bool:
     parts = PurePosixPath(name).parts
-    return name in (JSON_FILE, SUMMARY_FILE, LEGACY_SUMMARY_FILE) or (len(parts) == 2 and parts[0] == "images" and bool(_OUR_IMAGE.fullmatch(parts[1])))
+    return name in (JSON_FILE, SUMMARY_FILE, LEGACY_SUMMARY_FILE, DATACARD_FILE) or (len(parts) == 2 and parts[0] == "images" and bool(_OUR_IMAGE.fullmatch(parts[1])))
 
 
 def other_data_files(out_dir: Path) -> list[str]:
@@ -312,7 +313,7 @@ def export_fgclip(
     if overwrite:
         _remove_export(out_dir, earlier_files)
         earlier_files = []
-    files = [JSON_FILE, SUMMARY_FILE, *(f"images/{n}" for names in wanted.values() for n in names.values())]
+    files = [JSON_FILE, SUMMARY_FILE, DATACARD_FILE, *(f"images/{n}" for names in wanted.values() for n in names.values())]
     # recorded before the first image is written, so even an interrupted export is known as ours
     try:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -350,4 +351,6 @@ def export_fgclip(
         "json": str(json_path),
     }
     write_json(out_dir / SUMMARY_FILE, {**summary, "source": str(fggrn_dir), "images": str(images_dir)})
+    note = f"Exported by `fgdata export fgclip` from {fggrn_dir}: {len(items)} items in {JSON_FILE}, images under images/."
+    _write_if_changed(out_dir / DATACARD_FILE, export_datacard(fggrn_dir, note).encode())
     return summary

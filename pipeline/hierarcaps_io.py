@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.datacard import DATACARD_FILE, export_datacard, write_text_atomic
 from pipeline.errors import FgdataError
 from pipeline.hierarchy import SEPARATOR
 from pipeline.shards import list_shards
@@ -192,8 +193,10 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: boo
     out = Path(out)
     if out.is_dir():
         raise FgdataError(f"{out} is a directory; give the path of the CSV file to write")
-    if out.exists() and not overwrite:
-        raise FgdataError(f"{out} already exists; pass --overwrite to replace it, or choose another path")
+    card = out.with_name(f"{out.name}.{DATACARD_FILE}")  # the data card ships beside the CSV
+    for path in (out, card):
+        if path.exists() and not overwrite:
+            raise FgdataError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
     shards = list_shards(dataset_dir)
     written = skipped = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,9 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: boo
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
-    return {"written": written, "skipped_without_negatives": skipped, "path": str(out)}
+    note = f"Exported by `fgdata hierarcaps export` ({layout} layout) from {dataset_dir}: {written} rows in {out.name}, {skipped} left out without negatives."
+    write_text_atomic(card, export_datacard(dataset_dir, note))
+    return {"written": written, "skipped_without_negatives": skipped, "path": str(out), "datacard": str(card)}
 
 
 def read_chains(sources: list[Path], need_negatives: bool = False, counts: Counter | None = None) -> list[tuple[str, list[str], list[str] | None]]:

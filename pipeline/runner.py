@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.config import Config, RunConfig
+from pipeline.datacard import write_datacard
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.shards import (
     DONE_DIR,
@@ -105,6 +106,7 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     stats = {u.name: read_json(out_dir / STATS_DIR / u.name.replace(".parquet", ".json")) for u in units}
     manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage)
     write_json(out_dir / MANIFEST_FILE, manifest)
+    write_datacard(out_dir, manifest)  # the datasheet a person reads, next to the manifest
     return RunSummary(
         out_dir=out_dir,
         shards_total=len(units),
