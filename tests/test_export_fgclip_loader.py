@@ -147,7 +147,7 @@ def test_an_old_export_folder_is_taken_over_and_its_json_records_removed(tmp_pat
     (out / "mine.json").write_text("[]")  # the user's: kept, and named in a warning
     result = invoke("export", "fgclip", world["fggrn"], out)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["_export.fgdata", "_run.fgdata", "fgclip.json", "images", "mine.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["DATACARD.md", "_export.fgdata", "_run.fgdata", "fgclip.json", "images", "mine.json"]
     assert "mine.json" in result.stderr and "read every *.json" in result.stderr
     assert "_export.json" not in json.loads((out / "_run.fgdata").read_text())["files"]
     assert len(load_like_fgclip(out, out)) == 3
