@@ -1,19 +1,23 @@
 """`fgdata eval`: what a trained CLIP has learnt, on FgGRN shards, FG-OVD jsonl and HierarCaps.
 
-- fg-ovd: per box, the RoIAlign region feature against its positive phrase and its hard
-  negatives; accuracy = share of boxes whose positive ranks first (chance 1/(k+1)).
+- fg-ovd: per box, the RoIAlign region feature against its positive phrase and ALL its
+  negatives, as FG-CLIP's fgovd_eval.py scores the benchmark; accuracy = share of boxes whose
+  positive scores highest, ties included (chance: the mean of 1/(k+1)). --hard-negatives caps k.
 - regional retrieval: each box against every distinct phrase of the set; top-1 accuracy.
 - retrieval: image <-> long caption and image <-> short caption, R@1 and R@5 both ways.
-- hierarcaps: d_corr (Kendall tau between each chain's distances to the root — the embedding of
-  the empty text — and its tier order, averaged), and hierarchical retrieval precision and recall
-  over 50 radius levels, for chains whose images are at hand.
+- hierarcaps: d_corr, hierarchical precision and recall exactly as the HierarCaps reference
+  (code/evaluation/hierarchical_retrieval.py) computes them, on its official test CSV and images
+  (--image-root) or on chains whose images are upstream of their shards; images prepared by the
+  model's own processor (shortest side resized, centre crop), as there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -25,7 +29,8 @@ from PIL import Image
 
 from pipeline.box_checks import check_box, shown
 from pipeline.errors import FgdataError, first_line
-from pipeline.hierarcaps_io import read_chains
+from pipeline.hierarcaps_io import read_chains, read_official_csv
+from pipeline.images import ImageRejected, decode_rgb
 from pipeline.shards import find_ancestor, list_shards, read_shard
 from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
 from pipeline.train.data import fgclip_rows, fgclip_sources, pixels, usable_chains
@@ -40,6 +45,7 @@ class Encoder:
 
     def __init__(self, model: str, image_size: int | None = None, batch_size: int = 64):
         self.parts = load_clip(model)
+        self.reference, self._view = model, None
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = self.parts.model.to(self.device).eval()
         self.image_size = image_size or self.model.config.vision_config.image_size
@@ -65,30 +71,123 @@ class Encoder:
                 regions.append(box_features(grid, rois))
         return torch.cat(embedded), regions
 
+    @torch.no_grad()
+    def views(self, images: list[bytes | Path]) -> torch.Tensor:
+        """Image embeddings of pictures prepared by the model's own processor (`ProcessorView`), as
+        whole-image evaluators show them; `images` squashes to a square instead, so boxes keep
+        their place for the region features."""
+        if self._view is None:
+            self._view = processor_view(self.reference, self.image_size, self.parts.mean, self.parts.std)
+        embedded = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([view_pixels(image, self._view) for image in images[start : start + self.batch_size]]).to(self.device)
+            embedded.append(image_and_patch_features(self.model, batch)[0])
+        return torch.cat(embedded)
+
+
+@dataclass(frozen=True)
+class ProcessorView:
+    """How the model's own image processor prepares a picture (CLIPImageProcessor: resize the
+    shortest side, centre crop, rescale, normalise), which CLIP evaluators such as HierarCaps' use."""
+
+    shortest_edge: int | None
+    resize_to: tuple[int, int] | None  # (height, width), for a processor that resizes to a fixed size
+    crop: tuple[int, int] | None  # (height, width)
+    resample: int
+    rescale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def processor_view(model: str, image_size: int, mean, std) -> ProcessorView:
+    """The view the processor saved with `model` describes; CLIP's own when it has none."""
+    default = ProcessorView(image_size, None, (image_size, image_size), int(Image.BICUBIC), 1 / 255, tuple(mean), tuple(std))
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):
+        return default
+
+    def field(size, name):  # a dict in older transformers, a SizeDict in newer ones
+        return (size.get(name) if isinstance(size, dict) else getattr(size, name, None)) if size is not None else None
+
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    resize = getattr(processor, "do_resize", True)
+    edge = field(size, "shortest_edge") if resize else None
+    fixed = (field(size, "height"), field(size, "width")) if resize and edge is None else None
+    return ProcessorView(
+        shortest_edge=edge,
+        resize_to=fixed if fixed and all(fixed) else None,
+        crop=(field(crop, "height"), field(crop, "width")) if getattr(processor, "do_center_crop", False) and field(crop, "height") else None,
+        resample=int(getattr(processor, "resample", None) or Image.BICUBIC),
+        rescale=float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0,
+        mean=tuple(getattr(processor, "image_mean", None) or mean) if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0),
+        std=tuple(getattr(processor, "image_std", None) or std) if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0),
+    )
+
+
+def view_pixels(image: bytes | Path, view: ProcessorView) -> torch.Tensor:
+    """(3, H, W) pixels of `image` as `view` prepares them, with PIL as the reference's
+    transformers 4.x processor does: the shorter side to shortest_edge, the longer one scaled and
+    truncated to an integer, then the centre crop (offsets rounded down)."""
+    picture = decode_rgb(image.read_bytes() if isinstance(image, Path) else image)
+    width, height = picture.size
+    if view.shortest_edge:
+        short, long = min(width, height), max(width, height)
+        scaled = int(view.shortest_edge * long / short)
+        size = (view.shortest_edge, scaled) if width <= height else (scaled, view.shortest_edge)
+        picture = picture.resize(size, view.resample, reducing_gap=None)
+    elif view.resize_to:
+        picture = picture.resize(view.resize_to[::-1], view.resample, reducing_gap=None)
+    if view.crop:
+        (crop_height, crop_width), (width, height) = view.crop, picture.size
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+        picture = picture.crop((left, top, left + crop_width, top + crop_height))
+    array = (np.asarray(picture, dtype=np.float64) * view.rescale).astype(np.float32)
+    array = (array - np.array(view.mean, dtype=np.float32)) / np.array(view.std, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
 
 def encode_items(encoder: Encoder, items: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Image embeddings and per-image box features of `items`, computed once for every metric."""
     return encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
 
 
-def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int, regions: list[torch.Tensor] | None = None) -> dict:
-    """items: {image (bytes), boxes: [[box, positive, [negatives]]]}; boxes with fewer than
-    `hard_negatives` negatives are left out. `regions`: the items' box features, if already encoded."""
+def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int | None = None, regions: list[torch.Tensor] | None = None) -> dict:
+    """items: {image (bytes), boxes: [[box, positive, [negatives]]]}. As FG-CLIP's own
+    `fgovd_eval.py` scores it, each box is ranked against its positive and ALL its negatives
+    (however many it has) and is right when the positive scores highest, ties included;
+    `hard_negatives` caps the negatives at the first k (None: all). A box without any negative
+    tests nothing and is left out, counted. `regions`: the items' box features, if already encoded."""
+    if hard_negatives is not None and hard_negatives < 1:
+        raise FgdataError(f"--hard-negatives must be at least 1 (or left out for all), got {hard_negatives}")
     regions = regions if regions is not None else encode_items(encoder, items)[1]
-    features, texts, left_out = [], [], 0
+    features, candidates, left_out = [], [], 0
     for item, boxes in zip(items, regions):
         for feature, (_, positive, negatives) in zip(boxes, item["boxes"]):
-            if len(negatives) >= hard_negatives:
+            kept = list(negatives if hard_negatives is None else negatives[:hard_negatives])
+            if kept:
                 features.append(feature)
-                texts += [positive, *negatives[:hard_negatives]]
+                candidates.append([positive, *kept])
             else:
                 left_out += 1
+    counts = [len(c) - 1 for c in candidates]
+    result = {
+        "boxes": len(features), "accuracy": None, "chance": None, "negatives_cap": hard_negatives,
+        "negatives_per_box": {"min": min(counts), "max": max(counts), "mean": float(np.mean(counts))} if counts else None,
+        "left_out_no_negatives": left_out,
+    }
     if not features:
-        return {"boxes": 0, "accuracy": None, "chance": 1 / (hard_negatives + 1), "left_out_too_few_negatives": left_out}
-    candidates = encoder.texts(texts).reshape(len(features), hard_negatives + 1, -1)
-    scores = torch.einsum("bd,bkd->bk", torch.stack(features), candidates)
-    accuracy = (scores.argmax(dim=1) == 0).float().mean().item()
-    return {"boxes": len(features), "accuracy": accuracy, "chance": 1 / (hard_negatives + 1), "left_out_too_few_negatives": left_out}
+        return result
+    texts = encoder.texts([t for c in candidates for t in c])
+    right, start = 0, 0
+    for feature, group in zip(features, candidates):
+        scores = texts[start : start + len(group)] @ feature
+        start += len(group)
+        right += int(scores[0] >= scores.max())  # the reference's torch.equal(max, score[0]): a tie counts
+    # chance: a random ranking is right 1/(k+1) of the time for a box with k negatives
+    return {**result, "accuracy": right / len(features), "chance": float(np.mean([1 / (k + 1) for k in counts]))}
 
 
 def regional_retrieval(encoder: Encoder, items: list[dict], regions: list[torch.Tensor] | None = None) -> dict:
@@ -122,47 +221,68 @@ def retrieval(encoder: Encoder, images: list[bytes], captions: list[str], long: 
 
 
 def kendall_tau(values: list[float]) -> float:
-    """Kendall's tau-a between `values` and their positions 0, 1, 2, ..."""
+    """Kendall's tau-a between `values` and their positions 0, 1, 2, ... (tau-b when no value repeats)."""
     n = len(values)
     concordant = sum(np.sign(values[j] - values[i]) for i in range(n) for j in range(i + 1, n))
     return float(concordant) / (n * (n - 1) / 2)
 
 
-def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes] | None = None) -> dict:
+def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes | Path] | None = None) -> dict:
+    """d_corr, and with `images` (one per chain) hierarchical precision and recall, computed as the
+    HierarCaps reference evaluator (code/evaluation/hierarchical_retrieval.py) computes them.
+
+    The root is the normalised embedding of the empty text; a tier's radius is the distance from it
+    to the tier's normalised embedding. d_corr: per chain, Kendall's tau between the tier order the
+    radii give (argsort, ties kept in tier order) and 1..4, averaged over the chains."""
     root = encoder.texts([""])[0]
-    distances = [(encoder.texts(tiers) - root).norm(dim=-1).tolist() for tiers in chains]
-    taus = [kendall_tau(d) for d in distances]
+    tiers = encoder.texts([t for c in chains for t in c]).reshape(len(chains), -1, root.shape[0])
+    radii = (tiers - root).norm(dim=-1)  # (chains, tiers)
+    # Kendall's tau of the argsort against 1..4 equals that of the radii (a permutation and its
+    # inverse have the same inversions); argsort settles ties the way the reference's does
+    taus = [kendall_tau(order) for order in radii.argsort(dim=-1, stable=True).tolist()]
     result = {
         "chains": len(chains),
         "d_corr": float(np.mean(taus)),
-        "ordered_chains": float(np.mean([all(a < b for a, b in zip(d, d[1:])) for d in distances])),
+        "ordered_chains": float((radii[:, 1:] > radii[:, :-1]).all(dim=1).float().mean()),
     }
     if images:
-        result.update(_hierarchical_retrieval(encoder, chains, images, root))
+        result.update(_hierarchical_retrieval(encoder, chains, images, tiers, radii))
     return result
 
 
-def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes], root: torch.Tensor) -> dict:
-    """Sweep a radius over RADIUS_LEVELS levels between the smallest and largest text distance to the
-    root; at each, the image retrieves its best-matching text among those inside the radius. The
-    distinct texts retrieved are scored against the image's own tiers."""
-    texts = sorted({t for tiers in chains for t in tiers})
-    text_features = encoder.texts(texts)
-    radius = (text_features - root).norm(dim=-1)
-    levels = torch.linspace(radius.min().item(), radius.max().item(), RADIUS_LEVELS)
-    image_features, _ = encoder.images(images)
-    similarity = image_features @ text_features.T
+def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes | Path], tiers: torch.Tensor, radii: torch.Tensor) -> dict:
+    """Per distinct image (its chains are its references): a radius sweeps RADIUS_LEVELS levels from
+    the smallest to the largest radius of all the chains' tiers; at each level the image retrieves
+    its most similar tier text among those inside the radius (every tier of every chain is a
+    candidate, the first of equal scores wins). precision = share of the distinct texts retrieved
+    that are tiers of the image's chains; recall = share of the tier levels 1..4 at which some chain
+    of the image had its tier retrieved. Both averaged over the images."""
+    texts = [t for c in chains for t in c]
+    flat, flat_radii = tiers.reshape(len(texts), -1), radii.reshape(-1)
+    levels = np.linspace(flat_radii.min().item(), flat_radii.max().item(), RADIUS_LEVELS)
+    # never empty: the smallest radius is inside every level (compared in float32, as the reference does)
+    inside = [torch.nonzero(flat_radii <= float(level)).flatten() for level in levels]
+    groups: dict[tuple, tuple[bytes | Path, list[int]]] = {}  # distinct images, first seen first
+    for number, image in enumerate(images):
+        groups.setdefault(_image_identity(image), (image, []))[1].append(number)
+    similarity = encoder.views([image for image, _ in groups.values()]) @ flat.T  # (images, texts)
+    picks = torch.stack([candidates[similarity[:, candidates].argmax(dim=1)] for candidates in inside], dim=1)
     precision, recall = [], []
-    for row, tiers in zip(similarity, chains):
-        retrieved = set()
-        for level in levels:
-            inside = radius <= level + 1e-6
-            if inside.any():
-                retrieved.add(texts[int(torch.where(inside, row, torch.tensor(-1e9)).argmax())])
-        truth = set(tiers)
-        precision.append(len(retrieved & truth) / len(retrieved))
-        recall.append(float(np.mean([t in retrieved for t in tiers])))
-    return {"hierarchical_precision": float(np.mean(precision)), "hierarchical_recall": float(np.mean(recall))}
+    for (_, members), row in zip(groups.values(), picks.tolist()):
+        retrieved = {texts[k] for k in row}  # a set: dropping repeated neighbours changes nothing
+        references = [chains[j] for j in members]
+        truth = {t for chain in references for t in chain}
+        precision.append(len(retrieved & truth) / max(1, len(retrieved)))
+        levels_hit = [any(chain[level] in retrieved for chain in references) for level in range(len(references[0]))]
+        recall.append(sum(levels_hit) / len(levels_hit))
+    return {
+        "images": len(groups), "radius_levels": RADIUS_LEVELS,
+        "hierarchical_precision": float(np.mean(precision)), "hierarchical_recall": float(np.mean(recall)),
+    }
+
+
+def _image_identity(image: bytes | Path) -> tuple:
+    return ("file", str(Path(image).resolve())) if isinstance(image, Path) else ("bytes", hashlib.sha1(image).hexdigest())
 
 
 def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int, skipped: Counter | None = None) -> list[dict]:
@@ -195,7 +315,8 @@ def parse_fgovd_record(line: bytes | str) -> tuple[FgovdRecord | None, tuple[str
     """(record, None) or (None, (reason, detail)) for one line of an FG-OVD jsonl; never raises.
 
     neg_expression is a list of phrases, or FG-CLIP's `short_expr_negs` dict whose values are the
-    phrases; pos_expression a phrase or a list whose first item is the phrase."""
+    phrases; pos_expression a phrase or a list whose first item is the phrase (the others become
+    negatives, as in FG-CLIP's evaluator)."""
     try:
         text = line.decode("utf-8") if isinstance(line, bytes) else line
         record = json.loads(text)
@@ -213,12 +334,17 @@ def parse_fgovd_record(line: bytes | str) -> tuple[FgovdRecord | None, tuple[str
         return None, ("bad_img_path", f"img_path {shown(path)}")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         return None, ("bad_bbox", f"bbox {shown(bbox)} is not [x, y, w, h]")
+    # FG-CLIP's evaluator ranks pos_expression + neg_expression and wants index 0 on top: any
+    # further item of a pos_expression list competes with it like a negative
+    rivals = []
     if isinstance(positive, list) and positive:
-        positive = positive[0]
+        positive, rivals = positive[0], positive[1:]
     if not isinstance(positive, str) or not positive.strip():
         return None, ("bad_positive", f"pos_expression {shown(record['pos_expression'])}")
     if isinstance(negatives, dict):
         negatives = list(negatives.values())
+    if isinstance(negatives, list):
+        negatives = [*rivals, *negatives]
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
         return None, ("bad_negatives", f"neg_expression {shown(record['neg_expression'])} is not a list of phrases")
     try:
@@ -315,17 +441,26 @@ def _fgovd_box(line: bytes, root: Path, grouped: dict, bad_images: dict):
     return (path, (normalised, record.positive, list(record.negatives))), None
 
 
-def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = None) -> tuple[list[list[str]], list[bytes] | None]:
-    """The usable chains, and their images when every chain's key is found in an images dataset
-    upstream; chains of another shape are counted by reason in `skipped`."""
+def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = None, image_root: Path | None = None) -> tuple[list[list[str]], list[bytes | Path] | None]:
+    """The first `limit` usable chains, and one image per chain (bytes or a file), or None.
+
+    With `image_root` (the official test set: hierarcaps_test.csv and assets/test_imgs), a chain's
+    image is the file in that folder whose name ends in `_<COCO id>` of its image_url, as the
+    reference evaluator pairs them; a chain without a readable one is skipped. Without, images come
+    from an images dataset upstream of hierarcaps shards, used only when every chain has one.
+    Chains of another shape and skipped chains are counted by reason in `skipped`."""
     if limit < 1:
         raise FgdataError(f"--limit must be at least 1, got {limit}")
     counts: Counter = Counter()
-    chains = usable_chains(read_chains(sources), need_negatives=False, counts=counts)[:limit]
+    chains = usable_chains(read_chains(sources, counts=counts), need_negatives=False, counts=counts)[:limit]
+    if image_root is not None and chains:
+        chains = _with_image_files(chains, sources, Path(image_root), counts)
     if skipped is not None:
         skipped.update(counts)
     if not chains:
         raise FgdataError(f"no usable chain in {', '.join(map(str, sources))} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    if image_root is not None:
+        return [tiers for _, tiers, _, _ in chains], [image for _, _, _, image in chains]
     images_by_key: dict[str, bytes] = {}
     for source in sources:
         images_dir = find_ancestor(Path(source), "images") if Path(source).is_dir() else None
@@ -333,6 +468,79 @@ def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = 
             images_by_key.update(zip(*read_shard(shard, columns=["key", "image"]).to_pydict().values()))
     images = [images_by_key.get(key) for key, _, _ in chains]
     return [tiers for _, tiers, _ in chains], images if all(images) else None
+
+
+_COCO_ID_IN_URL = re.compile(r"_(\d+)")  # the reference: image_url.str.extract('_(\d+)'), the first match
+
+
+def coco_id_in_url(url) -> int | None:
+    match = _COCO_ID_IN_URL.search(url) if isinstance(url, str) else None
+    return int(match.group(1)) if match else None
+
+
+def coco_id_of_file(name: str) -> int | None:
+    """The reference's fn2id: the number after the last `_` of the name without its extension."""
+    last = Path(name).stem.rsplit("_", 1)[-1]
+    return int(last) if re.fullmatch(r"[0-9]+", last) else None
+
+
+def _with_image_files(chains: list[tuple], sources: list[Path], root: Path, counts: Counter) -> list[tuple]:
+    """(key, tiers, negatives, image file) for the chains whose image_url's COCO id names a readable
+    image in `root`; the others are counted as skipped_<reason>."""
+    if not root.is_dir():
+        raise FgdataError(f"--image-root {root} is not a folder (for HierarCaps: the test images, assets/test_imgs)")
+    root = root.resolve()
+    files: dict[int, str] = {}
+    for entry in sorted(root.iterdir()):  # the reference lists glob('DIR/*'): no subfolders, no dot files
+        number = coco_id_of_file(entry.name) if not entry.name.startswith(".") else None
+        if number is not None:
+            files.setdefault(number, entry.name)
+    urls = _image_urls(sources)
+    checked: dict[str, tuple] = {}
+    kept = []
+    for key, tiers, negatives in chains:
+        number = coco_id_in_url(urls.get(key))
+        if number is None:
+            counts["skipped_no_coco_id_in_image_url"] += 1
+            continue
+        if number not in files:
+            counts["skipped_image_not_found"] += 1
+            continue
+        name = files[number]
+        if name not in checked:  # each file checked (inside the root, decodes whole) once
+            path, problem = image_in_root(root, name)
+            checked[name] = (path, problem) if problem else (path, _view_problem(path))
+        path, problem = checked[name]
+        if problem:
+            counts[f"skipped_{problem[0]}"] += 1
+            continue
+        kept.append((key, tiers, negatives, path))
+    return kept
+
+
+def _view_problem(path: Path) -> tuple[str, str] | None:
+    """Why the eval cannot show `path` to the model (it decodes whole, as `Encoder.views` will)."""
+    try:
+        decode_rgb(path.read_bytes())
+    except ImageRejected as exc:
+        return f"image_{exc.reason}", f"{path}: {exc.detail}"
+    except OSError as exc:
+        return "image_unreadable", f"{path}: {first_line(exc)}"
+    return None
+
+
+def _image_urls(sources: list[Path]) -> dict[str, str]:
+    """key -> image_url of every chain in `sources` (official CSVs or hierarcaps shards)."""
+    urls: dict[str, str] = {}
+    for source in map(Path, sources):
+        if source.is_file():
+            urls.update((row["key"], row["image_url"]) for row in read_official_csv(source)[1])
+            continue
+        for shard in list_shards(source):
+            columns = read_shard(shard).column_names
+            if "image_url" in columns:
+                urls.update(zip(*read_shard(shard, columns=["key", "image_url"]).to_pydict().values()))
+    return urls
 
 
 def format_table(results: dict) -> str:
