@@ -103,6 +103,15 @@ def read_json(path: Path) -> dict | None:
     return payload
 
 
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    # An empty table is written with no row group: `datasets` fails on a row group of 0 rows
+    # ("BatchSize must be greater than 0"), and a shard whose rows were all rejected is one.
+    if table.num_rows:
+        pq.write_table(table, path)
+    else:
+        pq.ParquetWriter(path, table.schema).close()
+
+
 def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: list[dict], stats: dict, marker: str = "") -> None:
     """Validates, then writes data, rejects and stats atomically, and marks the shard done last.
 
@@ -111,8 +120,8 @@ def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: l
     out_dir = Path(out_dir)
     validate_table(table, kind, where=f"{out_dir / name} (output)")
     rejects_table = conform(rejects, "rejects")
-    _atomic_replace(out_dir / name, lambda tmp: pq.write_table(table, tmp))
-    _atomic_replace(out_dir / REJECTS_DIR / name, lambda tmp: pq.write_table(rejects_table, tmp))
+    _atomic_replace(out_dir / name, lambda tmp: _write_parquet(table, tmp))
+    _atomic_replace(out_dir / REJECTS_DIR / name, lambda tmp: _write_parquet(rejects_table, tmp))
     write_json(out_dir / STATS_DIR / name.replace(".parquet", ".json"), stats)
     _atomic_replace(out_dir / DONE_DIR / f"{name}.done", lambda tmp: tmp.write_text(marker))
 
