@@ -41,6 +41,8 @@ hierarcaps_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(hierarcaps_app, name="hierarcaps")
+import_app = typer.Typer(help="Start mid-pipeline: read released data (FG-CLIP JSON, GRIT, Hugging Face) into fgdata shards.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 log = logging.getLogger("fgdata")
 
@@ -122,6 +124,85 @@ def ingest(
     from pipeline.stages.ingest import IngestStage
 
     _run_stage(IngestStage(source, source_format), out, config, set_, overwrite)
+
+
+@app.command()
+def download(
+    urls: Annotated[Path, typer.Argument(metavar="URLS", help="URL list: .parquet/.csv/.tsv with url + caption (GRIT, COYO, CC), or FineHARD/FG-CLIP .json/.jsonl with url + f_path.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for image shards (downloads are staged in OUT/_download).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Download the images of a URL list with img2dataset straight into image shards.
+
+    Keys: the key, f_path or id field, else <file stem>-<row>. Failed downloads (http_404, timeout,
+    incomplete_download, ...) and bodies that are not usable images go to OUT/_rejects/ with a reason;
+    rerunning the same command requests only the URLs that failed. Settings: download.timeout,
+    download.threads, download.retries; shard size: ingest.rows_per_shard.
+    """
+    from pipeline.stages.download import DownloadStage, reopen_failed_shards
+
+    with _user_errors():
+        reopened = [] if overwrite else reopen_failed_shards(out)
+    if reopened:
+        typer.echo(f"retrying the failed downloads of {len(reopened)} shard(s)", err=True)
+    _run_stage(DownloadStage(urls, out), out, config, set_, overwrite)
+
+
+@import_app.command("fgclip")
+def import_fgclip(
+    json_path: Annotated[Path, typer.Argument(metavar="JSON", help="FineHARD / FG-CLIP stage-2 .json (a list of items) or .jsonl.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for FgGRN shards.")],
+    images: Annotated[Optional[Path], typer.Option(help="Folder the items' f_path values are relative to: also build image shards.")] = None,
+    images_out: Annotated[Optional[Path], typer.Option(help="Where the image shards go (default: OUT-images next to OUT).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Read FG-CLIP JSON (caption, short_caption, f_path, bbox_info) into FgGRN shards keyed by f_path.
+
+    Boxes, phrases (short_expr) and hard negatives (short_expr_negs) are kept; bad items go to
+    OUT/_rejects/ with a reason. Without --images width and height are 0 (unknown).
+    """
+    from pipeline.stages.import_fgclip import FgclipImagesStage, ImportFgclipStage
+
+    image_shards = None
+    if images:
+        image_shards = images_out or out.with_name(f"{out.name}-images")
+        _run_stage(FgclipImagesStage(json_path, images), image_shards, config, set_, overwrite)
+    _run_stage(ImportFgclipStage(json_path, image_shards), out, config, set_, overwrite)
+
+
+@import_app.command("grit")
+def import_grit(
+    parquet: Annotated[Path, typer.Argument(metavar="PARQUET", help="A GRIT parquet file (caption, width, height, noun_chunks, ref_exps).")],
+    out: Annotated[Path, typer.Argument(help="Output directory for region shards.")],
+    expressions: Annotated[str, typer.Option(help="ref_exps or noun_chunks: which spans become regions.")] = "ref_exps",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Read GRIT's grounded captions into region shards, keyed as `fgdata download` keys their images."""
+    from pipeline.stages.import_grit import ImportGritStage
+
+    _run_stage(ImportGritStage(parquet, expressions), out, config, set_, overwrite)
+
+
+@import_app.command("hf")
+def import_hf(
+    source: Annotated[Path, typer.Argument(help="A datasets.save_to_disk folder, or a .parquet file / folder in the hub's layout.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for image or caption shards.")],
+    kind: Annotated[str, typer.Option(help="images (an image column) or captions (long_caption / caption / text).")] = "images",
+    split: Annotated[str, typer.Option(help="Which split to read.")] = "train",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+):
+    """Read a Hugging Face dataset into image or caption shards; unusable rows go to OUT/_rejects/."""
+    from pipeline.stages.import_hf import ImportHfStage
+
+    _run_stage(ImportHfStage(source, kind, split), out, config, set_, overwrite)
 
 
 @app.command()
