@@ -150,15 +150,37 @@ def _thumbnails(images_dir: Path | None, wanted: dict[str, set[str]]) -> dict[tu
         path = images_dir / shard_name
         if not keys or not path.is_file():
             continue
+        left = set(keys)
         try:
-            table = pq.read_table(path, columns=["key", "image"], filters=[("key", "in", sorted(keys))])
+            # in batches, stopping once every wanted key is found: an image shard can hold gigabytes
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=["key", "image"]):
+                batch_keys = batch.column(0).to_pylist()
+                for index in (i for i, key in enumerate(batch_keys) if key in left):
+                    left.discard(batch_keys[index])
+                    uri = _thumbnail_uri(batch.column(1)[index].as_py())
+                    if uri:
+                        found[(shard_name, batch_keys[index])] = uri
+                if not left:
+                    break
         except (pa.ArrowException, OSError, ValueError):
             continue  # no thumbnails from a damaged image shard; the page says "no image"
-        for key, data in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
-            uri = _thumbnail_uri(data)
-            if uri:
-                found[(shard_name, key)] = uri
     return found
+
+
+def _pick_gallery(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` rows at random, taken from as few shards as possible (shards in random order), so
+    the thumbnails need few image shards read."""
+    by_shard: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["_shard"], []).append(row)
+    rng = random.Random(seed)
+    picked: list[dict] = []
+    for shard in rng.sample(sorted(by_shard), len(by_shard)):
+        if len(picked) >= count:
+            break
+        group = by_shard[shard]
+        picked += rng.sample(group, min(count - len(picked), len(group)))
+    return picked
 
 
 def _thumbnail_uri(data: bytes | None) -> tuple[str, int, int] | None:
@@ -461,11 +483,12 @@ def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, ex
     steps = walk_lineage(dataset_dir, manifest)
     rows, sampled = sample_rows(shards, kind, max(sample, gallery), seed)
     images_dir = find_ancestor(dataset_dir, "images")
-    shown = random.Random(seed).sample(rows, min(gallery, len(rows)))
+    shown = _pick_gallery(rows, gallery, seed)
     wanted: dict[str, set] = {}
     for row in shown:
         wanted.setdefault(row["_shard"], set()).add(row["key"])
     thumbs = _thumbnails(images_dir, wanted) if kind != "hierarcaps" else {}
+    shards_shown = len(wanted)
 
     randoms = random_weight_steps(steps)
     random_rows = Counter(name for row in rows for name in _RANDOM_COLUMNS if row.get(name) is True)
@@ -491,10 +514,10 @@ def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, ex
         "<h2>Histograms</h2>", _charts(kind, rows),
     ]
     if kind == "hierarcaps":
-        body += [f"<h2>Chains ({len(shown)} at random)</h2>", _chains(shown)]
+        body += [f"<h2>Chains ({len(shown)} at random from {shards_shown} shard(s))</h2>", _chains(shown)]
     else:
         title = "Images with their boxes" if kind in ("regions", "fggrn") else "Examples"
-        body += [f"<h2>{title} ({len(shown)} at random)</h2>",
+        body += [f"<h2>{title} ({len(shown)} at random from {shards_shown} shard(s))</h2>",
                  "" if images_dir else "<p class='note'>No images dataset in the lineage: boxes are drawn on a blank canvas.</p>",
                  _gallery(kind, shown, thumbs)]
     page = (
