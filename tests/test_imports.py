@@ -227,3 +227,18 @@ def test_load_dataset_data_dir_reads_fgdata_metadata_too(tmp_path, ray_session):
     out = tmp_path / "regions"
     run_stage(ImportGritStage(path), out, make_config())
     datasets.load_dataset("parquet", data_dir=str(out), split="train", cache_dir=str(tmp_path / ".hf-cache"))
+
+
+@pytest.mark.slow
+def test_cli_import_and_download_commands(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "grit.parquet"
+    pq.write_table(pa.Table.from_pylist(_grit_rows()), path)
+    result = run_cli("import", "grit", str(path), str(tmp_path / "regions"), "--set", "run.num_cpus=1", "--set", "run.progress=false")
+    assert result.returncode == 0, result.stderr
+    assert "7 rows in, 1 out, 6 rejected" in result.stdout
+    (tmp_path / "broken.json").write_text("[{")
+    for args in (("import", "fgclip", str(tmp_path / "broken.json"), str(tmp_path / "x")), ("download", str(tmp_path / "broken.json"), str(tmp_path / "y"))):
+        failed = run_cli(*args, "--set", "run.num_cpus=1")
+        assert failed.returncode == 2 and "cannot read it" in failed.stderr and "Traceback" not in failed.stderr
