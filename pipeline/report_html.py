@@ -35,7 +35,7 @@ from PIL import Image
 from pipeline.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 from pipeline.schemas import check_input_columns, load_schema
-from pipeline.shards import MANIFEST_FILE, REJECTS_DIR, find_ancestor, list_shards, read_json, read_shard_schema
+from pipeline.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema
 
 BOX_COLOUR = "#ff00ff"  # one colour no sample image uses, so a screenshot test can find the boxes
 THUMB_SIDE = 320
@@ -337,7 +337,7 @@ def _funnel(steps: list[dict]) -> str:
         if step["manifest"] is not None and Path(step["path"]).is_dir():
             counts, _ = _reject_summary(Path(step["path"]))
             reasons = ", ".join(f"{esc(r)} {c}" for r, c in counts.most_common())
-        stage = step["stage"] or "source"
+        stage = str(step["stage"] or "source")
         if step["error"]:
             stage += f" (unreadable manifest: {step['error']})"
         out.append(
@@ -477,12 +477,13 @@ def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, ex
     if manifest is None:
         raise FgdataError(f"{dataset_dir} has no {MANIFEST_FILE}: it is not a finished fgdata dataset; rerun the stage that writes it")
     kind = manifest.get("kind")
-    if kind not in _COLUMNS:
+    if not isinstance(kind, str) or kind not in _COLUMNS:
         raise FgdataError(f"{dataset_dir / MANIFEST_FILE}: kind {kind!r} has no report (known: {', '.join(_COLUMNS)})")
     shards = list_shards(dataset_dir)
     steps = walk_lineage(dataset_dir, manifest)
     rows, sampled = sample_rows(shards, kind, max(sample, gallery), seed)
-    images_dir = find_ancestor(dataset_dir, "images")
+    # the nearest images dataset upstream; walk_lineage, unlike a plain recursion, survives a loop
+    images_dir = next((Path(s["path"]) for s in sorted(steps, key=lambda s: s["depth"]) if s["kind"] == "images" and Path(s["path"]).is_dir()), None)
     shown = _pick_gallery(rows, gallery, seed)
     wanted: dict[str, set] = {}
     for row in shown:

@@ -211,6 +211,21 @@ def test_not_a_dataset_is_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "no _manifest.json" in result.stderr
 
 
+def test_hostile_manifests_give_a_page_or_one_line(world, tmp_path):
+    dataset = tmp_path / "fggrn"
+    shutil.copytree(world / "fggrn", dataset)
+    _set_manifest(dataset, kind=["fggrn"])
+    with pytest.raises(FgdataError, match="has no report"):
+        render_report(dataset)
+    # entries that are not objects, odd types, a NUL byte, and a loop back to the dataset itself
+    lineage = [{"path": "nul\x00byte", "stage": 7}, {"path": 5}, "text", {"path": str(dataset), "stage": "<b>loop</b>"}, {"path": str(world / "images"), "stage": ["x"]}]
+    _set_manifest(dataset, kind="fggrn", stage={"a": 1}, created_at="<i>", inputs=lineage, rows_in="many")
+    page, summary = render_report(dataset)
+    assert summary["rows"] == 30 and "<i>" not in page and "&lt;i&gt;" in page
+    assert "nul\x00byte" in page and "<td class='num'>?</td>" in page
+    assert page.count('<img class="thumb"') == 0 and page.count("<image href=") == 24  # thumbnails still found upstream
+
+
 def test_cli_writes_the_report_and_refuses_to_replace_it(world, tmp_path):
     out = tmp_path / "r.html"
     result = run_cli("report", str(world / "fggrn"), "--out", str(out))
