@@ -116,7 +116,8 @@ def test_long_captions_get_long_clip_positions_and_short_ones_keep_the_original(
     table = model.text_model.embeddings.position_embedding.weight.detach()
     assert table.shape[0] == 77 + 248
     assert torch.equal(table[:77], original) and torch.equal(table[77 : 77 + 20], original[:20])
-    assert torch.allclose(table[-1], original[-1]) and torch.allclose(table[77 + 20], original[20])
+    # Long-CLIP's rule: row 244 is the last position, rows 245-247 extrapolate (checked row by row in test_fgclip_reference.py)
+    assert torch.allclose(table[77 + 244], original[-1]) and torch.allclose(table[77 + 20], original[20])
     with torch.no_grad():
         assert torch.allclose(encode_text(model, tokenizer, ["a small red circle"], long=False, device="cpu"), short_before, atol=1e-6)
         words = " ".join(["circle"] * 150)

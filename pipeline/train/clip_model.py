@@ -2,9 +2,14 @@
 
 Long captions need more than CLIP's 77 text positions. The text position table is extended to
 77 + 248 rows: rows 0-76 are the original positions, which short captions and region phrases
-keep using; rows 77-324 are a 248-position table made Long-CLIP's way (the first 20 positions
-kept, the other 57 stretched by interpolation), which long captions use. The model stays a plain
-`CLIPModel` that `save_pretrained`/`from_pretrained` handle; its config records the layout.
+keep using; rows 77-324 are a 248-position table made Long-CLIP's way (`long_clip_positions`),
+which long captions use. Both parts stay trainable, as in FG-CLIP (fgclip.py:84-120).
+
+Long captions also get their own projection, `text_filip_projection` (FG-CLIP fgclip.py:69,
+227-230, 358-360), copied from `text_projection` when the table is extended (fgclip.py:124-126).
+The model is a `CLIPModel` subclass that only adds that projection when its config records the
+extended layout, so `save_pretrained`/`load_clip` keep both; a plain `CLIPModel` loading our
+output reads every other weight and drops the long projection.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import torch.nn.functional as F
 from pipeline.errors import FgdataError, first_line
 
 LONG_TEXT_KEY = "fgdata_long_text"  # in the text config: {"short": 77, "long": 248}
+LONG_PROJECTION = "text_filip_projection"  # FG-CLIP's name for the long-caption projection
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_INTERPOLATION = 4  # Long-CLIP stretches every position after the kept ones 4 times
 
 
 @dataclass
@@ -28,20 +35,48 @@ class ClipParts:
     std: tuple[float, float, float]
 
 
+_MODEL_CLASS = None
+
+
+def clip_class():
+    """CLIPModel with FG-CLIP's long-caption projection when the config says the model has one
+    (made on first use: importing transformers is slow and most commands never need it)."""
+    global _MODEL_CLASS
+    if _MODEL_CLASS is None:
+        from transformers import CLIPModel
+
+        class FgdataClipModel(CLIPModel):
+            def __init__(self, config):
+                super().__init__(config)
+                if getattr(config.text_config, LONG_TEXT_KEY, None):
+                    self.add_module(LONG_PROJECTION, torch.nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False))
+
+        _MODEL_CLASS = FgdataClipModel
+    return _MODEL_CLASS
+
+
 def load_clip(reference: str, revision: str | None = None) -> ClipParts:
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        model = CLIPModel.from_pretrained(reference, revision=revision, use_safetensors=True)
+        model, info = clip_class().from_pretrained(reference, revision=revision, use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(reference, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise FgdataError(f"cannot load CLIP model {reference!r}: {first_line(exc)}") from None
+    if hasattr(model, LONG_PROJECTION) and f"{LONG_PROJECTION}.weight" in info.get("missing_keys", ()):
+        # saved before the long projection existed: long captions went through text_projection
+        _copy_projection(model)
     try:
         processor = AutoImageProcessor.from_pretrained(reference, revision=revision, trust_remote_code=False)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError, AttributeError):
         mean, std = CLIP_MEAN, CLIP_STD
     return ClipParts(model, tokenizer, mean, std)
+
+
+def _copy_projection(model) -> None:
+    with torch.no_grad():
+        getattr(model, LONG_PROJECTION).weight.copy_(model.text_projection.weight)
 
 
 def short_positions(model) -> int:
@@ -54,56 +89,103 @@ def long_positions(model) -> int:
     return layout["long"] if layout else model.config.text_config.max_position_embeddings
 
 
+def long_clip_positions(original: torch.Tensor, long_tokens: int = 248, keep: int = 20) -> torch.Tensor:
+    """Long-CLIP's table (longclip.py:233-251): rows 0..keep-1 as trained; row keep + 4i + j
+    (j = 0..3) is (1 - j/4) p[keep+i] + j/4 p[keep+i+1]; after the last original position the same
+    quarter steps go on along the slope p[-1] - p[-2]. With 77 positions, keep 20 and 248 rows:
+    rows 20-243 interpolate, row 244 is p[76], rows 245-247 extrapolate. Other lengths cut or
+    extend the same rule."""
+    short = original.shape[0]
+    if not 1 < keep < short - 1:
+        raise FgdataError(f"fgclip.keep_positions must be between 2 and {short - 2}, got {keep}")
+    rows = torch.arange(long_tokens - keep, dtype=torch.float64)
+    where = keep + rows / _INTERPOLATION  # the (fractional) original position each new row stands for
+    low = where.floor().long().clamp(max=short - 2)  # past the end: extrapolate from the last pair
+    weight = (where - low).unsqueeze(1)
+    base = original.double()
+    stretched = (1 - weight) * base[low] + weight * base[low + 1]
+    return torch.cat([original[:keep], stretched.to(original.dtype)])
+
+
 def extend_text_positions(model, long_tokens: int = 248, keep: int = 20) -> None:
-    """Adds the Long-CLIP table after the original positions (a no-op if already extended)."""
+    """Adds the Long-CLIP table after the original positions and the long-caption projection,
+    a copy of `text_projection` (FG-CLIP's `from_openai` start, train_fgclip.py:389-393).
+    A no-op if already extended."""
     config = model.config.text_config
     if getattr(config, LONG_TEXT_KEY, None):
         return
     embeddings = model.text_model.embeddings
     original = embeddings.position_embedding.weight.data
     short = original.shape[0]
-    if not 0 < keep < short:
-        raise FgdataError(f"fgclip.keep_positions must be between 1 and {short - 1}, got {keep}")
-    tail = original[keep:].T.unsqueeze(0)  # (1, dim, short - keep)
-    stretched = F.interpolate(tail, size=long_tokens - keep, mode="linear", align_corners=True)[0].T
-    table = torch.cat([original, original[:keep], stretched])
+    table = torch.cat([original, long_clip_positions(original, long_tokens, keep)])
     embeddings.position_embedding = torch.nn.Embedding.from_pretrained(table, freeze=False)
-    embeddings.register_buffer("position_ids", torch.arange(table.shape[0]).unsqueeze(0), persistent=False)
+    embeddings.register_buffer("position_ids", torch.arange(table.shape[0], device=table.device).unsqueeze(0), persistent=False)
     config.max_position_embeddings = table.shape[0]
     setattr(config, LONG_TEXT_KEY, {"short": short, "long": long_tokens})
+    projection = model.text_projection.weight
+    model.add_module(LONG_PROJECTION, torch.nn.Linear(projection.shape[1], projection.shape[0], bias=False).to(projection.device, projection.dtype))
+    _copy_projection(model)
+
+
+def is_extended(model) -> bool:
+    return bool(getattr(model.config.text_config, LONG_TEXT_KEY, None))
+
+
+def text_tokens(model, tokenizer, texts: list[str], long: bool, device):
+    """Token ids and mask of `texts`, cut to the long (248) or short (77) table's length."""
+    length = long_positions(model) if long else short_positions(model)
+    return tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt").to(device)
+
+
+def embed_tokens(model, tokens, long: bool) -> torch.Tensor:
+    """L2-normalised text embeddings of tokenised texts: long texts take the Long-CLIP rows and the
+    long-caption projection when the model has them; short texts the original rows and projection."""
+    long = long and is_extended(model)
+    offset = short_positions(model) if long else 0
+    positions = (torch.arange(tokens.input_ids.shape[1], device=tokens.input_ids.device) + offset).unsqueeze(0)
+    pooled = model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, position_ids=positions).pooler_output
+    projection = getattr(model, LONG_PROJECTION) if long else model.text_projection
+    return F.normalize(projection(pooled), dim=-1)
 
 
 def encode_text(model, tokenizer, texts: list[str], long: bool, device) -> torch.Tensor:
-    """L2-normalised text embeddings; long texts use the Long-CLIP positions when the model has them."""
-    length = long_positions(model) if long else short_positions(model)
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt").to(device)
-    offset = short_positions(model) if long and getattr(model.config.text_config, LONG_TEXT_KEY, None) else 0
-    positions = (torch.arange(tokens.input_ids.shape[1], device=device) + offset).unsqueeze(0)
-    features = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, position_ids=positions)
-    features = getattr(features, "pooler_output", features)
-    return F.normalize(features, dim=-1)
+    """L2-normalised text embeddings (see `embed_tokens`)."""
+    return embed_tokens(model, text_tokens(model, tokenizer, texts, long, device), long)
+
+
+def _last_block_without_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """FG-CLIP's `forward_without_attn` (fgclip.py:247-261): the last block with attention replaced
+    by its value and output projections, so each patch keeps to itself."""
+    attention = layer.self_attn
+    hidden = hidden + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden)))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 def image_and_patch_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L2-normalised image embeddings (B, D), projected patch features on their grid (B, D, g, g)).
 
-    The patch tokens of the last layer go through the same post-layernorm and projection as the
-    class token, so box features pooled from them live in the joint space (FG-CLIP's dense features)."""
-    vision = model.vision_model(pixel_values=pixel_values)
+    The dense map is FG-CLIP's (fgclip.py:183-189, 379-387): the input of the last block
+    (hidden_states[-2]) through that block without attention, then the post-layernorm and
+    the visual projection the class token takes, so box features live in the joint space."""
+    vision = model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     pooled = model.visual_projection(vision.pooler_output)
-    patches = model.visual_projection(model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:, :]))
+    dense = _last_block_without_attention(model.vision_model.encoder.layers[-1], vision.hidden_states[-2])[:, 1:, :]
+    patches = model.visual_projection(model.vision_model.post_layernorm(dense))
     side = int(patches.shape[1] ** 0.5)
     grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
     return F.normalize(pooled, dim=-1), grid
 
 
 def box_features(grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """RoIAlign over the patch grid: `boxes` (R, 5) = batch index, x1, y1, x2, y2 in 0-1 units."""
+    """L2-normalised box features: `boxes` (R, 5) = batch index, x1, y1, x2, y2 in 0-1 units,
+    scaled to the patch grid and pooled as FG-CLIP does (fgclip.py:390, 394): one RoIAlign bin,
+    adaptive sampling, aligned, in fp32."""
     from torchvision.ops import roi_align
 
     if boxes.shape[0] == 0:
         return grid.new_zeros((0, grid.shape[1]))
-    scaled = boxes.clone().to(grid.dtype)
-    scaled[:, 1:] = scaled[:, 1:] * grid.shape[-1]
-    pooled = roi_align(grid, scaled, output_size=(2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    return F.normalize(pooled.mean(dim=(2, 3)), dim=-1)
+    scaled = boxes.to(device=grid.device, dtype=torch.float32).clone()
+    scaled[:, [1, 3]] *= grid.shape[-1]
+    scaled[:, [2, 4]] *= grid.shape[-2]
+    pooled = roi_align(grid.float(), scaled, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1, aligned=True)[..., 0, 0]
+    return F.normalize(pooled, dim=-1)

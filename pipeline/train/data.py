@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.box_checks import check_box, shown
 from pipeline.errors import FgdataError
+from pipeline.export_fgclip import long_expression
 from pipeline.images import decode_rgb
 from pipeline.shards import find_ancestor, list_shards, read_shard
 
@@ -51,7 +52,7 @@ def pixels(image_bytes: bytes, size: int, mean, std) -> torch.Tensor:
 
 def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: Counter | None = None, with_images: bool = True):
     """Rows with their image bytes and (box, phrase, negatives) per usable region, the first
-    `max_boxes` (None: all), in shard order. A row without an image is skipped and a region that
+    `max_boxes` (None: all), in shard order, and each kept region's `long_exprs` (`region_long_text`). A row without an image is skipped and a region that
     fails `check_region` dropped, each counted by reason in `counts` (callers log the summary
     once: a stream reads the rows again every epoch). `with_images=False` reads only the image
     keys and yields rows without bytes: the trainer's cheap pass that counts usable rows."""
@@ -67,13 +68,14 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
             if row["key"] not in images:
                 counts["skipped_no_image"] += 1
                 continue
-            boxes = []
+            boxes, long_exprs = [], []
             for region in row["regions"] or []:
                 usable, problem = check_region(region)
                 if problem:
                     counts[f"dropped_{problem[0]}"] += 1
                 elif max_boxes is None or len(boxes) < max_boxes:
                     boxes.append(usable)
+                    long_exprs.append(region_long_text(row, region))
             counts["rows_usable"] += 1
             yield {
                 "key": row["key"],
@@ -81,7 +83,19 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
                 "long": row["long_caption"] or row["short_caption"] or "",
                 "short": row["short_caption"] or "",
                 "boxes": boxes,
+                "long_exprs": long_exprs,
             }
+
+
+def region_long_text(row: dict, region: dict) -> str:
+    """FG-CLIP's `long_expr` for a region: the phrase with its modifiers from the long caption, as
+    `fgdata export fgclip` writes it (export_fgclip.long_expression), or the phrase itself where
+    the row lacks what that needs (caption spans, phrase_source)."""
+    try:
+        text, _ = long_expression(row, region)
+    except (KeyError, TypeError, AttributeError):  # a row without spans or captions of the usual types
+        return region["phrase"]
+    return text if text.strip() else region["phrase"]
 
 
 def check_region(region) -> tuple[tuple[list[float], str, list[str]] | None, tuple[str, str] | None]:
@@ -169,27 +183,38 @@ class FgclipStream(torch.utils.data.IterableDataset):
                     if skip:
                         skip -= 1
                     else:
-                        yield self._decode(row)
+                        yield self._decode(row, epoch)
             rng.shuffle(buffer)
             for row in buffer:
                 if skip:
                     skip -= 1
                 else:
-                    yield self._decode(row)
+                    yield self._decode(row, epoch)
             if not seen:
                 return  # a pass with nothing for this stream would repeat forever
             epoch += 1
 
-    def _decode(self, row: dict) -> dict:
-        return {**row, "pixels": pixels(row["image"], self.settings.image_size, self.mean, self.std), "image": None}
+    def _decode(self, row: dict, epoch: int) -> dict:
+        return {**row, "region_texts": region_texts(row, self.settings.seed, epoch), "pixels": pixels(row["image"], self.settings.image_size, self.mean, self.std), "image": None}
+
+
+def region_texts(row: dict, seed: int, epoch: int) -> list[str]:
+    """Each box's text for the regional loss: its phrase (short_expr) or its long_expr, drawn at
+    random as FG-CLIP's loader does (train_fgclip.py:230); the draw depends only on the seed, the
+    epoch and the row's key, so a resumed run draws the same."""
+    rng = random.Random(f"{seed}/{epoch}/{row['key']}")
+    return [rng.choice([phrase, long]) for (_, phrase, _), long in zip(row["boxes"], row["long_exprs"])]
 
 
 def collate_fgclip(samples: list[dict]) -> dict:
-    boxes, phrases, negatives = [], [], []
+    """One batch; per box (in image order): its box, its phrase (short_expr, the hard-negative
+    positive), its region text (short_expr or long_expr, the regional loss's) and its negatives."""
+    boxes, phrases, texts, negatives = [], [], [], []
     for index, sample in enumerate(samples):
-        for box, phrase, negs in sample["boxes"]:
+        for (box, phrase, negs), text in zip(sample["boxes"], sample["region_texts"]):
             boxes.append([float(index), *box])
             phrases.append(phrase)
+            texts.append(text)
             negatives.append(negs)
     return {
         "pixels": torch.stack([s["pixels"] for s in samples]),
@@ -197,5 +222,6 @@ def collate_fgclip(samples: list[dict]) -> dict:
         "short": [s["short"] for s in samples],
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 5),
         "phrases": phrases,
+        "region_texts": texts,
         "negatives": negatives,
     }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,11 +20,11 @@ from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_e
 
 log = logging.getLogger(__name__)
 
-_MAX_LOGIT_SCALE = math.log(100.0)
-
 
 class FgclipModule(torch.nn.Module):
-    """CLIP plus the learnable temperatures of the regional and hard-negative logits."""
+    """CLIP plus the learnable temperatures of the regional and hard-negative logits, both started
+    at CLIP's own (train_fgclip.py:386-387). No scale is clamped: the reference has no clamp
+    (fgclip.py:497-502, 526, 538), and a clamp at ln 100 under OpenAI's 4.6052 start froze all three."""
 
     def __init__(self, clip):
         super().__init__()
@@ -35,7 +35,14 @@ class FgclipModule(torch.nn.Module):
 
 
 class FgclipObjective:
-    """FG-CLIP stage 2 on FgGRN shards (+ their images)."""
+    """FG-CLIP stage 2 on FgGRN shards (+ their images).
+
+    Per batch: image <-> long caption and image <-> "a photo of " + short caption InfoNCE, gathered
+    across processes (fgclip.py:479-518); box <-> region text InfoNCE on this process's boxes only
+    (fgclip.py:452, 523-532); per box with hard negatives an (1 + K)-way cross-entropy, region to
+    text only, positive = the short phrase (fgclip.py:534-539, train_fgclip.py:264-277).
+    With `grad_cache_chunk` > 0 the batch's loss is the same but its backward runs chunk by chunk
+    (`cached_step`), so a large contrastive batch fits a small device."""
 
     name = "fgclip"
 
@@ -56,6 +63,11 @@ class FgclipObjective:
         self.parts = parts
         self.module = FgclipModule(parts.model).to(device)
 
+    @property
+    def grad_cache(self) -> bool:
+        """Whether the loop calls `cached_step` instead of `loss` + backward."""
+        return self.settings.grad_cache_chunk > 0
+
     def steps_per_epoch(self) -> int:
         return max(1, self.rows // (self.settings.batch_size * self.world * self.settings.gradient_accumulation))
 
@@ -66,31 +78,95 @@ class FgclipObjective:
             persistent_workers=self.settings.num_workers > 0,
         ))
 
-    def loss(self, batch: dict, module) -> tuple[torch.Tensor, dict]:
+    def _hard_boxes(self, batch: dict) -> list[int]:
+        """The boxes in the hard-negative loss: those with K negatives (FG-CLIP's flag_short_neg)."""
+        k = self.settings.hard_negatives
+        if not (k and self.settings.hard_negative_weight):
+            return []
+        return [i for i, negatives in enumerate(batch["negatives"]) if len(negatives) >= k]
+
+    def _pieces(self, batch: dict, chunk: int) -> list:
+        """The batch's forwards, each a function of the CLIP returning {name: embeddings}: the images
+        (with their boxes' features) and every text group, cut into pieces of `chunk` items (0: whole).
+        Concatenated in order, the pieces give the embeddings the loss reads."""
         s, device = self.settings, self.device
-        clip, heads = module.clip, module
-        tokenizer = self.parts.tokenizer
-        images, grid = image_and_patch_features(clip, batch["pixels"].to(device))
-        long = encode_text(clip, tokenizer, batch["long"], long=True, device=device)
-        short = encode_text(clip, tokenizer, [s.short_prompt.format(t) for t in batch["short"]], long=False, device=device)
-        scale = clip.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
-        all_images = gather(images)
-        parts = {"long": info_nce(all_images, gather(long), scale), "short": info_nce(all_images, gather(short), scale)}
+        hard = self._hard_boxes(batch)
+        with_boxes = bool(batch["phrases"]) and bool(s.regional_weight or hard)
+        pixels, boxes = batch["pixels"], batch["boxes"]
+        size = chunk or max(1, pixels.shape[0])
+        pieces = []
+        for start in range(0, pixels.shape[0], size):
+            own = (boxes[:, 0] >= start) & (boxes[:, 0] < start + size) if with_boxes else torch.zeros(boxes.shape[0], dtype=torch.bool)
+            local = boxes[own].clone()
+            local[:, 0] -= start
+            pieces.append(partial(self._embed_images, pixels=pixels[start : start + size], boxes=local if with_boxes else None))
+        texts = {"long": (batch["long"], True), "short": ([s.short_prompt.format(t) for t in batch["short"]], False)}
+        if batch["phrases"] and s.regional_weight:
+            texts["region_texts"] = (batch["region_texts"], False)
+        if hard:
+            # FG-CLIP encodes each hard box's texts together: its short phrase, then its K negatives
+            texts["hard_texts"] = ([t for i in hard for t in (batch["phrases"][i], *batch["negatives"][i][: s.hard_negatives])], False)
+        for name, (group, long) in texts.items():
+            size = chunk or max(1, len(group))
+            for start in range(0, len(group), size):
+                pieces.append(partial(self._embed_texts, name=name, texts=group[start : start + size], long=long))
+        return pieces
+
+    def _embed_images(self, clip, pixels: torch.Tensor, boxes: torch.Tensor | None) -> dict:
+        images, grid = image_and_patch_features(clip, pixels.to(self.device))
+        return {"images": images} if boxes is None else {"images": images, "regions": box_features(grid, boxes.to(self.device))}
+
+    def _embed_texts(self, clip, name: str, texts: list[str], long: bool) -> dict:
+        return {name: encode_text(clip, self.parts.tokenizer, texts, long=long, device=self.device)}
+
+    def _loss_from(self, embedded: dict, batch: dict, module) -> tuple[torch.Tensor, dict]:
+        s = self.settings
+        scale = module.clip.logit_scale.exp()
+        all_images = gather(embedded["images"])
+        parts = {"long": info_nce(all_images, gather(embedded["long"]), scale), "short": info_nce(all_images, gather(embedded["short"]), scale)}
         total = s.long_weight * parts["long"] + s.short_weight * parts["short"]
-        if batch["phrases"]:
-            regions = box_features(grid, batch["boxes"].to(device))
-            phrases = encode_text(clip, tokenizer, batch["phrases"], long=False, device=device)
-            if s.regional_weight:
-                parts["regional"] = info_nce(gather(regions), gather(phrases), heads.region_logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp())
-                total = total + s.regional_weight * parts["regional"]
-            with_negatives = [i for i, negs in enumerate(batch["negatives"]) if len(negs) >= s.hard_negatives]
-            if s.hard_negative_weight and with_negatives and s.hard_negatives:
-                texts = [text for i in with_negatives for text in batch["negatives"][i][: s.hard_negatives]]
-                negatives = encode_text(clip, tokenizer, texts, long=False, device=device).reshape(len(with_negatives), s.hard_negatives, -1)
-                index = torch.tensor(with_negatives, device=device)
-                parts["hard_negative"] = hard_negative_loss(regions[index], phrases[index], negatives, heads.hard_negative_logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp())
-                total = total + s.hard_negative_weight * parts["hard_negative"]
+        if "region_texts" in embedded:
+            # this process's boxes only, as the reference: no gather (fgclip.py:452)
+            parts["regional"] = info_nce(embedded["regions"], embedded["region_texts"], module.region_logit_scale.exp())
+            total = total + s.regional_weight * parts["regional"]
+        if "hard_texts" in embedded:
+            hard = self._hard_boxes(batch)
+            texts = embedded["hard_texts"].reshape(len(hard), 1 + s.hard_negatives, -1)
+            regions = embedded["regions"][torch.tensor(hard, device=embedded["regions"].device)]
+            parts["hard_negative"] = hard_negative_loss(regions, texts[:, 0], texts[:, 1:], module.hard_negative_logit_scale.exp())
+            total = total + s.hard_negative_weight * parts["hard_negative"]
         return total, {name: value.item() for name, value in parts.items()}
+
+    def loss(self, batch: dict, module) -> tuple[torch.Tensor, dict]:
+        return self._loss_from(_joined([piece(module.clip) for piece in self._pieces(batch, 0)]), batch, module)
+
+    def cached_step(self, batch: dict, module, factor: float, autocast: bool) -> tuple[torch.Tensor, dict]:
+        """GradCache (Gao et al. 2021): embeds the whole batch without gradients, computes the loss
+        and its gradient with respect to every embedding, then re-embeds chunk by chunk with
+        gradients and back-propagates those cached gradients. The parameters' gradients are the
+        unchunked loss's (times `factor`); activations are held for one chunk at a time. CLIP has no
+        dropout, so the re-forward reproduces the first one exactly. Returns the detached loss."""
+        pieces = self._pieces(batch, self.settings.grad_cache_chunk)
+        context = partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16, enabled=autocast)
+        with torch.no_grad(), context():
+            outputs = [piece(module.clip) for piece in pieces]
+        leaves = {name: value.detach().requires_grad_() for name, value in _joined(outputs).items()}
+        with context():
+            total, parts = self._loss_from(leaves, batch, module)
+        (total * factor).backward()  # gradients of the logit scales land directly, the embeddings' on the leaves
+        offsets = dict.fromkeys(leaves, 0)
+        for piece, output in zip(pieces, outputs):
+            grads = {}
+            for name, value in output.items():
+                grad = leaves[name].grad
+                if grad is not None:
+                    grads[name] = grad[offsets[name] : offsets[name] + value.shape[0]]
+                offsets[name] += value.shape[0]
+            if grads:
+                with context():
+                    again = piece(module.clip)
+                torch.autograd.backward([again[name] for name in grads], list(grads.values()))
+        return total.detach(), parts
 
     def save(self, out_dir: Path, module) -> None:
         from safetensors.torch import save_file
@@ -98,6 +174,12 @@ class FgclipObjective:
         module.clip.save_pretrained(out_dir)
         self.parts.tokenizer.save_pretrained(out_dir)
         save_file({"region_logit_scale": module.region_logit_scale.detach().cpu().reshape(1), "hard_negative_logit_scale": module.hard_negative_logit_scale.detach().cpu().reshape(1)}, str(Path(out_dir) / "fgclip_heads.safetensors"))
+
+
+def _joined(outputs: list[dict]) -> dict:
+    """The pieces' embeddings concatenated name by name, in piece order."""
+    names = dict.fromkeys(name for output in outputs for name in output)
+    return {name: torch.cat([output[name] for output in outputs if name in output]) for name in names}
 
 
 class RadialObjective:
@@ -161,7 +243,7 @@ class RadialObjective:
         current, root = embedded[:-1], embedded[-1]
         positives = current[: len(batch) * tiers].reshape(len(batch), tiers, -1)
         negatives = current[len(batch) * tiers :].reshape(len(batch), tiers, -1)
-        return radial_embedding_loss(positives, negatives, root, current, self._frozen_text(texts), s.lambda_e, s.lambda_m, s.lambda_p)
+        return radial_embedding_loss(positives, negatives, root, current, self._frozen_text(texts), s.lambda_e, s.lambda_m, s.lambda_p, s.cosine_clip)
 
     def save(self, out_dir: Path, module) -> None:
         module.save_pretrained(out_dir)
