@@ -253,11 +253,25 @@ def lineage_entry(dataset_dir: Path, **extra) -> dict:
     return {"path": str(dataset_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", []), **extra}
 
 
-def find_ancestor(dataset_dir: Path, kind: str) -> Path | None:
+def find_ancestor(dataset_dir: Path, kind: str, _seen: frozenset = frozenset()) -> Path | None:
     """The nearest dataset of `kind` that `dataset_dir` descends from, following manifest lineage."""
-    manifest = read_json(Path(dataset_dir) / MANIFEST_FILE)
+    here = Path(dataset_dir).resolve()
+    if here in _seen:  # a manifest naming itself or a descendant as its input
+        raise FgdataError(f"{here / MANIFEST_FILE}: corrupt fgdata metadata (its lineage loops back to {here})")
+    manifest = read_json(here / MANIFEST_FILE) if here.is_dir() else None
     if manifest is None:
         return None
+    if manifest.get("kind") == kind:
+        return Path(dataset_dir)
+    parents = manifest.get("inputs", [])
+    if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
+        raise FgdataError(f"{here / MANIFEST_FILE}: corrupt fgdata metadata ('inputs' is not a list of objects)")
+    for parent in parents:
+        path = parent.get("path")
+        found = find_ancestor(Path(path), kind, _seen | {here}) if isinstance(path, str) and "\0" not in path else None
+        if found:
+            return found
+    return None
     if manifest.get("kind") == kind:
         return Path(dataset_dir)
     parents = manifest.get("inputs", [])

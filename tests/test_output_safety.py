@@ -207,3 +207,17 @@ def test_a_kept_shard_is_never_rewritten_by_a_resume(tmp_path, ray_session):
     assert (summary.shards_run, summary.shards_skipped) == (0, 1)
     assert os.stat(out / "part-00000.parquet").st_mtime_ns == written
     assert pq.read_metadata(out / "part-00000.parquet").num_rows == 1
+
+
+def test_a_lineage_loop_is_a_one_line_error_not_a_recursion(tmp_path):
+    from pipeline.shards import find_ancestor, write_json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    write_json(a / "_manifest.json", {"kind": "fggrn", "inputs": [{"path": str(b)}]})
+    write_json(b / "_manifest.json", {"kind": "regions", "inputs": [{"path": str(a)}]})
+    with pytest.raises(FgdataError, match="lineage loops back"):
+        find_ancestor(a, "images")
+    write_json(b / "_manifest.json", {"kind": "regions", "inputs": [{"path": "nul\0byte"}, {"path": str(tmp_path / "gone")}]})
+    assert find_ancestor(a, "images") is None
