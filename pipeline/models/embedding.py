@@ -9,7 +9,7 @@ resolves to that package's folder after the weights' sha256 is checked against t
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 from functools import cache
 from pathlib import Path
 
@@ -28,11 +28,13 @@ def resolve_embedding_model(model: str) -> str:
     if model not in BUNDLED:
         return model
     package, sha256 = BUNDLED[model]
-    try:
-        folder = Path(importlib.import_module(package).__file__).parent / "model"
-    except ImportError:
+    spec = importlib.util.find_spec(package)  # finds the files without running the package's code
+    if spec is None or spec.origin is None:
         return model  # not installed: the hub id, for machines that can download
+    folder = Path(spec.origin).parent / "model"
     weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FgdataError(f"{weights} is missing (package {package} is incomplete): reinstall {package}")
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,7 +1,7 @@
 """`fgdata hierarcaps filter`: keep a chain only if every tier is entailed by the next one (NLI).
 
 The more specific tier is the premise and the more generic one the hypothesis; a chain that
-fails is rejected with the failing tier and its score. (Negative chains are not checked here
+fails is rejected with the failing tier and its score. (Negative chains are not checked
 here: that is `fgdata hierarcaps negatives`, which shares this stage's NLI plumbing.)
 """
 
