@@ -11,12 +11,23 @@ PYTEST_ARGS ?=
 
 .PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench clean
 
-$(STAMP): pyproject.toml
+# Every version make installs is pinned in constraints.txt; upgrade deliberately by editing it
+# (or regenerating it from a venv that passed the tests), never by accident.
+PIP := $(BIN)/pip install --quiet -c constraints.txt
+# What img2dataset imports besides the packages it caps (pandas<3, opencv-python-headless): those
+# two would downgrade pandas and overwrite ultralytics' cv2, so it and its image libraries are
+# installed without their declared dependencies (used by `fgdata download`).
+DOWNLOAD_PACKAGES := fire exifread-nocycle webdataset braceexpand wandb pydantic simsimd stringzilla
+DOWNLOAD_NODEPS := img2dataset albumentations albucore
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip==26.3
 	# torch before anything that depends on it, or pip pulls another multi-GB build from the index
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[dev]'
+	$(PIP) $(DOWNLOAD_PACKAGES)
+	$(PIP) --no-deps $(DOWNLOAD_NODEPS)
 	touch $@
 
 setup: $(STAMP)

@@ -192,6 +192,13 @@ class DownloadStage(IngestStage):
         self.out_dir = Path(os.path.abspath(out_dir))
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        import importlib.util
+
+        if importlib.util.find_spec("img2dataset") is None:
+            raise FgdataError(
+                "fgdata download needs img2dataset, which `make setup` installs without its pins on pandas and "
+                "opencv (see the Makefile's DOWNLOAD_PACKAGES); install it the same way"
+            )
         records = plan_url_records(self.url_list)
         if not records:
             raise FgdataError(f"{self.url_list} holds no records")
