@@ -21,6 +21,9 @@
   steps/s with all three losses vs a plain loop over the same batches doing only the global
   image <-> long caption loss: what the regional and hard-negative parts cost on top.
 
+- startup (run first, on a fresh Ray): the fixed costs `fgdata plan` adds to per-row times: starting
+  local Ray, and the ingest and phrases stages on one row each (worker processes start, spaCy loads).
+
 Results go to bench/results/<name>.json; numbers from one run on this machine, not targets.
 """
 
@@ -447,12 +450,37 @@ def bench_train(workdir: Path, steps: int, batch_size: int) -> dict:
     }
 
 
+def bench_startup(workdir: Path, ray_start_seconds: float) -> dict:
+    """One row through ingest then phrases on the Ray `main` just started: per-row time is nil at
+    this size, so each stage's wall time is its fixed cost on a fresh Ray."""
+    source = workdir / "one"
+    source.mkdir()
+    for name in ("astronaut.jpg", "astronaut.txt"):
+        shutil.copyfile(SAMPLE / name, source / name)
+    config = load_config(None, ["run.progress=false"])
+    _, ingest_seconds = timed(lambda: run_stage(IngestStage(source), workdir / "images", config))
+    _, phrases_seconds = timed(lambda: run_stage(PhrasesStage(workdir / "images"), workdir / "phrases", config))
+    return {
+        "ray_cpus": ray.cluster_resources().get("CPU", 0),
+        "ray_start_seconds": round(ray_start_seconds, 3),
+        "stage_fixed_seconds": {"ingest": round(ingest_seconds, 3), "phrases": round(phrases_seconds, 3)},
+        "note": "local ray.init(address='local') as the runner calls it; a stage's fixed cost is its wall time "
+        "on one row right after that start (first tasks start worker processes; phrases loads spaCy in one).",
+    }
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            # what `fgdata plan` reads to tell a GPU measurement from a CPU one
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
         **payload,
     }
     path = RESULTS / f"{name}.json"
@@ -465,12 +493,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
-    parser.add_argument("--only", choices=["phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps", "train"], help="run one benchmark")
+    parser.add_argument("--only", choices=["startup", "phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps", "train"], help="run one benchmark")
     args = parser.parse_args()
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    _, ray_start_seconds = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR"))
     with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
         workdir = Path(tmp)
         benchmarks = {
+            "startup": lambda d: bench_startup(d, ray_start_seconds),  # first: it needs the fresh Ray
             "phrases": lambda d: bench_phrases(d, args.captions, rows_per_shard=2000),
             "ingest": lambda d: bench_ingest(d, args.image_copies),
             "ground": lambda d: bench_ground(d, copies=4, batch_size=8),

@@ -272,6 +272,7 @@ def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str,
         "inputs": lineage,
         "provenance": provenance,
         "versions": _versions(),
+        "machine": _machine(),  # `fgdata plan --from-runs` reads which hardware these timings are from
         "shards": sorted(stats),
         "rows_in": sum(s["rows_in"] for s in stats.values()),
         "rows_out": sum(s["rows_out"] for s in stats.values()),
@@ -282,6 +283,16 @@ def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str,
             "shard_seconds": round(sum(s["seconds"] for s in stats.values()), 3),
         },
     }
+
+
+def _machine() -> dict:
+    """Where the shards ran: this host, and the Ray cluster's CPUs, GPUs and GPU types when Ray is up."""
+    machine = {"hostname": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        machine["ray_cpus"], machine["ray_gpus"] = resources.get("CPU", 0), resources.get("GPU", 0)
+        machine["gpu_types"] = sorted(key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:"))
+    return machine
 
 
 def _versions() -> dict:
