@@ -43,6 +43,11 @@ hierarcaps_app = typer.Typer(
 app.add_typer(hierarcaps_app, name="hierarcaps")
 import_app = typer.Typer(help="Start mid-pipeline: read released data (FG-CLIP JSON, GRIT, Hugging Face) into fgdata shards.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
+audit_app = typer.Typer(
+    help="The hand check of hard negatives, repeatable: sample them into a page to judge with the keyboard, then score the verdicts.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 
 log = logging.getLogger("fgdata")
 
@@ -688,6 +693,41 @@ def report(
         summary = write_report(dataset, out, sample=sample, gallery=gallery, seed=seed)
         sampled = f", {summary['sampled']:,} sampled" if summary["sampled"] < summary["rows"] else ""
         typer.echo(f"wrote {out}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
+
+
+@audit_app.command("sample")
+def audit_sample(
+    dataset: Annotated[Path, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata.")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network).")],
+    n: Annotated[int, typer.Option("--n", help="How many candidate negatives to sample, shared equally among the strata.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+):
+    """Draw a stratified sample of candidate negatives (fggrn: by attribute kind and backend;
+    hierarcaps: by tier) into one page: the image crop with its box, the positive and the candidate.
+    Keys v / i / u judge valid / invalid / unsure; the verdicts download as JSON."""
+    from pipeline.audit import write_audit_page
+
+    with _user_errors():
+        _check_out_file(out, overwrite)
+        summary = write_audit_page(dataset, out, n=n, seed=seed)
+        typer.echo(f"wrote {out}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
+                   f"({summary['images']} with an image), {summary['seconds']:.1f}s; open it in a browser")
+
+
+@audit_app.command("score")
+def audit_score(
+    verdicts: Annotated[Path, typer.Argument(help="The verdicts JSON the audit page downloads.")],
+    dataset: Annotated[Optional[Path], typer.Option(help="The audited dataset; default: the one the verdicts name.")] = None,
+):
+    """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
+    dataset's manifest under "audit" (and in its data card)."""
+    from pipeline.audit import format_scores, score_audit
+
+    with _user_errors():
+        audit, dataset_dir = score_audit(verdicts, dataset)
+        typer.echo(format_scores(audit))
+        typer.echo(f"recorded in {dataset_dir / '_manifest.json'} under \"audit\"")
 
 
 @app.command("config")
