@@ -303,3 +303,5 @@ def test_score_cli_errors_are_one_line(world, tmp_path):
     assert result.returncode == 2 and "audits a 'hierarcaps' dataset" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("audit", "sample", str(world / "images"), "--out", str(tmp_path / "x.html"))
     assert result.returncode == 2 and "no negatives to audit" in result.stderr
+    result = run_cli("audit", "sample", str(world / "fggrn"), "--n", "0", "--out", str(tmp_path / "x.html"))
+    assert result.returncode == 2 and "--n must be between 1" in result.stderr and not (tmp_path / "x.html").exists()
