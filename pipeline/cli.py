@@ -730,6 +730,41 @@ def audit_score(
         typer.echo(f"recorded in {dataset_dir / '_manifest.json'} under \"audit\"")
 
 
+@app.command()
+def plan(
+    recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps.")],
+    images: Annotated[Optional[int], typer.Option(help="Images to plan for (fggrn), e.g. 12_000_000.")] = None,
+    captions: Annotated[Optional[int], typer.Option(help="Captions to plan for (hierarcaps).")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="GPU type the model stages run on, e.g. h100; leave out for CPU only.")] = None,
+    gpus: Annotated[int, typer.Option(help="How many GPUs.")] = 1,
+    cpus: Annotated[Optional[int], typer.Option(help="CPU cores (default: 16 per GPU, or run.num_cpus / this machine's).")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Only these stages, comma-separated, e.g. ingest,phrases.")] = None,
+    caption_chars: Annotated[Optional[float], typer.Option(help="Mean caption length of your data in characters (phrases' time grows with it).")] = None,
+    from_runs: Annotated[Optional[list[Path]], typer.Option("--from-runs", help="Dataset folder(s) of your own runs: their manifests' timings come first. Repeatable.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Folder of bench records (default: bench/results of this checkout).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+):
+    """The bill before the run: GPU-hours, CPU core-hours and wall time per stage and in total, from
+    measured throughput records (bench/results, your runs' manifests), saying what each figure rests on."""
+    import json
+
+    from pipeline.plan import BENCH_RESULTS, format_plan, load_bench, load_runs
+    from pipeline.plan import plan as make_plan
+
+    with _user_errors():
+        settings = load_config(config, set_)
+        count = {"fggrn": images, "hierarcaps": captions}.get(recipe)
+        if recipe in ("fggrn", "hierarcaps") and count is None:
+            raise FgdataError(f"plan {recipe} needs {'--images' if recipe == 'fggrn' else '--captions'} N")
+        measures, startup = load_bench(results or BENCH_RESULTS) if results or BENCH_RESULTS.is_dir() or not from_runs else ([], {})
+        measures = load_runs(from_runs or []) + measures
+        chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+        bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
+        typer.echo(json.dumps(bill, indent=2) if as_json else format_plan(bill))
+
+
 @app.command("config")
 def show_config(config: ConfigOption = None, set_: SetOption = None):
     """Print the resolved settings as YAML (a starting point for --config files)."""
