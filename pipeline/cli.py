@@ -533,11 +533,13 @@ def train(
     tokens) and image<->short caption ("a photo of ..."), regional InfoNCE between RoIAlign box
     features and region phrases (weight 0.1), and a hard-negative loss per region over its phrase
     and 10 negatives (weight 0.5), with their own learnable temperatures; defaults follow FG-CLIP's
-    stage-2 recipe (openai/clip-vit-base-patch16, lr 1e-6, 200 warm-up steps, cosine, 1 epoch, bf16).
+    stage-2 recipe (openai/clip-vit-base-patch16, lr 1e-6, 200 warm-up steps, cosine, 1 epoch, bf16,
+    weight decay 1e-3 except LayerNorm and biases, no gradient clipping).
 
     re (settings under radial.): only the text tower and projection learn; exterior-angle loss
     around the root (the embedding of the empty text), hardest-pair term and pullback to the frozen
-    encoder (openai/clip-vit-base-patch32, lr 1e-7, batch 8, lambda_p 10).
+    encoder, as HierarCaps' train.py (openai/clip-vit-base-patch32, constant lr 1e-7, AdamW weight
+    decay 0.01, no clipping, fp32, batch 8, lambda_p 10).
 
     Checkpoints every save_every steps (safetensors + optimizer state); rerun the same command to
     resume. Multi-GPU: launch with `torchrun --nproc_per_node N .venv/bin/fgdata train ...`.
