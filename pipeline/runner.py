@@ -66,7 +66,7 @@ def ensure_ray(run: RunConfig) -> None:
     log.info(
         "Ray %s: %d node(s), %g CPU(s), %g GPU(s)",
         "cluster" if address else "local",
-        len(ray.nodes()),
+        sum(node["Alive"] for node in ray.nodes()),  # the GCS still lists nodes that died
         resources.get("CPU", 0),
         resources.get("GPU", 0),
     )
