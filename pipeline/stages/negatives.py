@@ -34,7 +34,7 @@ from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_
 from pipeline.stages.phrases import load_pipeline, pipeline_id
 
 REGION_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
-LEXICON_VERSION = "rules:lexicon-v2"  # v2: contradicting classes, no swaps inside compounds
+LEXICON_VERSION = "rules:lexicon-v3"  # v2: contradicting classes, no swaps inside compounds; v3: antonym scales, noun classes, multi-word units
 
 
 @dataclass
