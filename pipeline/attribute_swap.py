@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # large wave may well be tall); and one word per class is offered, so a list never holds both
 # "grey" and "gray". Hypernyms sit on no scale with their hyponyms (fabric is not offered for
 # cotton, patterned not for striped, stone not for marble): they do not contradict them.
-_HARD_MATERIALS = [("wooden", "wood"), ("metal", "metallic", "steel", "stainless steel", "iron", "cast iron", "wrought iron", "aluminum"),
+_HARD_MATERIALS = [("wooden",), ("metal", "metallic", "steel", "stainless steel", "iron", "cast iron", "wrought iron", "aluminum"),
                    ("plastic",), ("glass",), ("brick",), ("concrete",), ("ceramic", "porcelain"), ("wicker", "rattan"), ("bamboo",),
                    ("rubber",), ("paper", "cardboard"), ("foam",), ("leather",), ("fabric",)]
 SCALES: dict[str, list[list[tuple[str, ...]]]] = {
