@@ -177,3 +177,10 @@ def test_prediction_of_a_cpu_run_of_the_sample_x20_is_within_20_percent(tmp_path
         f"error {error:+.1%}"
     )
     assert abs(error) <= 0.20
+    # the run's manifests now say where they ran, and plan from them as the user's own records
+    runs = load_runs([tmp_path / "out"])
+    assert {m.stage for m in runs} == {"ingest", "phrases"} and {m.device for m in runs} == {"cpu"}
+    manifest = json.loads((tmp_path / "out" / "phrases" / "_manifest.json").read_text())
+    assert manifest["machine"]["ray_cpus"] == 2 and manifest["machine"]["hostname"]
+    again = plan("fggrn", files, load_config(None, overrides), measures=runs + measures, startup=startup, stages=["ingest", "phrases"])
+    assert all(s["basis"].startswith("your run") for s in again["stages"])
