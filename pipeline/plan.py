@@ -387,6 +387,7 @@ def format_plan(bill: dict) -> str:
     for s in bill["stages"]:
         if s["source"]:
             settings = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if v is not None)
-            lines.append(f"  {s['stage']}: {s['model']}{f' ({settings})' if settings else ''}; {s['units'] / max(s['rows'], 1):.3g} {s['unit']} per row; from {s['source']}")
+            per_row = "" if s["unit"] == "rows" else f"; {s['units'] / max(s['rows'], 1):.3g} {s['unit']} per row"
+            lines.append(f"  {s['stage']}: {s['model']}{f' ({settings})' if settings else ''}{per_row}; from {s['source']}")
     lines += [f"note: {note}" for note in bill["notes"]]
     return "\n".join(lines)
