@@ -206,8 +206,10 @@ def load_runs(folders: list[Path]) -> list[Measure]:
             gpu_types = machine.get("gpu_types") or []
             device = gpu_types[0] if machine.get("ray_gpus") and gpu_types else "cpu" if machine else "unknown machine"
             provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
-            models = [str(v) for key in ("model", "detector", "llm_model", "nli_model") for v in provenance.get(key) or []]
-            random = True in (provenance.get("random_weights") or [])
+            # provenance values are lists of what the shards reported; anything else is ignored
+            values = {k: v for k, v in provenance.items() if isinstance(v, list)}
+            models = [str(v) for key in ("model", "detector", "llm_model", "nli_model") for v in values.get(key, [])]
+            random = True in values.get("random_weights", [])
             weights = "random weights" if random else REAL if models else NO_MODEL
             versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
             measures.append(

@@ -104,6 +104,16 @@ def test_bad_requests_are_one_line_errors(args, message):
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
+def test_odd_manifest_values_are_skipped_not_a_traceback(tmp_path):
+    odd = {"stage": "ground", "rows_in": 10, "timings": {"shard_seconds": 2.0}, "machine": "?", "provenance": {"detector": "x", "random_weights": 5}}
+    empty = {"stage": "phrases", "rows_in": 0, "timings": "none"}
+    for name, manifest in (("a", odd), ("b", empty)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "_manifest.json").write_text(json.dumps(manifest))
+    runs = load_runs([tmp_path])
+    assert [(m.stage, m.per_worker_per_s, m.device, m.model) for m in runs] == [("ground", 5.0, "unknown machine", "no model")]
+
+
 def test_a_broken_record_is_a_one_line_error(tmp_path):
     (tmp_path / "ingest.json").write_text("{not json")
     result = CliRunner().invoke(app, ["plan", "fggrn", "--images", "5", "--results", str(tmp_path)])
