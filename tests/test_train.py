@@ -151,7 +151,9 @@ def test_fg_ovd_jsonl_boxes_become_relative_to_the_image(tmp_path, world):
     (tmp_path / "fg.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     (item,) = fgovd_items(tmp_path / "fg.jsonl", None)
     assert item["boxes"][0] == ([0.1, 0.1, 0.6, 0.6], "a red circle", ["a blue circle", "a green circle"])
-    assert fgovd_accuracy(Encoder(str(world["clip"])), [item], hard_negatives=2)["boxes"] == 1  # the box with one negative is left out
+    # every box is scored with all its negatives, as FG-CLIP's evaluator does; none is left out for having few
+    scored = fgovd_accuracy(Encoder(str(world["clip"])), [item])
+    assert scored["boxes"] == 2 and scored["negatives_per_box"] == {"min": 1, "max": 2, "mean": 1.5}
     (tmp_path / "bad.jsonl").write_text('{"img_path": "a.png"}\n')
     result = run_cli("eval", "--model", str(world["clip"]), "--fg-ovd", str(tmp_path / "bad.jsonl"))
     assert result.returncode == 2 and "line 1: not an FG-OVD record" in result.stderr
