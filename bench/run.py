@@ -482,8 +482,8 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
     }
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -496,7 +496,7 @@ def write_result(name: str, payload: dict) -> Path:
         },
         **payload,
     }
-    path = RESULTS / f"{name}.json"
+    path = results / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
@@ -507,6 +507,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
     parser.add_argument("--only", choices=["startup", "phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps", "train"], help="run one benchmark")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the records (default bench/results)")
     args = parser.parse_args()
     _, ray_start_seconds = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR"))
     with tempfile.TemporaryDirectory(prefix="fgdata-bench-") as tmp:
@@ -524,7 +525,7 @@ def main() -> None:
         for name, bench in benchmarks.items():
             if args.only in (None, name):
                 (workdir / name).mkdir()
-                write_result(name, bench(workdir / name))
+                write_result(name, bench(workdir / name), args.results)
 
 
 if __name__ == "__main__":
