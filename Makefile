@@ -140,7 +140,7 @@ train-demo: setup
 	$(BIN)/fgdata synthetic-world $(W)/train --count 600 --seed 0
 	$(BIN)/fgdata synthetic-world $(W)/test --count 150 --seed 99
 	$(BIN)/fgdata tiny-model $(W)/clip --kind clip
-	$(BIN)/fgdata train $(W)/train/fggrn --out $(W)/fgclip --model $(W)/clip --set fgclip.max_steps=300 \
+	$(BIN)/fgdata train $(W)/train/fggrn --out $(W)/fgclip --model $(W)/clip --set fgclip.max_steps=300 --set fgclip.batch_size=32 \
 		--set fgclip.learning_rate=1e-3 --set fgclip.warmup_steps=20 --set fgclip.weight_decay=0 --set fgclip.num_workers=0
 	$(BIN)/fgdata train $(W)/train/hierarcaps --objective re --out $(W)/re --model $(W)/clip --set radial.max_steps=600 \
 		--set radial.learning_rate=1e-3 --set radial.batch_size=32 --set radial.lambda_p=0.1
