@@ -100,7 +100,9 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     markers = shard_markers(out_dir)
     for unit in units:
         if unit.name not in failures and markers.get(unit.name) != fingerprints[unit.name]:
-            failures[unit.name] = "its completion marker was replaced by another run; rerun the same command"
+            failures[unit.name] = (
+                "another run (a worker of an earlier, killed run) wrote this shard after this run did; rerun with --overwrite to redo it"
+            )
     if failures:
         raise StageFailed(stage.name, failures)
     stats = {u.name: read_json(out_dir / STATS_DIR / u.name.replace(".parquet", ".json")) for u in units}
