@@ -32,6 +32,7 @@ from pipeline.errors import FgdataError, first_line
 from pipeline.hierarcaps_io import read_chains, read_official_csv
 from pipeline.images import ImageRejected, decode_rgb
 from pipeline.shards import find_ancestor, list_shards, read_shard
+from pipeline.sources import OutsideRoot, path_inside
 from pipeline.train.clip_model import box_features, encode_text, image_and_patch_features, load_clip
 from pipeline.train.data import fgclip_rows, fgclip_sources, pixels, usable_chains
 
@@ -358,13 +359,13 @@ def image_in_root(root: Path, img_path: str) -> tuple[Path | None, tuple[str, st
     """(the regular file `img_path` names inside `root`, None) or (None, (reason, detail)): a
     benchmark file must not read what lies outside its image root (absolute paths, `..`, links)."""
     try:
-        path = (root / img_path).resolve()
-        if not path.is_relative_to(root):
-            return None, ("image_outside_root", f"img_path {shown(img_path)} leads outside {root}")
+        path = path_inside(root, img_path)
         if not path.exists():
             return None, ("image_not_found", f"{shown(str(path))} not found (pass --image-root)")
         if not path.is_file():
             return None, ("image_not_a_file", f"{shown(str(path))} is not a regular file")
+    except OutsideRoot:
+        return None, ("image_outside_root", f"img_path {shown(img_path)} leads outside {root}")
     except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL, a link loop
         return None, ("bad_img_path", f"img_path {shown(img_path)} ({shown(first_line(exc))})")
     return path, None

@@ -106,6 +106,20 @@ def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
     return data
 
 
+class OutsideRoot(ValueError):
+    """A path named by the data leads outside the folder it must stay in."""
+
+
+def path_inside(root: Path, relative: str) -> Path:
+    """The path `relative` names under `root`, resolved (links followed). Raises OutsideRoot when
+    it leads outside `root` (an absolute path, `..`, a link), and OSError / ValueError /
+    RuntimeError when it cannot be resolved (a NUL byte, a name too long, a link loop)."""
+    path = (Path(root) / relative).resolve()
+    if not path.is_relative_to(root):
+        raise OutsideRoot(f"{relative!r} leads outside {root}")
+    return path
+
+
 def detect_format(source: Path) -> str:
     if source.is_file():
         if source.suffix.lower() in (".csv", ".parquet"):

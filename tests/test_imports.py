@@ -117,12 +117,14 @@ def test_fgclip_images_never_read_outside_the_folder(tmp_path, ray_session):
     folder.mkdir()
     (folder / "ok.jpg").write_bytes(image_bytes())
     (tmp_path / "secret.jpg").write_bytes(image_bytes())
-    items = [{"f_path": p, "caption": "c", "bbox_info": []} for p in ("ok.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "missing.jpg")]
+    items = [{"f_path": p, "caption": "c", "bbox_info": []} for p in ("ok.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "missing.jpg", "nul\u0000.jpg")]
     (tmp_path / "items.json").write_text(json.dumps(items))
     out = tmp_path / "images"
     run_stage(FgclipImagesStage(tmp_path / "items.json", folder), out, make_config())
     assert [r["key"] for r in read_rows(out)] == ["ok.jpg"]
-    assert _reasons(out) == {"../secret.jpg": "unsafe_path", str(tmp_path / "secret.jpg"): "unsafe_path", "missing.jpg": "missing_file"}
+    assert _reasons(out) == {
+        "../secret.jpg": "unsafe_path", str(tmp_path / "secret.jpg"): "unsafe_path", "missing.jpg": "missing_file", "nul\u0000.jpg": "unsafe_path",
+    }
 
 
 def _grit_rows() -> list[dict]:
@@ -198,12 +200,12 @@ def test_hf_save_to_disk_and_parquet_layouts(tmp_path, ray_session):
     paths.mkdir()
     (paths / "pic.png").write_bytes(_png())
     (tmp_path / "secret.png").write_bytes(_png())
-    cells = [{"bytes": None, "path": p} for p in ("pic.png", "../secret.png", str(tmp_path / "secret.png"), "gone.png")]
-    pq.write_table(pa.table({"image": cells, "key": ["in", "up", "absolute", "gone"]}), paths / "train.parquet")
+    cells = [{"bytes": None, "path": p} for p in ("pic.png", "../secret.png", str(tmp_path / "secret.png"), "gone.png", "nul\u0000.png")]
+    pq.write_table(pa.table({"image": cells, "key": ["in", "up", "absolute", "gone", "nul"]}), paths / "train.parquet")
     by_path = tmp_path / "by-path-images"
     run_stage(ImportHfStage(paths, "images"), by_path, make_config())
     assert [r["key"] for r in read_rows(by_path)] == ["in"]
-    assert _reasons(by_path) == {"up": "unsafe_path", "absolute": "unsafe_path", "gone": "missing_file"}
+    assert _reasons(by_path) == {"up": "unsafe_path", "absolute": "unsafe_path", "gone": "missing_file", "nul": "missing_file"}
 
     hub = tmp_path / "hub" / "data"
     hub.mkdir(parents=True)

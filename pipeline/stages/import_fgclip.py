@@ -26,10 +26,11 @@ from pathlib import Path
 
 from pipeline.box_checks import check_box, shown
 from pipeline.config import Config
+from pipeline.errors import first_line
 from pipeline.export_fgclip import _find_phrase
 from pipeline.schemas import conform
 from pipeline.shards import lineage_entry, read_shard, shard_name
-from pipeline.sources import SourceItem
+from pipeline.sources import OutsideRoot, SourceItem, path_inside
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.stages.download import read_records
 from pipeline.stages.ingest import IngestStage
@@ -125,10 +126,14 @@ class FgclipImagesStage(IngestStage):
     def plan(self, config: Config) -> list[WorkUnit]:
         items = []
         for planned in plan_items(self.json_path):
-            target = (self.source / planned["key"]).resolve()
-            problem = planned["problem"]
-            if problem is None and not target.is_relative_to(self.source):  # "../x" or an absolute f_path
-                problem = ("unsafe_path", f"f_path {planned['key']!r} points outside {self.source}")
+            problem, target = planned["problem"], self.source / planned["key"]
+            if problem is None:
+                try:
+                    target = path_inside(self.source, planned["key"])
+                except OutsideRoot:  # "../x" or an absolute f_path
+                    problem = ("unsafe_path", f"f_path {planned['key']!r} points outside {self.source}")
+                except (OSError, ValueError, RuntimeError) as exc:  # a NUL, a name too long, a link loop
+                    problem = ("unsafe_path", f"f_path {shown(planned['key'])} cannot be resolved: {shown(first_line(exc))}")
             caption = planned["item"].get("short_caption")
             items.append(SourceItem(key=planned["key"], path=str(target), caption=caption if isinstance(caption, str) else None, problem=problem))
         return _units(items, config.ingest.rows_per_shard)

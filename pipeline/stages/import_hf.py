@@ -25,7 +25,7 @@ from pipeline.errors import FgdataError, first_line
 from pipeline.images import ImageRejected, inspect_image, normalised_bytes
 from pipeline.schemas import conform
 from pipeline.shards import shard_name
-from pipeline.sources import read_regular_file
+from pipeline.sources import OutsideRoot, path_inside, read_regular_file
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 from pipeline.text import clean_caption
 
@@ -107,12 +107,11 @@ class ImportHfStage(Stage):
         cell = next(record[c] for c in IMAGE_COLUMNS if c in record)
         data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
         if not data and path:
-            target = (self.source / path).resolve()
-            if not target.is_relative_to(self.source):  # an absolute path or ../: never read outside SOURCE
-                raise ImageRejected("unsafe_path", f"image path {path!r} points outside {self.source}")
             try:
-                data = read_regular_file(str(target))
-            except OSError as exc:
+                data = read_regular_file(str(path_inside(self.source, path)))
+            except OutsideRoot:  # an absolute path or ../: never read outside SOURCE
+                raise ImageRejected("unsafe_path", f"image path {path!r} points outside {self.source}") from None
+            except (OSError, ValueError, RuntimeError) as exc:  # missing, not a file, a NUL, a link loop
                 raise ImageRejected("missing_file", f"{path}: {first_line(exc)}") from None
         if not isinstance(data, bytes) or not data:
             raise ImageRejected("missing_image", "the row has no image bytes")
