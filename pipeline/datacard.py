@@ -11,12 +11,10 @@ do not record is written as unknown, never guessed.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 from pipeline.errors import FgdataError, first_line
-from pipeline.shards import MANIFEST_FILE, read_json
+from pipeline.shards import MANIFEST_FILE, read_json, write_text
 
 DATACARD_FILE = "DATACARD.md"
 # config keys that say how a model sampled (read from the stage's config section)
@@ -215,13 +213,11 @@ def write_datacard(out_dir: Path, manifest: dict) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    # named like every temporary file fgdata writes, so --overwrite knows a leftover one as its own
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """shards.write_text (a temporary file named as fgdata names them, so --overwrite knows a
+    leftover one as its own), into a folder that must exist; a failure is a one-line error."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text, make_parents=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FgdataError(f"cannot write {path}: {first_line(exc)}") from None
 
 

@@ -74,8 +74,9 @@ def finished_shards(out_dir: Path) -> set[str]:
     return set(shard_markers(out_dir))
 
 
-def _atomic_replace(final: Path, write) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_replace(final: Path, write, make_parents: bool = True) -> None:
+    if make_parents:
+        final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
@@ -86,6 +87,11 @@ def _atomic_replace(final: Path, write) -> None:
 
 def write_json(path: Path, payload: dict) -> None:
     _atomic_replace(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_text(path: Path, text: str, make_parents: bool = True) -> None:
+    """`text` into `path` whole or not at all (a temporary file renamed), UTF-8."""
+    _atomic_replace(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), make_parents)
 
 
 def read_json(path: Path) -> dict | None:
