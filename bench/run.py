@@ -50,21 +50,22 @@ from PIL import Image
 from ultralytics import YOLOWorld
 
 from pipeline.config import load_config
-from pipeline.runner import run_stage
-from pipeline.stages.ingest import IngestStage
+from pipeline.core.prompts import load_prompt
+from pipeline.core.schemas import conform
+from pipeline.core.shards import read_stats
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliScorer
+from pipeline.models.spacy_nlp import load_spacy
 from pipeline.models.text_lm import TransformersLM
 from pipeline.models.tiny import build_tiny_clip_text, build_tiny_llm, build_tiny_nli, build_tiny_vlm
-from pipeline.schemas import conform
-from pipeline.stages.negatives import NegativesStage, fill_prompt
-from pipeline.models.yolo_world import PhraseEmbeddingCache, YoloWorldDetector
-from pipeline.stages.ground import GroundStage
 from pipeline.models.transformers_vlm import TransformersVLM
-from pipeline.prompts import load_prompt
-from pipeline.shards import read_stats
-from pipeline.stages.phrases import PhrasesStage, load_pipeline
-from pipeline.stages.recaption import RecaptionStage, prepare_image
+from pipeline.models.yolo_world import PhraseEmbeddingCache, YoloWorldDetector
+from pipeline.runner import run_stage
+from pipeline.stages.fggrn.ground import GroundStage
+from pipeline.stages.fggrn.ingest import IngestStage
+from pipeline.stages.fggrn.negatives import NegativesStage, fill_prompt
+from pipeline.stages.fggrn.phrases import PhrasesStage
+from pipeline.stages.fggrn.recaption import RecaptionStage, prepare_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import synthetic_captions, synthetic_chains  # noqa: E402
@@ -112,7 +113,7 @@ def bench_phrases(workdir: Path, count: int, rows_per_shard: int) -> dict:
         chunk = captions[start : start + rows_per_shard]
         keys = [f"{start + i:08d}" for i in range(len(chunk))]
         pq.write_table(pa.table({"key": keys, "short_caption": chunk}), source / f"part-{shard:05d}.parquet")
-    nlp = load_pipeline(config.phrases.spacy_model)
+    nlp = load_spacy(config.phrases.spacy_model)
     batch = config.phrases.batch_size
     _, raw_seconds = timed(lambda: sum(1 for _ in nlp.pipe(captions, batch_size=batch)))
     cores = os.cpu_count() or 1
@@ -271,7 +272,7 @@ def bench_ground(workdir: Path, copies: int, batch_size: int) -> dict:
 def bench_negatives(workdir: Path, images: int, batch_size: int, max_new_tokens: int) -> dict:
     texts = [p.read_text() for p in SAMPLE.glob("*.txt")] * 10 + [load_prompt("hard_negatives.v1").text] * 10
     llm_dir, nli_dir = build_tiny_llm(workdir / "llm", texts), build_tiny_nli(workdir / "nli", texts)
-    nlp = load_pipeline("en_core_web_sm")
+    nlp = load_spacy("en_core_web_sm")
     captions = synthetic_captions(images, seed=3)
     rows = []
     for index, (caption, doc) in enumerate(zip(captions, nlp.pipe(captions))):
@@ -324,11 +325,11 @@ def bench_negatives(workdir: Path, images: int, batch_size: int, max_new_tokens:
 
 def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dict:
     from pipeline.config import DistillConfig
-    from pipeline.distill import TO_GENERAL, TO_SPECIFIC, distill, distillation_pairs
-    from pipeline.hierarchy import SEPARATOR
+    from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC
     from pipeline.models.tiny import build_tiny_t5
-    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
-    from pipeline.stages.hierarcaps_generate import HierarcapsGenerateStage
+    from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
+    from pipeline.train.distill import distill, distillation_pairs
 
     chains = synthetic_chains(600, seed=1)
     texts = [text for tiers in chains for pair in distillation_pairs(tiers) for text in pair]
@@ -403,9 +404,9 @@ def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dic
 
 
 def bench_train(workdir: Path, steps: int, batch_size: int) -> dict:
+    from pipeline.datasets.synthetic_world import write_world
+    from pipeline.models.clip_model import encode_text, image_and_patch_features
     from pipeline.models.tiny import build_tiny_clip
-    from pipeline.synthetic_world import write_world
-    from pipeline.train.clip_model import encode_text, image_and_patch_features
     from pipeline.train.losses import info_nce
     from pipeline.train.objectives import FgclipObjective
 

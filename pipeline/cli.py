@@ -12,8 +12,8 @@ import typer
 import yaml
 
 from pipeline.config import Config, load_config
+from pipeline.core.sources import FORMATS
 from pipeline.errors import FgdataError, StageFailed
-from pipeline.sources import FORMATS
 
 app = typer.Typer(
     help=(
@@ -126,7 +126,7 @@ def ingest(
     Corrupt, truncated, empty, oversized and non-image files go to OUT/_rejects/ with a reason.
     Shard size: --set ingest.rows_per_shard=N.
     """
-    from pipeline.stages.ingest import IngestStage
+    from pipeline.stages.fggrn.ingest import IngestStage
 
     _run_stage(IngestStage(source, source_format), out, config, set_, overwrite)
 
@@ -146,7 +146,7 @@ def download(
     rerunning the same command requests only the URLs that failed. Settings: download.timeout,
     download.threads, download.retries; shard size: ingest.rows_per_shard.
     """
-    from pipeline.stages.download import DownloadStage, reopen_failed_shards
+    from pipeline.stages.fggrn.download import DownloadStage, reopen_failed_shards
 
     with _user_errors():
         reopened = [] if overwrite else reopen_failed_shards(out)
@@ -170,7 +170,7 @@ def import_fgclip(
     Boxes, phrases (short_expr) and hard negatives (short_expr_negs) are kept; bad items go to
     OUT/_rejects/ with a reason. Without --images width and height are 0 (unknown).
     """
-    from pipeline.stages.import_fgclip import FgclipImagesStage, ImportFgclipStage
+    from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
 
     image_shards = None
     if images:
@@ -189,7 +189,7 @@ def import_grit(
     overwrite: OverwriteOption = False,
 ):
     """Read GRIT's grounded captions into region shards, keyed as `fgdata download` keys their images."""
-    from pipeline.stages.import_grit import ImportGritStage
+    from pipeline.stages.fggrn.import_grit import ImportGritStage
 
     _run_stage(ImportGritStage(parquet, expressions), out, config, set_, overwrite)
 
@@ -205,7 +205,7 @@ def import_hf(
     overwrite: OverwriteOption = False,
 ):
     """Read a Hugging Face dataset into image or caption shards; unusable rows go to OUT/_rejects/."""
-    from pipeline.stages.import_hf import ImportHfStage
+    from pipeline.stages.fggrn.import_hf import ImportHfStage
 
     _run_stage(ImportHfStage(source, kind, split), out, config, set_, overwrite)
 
@@ -224,7 +224,7 @@ def phrases(
     pronouns, abstract or scene-level nouns and number/date/place entities are dropped.
     Empty, over-long and non-English captions go to OUT/_rejects/ with a reason.
     """
-    from pipeline.stages.phrases import PhrasesStage
+    from pipeline.stages.fggrn.phrases import PhrasesStage
 
     _run_stage(PhrasesStage(inp), out, config, set_, overwrite)
 
@@ -248,7 +248,7 @@ def recaption(
     CPU tasks. Empty, cut-off, too short, repetitive or non-English captions are retried once with
     sampling, then go to OUT/_rejects/ with a reason, as do images the model cannot take.
     """
-    from pipeline.stages.recaption import RecaptionStage
+    from pipeline.stages.fggrn.recaption import RecaptionStage
 
     flags = [f"recaption.model={model}"] * bool(model) + [f"recaption.backend={backend}"] * bool(backend)
     _run_stage(RecaptionStage(images), out, config, [*flags, *(set_ or [])], overwrite)
@@ -277,7 +277,7 @@ def ground(
     ground.score_threshold, after NMS within a phrase and across near-identical boxes, within the
     area limits and caps; whole-image boxes are dropped. Images left with no region keep an empty list.
     """
-    from pipeline.stages.ground import GroundStage
+    from pipeline.stages.fggrn.ground import GroundStage
 
     flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
     flags += ["ground.trust_model_file=true"] * trust_model_file
@@ -302,7 +302,7 @@ def negatives(
     (negatives.nli_rule=contradiction, P >= negatives.min_contradiction; or not_entailed). Regions
     with fewer than negatives.min_valid negatives are flagged, not dropped.
     """
-    from pipeline.stages.negatives import NegativesStage
+    from pipeline.stages.fggrn.negatives import NegativesStage
 
     _run_stage(NegativesStage(regions), out, config, set_, overwrite)
 
@@ -331,7 +331,7 @@ def export_fgclip_command(
     flag_short_neg and short_expr_negs (the hard negatives keyed "0".."9"). An image with no box
     that has hard negatives is left out and counted. fgclip.json is the only .json file in OUT.
     """
-    from pipeline.export_fgclip import export_fgclip
+    from pipeline.datasets.fgclip_export import export_fgclip
 
     with _user_errors():
         summary = export_fgclip(
@@ -360,7 +360,7 @@ def hierarcaps_import(
     overwrite: OverwriteOption = False,
 ):
     """Read an official HierarCaps CSV into hierarcaps shards; malformed chains go to OUT/_rejects/."""
-    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+    from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
 
     _run_stage(HierarcapsImportStage(csv_path), out, config, set_, overwrite)
 
@@ -397,7 +397,7 @@ def hierarcaps_seed(
     vLLM). The LLM writes the three tiers above each caption; answers that do not parse into four
     distinct tiers of growing length go to OUT/_rejects/ with the reason and the answer.
     """
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
     _run_stage(HierarcapsSeedStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
@@ -416,7 +416,7 @@ def hierarcaps_augment(
 ):
     """Like seed, but each prompt shows hierarcaps.demonstrations chains drawn from DEMONSTRATIONS
     (a different draw per caption, never the caption's own chain), to grow and diversify the set."""
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
     _run_stage(HierarcapsSeedStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite)
@@ -439,7 +439,7 @@ def hierarcaps_distill(
     OUT/distill.json. Checkpoints (safetensors + optimizer state) every distill.save_every steps; a
     killed run resumes from the last one.
     """
-    from pipeline.distill import distill
+    from pipeline.train.distill import distill
 
     with _user_errors():
         settings = _setup(config, [*([f"distill.base_model={base}"] * bool(base)), *(set_ or [])])
@@ -465,7 +465,7 @@ def hierarcaps_generate(
 ):
     """Write a chain for every caption with the distilled model (beam search, hierarcaps.num_beams),
     and sample hierarcaps.negative_candidates siblings of every tier as candidate negatives."""
-    from pipeline.stages.hierarcaps_generate import HierarcapsGenerateStage
+    from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
 
     flags = [f"hierarcaps.generator={model}"] * bool(model) + _split_flags(split)
     _run_stage(HierarcapsGenerateStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
@@ -481,7 +481,7 @@ def hierarcaps_negatives(
 ):
     """Pick one negative per tier by NLI: not entailed by the tier's positive, and entailing the tier
     above (a sibling under the same parent). Items with a tier left without one go to OUT/_rejects/."""
-    from pipeline.stages.hierarcaps_negatives import HierarcapsNegativesStage
+    from pipeline.stages.hierarcaps.negatives import HierarcapsNegativesStage
 
     _run_stage(HierarcapsNegativesStage(dataset), out, config, set_, overwrite)
 
@@ -496,7 +496,7 @@ def hierarcaps_filter(
 ):
     """Keep chains whose every tier is entailed by the next (NLI, hierarcaps.nli_model); the rest go
     to OUT/_rejects/ with the failing tier and its score."""
-    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
 
     _run_stage(HierarcapsFilterStage(dataset), out, config, set_, overwrite)
 
@@ -509,7 +509,7 @@ def hierarcaps_export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
 ):
     """Write hierarcaps shards in an official CSV layout (tiers joined by ' => ')."""
-    from pipeline.hierarcaps_io import write_official_csv
+    from pipeline.datasets.hierarcaps_csv import write_official_csv
 
     with _user_errors():
         summary = write_official_csv(dataset, out, layout, overwrite=overwrite)
@@ -574,8 +574,8 @@ def evaluate(
     """Measure a CLIP on fine-grained and hierarchical understanding; prints a table and writes JSON."""
     from collections import Counter
 
-    from pipeline import evaluate as ev
-    from pipeline.shards import write_json
+    from pipeline.core.shards import write_json
+    from pipeline.eval import evaluate as ev
 
     with _user_errors():
         settings = _setup(config, set_)
@@ -621,7 +621,7 @@ def synthetic_world(
 ):
     """Write a synthetic world of coloured shapes with known boxes, captions, hard negatives and
     hierarchies: data to check that `fgdata train` learns before spending GPUs on real data."""
-    from pipeline.synthetic_world import write_world
+    from pipeline.datasets.synthetic_world import write_world
 
     with _user_errors():
         paths = write_world(out, count, seed=seed, side=side)
@@ -644,9 +644,9 @@ def tiny_model(
     It loads through the same path as a hub model (pass the directory as --model or in --set);
     what it produces is noise, and every row it produces is marked as coming from random weights.
     """
+    from pipeline.core.prompts import load_prompt
+    from pipeline.core.resources import resource_dir
     from pipeline.models import tiny
-    from pipeline.prompts import load_prompt
-    from pipeline.resources import resource_dir
 
     builders = {
         "vlm": tiny.build_tiny_vlm, "clip-text": tiny.build_tiny_clip_text, "owlv2": tiny.build_tiny_owlv2,
@@ -669,7 +669,7 @@ def info(
     top: Annotated[int, typer.Option(help="How many top phrases and heads to list.")] = 10,
 ):
     """Show what a dataset holds: shards, rows, rejects by reason, models, top phrases."""
-    from pipeline.report import describe_dataset
+    from pipeline.datasets.info import describe_dataset
 
     with _user_errors():
         typer.echo(describe_dataset(dataset, top=top))
@@ -686,7 +686,7 @@ def report(
 ):
     """Write one HTML page to look at a dataset: the funnel across its lineage, rejects by reason with
     examples, images with boxes drawn, negatives with NLI scores, histograms, HierarCaps chains."""
-    from pipeline.report_html import write_report
+    from pipeline.reports.html import write_report
 
     with _user_errors():
         if sample < 1 or gallery < 0:
@@ -708,7 +708,7 @@ def audit_sample(
     """Draw a stratified sample of candidate negatives (fggrn: by attribute kind and backend;
     hierarcaps: by tier) into one page: the image crop with its box, the positive and the candidate.
     Keys v / i / u judge valid / invalid / unsure; the verdicts download as JSON."""
-    from pipeline.audit import write_audit_page
+    from pipeline.reports.audit import write_audit_page
 
     with _user_errors():
         _check_out_file(out, overwrite)
@@ -724,7 +724,7 @@ def audit_score(
 ):
     """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
     dataset's manifest under "audit" (and in its data card)."""
-    from pipeline.audit import format_scores, score_audit
+    from pipeline.reports.audit import format_scores, score_audit
 
     with _user_errors():
         audit, dataset_dir = score_audit(verdicts, dataset)
@@ -752,8 +752,8 @@ def plan(
     measured throughput records (bench/results, your runs' manifests), saying what each figure rests on."""
     import json
 
-    from pipeline.plan import BENCH_RESULTS, format_plan, load_bench, load_runs
-    from pipeline.plan import plan as make_plan
+    from pipeline.reports.plan import BENCH_RESULTS, format_plan, load_bench, load_runs
+    from pipeline.reports.plan import plan as make_plan
 
     with _user_errors():
         settings = load_config(config, set_)

@@ -18,9 +18,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.config import Config, RunConfig
-from pipeline.datacard import write_datacard
-from pipeline.errors import FgdataError, StageFailed
-from pipeline.shards import (
+from pipeline.core.shards import (
     DONE_DIR,
     MANIFEST_FILE,
     STATS_DIR,
@@ -31,6 +29,8 @@ from pipeline.shards import (
     unit_fingerprint,
     write_json,
 )
+from pipeline.datasets.datacard import write_datacard
+from pipeline.errors import FgdataError, StageFailed
 from pipeline.stages.base import Stage, run_shard
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config, load_config
-from pipeline.shards import DONE_DIR, read_json, read_rejects, STATS_DIR
+from pipeline.core.shards import DONE_DIR, STATS_DIR, read_json, read_rejects
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))  # synthetic captions are shared with the benchmarks

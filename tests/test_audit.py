@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.audit import CSP, draw_sample, picture_uri, read_verdicts, render_audit_page, score_verdicts, wilson_interval
-from pipeline.datacard import DATACARD_FILE
-from pipeline.errors import FgdataError
-from pipeline.schemas import conform
-from pipeline.shards import MANIFEST_FILE, read_json, shard_name, write_json, write_shard
-
 from conftest import run_cli
+
+from pipeline.core.schemas import conform
+from pipeline.core.shards import MANIFEST_FILE, read_json, shard_name, write_json, write_shard
+from pipeline.datasets.datacard import DATACARD_FILE
+from pipeline.errors import FgdataError
+from pipeline.reports.audit import CSP, draw_sample, picture_uri, read_verdicts, render_audit_page, score_verdicts, wilson_interval
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(

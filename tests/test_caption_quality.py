@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.caption_quality import CaptionLimits, caption_problem, repeated_ngram
 from pipeline.config import RecaptionConfig, pick
+from pipeline.core.caption_quality import CaptionLimits, caption_problem, repeated_ngram
 
 LIMITS = pick(CaptionLimits, RecaptionConfig())
 GOOD = (

@@ -14,9 +14,9 @@ from collections import Counter
 
 import pytest
 
+from pipeline.datasets.chains import SEPARATOR, chain_shape_problem, complete_chain, parse_chain
+from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv
 from pipeline.errors import FgdataError
-from pipeline.hierarcaps_io import read_chains, read_official_csv
-from pipeline.hierarchy import SEPARATOR, chain_shape_problem, complete_chain, parse_chain
 
 # Chains in the style of the official files, each of which the old rule (no tier may have fewer
 # words than the one above it) rejected.
@@ -142,8 +142,8 @@ def test_no_usable_chain_names_the_reasons(tmp_path):
 
 def test_distill_report_records_the_dropped_chains(tmp_path):
     from pipeline.config import DistillConfig
-    from pipeline.distill import distill, distillation_pairs
     from pipeline.models.tiny import build_tiny_t5
+    from pipeline.train.distill import distill, distillation_pairs
 
     path = tmp_path / "hierarcaps_train.csv"
     rows = [f"{_csv_field(SEPARATOR.join(tiers))}," for tiers in REAL] + ["baked goods => cake,", "a => b => c,"]
@@ -160,6 +160,7 @@ def test_train_re_counts_and_says_how_many_chains_it_used_and_left_out(tmp_path,
     import logging
 
     from conftest import make_config
+
     from pipeline.models.tiny import build_tiny_clip
     from pipeline.train.objectives import RadialObjective
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
+from conftest import SAMPLE_IMAGES, assert_dataset_invariants, run_cli, write_caption_shard
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_IMAGES, assert_dataset_invariants, run_cli, write_caption_shard
 from pipeline.cli import app
 
 runner = CliRunner()

@@ -12,11 +12,10 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import FGDATA, assert_dataset_invariants, write_caption_shard
-from pipeline.shards import DONE_DIR, finished_shards, read_json
 from synthetic import synthetic_captions
 
+from pipeline.core.shards import DONE_DIR, finished_shards, read_json
 
 SHARDS, ROWS_PER_SHARD = 40, 40
 RUN_TIMEOUT = 300  # seconds for the whole CLI run, kill and retries included

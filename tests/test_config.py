@@ -141,9 +141,9 @@ def test_a_config_that_is_no_yaml_text_file_is_a_one_line_error(tmp_path, name, 
 
 
 def test_the_cli_refuses_a_bad_setting_before_any_work(tmp_path):
+    from conftest import SAMPLE_IMAGES
     from typer.testing import CliRunner
 
-    from conftest import SAMPLE_IMAGES
     from pipeline.cli import app
 
     result = CliRunner().invoke(app, ["ingest", str(SAMPLE_IMAGES), str(tmp_path / "out"), "--set", "ingest.rows_per_shard=-1"])
@@ -154,8 +154,9 @@ def test_the_cli_refuses_a_bad_setting_before_any_work(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever(tmp_path):
     from conftest import SAMPLE_IMAGES, make_config
+
     from pipeline.runner import run_stage
-    from pipeline.stages.ingest import IngestStage
+    from pipeline.stages.fggrn.ingest import IngestStage
 
     out = tmp_path / "out"
     with pytest.raises(FgdataError, match="run.cpus_per_task=64 is more than the largest Ray node's 2 CPUs"):

@@ -3,20 +3,17 @@ from what the lineage records (unknown stays unknown), safe against hostile ids.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-
-from pipeline.datacard import DATACARD_FILE, render_datacard, walk_lineage
-from pipeline.errors import FgdataError
-from pipeline.export_fgclip import RECORD_FILE, export_fgclip
-from pipeline.hierarcaps_io import write_official_csv
-from pipeline.shards import MANIFEST_FILE, read_json, remove_owned_output, write_json
-from pipeline.synthetic_world import write_world
-
 from conftest import SAMPLE_IMAGES, make_config
+
+from pipeline.core.shards import MANIFEST_FILE, read_json, remove_owned_output, write_json
+from pipeline.datasets.datacard import DATACARD_FILE, render_datacard, walk_lineage
+from pipeline.datasets.fgclip_export import RECORD_FILE, export_fgclip
+from pipeline.datasets.hierarcaps_csv import write_official_csv
+from pipeline.datasets.synthetic_world import write_world
+from pipeline.errors import FgdataError
 
 
 def _manifest(**fields) -> dict:
@@ -98,7 +95,7 @@ def test_a_loop_or_damaged_ancestor_still_gives_a_card(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_every_stage_writes_a_card_next_to_its_manifest(tmp_path):
     from pipeline.runner import run_stage
-    from pipeline.stages.ingest import IngestStage
+    from pipeline.stages.fggrn.ingest import IngestStage
 
     out = tmp_path / "images"
     run_stage(IngestStage(SAMPLE_IMAGES), out, make_config("ingest.rows_per_shard=8"))

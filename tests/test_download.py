@@ -13,12 +13,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_dataset_invariants, image_bytes, make_config, read_rows
+
+from pipeline.core.shards import read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
-from pipeline.shards import read_json, read_rejects
-from pipeline.stages.download import DownloadStage, network_reason, plan_url_records, reopen_failed_shards
+from pipeline.stages.fggrn.download import DownloadStage, network_reason, plan_url_records, reopen_failed_shards
 
 GOOD = image_bytes((64, 48))
 

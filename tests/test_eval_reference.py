@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-from pipeline.evaluate import coco_id_in_url, coco_id_of_file, fgovd_accuracy, hierarcaps_items, hierarchy_metrics, parse_fgovd_record
 from pipeline.errors import FgdataError
+from pipeline.eval.evaluate import coco_id_in_url, coco_id_of_file, fgovd_accuracy, hierarcaps_items, hierarchy_metrics, parse_fgovd_record
 
 # ---------------------------------------------------------------- a geometry worked out by hand
 # Every text gets its own axis k; its embedding is cos(t) on axis 0 (the root, the empty text's

@@ -18,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import run_cli
-from pipeline.box_checks import BOX_REASONS, check_box
-from pipeline.evaluate import Encoder, FgovdRecord, fgovd_items, hierarcaps_items, hierarchy_metrics, image_in_root, parse_fgovd_record
-from pipeline.synthetic_world import COLOURS, SHAPES, SIZES, PATTERNS, write_world
+from pipeline.core.box_checks import BOX_REASONS, check_box
+from pipeline.datasets.synthetic_world import COLOURS, PATTERNS, SHAPES, SIZES, write_world
+from pipeline.eval.evaluate import Encoder, FgovdRecord, fgovd_items, hierarcaps_items, hierarchy_metrics, image_in_root, parse_fgovd_record
 
 TRAIN_FAST = ["fgclip.num_workers=0", "fgclip.batch_size=4", "fgclip.max_steps=2", "fgclip.warmup_steps=1", "fgclip.shuffle_buffer=8", "run.progress=false"]
 RECORD_REASONS = {"not_utf8", "not_json", "missing_field", "bad_img_path", "bad_bbox", "bad_positive", "bad_negatives", "box_not_finite"}
@@ -53,7 +54,7 @@ def test_a_box_is_clamped_inside_the_image_or_rejected_with_a_reason_never_an_er
 def test_only_boxes_roi_align_pools_to_finite_features_pass(box):
     """What the check lets through, RoIAlign (the call that segfaults on NaN) pools to finite,
     non-zero features; NaN and inf never get through."""
-    from pipeline.train.clip_model import box_features
+    from pipeline.models.clip_model import box_features
 
     clean, problem = check_box(box)
     if any(math.isnan(v) or math.isinf(v) for v in box):
@@ -294,7 +295,7 @@ def test_a_stream_with_nothing_to_yield_ends_instead_of_spinning(tmp_path):
     strangers.mkdir()
     pq.write_table(pa.table({"key": ["nobody"], "image": [b""]}), strangers / "part-00000.parquet")
     script = (
-        "from pathlib import Path; from pipeline.config import load_config; from pipeline.train.data import FgclipStream\n"
+        "from pathlib import Path; from pipeline.config import load_config; from pipeline.datasets.fggrn_rows import FgclipStream\n"
         f"pairs = [(Path({str(paths['fggrn'] / 'part-00000.parquet')!r}), Path({str(strangers / 'part-00000.parquet')!r}))]\n"
         "print(len(list(FgclipStream(pairs, load_config(None, []).fgclip, [0, 0, 0], [1, 1, 1]))))\n"
     )
@@ -351,7 +352,7 @@ def test_eval_hierarcaps_scores_only_well_shaped_chains(tmp_path, tiny_clip):
 
 def test_eval_fggrn_with_no_usable_row_is_one_line_not_an_empty_tensor_crash(tmp_path):
     from pipeline.errors import FgdataError
-    from pipeline.evaluate import fggrn_items
+    from pipeline.eval.evaluate import fggrn_items
 
     paths = write_world(tmp_path / "w", 4, seed=7)
     strangers = tmp_path / "strangers"

@@ -24,9 +24,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.datasets.fgclip_export import LONG_EXPR_MAX_WORDS, export_fgclip, long_expression, region_description
+from pipeline.datasets.synthetic_world import hard_negatives, write_world
 from pipeline.errors import FgdataError
-from pipeline.export_fgclip import LONG_EXPR_MAX_WORDS, export_fgclip, long_expression, region_description
-from pipeline.synthetic_world import hard_negatives, write_world
 
 runner = CliRunner()
 MAX_ANNS = 4  # train_fgclip.py: self.max_anns

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.export_fgclip import image_file_name
-from pipeline.synthetic_world import write_world
+from pipeline.datasets.fgclip_export import image_file_name
+from pipeline.datasets.synthetic_world import write_world
 
 runner = CliRunner()
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import FgclipTrainConfig
-from pipeline.train.clip_model import (
+from pipeline.datasets.fggrn_rows import collate_fgclip, fgclip_rows, pixels, region_long_text, region_texts
+from pipeline.models.clip_model import (
     LONG_PROJECTION,
     box_features,
     encode_text,
@@ -23,7 +24,6 @@ from pipeline.train.clip_model import (
     short_positions,
     text_tokens,
 )
-from pipeline.train.data import collate_fgclip, fgclip_rows, pixels, region_long_text, region_texts
 from pipeline.train.objectives import FgclipModule, FgclipObjective
 
 OPENAI_LOGIT_SCALE = 4.6052  # what openai/clip-vit-base-patch16 stores: above ln 100 = 4.60517 in fp32
@@ -176,7 +176,7 @@ def test_tokens_cut_at_248_for_long_and_77_for_short_texts(clip_dir):
 # ---------------------------------------------------------------- long-caption projection (fgclip.py:69, 124-126, 227-230, 358-360)
 
 def test_long_captions_have_their_own_projection_copied_from_text_projection_and_kept_on_save(clip_dir, tmp_path):
-    from pipeline.evaluate import Encoder
+    from pipeline.eval.evaluate import Encoder
 
     parts = load_clip(str(clip_dir))
     model, tokenizer = parts.model.eval(), parts.tokenizer
@@ -329,8 +329,8 @@ def test_grad_cache_in_the_loop_trains_like_the_plain_loop(tmp_path):
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
+    from pipeline.datasets.synthetic_world import write_world
     from pipeline.models.tiny import build_tiny_clip
-    from pipeline.synthetic_world import write_world
     from pipeline.train.loop import train
 
     world = write_world(tmp_path / "world", 12, seed=0)
@@ -373,8 +373,8 @@ def test_long_expression_comes_from_the_export_rule_or_falls_back_to_the_phrase(
 def test_rows_keep_the_first_max_boxes_and_their_long_expressions(tmp_path):
     """FG-CLIP's loader keeps an item's first 4 boxes (train_fgclip.py:184, 223; the default is
     pinned above); the synthetic world has 2 at most, so the cut is shown at 1."""
-    from pipeline.synthetic_world import write_world
-    from pipeline.train.data import fgclip_sources
+    from pipeline.datasets.fggrn_rows import fgclip_sources
+    from pipeline.datasets.synthetic_world import write_world
 
     world = write_world(tmp_path / "world", 30, seed=0)
     rows = list(fgclip_rows(fgclip_sources([world["fggrn"]], None), max_boxes=1, with_images=False))

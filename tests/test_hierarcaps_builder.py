@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows, run_cli
 from synthetic import is_valid_child, synthetic_chains
+
 from pipeline.config import DistillConfig
-from pipeline.distill import TO_GENERAL, TO_SPECIFIC, distill, distillation_pairs, held_out
-from pipeline.hierarchy import SEPARATOR, complete_chain
+from pipeline.core.schemas import conform
+from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC, complete_chain
 from pipeline.models.seq2seq import Seq2SeqGenerator
 from pipeline.runner import run_stage
-from pipeline.schemas import conform
-from pipeline.stages.hierarcaps_negatives import choose_negatives, negative_pairs
+from pipeline.stages.hierarcaps.negatives import choose_negatives, negative_pairs
+from pipeline.train.distill import distill, distillation_pairs, held_out
 
 EVAL_FRACTION = 0.15
 
@@ -107,7 +107,7 @@ def test_distill_killed_after_a_checkpoint_resumes_to_the_same_weights(world, tm
 
 @pytest.mark.usefixtures("ray_session")
 def test_generate_writes_chains_and_sibling_candidates(world, tmp_path):
-    from pipeline.stages.hierarcaps_generate import HierarcapsGenerateStage
+    from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join([tiers[-1] for tiers in world["held_out"][:30]] + ["   "]) + "\n")
@@ -154,7 +154,7 @@ def score(entailment: float, contradiction: float = 0.0) -> dict:
 
 
 def test_sampled_candidates_keep_distinct_siblings_only():
-    from pipeline.stages.hierarcaps_generate import sibling_candidates
+    from pipeline.stages.hierarcaps.generate import sibling_candidates
 
     tiers = ["vehicle", "motorcycle"]
     sampled = [["Vehicle", "animal", "animal ", "building"], ["car", "motorcycle", "", "car car car car", "bus"]]
@@ -190,10 +190,10 @@ def test_negative_choice_needs_a_sibling_under_the_same_parent():
 
 @pytest.mark.usefixtures("ray_session")
 def test_negatives_stage_and_export_round_trip(world, tmp_path):
-    from pipeline.hierarcaps_io import write_official_csv
+    from pipeline.datasets.hierarcaps_csv import write_official_csv
     from pipeline.models.tiny import build_tiny_nli
-    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
-    from pipeline.stages.hierarcaps_negatives import HierarcapsNegativesStage
+    from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
+    from pipeline.stages.hierarcaps.negatives import HierarcapsNegativesStage
 
     nli = build_tiny_nli(tmp_path / "nli", [" ".join(tiers) for tiers in world["chains"]])
     chains = world["chains"][:12]
@@ -237,8 +237,8 @@ FAKE_ANSWERS = {  # what the FAKE vLLM answers, by caption
 
 def test_seed_parses_or_rejects_every_llm_answer_through_the_vllm_adapter(tiny_llm, tmp_path, monkeypatch):
     """The FAKE vLLM (tests/fakes) answers per caption; the real adapter and stage do the rest."""
-    from pipeline.caption_sources import caption_units
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.caption_inputs import caption_units
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes"))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
@@ -263,7 +263,7 @@ def test_seed_parses_or_rejects_every_llm_answer_through_the_vllm_adapter(tiny_l
 
 
 def test_augment_prompts_show_validated_chains_never_the_captions_own(tiny_llm, tmp_path):
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage, draw_demonstrations
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage, draw_demonstrations
 
     chains = synthetic_chains(40, seed=3)
     demos = write_chains(tmp_path / "validated", chains)
@@ -284,7 +284,7 @@ def test_augment_prompts_show_validated_chains_never_the_captions_own(tiny_llm, 
 
 @pytest.mark.usefixtures("ray_session")
 def test_seed_with_a_random_llm_runs_end_to_end_and_rejects_its_noise(tiny_llm, tmp_path):
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     captions = [p.read_text().strip() for p in sorted(SAMPLE_IMAGES.glob("*.txt"))] * 3
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")

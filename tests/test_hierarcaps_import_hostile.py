@@ -15,14 +15,14 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_dataset_invariants, read_rows, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_dataset_invariants, read_rows, run_cli
+from pipeline.core.schemas import conform
+from pipeline.core.shards import read_rejects
+from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv, write_official_csv
 from pipeline.errors import FgdataError
-from pipeline.hierarcaps_io import read_chains, read_official_csv, write_official_csv
-from pipeline.schemas import conform
-from pipeline.shards import read_rejects
 
 GOOD = "animal => dog => dog on a sofa => a brown dog sleeping on a sofa"
 URL = "http://images.cocodataset.org/val2014/COCO_val2014_000000000139.jpg"

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from pipeline.hierarchy import chain_nli_problem, chain_shape_problem, entailment_pairs, parse_chain
+from pipeline.datasets.chains import chain_nli_problem, chain_shape_problem, entailment_pairs, parse_chain
 
 GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky island"]
 
@@ -87,10 +87,11 @@ TEST_CSV = (
 @pytest.mark.parametrize("layout, text", [("train", TRAIN_CSV), ("test", TEST_CSV)])
 def test_official_layouts_round_trip(layout, text, tmp_path):
     from conftest import assert_dataset_invariants, make_config, read_rows
-    from pipeline.hierarcaps_io import write_official_csv
+
+    from pipeline.core.shards import read_rejects
+    from pipeline.datasets.hierarcaps_csv import write_official_csv
     from pipeline.runner import run_stage
-    from pipeline.shards import read_rejects
-    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+    from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
 
     source = tmp_path / f"{layout}.csv"
     source.write_text(text)
@@ -112,8 +113,8 @@ def test_official_layouts_round_trip(layout, text, tmp_path):
 
 
 def test_unknown_csv_layout_is_a_clear_error(tmp_path):
+    from pipeline.datasets.hierarcaps_csv import read_official_csv
     from pipeline.errors import FgdataError
-    from pipeline.hierarcaps_io import read_official_csv
 
     bad = tmp_path / "x.csv"
     bad.write_text("caption,url\na,b\n")
@@ -124,11 +125,12 @@ def test_unknown_csv_layout_is_a_clear_error(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_nli_filter_stage_keeps_or_rejects_whole_chains(tmp_path):
     from conftest import SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows
+
+    from pipeline.core.shards import read_rejects
     from pipeline.models.tiny import build_tiny_nli
     from pipeline.runner import run_stage
-    from pipeline.shards import read_rejects
-    from pipeline.stages.hierarcaps_filter import HierarcapsFilterStage
-    from pipeline.stages.hierarcaps_import import HierarcapsImportStage
+    from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
 
     nli = build_tiny_nli(tmp_path / "nli", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
     (tmp_path / "test.csv").write_text(TEST_CSV)

@@ -6,14 +6,14 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import image_bytes, make_config
 from PIL import Image
 
-from conftest import image_bytes, make_config
-from pipeline.images import BACKGROUND, decode_rgb, inspect_image, to_rgb
-from pipeline.schemas import conform
+from pipeline.core.images import BACKGROUND, decode_rgb, inspect_image, to_rgb
+from pipeline.core.schemas import conform
 from pipeline.stages.base import WorkUnit
-from pipeline.stages.ground import GroundStage
-from pipeline.stages.ingest import IngestStage
+from pipeline.stages.fggrn.ground import GroundStage
+from pipeline.stages.fggrn.ingest import IngestStage
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 LIMITS = dict(min_side=8, max_pixels=100_000_000, formats=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
@@ -149,7 +149,7 @@ def test_to_rgb_is_idempotent_and_leaves_plain_rgb_alone():
 
 
 def test_a_mode_that_does_not_convert_is_a_reason_not_a_crash():
-    from pipeline.images import ImageRejected
+    from pipeline.core.images import ImageRejected
 
     with pytest.raises(ImageRejected) as rejected:
         to_rgb(Image.new("La", (8, 8)))
@@ -235,7 +235,7 @@ def test_ground_hands_the_detector_upright_8_bit_flattened_images(tmp_path):
 
 
 def test_the_trainer_sees_the_same_pixels():
-    from pipeline.train.data import pixels
+    from pipeline.datasets.fggrn_rows import pixels
 
     data, values = gradient_16_bit()
     tensor = pixels(data, 32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

@@ -2,9 +2,9 @@ import struct
 import zlib
 
 import pytest
-
 from conftest import SAMPLE_IMAGES, image_bytes
-from pipeline.images import ImageRejected, inspect_image
+
+from pipeline.core.images import ImageRejected, inspect_image
 
 LIMITS = dict(min_side=8, max_pixels=100_000_000, formats=["JPEG", "PNG", "WEBP", "GIF"])
 
@@ -63,7 +63,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from pipeline.images import decode_rgb, normalised_bytes, to_rgb  # noqa: E402
+from pipeline.core.images import decode_rgb, normalised_bytes, to_rgb  # noqa: E402
 
 # What the old checks caught; anything else escaped and failed the whole shard.
 OLD_CAUGHT = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)

@@ -11,17 +11,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_dataset_invariants, image_bytes, make_config, read_rows
 from PIL import Image
 
-from conftest import assert_dataset_invariants, image_bytes, make_config, read_rows
+from pipeline.core.shards import find_ancestor, read_rejects
+from pipeline.datasets.fgclip_export import export_fgclip, image_file_name
+from pipeline.datasets.synthetic_world import write_world
 from pipeline.errors import FgdataError
-from pipeline.export_fgclip import export_fgclip, image_file_name
 from pipeline.runner import run_stage
-from pipeline.shards import find_ancestor, read_rejects
-from pipeline.stages.import_fgclip import FgclipImagesStage, ImportFgclipStage
-from pipeline.stages.import_grit import ImportGritStage
-from pipeline.stages.import_hf import ImportHfStage
-from pipeline.synthetic_world import write_world
+from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
+from pipeline.stages.fggrn.import_grit import ImportGritStage
+from pipeline.stages.fggrn.import_hf import ImportHfStage
 
 CONFIG = ("ingest.rows_per_shard=4",)
 
@@ -163,7 +163,7 @@ def test_grit_import_round_trips_spans_and_boxes(tmp_path, ray_session):
 
 
 def test_grit_keys_join_download_keys(tmp_path):
-    from pipeline.stages.download import plan_url_records
+    from pipeline.stages.fggrn.download import plan_url_records
 
     path = tmp_path / "grit.parquet"
     pq.write_table(pa.Table.from_pylist(_grit_rows()), path)

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SAMPLE_IMAGES, assert_dataset_invariants, image_bytes, make_config, read_rows
+from test_images import png_with_header_size
+
+from pipeline.core.shards import read_json, read_rejects
+from pipeline.core.sources import MAX_SIDECAR_BYTES
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
-from pipeline.shards import read_json, read_rejects
-from pipeline.sources import MAX_SIDECAR_BYTES
-from pipeline.stages.ingest import IngestStage
-from test_images import png_with_header_size
+from pipeline.stages.fggrn.ingest import IngestStage
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

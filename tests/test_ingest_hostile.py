@@ -13,11 +13,11 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import run_cli
-from pipeline.shards import read_rejects
+from PIL import Image
 from test_images import png_with_header_size
+
+from pipeline.core.shards import read_rejects
 
 pytestmark = pytest.mark.slow
 

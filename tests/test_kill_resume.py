@@ -7,12 +7,12 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import FGDATA, assert_dataset_invariants, make_config, read_rows, write_caption_shard
-from pipeline.runner import run_stage
-from pipeline.shards import finished_shards, read_json, read_rejects
-from pipeline.stages.phrases import PhrasesStage
 from synthetic import synthetic_captions
+
+from pipeline.core.shards import finished_shards, read_json, read_rejects
+from pipeline.runner import run_stage
+from pipeline.stages.fggrn.phrases import PhrasesStage
 
 pytestmark = pytest.mark.slow
 
@@ -109,9 +109,10 @@ def test_killed_model_actor_restarts_and_captions_match(tmp_path, ray_session):
     """SIGKILL the recaption model actor mid-shard: Ray restarts it, reloads the model, retries
     the shard, and greedy decoding gives exactly the captions of an uninterrupted run."""
     from conftest import SAMPLE_IMAGES
+
     from pipeline.models.tiny import build_tiny_vlm
-    from pipeline.stages.ingest import IngestStage
-    from pipeline.stages.recaption import RecaptionStage
+    from pipeline.stages.fggrn.ingest import IngestStage
+    from pipeline.stages.fggrn.recaption import RecaptionStage
 
     model_dir = build_tiny_vlm(tmp_path / "tiny-vlm", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
     images = tmp_path / "images"

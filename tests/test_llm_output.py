@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from pipeline.llm_output import parse_negatives
-from pipeline.negative_checks import structure_problem
+from pipeline.core.llm_output import parse_negatives
+from pipeline.stages.fggrn.negative_checks import structure_problem
 
 GOOD = '[{"negative": "a blue cup", "attribute": "colour"}, {"negative": "a red mug", "attribute": "object"}]'
 EXPECTED_GOOD = [("a blue cup", "colour"), ("a red mug", "object")]

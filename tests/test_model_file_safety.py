@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import SAMPLE_IMAGES
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_IMAGES
-from pipeline.checkpoints import latest_checkpoint, load_state, save_checkpoint
 from pipeline.errors import FgdataError
 from pipeline.models.yolo_world import YoloWorldDetector, architecture_problem, bundled_architecture, vet_detector
+from pipeline.train.checkpoints import latest_checkpoint, load_state, save_checkpoint
 
 
 class WritesMarker:
@@ -218,10 +218,10 @@ def hostile_hf_folders(tmp_path_factory):
 
 
 def hf_loaders():
+    from pipeline.models.clip_model import load_clip
     from pipeline.models.nli import NliScorer
     from pipeline.models.reference import check_model_reference
     from pipeline.models.seq2seq import load_seq2seq
-    from pipeline.train.clip_model import load_clip
 
     return {
         "check_model_reference": lambda p: check_model_reference(p, revision=None, trust_remote_code=False),
@@ -320,10 +320,10 @@ def test_distill_resumes_from_its_own_checkpoint_and_refuses_a_poisoned_one(tmp_
     import pyarrow.parquet as pq
     from synthetic import synthetic_chains  # bench/, on the path through conftest
 
-    import pipeline.distill as distill_module
+    import pipeline.train.distill as distill_module
     from pipeline.config import DistillConfig
+    from pipeline.core.schemas import conform
     from pipeline.models.tiny import build_tiny_t5
-    from pipeline.schemas import conform
 
     chains = synthetic_chains(40, seed=2)
     data = tmp_path / "chains"

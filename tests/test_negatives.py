@@ -2,18 +2,18 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SAMPLE_IMAGES, assert_dataset_invariants, make_config, read_rows
-from pipeline.attribute_swap import LEXICONS, attribute_swaps
+
+from pipeline.core.schemas import conform
+from pipeline.core.shards import read_json
 from pipeline.errors import FgdataError
 from pipeline.models.nli import NliScorer
+from pipeline.models.spacy_nlp import load_spacy
 from pipeline.models.tiny import build_tiny_nli
-from pipeline.negative_checks import structure_problem, words
 from pipeline.runner import run_stage
-from pipeline.schemas import conform
-from pipeline.shards import read_json
-from pipeline.stages.negatives import NegativesStage
-from pipeline.stages.phrases import load_pipeline
+from pipeline.stages.fggrn.attribute_swap import LEXICONS, attribute_swaps
+from pipeline.stages.fggrn.negative_checks import structure_problem, words
+from pipeline.stages.fggrn.negatives import NegativesStage
 
 SWAPPABLE = [
     ("a red cup", "cup"), ("a blue car", "car"), ("two small dogs", "dog"), ("a wooden table", "table"),
@@ -43,7 +43,7 @@ def head_index(doc, head):
 
 def test_rule_based_swaps_change_exactly_one_attribute_of_fifty_phrases():
     assert len(SWAPPABLE) + len(NOT_SWAPPABLE) >= 50
-    nlp = load_pipeline("en_core_web_sm")
+    nlp = load_spacy("en_core_web_sm")
     for phrase, head in SWAPPABLE:
         doc = nlp(phrase)
         swaps = attribute_swaps(doc, head_index(doc, head), limit=10, seed=0)
@@ -64,14 +64,14 @@ def test_rule_based_swaps_change_exactly_one_attribute_of_fifty_phrases():
 
 
 def test_articles_agree_with_the_new_word():
-    nlp = load_pipeline("en_core_web_sm")
+    nlp = load_spacy("en_core_web_sm")
     texts = {swap.text for swap in attribute_swaps(nlp("an old fisherman"), 2, limit=10, seed=0)}
     assert "a young fisherman" in texts and not any(t.startswith("an young") for t in texts)
     assert {swap.text for swap in attribute_swaps(nlp("a young fisherman"), 2, limit=10, seed=0)} == {"an old fisherman"}
 
 
 def swap_texts(phrase: str, head: str, limit: int = 40) -> list[str]:
-    doc = load_pipeline("en_core_web_sm")(phrase)
+    doc = load_spacy("en_core_web_sm")(phrase)
     return [swap.text for swap in attribute_swaps(doc, head_index(doc, head), limit=limit, seed=0)]
 
 
@@ -238,7 +238,8 @@ def test_bad_negatives_settings_stop_before_any_work(tiny_nli, regions_dir, tmp_
 @pytest.mark.usefixtures("ray_session")
 def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     from conftest import image_bytes
-    from pipeline.export_fgclip import export_fgclip, region_description
+
+    from pipeline.datasets.fgclip_export import export_fgclip, region_description
 
     fggrn = tmp_path / "fggrn"
     run_stage(NegativesStage(regions_dir), fggrn, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.min_valid=1", "negatives.min_contradiction=0"))
@@ -298,8 +299,8 @@ def test_llm_backend_end_to_end_with_a_random_model(tiny_nli, tiny_llm, regions_
 
 
 def test_prompts_are_filled_without_format_and_share_their_prefix():
-    from pipeline.prompts import load_prompt
-    from pipeline.stages.negatives import fill_prompt
+    from pipeline.core.prompts import load_prompt
+    from pipeline.stages.fggrn.negatives import fill_prompt
 
     template = load_prompt("hard_negatives.v1").text
     first = fill_prompt(template, 10, "A red cup on a table.", "A red cup")
@@ -315,7 +316,7 @@ def test_vllm_text_adapter_asks_for_structured_json(tiny_llm, monkeypatch):
     from pathlib import Path
 
     from pipeline.models.generation import Sampling
-    from pipeline.stages.negatives import answer_schema
+    from pipeline.stages.fggrn.negatives import answer_schema
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes"))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
@@ -338,9 +339,9 @@ def test_vllm_text_adapter_asks_for_structured_json(tiny_llm, monkeypatch):
 @pytest.mark.usefixtures("ray_session")
 def test_demo_sample_from_images_to_fggrn_and_resume(tiny_nli, tmp_path):
     from pipeline.models.tiny import build_tiny_clip_text
-    from pipeline.stages.ground import GroundStage
-    from pipeline.stages.ingest import IngestStage
-    from pipeline.stages.phrases import PhrasesStage
+    from pipeline.stages.fggrn.ground import GroundStage
+    from pipeline.stages.fggrn.ingest import IngestStage
+    from pipeline.stages.fggrn.phrases import PhrasesStage
 
     clip = build_tiny_clip_text(tmp_path / "clip", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
     run_stage(IngestStage(SAMPLE_IMAGES), tmp_path / "images", make_config("ingest.rows_per_shard=8"))

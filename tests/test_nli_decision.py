@@ -6,19 +6,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SAMPLE_IMAGES, make_config
+
+from pipeline.core.schemas import conform
 from pipeline.errors import FgdataError
 from pipeline.models import embedding
 from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
 from pipeline.models.generation import Generation
 from pipeline.models.nli import NliDecision, NliScorer, best_threshold, calibrate_contradiction
 from pipeline.models.tiny import build_tiny_nli
-from pipeline.negative_checks import meaning_problem, replaced_spans
-from pipeline.schemas import conform
 from pipeline.stages.base import WorkUnit
-from pipeline.stages.hierarcaps_negatives import HierarcapsNegativesStage, choose_negatives, negative_pairs
-from pipeline.stages.negatives import NegativeModels, NegativesStage
+from pipeline.stages.fggrn.negative_checks import meaning_problem, replaced_spans
+from pipeline.stages.fggrn.negatives import NegativeModels, NegativesStage
+from pipeline.stages.hierarcaps.negatives import HierarcapsNegativesStage, choose_negatives, negative_pairs
 
 DATA = Path(__file__).parent / "data"
 NEUTRAL = {"contradiction": 0.05, "entailment": 0.15, "neutral": 0.80}  # "a bright jacket" for "a blue jacket"
@@ -161,11 +161,11 @@ def embedder():
 
 
 def run_negatives(embedder, *overrides):
-    from pipeline.stages.phrases import load_pipeline
+    from pipeline.models.spacy_nlp import load_spacy
 
     config = make_config("negatives.per_region=5", "negatives.min_valid=1", *overrides)
     nli = FixedNli(SCORES)
-    model = NegativeModels(nli=nli, nlp=load_pipeline(config.negatives.spacy_model), llm=FixedLlm(ANSWERS), embedder=embedder)
+    model = NegativeModels(nli=nli, nlp=load_spacy(config.negatives.spacy_model), llm=FixedLlm(ANSWERS), embedder=embedder)
     result = NegativesStage(Path(".")).process(WorkUnit("part-00000.parquet", {}), config, model, [region_rows()])
     (row,) = result.table.to_pylist()
     return row, {r["phrase"]: r for r in row["regions"]}, result.counters, nli

@@ -18,8 +18,8 @@ from pipeline.train.optim import exempt_names, lr_factor, parameter_groups
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    from pipeline.datasets.synthetic_world import COLOURS, SHAPES, write_world
     from pipeline.models.tiny import build_tiny_clip, build_tiny_t5
-    from pipeline.synthetic_world import COLOURS, SHAPES, write_world
 
     root = tmp_path_factory.mktemp("opt")
     vocabulary = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 5 + ["a photo of shape animal plant vehicle person"] * 5
@@ -80,7 +80,7 @@ def test_distill_decays_as_the_transformers_trainer(tiny, monkeypatch):
     from transformers import T5ForConditionalGeneration, Trainer
 
     from pipeline.config import DistillConfig
-    from pipeline.distill import distill
+    from pipeline.train.distill import distill
 
     model = T5ForConditionalGeneration.from_pretrained(tiny["t5"])
     reference = set(Trainer.get_decay_parameter_names(None, model))  # its self is not used

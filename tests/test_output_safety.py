@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_dataset_invariants, image_bytes, make_config, run_cli, write_caption_shard
+
+from pipeline.core.shards import DONE_DIR, RUN_FILE, STATS_DIR, claim_output, shard_markers
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
-from pipeline.shards import DONE_DIR, RUN_FILE, STATS_DIR, claim_output, shard_markers
-from pipeline.stages.ingest import IngestStage
-from pipeline.stages.phrases import PhrasesStage
+from pipeline.stages.fggrn.ingest import IngestStage
+from pipeline.stages.fggrn.phrases import PhrasesStage
 
 
 def image_folder(root: Path, names: list[str]) -> Path:
@@ -210,7 +210,7 @@ def test_a_kept_shard_is_never_rewritten_by_a_resume(tmp_path, ray_session):
 
 
 def test_a_lineage_loop_is_a_one_line_error_not_a_recursion(tmp_path):
-    from pipeline.shards import find_ancestor, write_json
+    from pipeline.core.shards import find_ancestor, write_json
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -8,9 +8,9 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.caption_quality import CaptionLimits, caption_problem
-from pipeline.hierarchy import SEPARATOR, complete_chain, parse_chain, split_tiers
-from pipeline.llm_output import MAX_OUTPUT_CHARS, parse_negatives
+from pipeline.core.caption_quality import CaptionLimits, caption_problem
+from pipeline.core.llm_output import MAX_OUTPUT_CHARS, parse_negatives
+from pipeline.datasets.chains import SEPARATOR, complete_chain, parse_chain, split_tiers
 
 NEGATIVE_REASONS = {"empty_output", "too_long", "unparseable", "empty_list"}
 CHAIN_REASONS = {"empty_output", "too_long", "unparseable", "wrong_tier_count", "blank_tier", "repeated_tier", "last_tier_not_caption", "tier_too_long"}

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import PhrasesConfig
-from pipeline.expressions import extract_expressions
-from pipeline.stages.phrases import load_pipeline, rules_from
+from pipeline.models.spacy_nlp import load_spacy
+from pipeline.stages.fggrn.expressions import extract_expressions
+from pipeline.stages.fggrn.phrases import rules_from
 
 DATA = Path(__file__).parent / "data"
 
@@ -53,7 +54,7 @@ def _maximal(found: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("name, precision_floor, recall_floor, maximal_only", SETS)
 def test_phrase_precision_and_recall_on_hand_labelled_captions(name, precision_floor, recall_floor, maximal_only, capsys):
     labels = _labels(name)
-    nlp = load_pipeline(PhrasesConfig().spacy_model)
+    nlp = load_spacy(PhrasesConfig().spacy_model)
     rules = rules_from(PhrasesConfig())
     true_positive = predicted = expected = 0
     misses = []

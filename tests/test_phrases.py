@@ -3,21 +3,22 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
+from conftest import assert_dataset_invariants, make_config, read_rows, write_caption_shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_dataset_invariants, make_config, read_rows, write_caption_shard
 from pipeline.config import PhrasesConfig
+from pipeline.core.shards import read_json, read_rejects
+from pipeline.core.text import clean_caption
 from pipeline.errors import FgdataError
-from pipeline.expressions import extract_expressions
+from pipeline.models.spacy_nlp import load_spacy
 from pipeline.runner import run_stage
-from pipeline.shards import read_json, read_rejects
-from pipeline.stages.phrases import PhrasesStage, _caption_problem, load_pipeline, rules_from
-from pipeline.text import clean_caption
+from pipeline.stages.fggrn.expressions import extract_expressions
+from pipeline.stages.fggrn.phrases import PhrasesStage, _caption_problem, rules_from
 
 
 def phrases_of(caption: str) -> list[str]:
-    return [p["text"] for p in extract_expressions(load_pipeline("en_core_web_sm")(caption), rules_from(PhrasesConfig()))]
+    return [p["text"] for p in extract_expressions(load_spacy("en_core_web_sm")(caption), rules_from(PhrasesConfig()))]
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,7 @@ def test_rules(caption, expected):
 
 
 def test_duplicates_merge_into_the_first_mention_with_a_count():
-    doc = load_pipeline("en_core_web_sm")("A dog chases a cat. The dog is brown and the cat is small.")
+    doc = load_spacy("en_core_web_sm")("A dog chases a cat. The dog is brown and the cat is small.")
     found = extract_expressions(doc, rules_from(PhrasesConfig()))
     assert [(p["text"], p["mentions"], p["start"]) for p in found] == [("A dog", 2, 0), ("a cat", 2, 13)]
     assert found[0]["head"] == "dog"
@@ -165,14 +166,14 @@ def test_every_phrase_is_limited_to_max_phrase_words():
     ).split()[:63]
     caption = f"a {' '.join(adjectives)} car parked on a street."  # 65 words before "parked"
     counters = Counter()
-    found = extract_expressions(load_pipeline("en_core_web_sm")(caption), rules_from(PhrasesConfig()), counters)
+    found = extract_expressions(load_spacy("en_core_web_sm")(caption), rules_from(PhrasesConfig()), counters)
     assert all(len(p["text"].split()) <= PhrasesConfig().max_phrase_words for p in found)
     car = next(p for p in found if p["head"] == "car")
     assert car["text"].endswith(f"{adjectives[-1]} car") and caption[car["start"] : car["end"]] == car["text"]
     assert counters["phrases_truncated"] == 1
     # a plain chunk over a small limit is cut too, keeping the words nearest its head
     short = rules_from(PhrasesConfig(max_phrase_words=3))
-    assert [p["text"] for p in extract_expressions(load_pipeline("en_core_web_sm")("A big shiny old red car."), short)] == ["old red car"]
+    assert [p["text"] for p in extract_expressions(load_spacy("en_core_web_sm")("A big shiny old red car."), short)] == ["old red car"]
 
 
 @pytest.mark.parametrize(
@@ -268,13 +269,13 @@ def test_nested_objects_split_objects_and_verbs_tagged_as_nouns(caption, expecte
 def test_verb_guard_is_off_without_the_lemmatizer_verb_table():
     """The agreement rules only fire for words the lemmatizer knows as verbs."""
     rules = dataclasses.replace(rules_from(PhrasesConfig()), verb_lemmas=frozenset())
-    found = extract_expressions(load_pipeline("en_core_web_sm")("a blue sailboat drifts on a calm sea"), rules)
+    found = extract_expressions(load_spacy("en_core_web_sm")("a blue sailboat drifts on a calm sea"), rules)
     assert [p["text"] for p in found] == ["a blue sailboat drifts", "a calm sea"]
 
 
 def test_worn_and_part_words_are_settings():
     rules = rules_from(PhrasesConfig(worn_heads=[], part_heads=["mug"]))
-    nlp = load_pipeline("en_core_web_sm")
+    nlp = load_spacy("en_core_web_sm")
     assert [p["text"] for p in extract_expressions(nlp("a man in a blue jacket"), rules)] == ["a man", "a blue jacket"]
     table = extract_expressions(nlp("a wooden table with a white ceramic mug"), rules)
     assert [p["text"] for p in table] == ["a wooden table with a white ceramic mug", "a white ceramic mug"]

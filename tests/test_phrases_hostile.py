@@ -6,12 +6,12 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import assert_dataset_invariants, make_config, read_rows, write_caption_shard
+
+from pipeline.core.shards import read_json, read_rejects
+from pipeline.core.text import clean_caption
 from pipeline.runner import run_stage
-from pipeline.shards import read_json, read_rejects
-from pipeline.stages.phrases import PhrasesStage
-from pipeline.text import clean_caption
+from pipeline.stages.fggrn.phrases import PhrasesStage
 
 _ADJECTIVES = (
     "big small old new shiny rusty dusty clean dirty bright dark pale heavy long short tall wide narrow smooth "

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.plan import BENCH_RESULTS, load_bench, load_runs, plan
+from pipeline.reports.plan import BENCH_RESULTS, load_bench, load_runs, plan
 
 SAMPLE = Path(__file__).parent.parent / "sample" / "images"
 
@@ -142,8 +142,8 @@ _RUN = textwrap.dedent(
     from pathlib import Path
     from pipeline.config import load_config
     from pipeline.runner import ensure_ray, run_stage
-    from pipeline.stages.ingest import IngestStage
-    from pipeline.stages.phrases import PhrasesStage
+    from pipeline.stages.fggrn.ingest import IngestStage
+    from pipeline.stages.fggrn.phrases import PhrasesStage
     source, out = Path(sys.argv[1]), Path(sys.argv[2])
     config = load_config(None, sys.argv[3:])
     started = time.perf_counter()

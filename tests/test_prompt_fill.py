@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.prompts import fill_template, load_prompt
+from pipeline.core.prompts import fill_template, load_prompt
 
 HOSTILE = "a {phrase} {examples} {count} {caption}"
 
@@ -24,7 +24,7 @@ def test_other_braces_are_left_alone():
 
 
 def test_negatives_prompt_keeps_a_hostile_caption_and_phrase_verbatim():
-    from pipeline.stages.negatives import fill_prompt
+    from pipeline.stages.fggrn.negatives import fill_prompt
 
     template = load_prompt("hard_negatives.v1").text
     filled = fill_prompt(template, 10, HOSTILE, "{caption} {count}")
@@ -34,7 +34,7 @@ def test_negatives_prompt_keeps_a_hostile_caption_and_phrase_verbatim():
 
 
 def test_hierarcaps_prompts_keep_a_hostile_caption_verbatim(tmp_path):
-    from pipeline.stages.hierarcaps_seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     settings = type("Settings", (), {"demonstrations": 2, "seed": 0})()
     template = load_prompt("hierarcaps_seed.v1").text

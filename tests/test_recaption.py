@@ -4,20 +4,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAMPLE_IMAGES, assert_dataset_invariants, image_bytes, make_config, read_rows
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_IMAGES, assert_dataset_invariants, image_bytes, make_config, read_rows
 from pipeline.cli import app
+from pipeline.core.schemas import conform
+from pipeline.core.shards import read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.models.generation import Sampling
 from pipeline.models.tiny import build_tiny_vlm
 from pipeline.models.transformers_vlm import TransformersVLM
 from pipeline.runner import run_stage
-from pipeline.schemas import conform
-from pipeline.shards import read_json, read_rejects
-from pipeline.stages.ingest import IngestStage
-from pipeline.stages.recaption import RecaptionStage
+from pipeline.stages.fggrn.ingest import IngestStage
+from pipeline.stages.fggrn.recaption import RecaptionStage
 
 FAKES = Path(__file__).parent / "fakes"
 

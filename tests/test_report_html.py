@@ -3,8 +3,6 @@ pixels show the boxes; hostile captions stay text; funnel, rejects, banner, chai
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
 import shutil
@@ -15,16 +13,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from pipeline.datacard import DATACARD_FILE
+from pipeline.core.schemas import conform
+from pipeline.core.shards import MANIFEST_FILE, read_json, shard_name, write_json, write_shard
+from pipeline.datasets.synthetic_world import write_world
 from pipeline.errors import FgdataError
-from pipeline.report_html import BOX_COLOUR, boxes_svg, render_report, write_report
-from pipeline.schemas import conform
-from pipeline.shards import MANIFEST_FILE, read_json, shard_name, write_json, write_shard
-from pipeline.synthetic_world import write_world
-
-from conftest import run_cli
+from pipeline.reports.html import BOX_COLOUR, boxes_svg, render_report, write_report
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(

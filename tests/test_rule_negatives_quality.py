@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.attribute_swap import attribute_swaps, noun_class
-from pipeline.negative_checks import meaning_problem
-from pipeline.stages.phrases import load_pipeline
+from pipeline.models.spacy_nlp import load_spacy
+from pipeline.stages.fggrn.attribute_swap import attribute_swaps, noun_class
+from pipeline.stages.fggrn.negative_checks import meaning_problem
 
 HANDCHECK = Path(__file__).parent / "data" / "negatives_handcheck.jsonl"
 
 
 @pytest.fixture(scope="module")
 def nlp():
-    return load_pipeline("en_core_web_sm")
+    return load_spacy("en_core_web_sm")
 
 
 def negatives(nlp, phrase: str, head: str, limit: int = 10) -> list[str]:

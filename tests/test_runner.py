@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_dataset_invariants, make_config, run_cli, write_caption_shard
+
+from pipeline.core.shards import finished_shards
 from pipeline.errors import StageFailed
 from pipeline.runner import run_stage
-from pipeline.shards import finished_shards
-from pipeline.stages.phrases import PhrasesStage
+from pipeline.stages.fggrn.phrases import PhrasesStage
 
 
 def corrupt_data_pages(path: Path) -> None:

@@ -5,11 +5,11 @@ import zipfile
 
 import pyarrow as pa
 import pytest
-
 from conftest import REPO
+
+from pipeline.core.schemas import check_input_columns, conform, load_schema, validate_table
+from pipeline.core.shards import claim_output, finished_shards, list_shards, read_shard, read_shard_schema, read_stats, write_shard
 from pipeline.errors import FgdataError
-from pipeline.schemas import check_input_columns, conform, load_schema, validate_table
-from pipeline.shards import claim_output, finished_shards, list_shards, read_shard, read_shard_schema, read_stats, write_shard
 
 PHRASE_ROW = {
     "key": "k1",
@@ -101,6 +101,6 @@ def test_wheel_ships_schemas_and_prompts(tmp_path):
     assert "pipeline/_resources/prompts/README.md" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    probe = "from pipeline.resources import resource_dir; print(resource_dir('schemas'))"
+    probe = "from pipeline.core.resources import resource_dir; print(resource_dir('schemas'))"
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == str(target / "pipeline" / "_resources" / "schemas")

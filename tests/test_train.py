@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from pipeline.config import load_config
-from pipeline.evaluate import Encoder, fggrn_items, fgovd_accuracy, fgovd_items, hierarcaps_items, hierarchy_metrics, kendall_tau, regional_retrieval
-from pipeline.synthetic_world import COLOURS, PATTERNS, SHAPES, SIZES, hard_negatives, write_world
-from pipeline.train.clip_model import encode_text, extend_text_positions, load_clip
+from pipeline.datasets.synthetic_world import COLOURS, PATTERNS, SHAPES, SIZES, hard_negatives, write_world
+from pipeline.eval.evaluate import Encoder, fggrn_items, fgovd_accuracy, fgovd_items, hierarcaps_items, hierarchy_metrics, kendall_tau, regional_retrieval
+from pipeline.models.clip_model import encode_text, extend_text_positions, load_clip
 from pipeline.train.loop import train
 from pipeline.train.losses import exterior_angle, hard_negative_loss
 

@@ -1,13 +1,21 @@
-"""Detect boxes for free-text phrases: the interface the ground stage uses, and its backends."""
+"""Detect boxes for free-text phrases: the detection type and the interface every detector backend implements.
+
+A detection is (phrase index, x1, y1, x2, y2 in pixels of the stored image, score).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from PIL import Image
 
-from pipeline.boxes import Detection
-from pipeline.errors import FgdataError
+
+@dataclass(frozen=True)
+class Detection:
+    phrase: int
+    box: tuple[float, float, float, float]
+    score: float
 
 
 class PhraseDetector(Protocol):
@@ -16,18 +24,3 @@ class PhraseDetector(Protocol):
 
     def detect(self, images: list[Image.Image], phrases: list[list[str]], score_threshold: float) -> list[list[Detection]]:
         """For each image, detections of its own phrases, boxes in that image's pixel coordinates."""
-
-
-def load_detector(settings) -> PhraseDetector:
-    if settings.backend == "yolo_world":
-        from pipeline.models.yolo_world import YoloWorldDetector
-
-        return YoloWorldDetector(
-            settings.detector, settings.text_encoder, image_size=settings.image_size, cache_size=settings.text_cache_size,
-            trust_model_file=settings.trust_model_file,
-        )
-    if settings.backend == "owlv2":
-        from pipeline.models.owl import OwlDetector
-
-        return OwlDetector(settings.owl_model)
-    raise FgdataError(f"ground.backend must be yolo_world or owlv2, got {settings.backend!r}")

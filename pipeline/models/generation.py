@@ -1,4 +1,4 @@
-"""Generate text from image + text: the interface the recaption stage uses, and its backends."""
+"""Generate text from image + text: the types and the interface every generation backend implements (backends: models/registry.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Protocol
 
 from PIL import Image
 
-from pipeline.errors import FgdataError
 
 @dataclass(frozen=True)
 class Sampling:
@@ -62,18 +61,6 @@ def to_generation(ids: list[int], eos_ids: set[int], pad_id: int | None, decode)
     kept = [t for t in ids if t != pad_id] if stop is None else ids[:stop]
     text = decode(kept, skip_special_tokens=True).strip()
     return Generation(text=text, tokens=len(kept) + (stop is not None), finish_reason="length" if stop is None else "stop")
-
-
-def load_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int) -> ImageTextGenerator:
-    if backend == "transformers":
-        from pipeline.models.transformers_vlm import TransformersVLM
-
-        return TransformersVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
-    if backend == "vllm":
-        from pipeline.models.vllm_vlm import VllmVLM
-
-        return VllmVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
-    raise FgdataError(f"unknown generation backend {backend!r}; choose transformers or vllm")
 
 
 def chat_prompt(processor, prompt: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from pipeline.boxes import Detection
+from pipeline.core.images import to_rgb
 from pipeline.errors import FgdataError, first_line
-from pipeline.images import to_rgb
+from pipeline.models.detection import Detection
 from pipeline.models.reference import is_random_model
 
 

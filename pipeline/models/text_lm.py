@@ -76,11 +76,3 @@ class VllmLM:
             Generation(text=o.outputs[0].text.strip(), tokens=len(o.outputs[0].token_ids), finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
             for o in outputs
         ]
-
-
-def load_text_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int):
-    if backend == "transformers":
-        return TransformersLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
-    if backend == "vllm":
-        return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
-    raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")

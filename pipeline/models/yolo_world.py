@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.boxes import Detection
+from pipeline.core.images import to_rgb
 from pipeline.errors import FgdataError, first_line
-from pipeline.images import to_rgb
+from pipeline.models.detection import Detection
 from pipeline.models.reference import is_random_model
-
 
 # A data pipeline must not pip-install packages while it runs; ultralytics does unless told not to.
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")

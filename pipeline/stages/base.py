@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.shards import write_shard
+from pipeline.core.shards import write_shard
 
 
 @dataclass(frozen=True)

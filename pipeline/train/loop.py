@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
+from pipeline.core.shards import MODEL_DIR_ENTRIES, claim_output, read_json, write_json
 from pipeline.errors import FgdataError
 from pipeline.models.reference import absolute_local_paths, is_random_model
-from pipeline.shards import MODEL_DIR_ENTRIES, claim_output, read_json, write_json
+from pipeline.train.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
 from pipeline.train.objectives import OBJECTIVES
 from pipeline.train.optim import lr_factor, parameter_groups
 

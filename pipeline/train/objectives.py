@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.datasets.fggrn_rows import TIERS, FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources, usable_chains
+from pipeline.datasets.hierarcaps_csv import read_chains
 from pipeline.errors import FgdataError
-from pipeline.hierarcaps_io import read_chains
-from pipeline.train.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
-from pipeline.train.data import TIERS, FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources, usable_chains
+from pipeline.models.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
 
 log = logging.getLogger(__name__)

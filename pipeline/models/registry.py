@@ -1,0 +1,69 @@
+"""The one file that names model backends: each loader picks a backend class by its settings name.
+
+Adding a backend is a new file in models/ plus one branch here; stages only call these loaders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import FgdataError
+from pipeline.models.detection import PhraseDetector
+from pipeline.models.generation import ImageTextGenerator
+from pipeline.models.reference import absolute_local_paths, check_model_reference
+
+
+def check_detector(settings) -> None:
+    """Stops a run before it starts when the detector settings cannot work: unknown backend, a missing
+    checkpoint, a model file that would run code without the opt-in."""
+    if settings.backend not in ("yolo_world", "owlv2"):
+        raise FgdataError(f"ground.backend must be yolo_world or owlv2, got {settings.backend!r}")
+    absolute_local_paths(settings, "text_encoder", "owl_model", "detector")
+    if settings.backend == "yolo_world":
+        if "/" in settings.detector and not Path(settings.detector).exists():
+            raise FgdataError(f"YOLO-World checkpoint {settings.detector} does not exist")
+        from pipeline.models.yolo_world import vet_detector
+
+        vet_detector(settings.detector, settings.trust_model_file, fetch=False)  # before any actor unpickles it
+        check_model_reference(settings.text_encoder, revision=None, trust_remote_code=False)
+    else:
+        check_model_reference(settings.owl_model, revision=None, trust_remote_code=False)
+
+
+def load_detector(settings) -> PhraseDetector:
+    if settings.backend == "yolo_world":
+        from pipeline.models.yolo_world import YoloWorldDetector
+
+        return YoloWorldDetector(
+            settings.detector, settings.text_encoder, image_size=settings.image_size, cache_size=settings.text_cache_size,
+            trust_model_file=settings.trust_model_file,
+        )
+    if settings.backend == "owlv2":
+        from pipeline.models.owl import OwlDetector
+
+        return OwlDetector(settings.owl_model)
+    raise FgdataError(f"ground.backend must be yolo_world or owlv2, got {settings.backend!r}")
+
+
+def load_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int) -> ImageTextGenerator:
+    if backend == "transformers":
+        from pipeline.models.transformers_vlm import TransformersVLM
+
+        return TransformersVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+    if backend == "vllm":
+        from pipeline.models.vllm_vlm import VllmVLM
+
+        return VllmVLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    raise FgdataError(f"unknown generation backend {backend!r}; choose transformers or vllm")
+
+
+def load_text_generator(backend: str, model: str, *, revision: str | None, trust_remote_code: bool, dtype: str, tensor_parallel_size: int):
+    if backend == "transformers":
+        from pipeline.models.text_lm import TransformersLM
+
+        return TransformersLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+    if backend == "vllm":
+        from pipeline.models.text_lm import VllmLM
+
+        return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")

@@ -1,0 +1,537 @@
+"""`fgdata report DATASET --out report.html`: one self-contained page to look at a dataset.
+
+The funnel across the dataset's lineage (rows in, out and rejected per step), rejects by reason
+with examples (thumbnail and detail), images with their boxes drawn and labelled, each region's
+negatives with attribute kind and NLI scores, histograms as inline SVG, and for HierarCaps the
+chains with their negatives per tier. A random-weight lineage gets a banner.
+
+- Self-contained: images are inline data URIs; a Content-Security-Policy forbids every network
+  fetch and every script but the page's own (by hash), so even a missed escape could not run one.
+- Every text from the data goes through html.escape: captions are hostile input.
+- Large datasets are sampled early: whole row groups are chosen at random from the shards'
+  metadata and only the columns the page shows are read, so 1M rows render in seconds. Funnel and
+  reject counts stay exact (they come from manifests and the reason column).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import math
+import random
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.core.schemas import check_input_columns, load_schema
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema
+from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
+from pipeline.errors import FgdataError
+
+BOX_COLOUR = "#ff00ff"  # one colour no sample image uses, so a screenshot test can find the boxes
+THUMB_SIDE = 320
+# the columns each kind's page reads: required ones are checked against the schema, optional ones
+# (added by newer stages) are read when the file has them
+_COLUMNS = {
+    "images": (["key", "width", "height", "format", "short_caption"], []),
+    "captions": (["key", "short_caption", "long_caption"], ["caption_model_is_random", "generated_tokens"]),
+    "phrases": (["key", "short_caption", "long_caption", "phrases"], []),
+    "regions": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random"]),
+    "fggrn": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random", "nli_is_random"]),
+    "hierarcaps": (["key", "tiers", "negative_tiers"], ["entailment", "negative_nli", "model_is_random"]),
+}
+_RANDOM_COLUMNS = ("detector_is_random", "nli_is_random", "caption_model_is_random", "model_is_random")
+
+# Records every script error, failed resource, console.error and blocked fetch into the DOM, so a
+# headless browser's --dump-dom shows whether the page rendered cleanly.
+_SCRIPT = """(function () {
+  var root = document.documentElement, errors = [];
+  function note(message) {
+    errors.push(String(message));
+    root.setAttribute('data-errors', String(errors.length));
+    var box = document.getElementById('page-errors');
+    if (box) { box.textContent = errors.join('\\n'); box.hidden = false; }
+  }
+  window.addEventListener('error', function (e) { note(e.message || ('failed to load ' + (e.target && e.target.tagName))); }, true);
+  window.addEventListener('unhandledrejection', function (e) { note('unhandled rejection: ' + e.reason); });
+  document.addEventListener('securitypolicyviolation', function (e) { note('blocked by policy: ' + e.violatedDirective + ' ' + e.blockedURI); });
+  var original = console.error;
+  console.error = function () { note(Array.prototype.join.call(arguments, ' ')); return original.apply(console, arguments); };
+  window.addEventListener('load', function () { root.setAttribute('data-report-ready', '1'); });
+})();"""
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+_CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'"
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
+h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.banner { background: #b00020; color: #fff; padding: .8em 1em; font-weight: bold; }
+.note { color: #555; } .errors { background: #fee; color: #900; white-space: pre-wrap; }
+.gallery { display: flex; flex-wrap: wrap; gap: 1.2em; }
+.card { width: 380px; border: 1px solid #ddd; padding: .5em; overflow-wrap: anywhere; }
+.card svg { display: block; background: #333; }
+.charts { display: flex; flex-wrap: wrap; gap: 1.5em; }
+.thumb { width: 96px; height: auto; }
+.chain td { min-width: 8em; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else esc(value)
+    return esc(value)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _columns_to_read(shard: Path, kind: str) -> list[str]:
+    required, optional = _COLUMNS[kind]
+    file_schema = read_shard_schema(shard)
+    schema = load_schema(kind).arrow
+    check_input_columns(file_schema, {name: schema.field(name).type for name in required}, where=str(shard))
+    return required + [name for name in optional if name in file_schema.names and file_schema.field(name).type == schema.field(name).type]
+
+
+def sample_rows(shards: list[Path], kind: str, limit: int, seed: int) -> tuple[list[dict], dict]:
+    """Rows from whole row groups chosen at random until `limit` rows, reading only the page's
+    columns; a group over the limit is cut at random. Returns (rows, what was sampled)."""
+    groups, total = [], 0
+    for shard in shards:
+        try:
+            metadata = pq.ParquetFile(shard).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise FgdataError(f"{shard}: not a readable Parquet file ({exc})") from None
+        for index in range(metadata.num_row_groups):
+            groups.append((shard, index, metadata.row_group(index).num_rows))
+        total += metadata.num_rows
+    rng = random.Random(seed)
+    order = groups if total <= limit else rng.sample(groups, len(groups))
+    rows: list[dict] = []
+    chosen = 0
+    for shard, index, _ in order:
+        if len(rows) >= limit:
+            break
+        columns = _columns_to_read(shard, kind)
+        try:
+            table = pq.ParquetFile(shard).read_row_group(index, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise FgdataError(f"{shard}: cannot read shard ({exc})") from None
+        if table.num_rows > limit - len(rows):
+            table = table.take(sorted(rng.sample(range(table.num_rows), limit - len(rows))))
+        table = table.append_column("_shard", pa.array([shard.name] * table.num_rows, pa.string()))
+        rows += table.to_pylist()
+        chosen += 1
+    return rows, {"total": total, "sampled": len(rows), "groups": len(groups), "groups_read": chosen, "seed": seed}
+
+
+def _thumbnails(images_dir: Path | None, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, int, int]]:
+    """(shard, key) -> (data URI of a thumbnail, width, height) for the wanted keys of each shard,
+    read from the images ancestor's shard of the same name with a key filter."""
+    found: dict = {}
+    if images_dir is None:
+        return found
+    for shard_name, keys in wanted.items():
+        path = images_dir / shard_name
+        if not keys or not path.is_file():
+            continue
+        left = set(keys)
+        try:
+            # in batches, stopping once every wanted key is found: an image shard can hold gigabytes
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=["key", "image"]):
+                batch_keys = batch.column(0).to_pylist()
+                for index in (i for i, key in enumerate(batch_keys) if key in left):
+                    left.discard(batch_keys[index])
+                    uri = _thumbnail_uri(batch.column(1)[index].as_py())
+                    if uri:
+                        found[(shard_name, batch_keys[index])] = uri
+                if not left:
+                    break
+        except (pa.ArrowException, OSError, ValueError):
+            continue  # no thumbnails from a damaged image shard; the page says "no image"
+    return found
+
+
+def _pick_gallery(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` rows at random, taken from as few shards as possible (shards in random order), so
+    the thumbnails need few image shards read."""
+    by_shard: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["_shard"], []).append(row)
+    rng = random.Random(seed)
+    picked: list[dict] = []
+    for shard in rng.sample(sorted(by_shard), len(by_shard)):
+        if len(picked) >= count:
+            break
+        group = by_shard[shard]
+        picked += rng.sample(group, min(count - len(picked), len(group)))
+    return picked
+
+
+def _thumbnail_uri(data: bytes | None) -> tuple[str, int, int] | None:
+    """A small JPEG of the image as a data URI, with the stored image's size; None when it does not decode."""
+    if not data:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            size = image.size
+            image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG decodes straight at a smaller scale
+            image = image.convert("RGB")
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - an undecodable image is shown as "no image", never a crash
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), size[0], size[1]
+
+
+def _reject_summary(dataset_dir: Path) -> tuple[Counter, list[Path]]:
+    files = sorted((Path(dataset_dir) / REJECTS_DIR).glob("part-*.parquet"))
+    counts: Counter = Counter()
+    for path in files:
+        try:
+            column = pq.read_table(path, columns=["reason"]).column("reason")
+        except (pa.ArrowException, OSError) as exc:
+            raise FgdataError(f"{path}: cannot read rejects ({exc})") from None
+        for item in pc.value_counts(column).to_pylist():
+            counts[item["values"]] += item["counts"]
+    return counts, files
+
+
+def _reject_examples(files: list[Path], reasons: Counter, per_reason: int) -> dict[str, list[dict]]:
+    """The first few rejects of each reason, reading files in order until every reason has enough."""
+    examples: dict[str, list[dict]] = {reason: [] for reason in reasons}
+    for path in files:
+        if all(len(v) >= per_reason for v in examples.values()):
+            break
+        table = pq.read_table(path, columns=["key", "reason", "detail"])
+        for row in table.to_pylist():
+            bucket = examples.setdefault(row["reason"], [])
+            if len(bucket) < per_reason:
+                bucket.append({**row, "_shard": path.name})
+    return examples
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _finite_box(box, width: float, height: float) -> list[float] | None:
+    """The box clipped to the image, or None when it is not four finite numbers with area."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+        return None
+    x1, y1, x2, y2 = (min(max(float(v), 0.0), limit) for v, limit in zip(box, (width, height, width, height)))
+    return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
+
+
+def boxes_svg(thumb: tuple[str, int, int] | None, width: int, height: int, regions: list[dict]) -> str:
+    """The image with each region's box and a label (phrase and score), in the image's pixel
+    coordinates; boxes that are not drawable are listed below the picture instead."""
+    width = width if isinstance(width, int) and width > 0 else (thumb[1] if thumb else 100)
+    height = height if isinstance(height, int) and height > 0 else (thumb[2] if thumb else 100)
+    scale = max(width, height) / THUMB_SIDE
+    shown_w, shown_h = (THUMB_SIDE, round(THUMB_SIDE * height / width)) if width >= height else (round(THUMB_SIDE * width / height), THUMB_SIDE)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{shown_w}" height="{shown_h}" role="img">']
+    if thumb:
+        parts.append(f'<image href="{thumb[0]}" x="0" y="0" width="{width}" height="{height}" preserveAspectRatio="none"/>')
+    else:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" fill="#bbb" font-size="{12 * scale}" text-anchor="middle">no image</text>')
+    undrawable = 0
+    for number, region in enumerate(regions, 1):
+        box = _finite_box(region.get("box"), width, height)
+        if box is None:
+            undrawable += 1
+            continue
+        x1, y1, x2, y2 = box
+        label = f"{number}. {region.get('phrase', '')} {_fmt(region.get('score'))}"
+        parts.append(
+            f'<rect class="box" x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}" fill="none" '
+            f'stroke="{BOX_COLOUR}" stroke-width="3" vector-effect="non-scaling-stroke"/>'
+        )
+        parts.append(
+            f'<text x="{x1 + 2 * scale:.1f}" y="{y1 + 11 * scale:.1f}" font-size="{10 * scale:.1f}" fill="#fff" stroke="#000" '
+            f'stroke-width="{2 * scale:.1f}" paint-order="stroke">{esc(label[:80])}</text>'
+        )
+    parts.append("</svg>")
+    if undrawable:
+        parts.append(f'<div class="note">{undrawable} box(es) not drawable (not four finite numbers inside the image)</div>')
+    return "".join(parts)
+
+
+def _histogram(title: str, values: list[float], bins: int = 20, log_note: str = "") -> str:
+    numbers = np.array([v for v in values if isinstance(v, (int, float)) and math.isfinite(v)], dtype=float)
+    dropped = len(values) - len(numbers)
+    if not len(numbers):
+        return f"<figure><figcaption>{esc(title)}</figcaption><div class='note'>no values</div></figure>"
+    low, high = float(numbers.min()), float(numbers.max())
+    if low == high:
+        high = low + 1
+    integer = np.all(numbers == np.round(numbers)) and high - low <= 40
+    edges = np.arange(low, high + 2) - 0.5 if integer else np.linspace(low, high, bins + 1)
+    counts, edges = np.histogram(numbers, bins=edges)
+    labels = [f"{(a + b) / 2:.0f}" if integer else f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
+    note = f"n={len(numbers)}" + (f", {dropped} not finite" if dropped else "") + (f", {log_note}" if log_note else "")
+    return _bars(title, labels, [int(c) for c in counts], note, low_high=(f"{edges[0]:.3g}", f"{edges[-1]:.3g}"))
+
+
+def _categories(title: str, counts: Counter, top: int = 15) -> str:
+    items = counts.most_common(top)
+    if not items:
+        return f"<figure><figcaption>{esc(title)}</figcaption><div class='note'>no values</div></figure>"
+    rest = sum(counts.values()) - sum(c for _, c in items)
+    return _bars(title, [str(k) for k, _ in items], [c for _, c in items], f"n={sum(counts.values())}" + (f", {rest} in other kinds" if rest else ""), vertical_labels=True)
+
+
+def _bars(title: str, labels: list[str], counts: list[int], note: str, low_high=None, vertical_labels: bool = False) -> str:
+    width, height, pad = 300, 150, 20
+    bar = (width - 2 * pad) / max(len(counts), 1)
+    peak = max(counts) or 1
+    parts = [f'<figure><figcaption>{esc(title)} <span class="note">({esc(note)})</span></figcaption>',
+             f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + (90 if vertical_labels else 20)}">']
+    for i, (label, count) in enumerate(zip(labels, counts)):
+        h = (height - pad) * count / peak
+        x = pad + i * bar
+        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" fill="#4a7ab5"><title>{esc(label)}: {count}</title></rect>')
+        if vertical_labels:
+            parts.append(f'<text transform="translate({x + bar / 2 + 3:.1f},{height + 4}) rotate(60)" font-size="10">{esc(label[:24])}</text>')
+    parts.append(f'<text x="{pad}" y="12" font-size="10">max {peak}</text>')
+    if low_high:
+        parts.append(f'<text x="{pad}" y="{height + 14}" font-size="10">{esc(low_high[0])}</text>'
+                     f'<text x="{width - pad}" y="{height + 14}" font-size="10" text-anchor="end">{esc(low_high[1])}</text>')
+    parts.append("</svg></figure>")
+    return "".join(parts)
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _rows_of(step: dict, name: str):
+    value = (step["manifest"] or {}).get(name)
+    return value if isinstance(value, int) else None
+
+
+def _funnel(steps: list[dict]) -> str:
+    out = ["<table><tr><th>step</th><th>kind</th><th>dataset</th><th>rows in</th><th>rows out</th><th>rejected</th><th>drop rate</th><th>rejects by reason</th></tr>"]
+    for step in steps:
+        rows_in, rows_out, rejected = _rows_of(step, "rows_in"), _rows_of(step, "rows_out"), _rows_of(step, "rows_rejected")
+        if rows_out is None and step["manifest"] is not None and Path(step["path"]).is_dir():
+            rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(Path(step["path"]).glob("part-*.parquet")))
+        drop = f"{rejected / rows_in:.1%}" if rows_in and rejected is not None else "–"
+        reasons = ""
+        if step["manifest"] is not None and Path(step["path"]).is_dir():
+            counts, _ = _reject_summary(Path(step["path"]))
+            reasons = ", ".join(f"{esc(r)} {c}" for r, c in counts.most_common())
+        stage = str(step["stage"] or "source")
+        if step["error"]:
+            stage += f" (unreadable manifest: {step['error']})"
+        out.append(
+            f"<tr><td>{esc(stage)}</td><td>{esc(step['kind'] or step['format'] or '')}</td><td>{esc(step['path'])}</td>"
+            f"<td class='num'>{esc(rows_in if rows_in is not None else '?')}</td><td class='num'>{esc(rows_out if rows_out is not None else '?')}</td>"
+            f"<td class='num'>{esc(rejected if rejected is not None else '?')}</td><td class='num'>{drop}</td><td>{reasons}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
+def _rejects_section(dataset_dir: Path, images_dir: Path | None, per_reason: int) -> str:
+    counts, files = _reject_summary(dataset_dir)
+    if not counts:
+        return "<p>No rejects in this dataset.</p>"
+    examples = _reject_examples(files, counts, per_reason)
+    wanted: dict[str, set] = {}
+    for rows in examples.values():
+        for row in rows:
+            wanted.setdefault(row["_shard"], set()).add(row["key"])
+    thumbs = _thumbnails(images_dir, wanted)
+    out = ["<table><tr><th>reason</th><th>count</th><th>examples</th></tr>"]
+    for reason, count in counts.most_common():
+        cells = []
+        for row in examples.get(reason, []):
+            thumb = thumbs.get((row["_shard"], row["key"]))
+            image = f'<img class="thumb" alt="" src="{thumb[0]}"> ' if thumb else ""
+            cells.append(f"<div>{image}<b>{esc(row['key'])}</b>: {esc(row['detail'])}</div>")
+        out.append(f"<tr><td>{esc(reason)}</td><td class='num'>{count}</td><td>{''.join(cells)}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _negatives_table(region: dict) -> str:
+    negatives = region.get("negatives") or []
+    if not negatives:
+        return f"<div class='note'>no negatives ({esc(region.get('negatives_flag', ''))})</div>"
+    out = ["<table><tr><th>negative</th><th>attribute</th><th>ent</th><th>con</th><th>neu</th></tr>"]
+    for n in negatives:
+        out.append(
+            f"<tr><td>{esc(n.get('text'))}</td><td>{esc(n.get('attribute'))}</td><td class='num'>{_fmt(n.get('entailment'))}</td>"
+            f"<td class='num'>{_fmt(n.get('contradiction'))}</td><td class='num'>{_fmt(n.get('neutral'))}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
+def _gallery(kind: str, rows: list[dict], thumbs: dict) -> str:
+    cards = []
+    for row in rows:
+        thumb = thumbs.get((row["_shard"], row["key"]))
+        parts = [f"<div class='card'><div><b>{esc(row['key'])}</b></div>"]
+        if kind in ("regions", "fggrn"):
+            regions = row.get("regions") or []
+            parts.append(boxes_svg(thumb, row.get("width"), row.get("height"), regions))
+            for number, region in enumerate(regions, 1):
+                parts.append(f"<div><b>{number}. {esc(region.get('phrase'))}</b> <span class='note'>score {_fmt(region.get('score'))}</span></div>")
+                if kind == "fggrn":
+                    parts.append(_negatives_table(region))
+        elif thumb:
+            parts.append(f'<img alt="" src="{thumb[0]}" style="max-width:320px">')
+        parts.append(f"<div><span class='note'>short:</span> {esc(row.get('short_caption'))}</div>")
+        if row.get("long_caption"):
+            parts.append(f"<div><span class='note'>long:</span> {esc(row['long_caption'])}</div>")
+        if kind == "phrases":
+            parts.append("<div><span class='note'>phrases:</span> " + "; ".join(esc(p.get("text")) for p in row.get("phrases") or []) + "</div>")
+        parts.append("</div>")
+        cards.append("".join(parts))
+    return "<div class='gallery'>" + "".join(cards) + "</div>"
+
+
+def _chains(rows: list[dict]) -> str:
+    out = []
+    for row in rows:
+        tiers, negatives = row.get("tiers") or [], row.get("negative_tiers") or []
+        scores, nli = row.get("entailment") or [], row.get("negative_nli") or []
+        cells = ["<table class='chain'><tr><th>" + esc(row["key"]) + "</th>" + "".join(f"<th>tier {i + 1}</th>" for i in range(len(tiers))) + "</tr>"]
+        cells.append("<tr><td>positive</td>" + "".join(f"<td>{esc(t)}</td>" for t in tiers) + "</tr>")
+        if scores:
+            cells.append("<tr><td class='note'>P(entailed by next)</td>" + "".join(f"<td class='num'>{_fmt(s)}</td>" for s in scores) + "</tr>")
+        cells.append("<tr><td>negative</td>" + ("".join(f"<td>{esc(t)}</td>" for t in negatives) if negatives else f"<td colspan='{max(len(tiers), 1)}' class='note'>none</td>") + "</tr>")
+        if nli:
+            cells.append("<tr><td class='note'>negative NLI (con / ent / parent ent)</td>" + "".join(
+                f"<td class='num'>{_fmt(s.get('contradiction'))} / {_fmt(s.get('entailment'))} / {_fmt(s.get('parent_entailment'))}</td>" if isinstance(s, dict) else "<td></td>" for s in nli) + "</tr>")
+        cells.append("</table>")
+        out.append("".join(cells))
+    return "".join(out)
+
+
+def _words(text) -> int:
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+def _charts(kind: str, rows: list[dict]) -> str:
+    charts = []
+    if kind in ("regions", "fggrn"):
+        regions = [r for row in rows for r in row.get("regions") or []]
+        charts.append(_histogram("boxes per image", [len(row.get("regions") or []) for row in rows]))
+        areas = []
+        for region in regions:
+            box = region.get("box_norm")
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+                areas.append((box[2] - box[0]) * (box[3] - box[1]))
+        charts.append(_histogram("box area (fraction of the image)", areas))
+        charts.append(_histogram("box score", [r.get("score") for r in regions]))
+        if kind == "fggrn":
+            charts.append(_histogram("negatives per region", [len(r.get("negatives") or []) for r in regions]))
+            charts.append(_categories("attribute kinds", Counter(n.get("attribute") for r in regions for n in r.get("negatives") or [])))
+            charts.append(_categories("region flags", Counter(r.get("negatives_flag") for r in regions)))
+    if kind == "phrases":
+        charts.append(_histogram("phrases per caption", [len(row.get("phrases") or []) for row in rows]))
+    if kind == "images":
+        charts.append(_histogram("image width", [row.get("width") for row in rows]))
+        charts.append(_categories("formats", Counter(row.get("format") for row in rows)))
+    if kind == "captions" and any("generated_tokens" in row for row in rows):
+        charts.append(_histogram("generated tokens", [row.get("generated_tokens") for row in rows]))
+    if kind == "hierarcaps":
+        for tier in range(4):
+            charts.append(_histogram(f"words in tier {tier + 1}", [_words(row["tiers"][tier]) for row in rows if len(row.get("tiers") or []) > tier]))
+        charts.append(_histogram("P(entailment) between tiers", [s for row in rows for s in row.get("entailment") or []]))
+        charts.append(_categories("has a negative chain", Counter("yes" if row.get("negative_tiers") else "no" for row in rows)))
+    else:
+        charts.append(_histogram("short caption length (words)", [_words(row.get("short_caption")) for row in rows]))
+        if any(row.get("long_caption") for row in rows):
+            charts.append(_histogram("long caption length (words)", [_words(row.get("long_caption")) for row in rows if row.get("long_caption")]))
+    return "<div class='charts'>" + "".join(charts) + "</div>"
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, examples: int = 3, seed: int = 0) -> tuple[str, dict]:
+    """(the page, a summary: rows, sampled, seconds)."""
+    started = time.perf_counter()
+    dataset_dir = Path(dataset_dir)
+    manifest = read_json(dataset_dir / MANIFEST_FILE)
+    if manifest is None:
+        raise FgdataError(f"{dataset_dir} has no {MANIFEST_FILE}: it is not a finished fgdata dataset; rerun the stage that writes it")
+    kind = manifest.get("kind")
+    if not isinstance(kind, str) or kind not in _COLUMNS:
+        raise FgdataError(f"{dataset_dir / MANIFEST_FILE}: kind {kind!r} has no report (known: {', '.join(_COLUMNS)})")
+    shards = list_shards(dataset_dir)
+    steps = walk_lineage(dataset_dir, manifest)
+    rows, sampled = sample_rows(shards, kind, max(sample, gallery), seed)
+    # the nearest images dataset upstream; walk_lineage, unlike a plain recursion, survives a loop
+    images_dir = next((Path(s["path"]) for s in sorted(steps, key=lambda s: s["depth"]) if s["kind"] == "images" and Path(s["path"]).is_dir()), None)
+    shown = _pick_gallery(rows, gallery, seed)
+    wanted: dict[str, set] = {}
+    for row in shown:
+        wanted.setdefault(row["_shard"], set()).add(row["key"])
+    thumbs = _thumbnails(images_dir, wanted) if kind != "hierarcaps" else {}
+    shards_shown = len(wanted)
+
+    randoms = random_weight_steps(steps)
+    random_rows = Counter(name for row in rows for name in _RANDOM_COLUMNS if row.get(name) is True)
+    banner = ""
+    if randoms or random_rows:
+        what = [f"step {s}" for s in randoms] + [f"{count} sampled rows with {name}" for name, count in random_rows.items()]
+        banner = f"<div class='banner' id='random-banner'>RANDOM WEIGHTS: {esc('; '.join(what))}. This output is noise (an offline demo or test): do not train on it.</div>"
+
+    if sampled["sampled"] < sampled["total"]:
+        sample_note = (f"Sampled: histograms and examples come from {sampled['sampled']:,} of {sampled['total']:,} rows "
+                       f"({sampled['groups_read']} of {sampled['groups']} row groups chosen at random, seed {seed}); the funnel and reject counts are exact.")
+    else:
+        sample_note = f"All {sampled['total']:,} rows are read (no sampling)."
+    body = [
+        f"<h1>fgdata report: {esc(dataset_dir.name)}</h1>",
+        banner,
+        f"<p>{esc(kind)} dataset written by <code>fgdata {esc(manifest.get('stage'))}</code> on {esc(manifest.get('created_at', 'an unknown date'))}; "
+        f"path <code>{esc(dataset_dir)}</code>.</p>",
+        f"<p class='note' id='sample-note'>{esc(sample_note)}</p>",
+        "<pre class='errors' id='page-errors' hidden></pre>",
+        "<h2>Funnel</h2>", _funnel(steps),
+        "<h2>Rejects by reason</h2>", _rejects_section(dataset_dir, images_dir, examples),
+        "<h2>Histograms</h2>", _charts(kind, rows),
+    ]
+    if kind == "hierarcaps":
+        body += [f"<h2>Chains ({len(shown)} at random from {shards_shown} shard(s))</h2>", _chains(shown)]
+    else:
+        title = "Images with their boxes" if kind in ("regions", "fggrn") else "Examples"
+        body += [f"<h2>{title} ({len(shown)} at random from {shards_shown} shard(s))</h2>",
+                 "" if images_dir else "<p class='note'>No images dataset in the lineage: boxes are drawn on a blank canvas.</p>",
+                 _gallery(kind, shown, thumbs)]
+    page = (
+        "<!DOCTYPE html>\n<html lang='en' data-errors='0'><head><meta charset='utf-8'>"
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f"<title>fgdata report: {esc(dataset_dir.name)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>"
+        "<body>" + "".join(body) + "</body></html>\n"
+    )
+    return page, {"kind": kind, "rows": sampled["total"], "sampled": sampled["sampled"], "seconds": round(time.perf_counter() - started, 2), "random_weights": bool(banner)}
+
+
+def write_report(dataset_dir: Path, out: Path, **options) -> dict:
+    page, summary = render_report(dataset_dir, **options)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(out), page)
+    return {**summary, "out": str(out), "bytes": len(page.encode())}

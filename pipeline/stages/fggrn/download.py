@@ -1,0 +1,222 @@
+"""`fgdata download`: a URL list → image shards, through img2dataset's own downloader.
+
+URL lists: GRIT / COYO / CC-style .parquet, .csv or .tsv (url + caption columns) and FineHARD /
+FG-CLIP .json or .jsonl (a list of objects with `url`, whose `f_path` becomes the key, so the rows
+`fgdata import fgclip` writes from the same JSON join these images by key: FG-CLIP issue #55, where
+f_path no longer matched the renamed download).
+
+Keys: the record's `key`, else its `f_path`, else its `id`, else `<file stem>-<row index>`; the
+same rule as `fgdata import grit`, so regions and images imported from one GRIT file join.
+
+Each shard downloads into OUT/_download/part-N/attempt-K/ (img2dataset's "files" layout), then the
+ingest checks judge the bytes. A URL that failed to download is a reject whose reason says why
+(http_404, timeout, incomplete_download, ...); a body that is not an image, is cut short or too
+small is rejected by the image checks (decode_error, image_too_small, ...). A rerun reopens only the
+shards with download failures and requests only their failed URLs again; what was downloaded is
+kept in the staging folder and judged again without a request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.core.shards import DONE_DIR, RUN_FILE, STATS_DIR, read_json, shard_name
+from pipeline.core.sources import SourceItem
+from pipeline.errors import FgdataError
+from pipeline.stages.base import ShardResult, WorkUnit
+from pipeline.stages.fggrn.ingest import IngestStage
+from pipeline.stages.fggrn.records import KEY_FIELDS, read_records, record_key
+
+STAGING_DIR = "_download"
+URL_FIELDS = ("url", "URL", "image_url")
+# FG-CLIP JSON holds both captions: the image shard keeps the alt-text one
+CAPTION_FIELDS = ("short_caption", "caption", "text", "alt", "TEXT")
+# reasons a rerun requests again: the network's, never the image checks' (those bytes are kept)
+NETWORK_REASONS = ("timeout", "connection_error", "incomplete_download", "disallowed_by_site", "download_error", "download_lost")
+_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def plan_url_records(path: Path) -> list[dict]:
+    """One entry per record, in file order: key, url, caption, and `problem` for a record that
+    cannot be requested (no URL, not http(s), a key used before)."""
+    records = read_records(path, columns=(*KEY_FIELDS, *URL_FIELDS, *CAPTION_FIELDS))
+    if records and not any(isinstance(r, dict) and any(f in r for f in URL_FIELDS) for r in records):
+        raise FgdataError(f"{path}: no URL column or field (expected one of {', '.join(URL_FIELDS)})")
+    planned, seen = [], set()
+    for index, record in enumerate(records):
+        key = record_key(record, index, path.stem)
+        url = next((record[f] for f in URL_FIELDS if record.get(f) not in (None, "")), None)
+        caption = next((record[f] for f in CAPTION_FIELDS if isinstance(record.get(f), str) and record[f]), None)
+        problem = None
+        if "_not_an_object" in record:
+            problem = ("bad_record", f"item {index} is a {record['_not_an_object']}, not an object")
+        elif url is None:
+            problem = ("missing_url", f"record {index} has no url")
+        elif not isinstance(url, str) or urlsplit(url.strip()).scheme.lower() not in ("http", "https") or not urlsplit(url.strip()).netloc:
+            # urllib also opens file:// and ftp://: a URL list must never read this machine's files
+            problem = ("bad_url", f"record {index}: {str(url)[:200]!r} is not an http(s) URL")
+        elif key in seen:
+            problem = ("duplicate_key", f"record {index}: key {key!r} is already used by an earlier record")
+        seen.add(key)
+        planned.append({"key": key, "url": url.strip() if isinstance(url, str) else None, "caption": caption, "problem": problem})
+    return planned
+
+
+def network_reason(message: str) -> str:
+    """A reject reason for img2dataset's error message (urllib's exception text)."""
+    code = _HTTP.search(message)
+    if code:
+        return f"http_{code.group(1)}"
+    lower = message.lower()
+    for needle, reason in (
+        ("timed out", "timeout"), ("incompleteread", "incomplete_download"), ("x-robots-tag", "disallowed_by_site"),
+        ("connection", "connection_error"), ("urlopen error", "connection_error"), ("remote end closed", "connection_error"),
+    ):
+        if needle in lower:
+            return reason
+    return "download_error"
+
+
+def _staged_results(staging: Path) -> dict[str, dict]:
+    """The latest result per key over the finished attempts: status, error, the file if downloaded."""
+    results: dict[str, dict] = {}
+    for attempt in sorted(staging.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])):
+        table_path = attempt / "00000.parquet"
+        if not table_path.is_file():
+            continue
+        for row in pq.read_table(table_path, columns=["fgdata_key", "key", "status", "error_message"]).to_pylist():
+            image = attempt / "00000" / f"{row['key']}.img"
+            results[row["fgdata_key"]] = {"ok": row["status"] == "success" and image.is_file(), "error": row["error_message"], "file": str(image)}
+    return results
+
+
+def _download(records: list[dict], attempt: Path, config: Config) -> None:
+    """Runs img2dataset's downloader on `records` (key, url, caption) into `attempt`, written under
+    a temporary name first so a killed worker never leaves a half attempt that counts."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import asks PyPI for updates otherwise
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import FilesSampleWriter
+
+    partial = attempt.with_name(f".{attempt.name}.partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    columns = ["url", "caption", "fgdata_key"]
+    table = pa.table({"url": [r["url"] for r in records], "caption": [r["caption"] for r in records], "fgdata_key": [r["key"] for r in records]})
+    shard_file = partial / "input.arrow"
+    with pa.ipc.new_file(shard_file, table.schema) as writer:
+        writer.write_table(table)
+    downloader = Downloader(
+        sample_writer_class=FilesSampleWriter,
+        # the bytes are kept as served: ingest's checks decide, and normalise, every image
+        resizer=Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True),
+        thread_count=config.download.threads,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=str(partial),
+        column_list=columns,
+        timeout=config.download.timeout,
+        number_sample_per_shard=max(len(records), 10),
+        oom_shard_count=5,
+        compute_hash=None,
+        verify_hash_type=None,
+        encode_format="img",  # the file name says nothing of the format: ingest reads it from the bytes
+        retries=config.download.retries,
+        user_agent_token=None,
+        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+    )
+    ok, _ = downloader((0, str(shard_file)))
+    if not ok:
+        raise RuntimeError(f"img2dataset failed on {attempt}")  # the shard task is retried by the runner
+    os.replace(partial, attempt)
+
+
+class DownloadStage(IngestStage):
+    """Downloads a shard's URLs, then judges the bytes exactly as `fgdata ingest` does."""
+
+    name = "download"
+    # the download section is how, not what: it stays out of the settings hash (see DownloadConfig)
+    config_section = "ingest"
+
+    def __init__(self, url_list: Path, out_dir: Path):
+        self.url_list = Path(url_list).resolve()
+        self.out_dir = Path(os.path.abspath(out_dir))
+
+    def plan(self, config: Config) -> list[WorkUnit]:
+        import importlib.util
+
+        if importlib.util.find_spec("img2dataset") is None:
+            raise FgdataError(
+                "fgdata download needs img2dataset, which `make setup` installs without its pins on pandas and "
+                "opencv (see the Makefile's DOWNLOAD_PACKAGES); install it the same way"
+            )
+        records = plan_url_records(self.url_list)
+        if not records:
+            raise FgdataError(f"{self.url_list} holds no records")
+        size = config.ingest.rows_per_shard
+        return [WorkUnit(shard_name(i), records[start : start + size]) for i, start in enumerate(range(0, len(records), size))]
+
+    def lineage(self) -> list[dict]:
+        return [{"path": str(self.url_list), "format": "url-list"}]
+
+    def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
+        staging = self.out_dir / STAGING_DIR / unit.name.removesuffix(".parquet")
+        staging.mkdir(parents=True, exist_ok=True)
+        results = _staged_results(staging)
+        wanted = [r for r in unit.payload if r["problem"] is None and not results.get(r["key"], {}).get("ok")]
+        if wanted:
+            attempts = [int(p.name.split("-")[1]) for p in staging.glob("attempt-*")]
+            _download(wanted, staging / f"attempt-{max(attempts, default=-1) + 1}", config)
+            results = _staged_results(staging)
+        items = []
+        for record in unit.payload:
+            result = results.get(record["key"])
+            problem = record["problem"]
+            if problem is None and result is None:  # img2dataset dropped the row (an error inside its writer)
+                problem = ("download_lost", "img2dataset returned no result for this URL")
+            elif problem is None and not result["ok"]:
+                message = result["error"] or "no file was written"
+                problem = (network_reason(message), f"{record['url'][:300]}: {message[:300]}")
+            path = result["file"] if problem is None else str(self.url_list)
+            items.append(SourceItem(key=record["key"], path=path, caption=record["caption"], problem=problem))
+        shard = super().process(WorkUnit(unit.name, items), config)
+        # `source` names the URL, not the staging file it was read from
+        urls: dict[str, str] = {}
+        for record in unit.payload:
+            urls.setdefault(record["key"], record["url"] or "")
+        shard.table = shard.table.set_column(
+            shard.table.schema.get_field_index("source"), shard.table.schema.field("source"), pa.array([urls[k] for k in shard.table.column("key").to_pylist()], pa.string())
+        )
+        for reject in shard.rejects:
+            reject["source"] = urls[reject["key"]] or str(self.url_list)
+        shard.counters["urls_requested"] += len(wanted)
+        return shard
+
+
+def reopen_failed_shards(out_dir: Path) -> list[str]:
+    """Removes the completion marker of every finished download shard that has network failures,
+    so the next run redoes those shards (requesting only their failed URLs). Only in a folder
+    `fgdata download` owns; returns the reopened shard names."""
+    out_dir = Path(out_dir)
+    owner = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).is_file() else None
+    if owner is None or owner.get("stage") != DownloadStage.name:
+        return []
+    reopened = []
+    for marker in sorted((out_dir / DONE_DIR).glob("part-*.parquet.done")):
+        name = marker.name.removesuffix(".done")
+        stats = read_json(out_dir / STATS_DIR / name.replace(".parquet", ".json")) or {}
+        counters = stats.get("counters", {})
+        if any(count and (key.removeprefix("rejected_") in NETWORK_REASONS or key.startswith("rejected_http_")) for key, count in counters.items()):
+            marker.unlink()
+            reopened.append(name)
+    return reopened

@@ -1,0 +1,121 @@
+"""Structure checks every hard negative must pass, whichever backend wrote it."""
+
+from __future__ import annotations
+
+import re
+from difflib import SequenceMatcher
+from typing import Callable
+
+from pipeline.core.text import latin_fraction
+from pipeline.stages.fggrn.attribute_swap import same_meaning
+
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+_FUNCTION_WORDS = frozenset("a an the of in on with and at by to from its this that these those some".split())
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def structure_problem(positive: str, negative: str, head: str, seen: set[str], max_changed_words: int = 3) -> str | None:
+    """Why `negative` is no valid hard negative of `positive` (None when it is).
+
+    `seen` holds the normalised negatives already accepted for this region (for duplicates).
+    """
+    pos, neg = words(positive), words(negative)
+    if not neg:
+        return "empty"
+    if latin_fraction(negative) < 0.6:
+        return "not_english"
+    if neg == pos:
+        return "same_as_positive"
+    if " ".join(neg) in seen:
+        return "duplicate"
+    if head.lower() not in neg and not any(w.startswith(head.lower()) for w in neg):
+        return "object_changed"  # the head noun must stay: only an attribute may change
+    if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
+        return "length_mismatch"
+    changed = _changed_content_words(pos, neg)
+    if changed == 0:
+        return "only_function_words_changed"
+    if _only_synonyms_changed(pos, neg):
+        return "same_meaning"  # "a large horse" → "a huge horse" contradicts nothing
+    if changed > max_changed_words:
+        return "too_many_changes"
+    return None
+
+
+def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
+    """Whether every changed word was replaced, one for one, by a word of the same meaning class
+    in the attribute lexicons (whichever backend wrote the negative)."""
+    pairs = []
+    for op, i1, i2, j1, j2 in SequenceMatcher(a=positive, b=negative, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        if op != "replace" or i2 - i1 != j2 - j1:
+            return False
+        pairs += [(a, b) for a, b in zip(positive[i1:i2], negative[j1:j2]) if a != b and a not in _FUNCTION_WORDS]
+    return bool(pairs) and all(same_meaning(a, b) for a, b in pairs)
+
+
+def _content(span: list[str]) -> int:
+    return sum(w not in _FUNCTION_WORDS for w in span)
+
+
+def _changed_content_words(positive: list[str], negative: list[str]) -> int:
+    changed = 0
+    for op, i1, i2, j1, j2 in SequenceMatcher(a=positive, b=negative, autojunk=False).get_opcodes():
+        if op != "equal":
+            changed += max(_content(positive[i1:i2]), _content(negative[j1:j2]))
+    return changed
+
+
+def replaced_spans(before: str, after: str) -> list[tuple[str, str]] | None:
+    """The (old, new) content-word spans where `after` replaces words of `before` (articles and other
+    function words left out: "a grey" → "an orange" compares grey with orange, as calibrated), or None
+    when it also adds or removes content words (then it says more or less, not the same in other words)."""
+    a, b = words(before), words(after)
+    spans = []
+    for op, i1, i2, j1, j2 in SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        old, new = ([w for w in span if w not in _FUNCTION_WORDS] for span in (a[i1:i2], b[j1:j2]))
+        if bool(old) != bool(new):
+            return None
+        if old:
+            spans.append((" ".join(old), " ".join(new)))
+    return spans or None
+
+
+def reworded(before: str, after: str, similarity: Callable[[str, str], float], threshold: float) -> bool:
+    """Whether every span `after` replaces in `before` is a near-synonym of it by embedding similarity."""
+    spans = replaced_spans(before, after)
+    return bool(spans) and all(similarity(old, new) >= threshold for old, new in spans)
+
+
+def meaning_problem(positive: str, negative: str, accepted: list[str], similarity: Callable[[str, str], float] | None, threshold: float) -> str | None:
+    """Why `negative` says what the positive or an accepted negative of the same region already says
+    (None when it does not). Runs after `structure_problem`, before NLI: a near-duplicate of a negative
+    would get the same NLI verdict, so dropping it first loses nothing.
+
+    `same_meaning_embedding`: only near-synonyms of the positive's words replaced ("a gray car" for
+    "a grey car"); `near_duplicate`: an accepted negative reworded within one of the lexicons' meaning
+    classes ("a huge horse" after "a large horse"); `near_duplicate_embedding`: the same by embedding
+    ("a metallic chair" after "a metal chair"). `similarity` None: lexicons only."""
+    if similarity is not None and reworded(positive, negative, similarity, threshold):
+        return "same_meaning_embedding"
+    for earlier in accepted:
+        if _only_synonyms_changed(words(earlier), words(negative)):
+            return "near_duplicate"
+        if similarity is not None and reworded(earlier, negative, similarity, threshold):
+            return "near_duplicate_embedding"
+    return None
+
+
+def embedding_texts(positive: str, negatives: list[str]) -> set[str]:
+    """Every span `meaning_problem` may compare for these candidates, to embed them in one batch."""
+    texts = set()
+    for i, negative in enumerate(negatives):
+        for before in (positive, *negatives[:i]):
+            texts.update(t for span in replaced_spans(before, negative) or [] for t in span)
+    return texts
