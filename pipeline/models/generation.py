@@ -8,6 +8,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from pipeline.core.scoped import torch_seed
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -49,8 +51,7 @@ def sample_new_tokens(model, inputs, sampling: Sampling, **options) -> list[list
     options = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.temperature > 0, **options}
     if sampling.temperature > 0:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-    torch.manual_seed(sampling.seed)
-    with torch.inference_mode():
+    with torch_seed(sampling.seed), torch.inference_mode():
         output = model.generate(**inputs, **options)
     return output[:, inputs["input_ids"].shape[1] :].tolist()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.core.scoped import torch_seed
 from pipeline.errors import FgdataError, first_line
 from pipeline.models.reference import is_random_model
 
@@ -46,8 +47,7 @@ class Seq2SeqGenerator:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             options.update(do_sample=False, num_beams=max(num_beams, num_return_sequences))
-        torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch_seed(seed), torch.inference_mode():
             output = self.model.generate(**inputs, **options)
         texts = [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
         return [texts[i : i + num_return_sequences] for i in range(0, len(texts), num_return_sequences)]

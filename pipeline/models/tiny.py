@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.core.scoped import torch_seed
 from pipeline.models.reference import RANDOM_WEIGHTS_MARKER
 
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -37,10 +38,8 @@ def _byte_level_bpe(texts: list[str], special_tokens: list[str]):
 def _save_random(model_class, config, preprocessor, out_dir: Path, seed: int) -> Path:
     """Initialises `model_class` from `config` with a fixed seed and saves it as a hub model is laid
     out, with its tokenizer or processor and the random-weights marker."""
-    import torch
-
-    torch.manual_seed(seed)
-    model = model_class(config)
+    with torch_seed(seed):
+        model = model_class(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     preprocessor.save_pretrained(out_dir)

@@ -9,7 +9,6 @@ per-image text features. Letterboxing, NMS and the mapping back to pixels are ul
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -18,12 +17,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.images import to_rgb
+from pipeline.core.scoped import environment, torch_seed
 from pipeline.errors import FgdataError, first_line
 from pipeline.models.detection import Detection
 from pipeline.models.reference import is_random_model
-
-# A data pipeline must not pip-install packages while it runs; ultralytics does unless told not to.
-os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 # sha256 digests of ultralytics' official YOLO-World weights (github.com/ultralytics/assets
 # releases): the only .pt files loaded without ground.trust_model_file, because loading a .pt
@@ -62,6 +59,19 @@ MAX_ARCHITECTURE_NODES = 100_000  # yaml anchors can make a small file a huge tr
 TRUST_HINT = "if you trust this file, pass --trust-model-file (ground.trust_model_file=true)"
 
 
+def ultralytics_without_installs() -> None:
+    """Imports ultralytics with its pip auto-install off; call before any other ultralytics import.
+
+    ultralytics pip-installs a package a model file asks for unless YOLO_AUTOINSTALL was false when
+    it was first imported. A data pipeline must not install packages while it runs, nor change the
+    environment of the process it runs in, so the variable holds for that import only. An
+    ultralytics the caller imported earlier (installs on) is told through the flag its checks read
+    at call time."""
+    with environment(YOLO_AUTOINSTALL="false"):
+        from ultralytics.utils import checks
+    checks.AUTOINSTALL = False
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -75,6 +85,7 @@ def bundled_architecture(detector: str) -> Path | None:
     `yolov8s-worldv2.yaml` is cfg/models/v8/yolov8-worldv2.yaml at scale s. A path is never one."""
     if Path(detector).name != detector or Path(detector).suffix not in (".yaml", ".yml"):
         return None
+    ultralytics_without_installs()
     from ultralytics.utils import ROOT
 
     models = ROOT / "cfg" / "models"
@@ -155,6 +166,7 @@ def vet_detector(detector: str, trust: bool, *, fetch: bool) -> tuple[str, objec
                 raise FgdataError(f"refusing to build YOLO-World from {path}: {problem}, and ultralytics runs some architecture fields as code; {TRUST_HINT}")
         if not isinstance(cfg, dict):
             raise FgdataError(f"YOLO-World architecture {path} is not a mapping")
+        ultralytics_without_installs()
         from ultralytics.nn.tasks import guess_model_scale
 
         # as ultralytics' yaml_model_load: the scale letter comes from the name asked for
@@ -171,6 +183,7 @@ def vet_detector(detector: str, trust: bool, *, fetch: bool) -> tuple[str, objec
             raise FgdataError(f"refusing to load {detector}: fgdata has no verified sha256 for it yet, and a .pt file is a pickle that can run code when loaded; {TRUST_HINT}")
         if not fetch:
             return "weights", detector
+        ultralytics_without_installs()
         from ultralytics.utils.downloads import attempt_download_asset
 
         path = Path(attempt_download_asset(detector))  # downloads only; loading comes after the check
@@ -221,6 +234,7 @@ class PhraseEmbeddingCache:
 def letterbox_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
     """HWC RGB images → one NCHW uint8 batch, resized and padded as ultralytics' own predictor
     does: to the smallest stride-multiple rectangle when all images share a shape, else square."""
+    ultralytics_without_installs()
     from ultralytics.data.augment import LetterBox
 
     same_shape = len({a.shape for a in arrays}) == 1
@@ -230,6 +244,7 @@ def letterbox_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
 
 def boxes_to_pixels(boxes, letterboxed: tuple[int, int], shape: tuple[int, int]):
     """xyxy boxes in a letterboxed (height, width) frame back to the pixels of an image of `shape`."""
+    ultralytics_without_installs()
     from ultralytics.utils import ops
 
     return ops.scale_boxes(letterboxed, boxes.clone(), shape)
@@ -238,20 +253,21 @@ def boxes_to_pixels(boxes, letterboxed: tuple[int, int], shape: tuple[int, int])
 class YoloWorldDetector:
     def __init__(self, detector: str, text_encoder: str, *, image_size: int, cache_size: int, trust_model_file: bool = False):
         import torch
+
+        ultralytics_without_installs()
         from ultralytics import YOLOWorld
         from ultralytics.nn.tasks import WorldModel
 
         self._torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         kind, source = vet_detector(detector, trust_model_file, fetch=True)
-        # A model built from a .yaml architecture file has random weights: seeded, so that a
-        # restarted actor or a rerun builds the same one and resumed shards match.
         self.is_random = kind == "architecture" or is_random_model(text_encoder)
-        if self.is_random:
-            torch.manual_seed(0)
         try:
-            # built from the mapping checked above, so the file read is the file built
-            net = WorldModel(source, verbose=False) if kind == "architecture" else YOLOWorld(str(source)).model
+            # built from the mapping checked above, so the file read is the file built; a model
+            # built from a .yaml architecture has random weights, drawn from a fixed seed so that a
+            # restarted actor or a rerun builds the same one and resumed shards match
+            with torch_seed(0):
+                net = WorldModel(source, verbose=False) if kind == "architecture" else YOLOWorld(str(source)).model
             # fused conv+batchnorm, as ultralytics' own predictor runs it
             self.net = net.fuse(verbose=False).to(self.device).eval()
         except (FileNotFoundError, OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
@@ -261,6 +277,7 @@ class YoloWorldDetector:
         self.name = f"{detector} + {text_encoder}"
 
     def detect(self, images: list[Image.Image], phrases: list[list[str]], score_threshold: float) -> list[list[Detection]]:
+        ultralytics_without_installs()
         from ultralytics.utils import nms
 
         torch = self._torch

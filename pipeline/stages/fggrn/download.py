@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
+from pipeline.core.scoped import environment
 from pipeline.core.shards import DONE_DIR, RUN_FILE, STATS_DIR, read_json, shard_name
 from pipeline.core.sources import SourceItem
 from pipeline.errors import FgdataError
@@ -100,10 +101,12 @@ def _staged_results(staging: Path) -> dict[str, dict]:
 def _download(records: list[dict], attempt: Path, config: Config) -> None:
     """Runs img2dataset's downloader on `records` (key, url, caption) into `attempt`, written under
     a temporary name first so a killed worker never leaves a half attempt that counts."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import asks PyPI for updates otherwise
-    from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import FilesSampleWriter
+    # albumentations (which img2dataset imports) asks PyPI for updates when first imported unless
+    # this is set; set for that import only, so the caller's environment is left as it was
+    with environment(NO_ALBUMENTATIONS_UPDATE="1"):
+        from img2dataset.downloader import Downloader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import FilesSampleWriter
 
     partial = attempt.with_name(f".{attempt.name}.partial")
     if partial.exists():
