@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_dataset_invariants, image_bytes, make_config, read_rows
 from PIL import Image
+from test_hf_load import load_like_the_readme
 
 from pipeline.core.shards import find_ancestor, read_rejects
 from pipeline.datasets.fgclip_export import export_fgclip, image_file_name
@@ -31,9 +32,7 @@ def _reasons(dataset: Path) -> dict[str, str]:
 
 
 def _load_with_datasets(dataset: Path):
-    import datasets
-
-    return datasets.load_dataset("parquet", data_files=str(dataset / "part-*.parquet"), split="train", cache_dir=str(dataset.parent / ".hf-cache"))
+    return load_like_the_readme(dataset, dataset.parent / ".hf-cache")
 
 
 def test_fgclip_round_trip_keeps_boxes_phrases_and_negatives(tmp_path, ray_session):
@@ -218,17 +217,6 @@ def test_hf_save_to_disk_and_parquet_layouts(tmp_path, ray_session):
     assert _reasons(captions) == {"train-000000001": "missing_caption"}
     with pytest.raises(FgdataError, match="no image"):
         run_stage(ImportHfStage(hub.parent, "images"), tmp_path / "never", make_config())
-
-
-@pytest.mark.xfail(strict=True, reason="data_dir reads every file under OUT: _manifest.json, _run.json, _rejects/, _stats/ (see README)")
-def test_load_dataset_data_dir_reads_fgdata_metadata_too(tmp_path, ray_session):
-    import datasets
-
-    path = tmp_path / "grit.parquet"
-    pq.write_table(pa.Table.from_pylist(_grit_rows()[:1]), path)
-    out = tmp_path / "regions"
-    run_stage(ImportGritStage(path), out, make_config())
-    datasets.load_dataset("parquet", data_dir=str(out), split="train", cache_dir=str(tmp_path / ".hf-cache"))
 
 
 @pytest.mark.slow
