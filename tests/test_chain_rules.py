@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.datasets.chains import SEPARATOR, chain_shape_problem, complete_chain, parse_chain
+from pipeline.datasets.chains import SEPARATOR, chain_shape_problem, complete_chain
 from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv
 from pipeline.errors import FgdataError
 
@@ -77,7 +77,6 @@ def test_the_generated_chain_rule_keeps_real_hierarchies(tiers):
     # as seed/augment/generate read a model's answer: the three tiers above, the caption last
     assert complete_chain(SEPARATOR.join(tiers[:3]), tiers[-1]) == (tiers, None)
     assert complete_chain(SEPARATOR.join(tiers), tiers[-1]) == (tiers, None)
-    assert parse_chain(SEPARATOR.join(tiers)) == (tiers, None)
 
 
 CAPTION = "A birthday cake with lit candles sits on a wooden table."

@@ -29,9 +29,6 @@ class Schema:
     arrow: pa.Schema
     key: str
 
-    def empty_table(self) -> pa.Table:
-        return self.arrow.empty_table()
-
 
 def _arrow_type(spec) -> pa.DataType:
     if isinstance(spec, str):

@@ -47,13 +47,6 @@ def split_tiers(text: str) -> tuple[list[str], str | None]:
     return [tier.strip().strip('"').strip() for tier in candidates[0]], None
 
 
-def parse_chain(text: str, tiers: int = 4) -> tuple[list[str], str | None]:
-    """A whole chain of `tiers` tiers, or the reason the answer is not one."""
-    chain, problem = split_tiers(text)
-    problem = problem or chain_shape_problem(chain, tiers)
-    return ([], problem) if problem else (chain, None)
-
-
 def complete_chain(text: str, caption: str, tiers: int = 4) -> tuple[list[str], str | None]:
     """A model writes the tiers above a caption; the caption is the last tier. An answer that
     repeats the caption as its last tier is read the same way."""

@@ -89,7 +89,7 @@ class FgclipObjective:
         """The batch's forwards, each a function of the CLIP returning {name: embeddings}: the images
         (with their boxes' features) and every text group, cut into pieces of `chunk` items (0: whole).
         Concatenated in order, the pieces give the embeddings the loss reads."""
-        s, device = self.settings, self.device
+        s = self.settings
         hard = self._hard_boxes(batch)
         with_boxes = bool(batch["phrases"]) and bool(s.regional_weight or hard)
         pixels, boxes = batch["pixels"], batch["boxes"]

@@ -169,8 +169,6 @@ for _cls, _words in {"animal": "black white brown grey", "food": "red green yell
 class Swap:
     text: str
     attribute: str  # the kind of attribute changed: colour, material, ...
-    original: str
-    replacement: str
 
 
 def same_meaning(a: str, b: str) -> bool:
@@ -276,11 +274,10 @@ def attribute_swaps(doc: Doc, head_index: int, limit: int, seed: int) -> list[Sw
         if noun is None:
             continue
         cls = "any" if noun is last else noun_class(noun.lemma_)
-        original = doc[start:end].text
-        swaps = []
-        for word in contrasting_words(entry, None if cls == "any" else cls):
-            replacement = _cased(word, doc[start].text)
-            swaps.append(Swap(text=_replace(doc, start, end, replacement), attribute=kind, original=original, replacement=replacement))
+        swaps = [
+            Swap(text=_replace(doc, start, end, _cased(word, doc[start].text)), attribute=kind)
+            for word in contrasting_words(entry, None if cls == "any" else cls)
+        ]
         rng.shuffle(swaps)
         per_slot.append(swaps)
     # take one from each attribute in turn, so several attributes are covered before any repeats
