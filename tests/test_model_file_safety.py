@@ -340,8 +340,10 @@ def test_distill_resumes_from_its_own_checkpoint_and_refuses_a_poisoned_one(tmp_
         saved = save_checkpoint(*args, **kwargs)
         raise Killed(saved)
 
+    import pipeline.train.loop as loop_module  # the one loop distill trains in saves the checkpoints
+
     with monkeypatch.context() as patch:
-        patch.setattr(distill_module, "save_checkpoint", save_then_die)
+        patch.setattr(loop_module, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
             distill_module.distill([data], tmp_path / "out", settings, progress=False)
     checkpoint = latest_checkpoint(tmp_path / "out")

@@ -5,14 +5,16 @@ tiers above it (`animal => goat => goat on an island`), and `specify: <tier>` �
 specific tier (`specify: goat` → `goat on an island`; `specify: ` → a top tier). The first
 builds hierarchies for new captions; the second hallucinates siblings of a tier for negatives.
 
-Plain PyTorch: a deterministic batch order (a fixed permutation per epoch), checkpoints in
-safetensors with the optimizer, schedule and RNG state, so a killed run resumes to the same
-weights; evaluation loss on chains held out by key, and exact match at the end.
+Plain PyTorch in `fgdata train`'s loop (loop.run_training): a deterministic batch order (a fixed
+permutation per epoch), checkpoints in safetensors with the optimizer, schedule, RNG state and best
+evaluation loss, so a killed run resumes to the same weights; evaluation loss on chains held out by
+key, and exact match at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -21,15 +23,25 @@ from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipeline.config import DistillConfig
-from pipeline.core.shards import MODEL_DIR_ENTRIES, claim_output, lineage_entry, read_json, write_json
+from pipeline.core.shards import (
+    MODEL_DIR_ENTRIES,
+    claim_output,
+    lineage_entry,
+    read_json,
+    write_json,
+)
 from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC, normal_text
 from pipeline.datasets.hierarcaps_csv import read_chains
 from pipeline.errors import FgdataError
-from pipeline.models.reference import RANDOM_WEIGHTS_MARKER, absolute_local_paths, is_random_model
-from pipeline.train.checkpoints import latest_checkpoint, load_state, remove_checkpoints, save_checkpoint
+from pipeline.models.reference import (
+    RANDOM_WEIGHTS_MARKER,
+    absolute_local_paths,
+    is_random_model,
+)
+from pipeline.train.checkpoints import latest_checkpoint, remove_checkpoints, seeded
+from pipeline.train.loop import Checkpoints, run_training
+from pipeline.train.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +89,11 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     checkpoint = latest_checkpoint(out_dir)
     from pipeline.models.seq2seq import load_seq2seq
 
+    # a checkpoint folder is a model folder: resuming loads its weights as the base's
     tokenizer, model = load_seq2seq(str(checkpoint or settings.base_model), revision=None if checkpoint else settings.revision)
-    model.to(device).train()
-    from pipeline.train.optim import parameter_groups
-
+    model.to(device)
     # the transformers Trainer's rule: no decay on biases and LayerNorm (T5LayerNorm) weights
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay, "norms_biases"), lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.warmup_steps, total_steps))
-    step, history = 0, []
-    if checkpoint:
-        state = load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        if device == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        step, history = state["step"], state["history"]
-        log.info("resuming from %s (step %d of %d)", checkpoint.name, step, total_steps)
-    else:
-        torch.manual_seed(settings.seed)
+    optimizer, schedule = adamw(model, settings.learning_rate, settings.weight_decay, "norms_biases", settings.warmup_steps, total_steps, "linear")
     log.info(
         "distilling %s on %d chains (%d pairs), %d held out; %d steps of %d pairs on %s",
         settings.base_model, len(training), len(pairs), len(evaluation), total_steps, settings.batch_size, device,
@@ -113,6 +111,11 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             return model(**inputs, labels=labels).loss
 
+    def step(batch) -> dict:
+        loss = loss_of(batch)
+        loss.backward()
+        return {"loss": loss.item()}
+
     def evaluation_loss() -> float | None:
         if not eval_pairs:
             return None
@@ -122,33 +125,23 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         model.train()
         return sum(loss * n for loss, n in losses) / len(eval_pairs)
 
+    def record(step: int, means: dict, lr: float) -> dict:
+        entry = {"step": step, "train_loss": means["loss"], "eval_loss": evaluation_loss()}
+        log.info("step %d: train loss %.4f, eval loss %s", step, entry["train_loss"], "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}")
+        return entry
+
+    def batches(start: int):
+        return (_batch_at(s, pairs, settings.batch_size, steps_per_epoch, settings.seed) for s in itertools.count(start))
+
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", disable=not progress)
-    running = []
-    while step < total_steps:
-        loss = loss_of(_batch_at(step, pairs, settings.batch_size, steps_per_epoch, settings.seed))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        running.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % settings.eval_every == 0 or step == total_steps:
-            entry = {"step": step, "train_loss": sum(running) / len(running), "eval_loss": evaluation_loss()}
-            history.append(entry)
-            running = []
-            log.info("step %d: train loss %.4f, eval loss %s", step, entry["train_loss"], "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}")
-        if step % settings.save_every == 0 and step < total_steps:
-            state = {
-                "history": history, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else None,
-            }
+    # seeded for T5's dropout (the batch order has its own generator); a resumed run takes the checkpoint's state
+    with seeded(settings.seed, device):
+        trained = run_training(
+            model, optimizer, schedule, step, batches, total_steps=total_steps, log_every=settings.eval_every, record=record,
             # model.safetensors + config.json, and the tokenizer, so a checkpoint loads like a model
-            save_checkpoint(out_dir, step, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), state, settings.keep_checkpoints)
-    bar.close()
+            checkpoints=Checkpoints(out_dir, settings.save_every, settings.keep_checkpoints, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), asdict(settings)),
+            resume=checkpoint, max_grad_norm=1.0, best_of="eval_loss", device=device, desc="distill", progress=progress,
+        )
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -169,7 +162,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         "chains_dropped": dict(sorted(dropped.items())),  # left out by the reader, by reason
         "pairs": {"train": len(pairs), "held_out": len(eval_pairs)},
         "steps": total_steps,
-        "history": history,
+        "history": trained.history,
         "held_out_exact_match": exact_match(generator, evaluation, known_children(tiers for _, tiers in chains)) if evaluation else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -200,12 +193,6 @@ def exact_match(generator, chains: list[list[str]], children: dict[str, set[str]
         specific_hits += sum(normal_text(out[0]) in children[normal_text(parent)] for out, parent in zip(outputs, parents))
         specific_total += len(parents)
     return {"to_general": general_hits / len(chains), "to_specific": specific_hits / specific_total}
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def _batch_at(step: int, pairs: list, batch_size: int, steps_per_epoch: int, seed: int) -> list:

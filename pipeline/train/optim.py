@@ -57,13 +57,26 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float, rule: str) ->
     return [group for group in groups if group["params"]]
 
 
+def adamw(module: torch.nn.Module, learning_rate: float, weight_decay: float, rule: str, warmup: int, total: int, schedule: str):
+    """AdamW over the trainable parameters (decay by `rule`) and its LambdaLR schedule: the one
+    builder behind `fgdata train` and `fgdata hierarcaps distill`."""
+    optimizer = torch.optim.AdamW(parameter_groups(module, weight_decay, rule), lr=learning_rate)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule))
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
-    """The factor on the learning rate at optimizer step `step` (0-based), as transformers'
-    get_cosine_schedule_with_warmup / get_constant_schedule_with_warmup give it (FG-CLIP's train.sh
-    runs the first): linear from 0 over `warmup` steps, then a half cosine to 0 at `total`, or flat."""
+    """The factor on the learning rate at optimizer step `step` (0-based).
+
+    "cosine" and "constant" are transformers' get_cosine_schedule_with_warmup /
+    get_constant_schedule_with_warmup (FG-CLIP's train.sh runs the first): linear from 0 over
+    `warmup` steps, then a half cosine to 0 at `total`, or flat.
+    "linear" is distill's: its warm-up counts the step being taken, (step + 1) / warmup, so the
+    first step already learns; then a straight line to 0 at `total`."""
     if step < warmup:
-        return step / warmup
+        return (step + 1) / warmup if schedule == "linear" else step / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
