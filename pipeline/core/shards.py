@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,8 +119,10 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
         pq.ParquetWriter(path, table.schema).close()
 
 
-def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: list[dict], stats: dict, marker: str = "") -> None:
-    """Validates, then writes data, rejects and stats atomically, and marks the shard done last.
+def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: list[dict], stats: dict | Callable[[], dict], marker: str = "") -> dict:
+    """Validates, then writes data, rejects and stats atomically, and marks the shard done last;
+    returns the stats. `stats` may be a function, called once data and rejects are written (so
+    the stats can time the writing).
 
     `marker` (the fingerprint of the settings and input that made the shard) goes into the
     completion marker, so a shard written by another run is never taken for this run's."""
@@ -128,8 +131,10 @@ def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: l
     rejects_table = conform(rejects, "rejects")
     _atomic_replace(out_dir / name, lambda tmp: _write_parquet(table, tmp))
     _atomic_replace(out_dir / REJECTS_DIR / name, lambda tmp: _write_parquet(rejects_table, tmp))
+    stats = stats() if callable(stats) else stats
     write_json(out_dir / STATS_DIR / name.replace(".parquet", ".json"), stats)
     _atomic_replace(out_dir / DONE_DIR / f"{name}.done", lambda tmp: tmp.write_text(marker))
+    return stats
 
 
 def read_stats(out_dir: Path) -> dict[str, dict]:
@@ -275,16 +280,6 @@ def find_ancestor(dataset_dir: Path, kind: str, _seen: frozenset = frozenset()) 
     for parent in parents:
         path = parent.get("path")
         found = find_ancestor(Path(path), kind, _seen | {here}) if isinstance(path, str) and "\0" not in path else None
-        if found:
-            return found
-    return None
-    if manifest.get("kind") == kind:
-        return Path(dataset_dir)
-    parents = manifest.get("inputs", [])
-    if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
-        raise FgdataError(f"{Path(dataset_dir) / MANIFEST_FILE}: corrupt fgdata metadata ('inputs' is not a list of objects)")
-    for parent in parents:
-        found = find_ancestor(Path(parent["path"]), kind) if isinstance(parent.get("path"), str) else None
         if found:
             return found
     return None
