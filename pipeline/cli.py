@@ -21,7 +21,7 @@ app = typer.Typer(
         "Every stage reads a dataset directory and writes one; rerunning a stage resumes it. "
         "Settings come from defaults < --config FILE.yaml < --set section.key=value "
         "(see `fgdata config` for every key). Stages run on Ray: locally by default, on a "
-        "cluster when RAY_ADDRESS is set."
+        "cluster when RAY_ADDRESS is set; a tiny run, or any with --executor local, runs in this process."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -61,6 +61,18 @@ SetOption = Annotated[
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Delete OUT first instead of resuming the run already there.")
 ]
+ExecutorOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--executor",
+        help=(
+            "Where the shards run: ray (a local Ray, or the cluster in RAY_ADDRESS), local (this process, "
+            "one shard after another, no Ray: for debugging) or auto (the default: local for a tiny run, "
+            "i.e. one shard to do, a stage without a model, no RAY_ADDRESS; ray otherwise). "
+            "Same as --set run.executor=..."
+        ),
+    ),
+]
 
 
 @contextmanager
@@ -81,10 +93,12 @@ def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config_file, overrides)
 
 
-def _run_stage(stage, out: Path, config_file: Path | None, overrides: list[str] | None, overwrite: bool) -> None:
-    """Resolves the settings, runs `stage` into `out` on Ray and prints what it wrote."""
+def _run_stage(stage, out: Path, config_file: Path | None, overrides: list[str] | None, overwrite: bool, executor: str | None = None) -> None:
+    """Resolves the settings, runs `stage` into `out` and prints what it wrote."""
     from pipeline.runner import run_stage
 
+    if executor:  # the flag is the last word, after --config and --set
+        overrides = [*(overrides or []), f"run.executor={executor}"]
     with _user_errors():
         settings = _setup(config_file, overrides)
         _report_run(run_stage(stage, out, settings, overwrite=overwrite))
@@ -120,6 +134,7 @@ def ingest(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Read images and their alt-text into image shards (key, bytes, size, format, short_caption).
 
@@ -128,7 +143,7 @@ def ingest(
     """
     from pipeline.stages.fggrn.ingest import IngestStage
 
-    _run_stage(IngestStage(source, source_format), out, config, set_, overwrite)
+    _run_stage(IngestStage(source, source_format), out, config, set_, overwrite, executor)
 
 
 @app.command()
@@ -138,6 +153,7 @@ def download(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Download the images of a URL list with img2dataset straight into image shards.
 
@@ -152,7 +168,7 @@ def download(
         reopened = [] if overwrite else reopen_failed_shards(out)
     if reopened:
         typer.echo(f"retrying the failed downloads of {len(reopened)} shard(s)", err=True)
-    _run_stage(DownloadStage(urls, out), out, config, set_, overwrite)
+    _run_stage(DownloadStage(urls, out), out, config, set_, overwrite, executor)
 
 
 @import_app.command("fgclip")
@@ -164,6 +180,7 @@ def import_fgclip(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Read FG-CLIP JSON (caption, short_caption, f_path, bbox_info) into FgGRN shards keyed by f_path.
 
@@ -175,8 +192,8 @@ def import_fgclip(
     image_shards = None
     if images:
         image_shards = images_out or out.with_name(f"{out.name}-images")
-        _run_stage(FgclipImagesStage(json_path, images), image_shards, config, set_, overwrite)
-    _run_stage(ImportFgclipStage(json_path, image_shards), out, config, set_, overwrite)
+        _run_stage(FgclipImagesStage(json_path, images), image_shards, config, set_, overwrite, executor)
+    _run_stage(ImportFgclipStage(json_path, image_shards), out, config, set_, overwrite, executor)
 
 
 @import_app.command("grit")
@@ -187,11 +204,12 @@ def import_grit(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Read GRIT's grounded captions into region shards, keyed as `fgdata download` keys their images."""
     from pipeline.stages.fggrn.import_grit import ImportGritStage
 
-    _run_stage(ImportGritStage(parquet, expressions), out, config, set_, overwrite)
+    _run_stage(ImportGritStage(parquet, expressions), out, config, set_, overwrite, executor)
 
 
 @import_app.command("hf")
@@ -203,11 +221,12 @@ def import_hf(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Read a Hugging Face dataset into image or caption shards; unusable rows go to OUT/_rejects/."""
     from pipeline.stages.fggrn.import_hf import ImportHfStage
 
-    _run_stage(ImportHfStage(source, kind, split), out, config, set_, overwrite)
+    _run_stage(ImportHfStage(source, kind, split), out, config, set_, overwrite, executor)
 
 
 @app.command()
@@ -217,6 +236,7 @@ def phrases(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Split each caption into referring expressions with spaCy (long caption if present, else short).
 
@@ -226,7 +246,7 @@ def phrases(
     """
     from pipeline.stages.fggrn.phrases import PhrasesStage
 
-    _run_stage(PhrasesStage(inp), out, config, set_, overwrite)
+    _run_stage(PhrasesStage(inp), out, config, set_, overwrite, executor)
 
 
 @app.command()
@@ -240,6 +260,7 @@ def recaption(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Write a detailed long caption for every image with a multimodal LLM, next to its short caption.
 
@@ -251,7 +272,7 @@ def recaption(
     from pipeline.stages.fggrn.recaption import RecaptionStage
 
     flags = [f"recaption.model={model}"] * bool(model) + [f"recaption.backend={backend}"] * bool(backend)
-    _run_stage(RecaptionStage(images), out, config, [*flags, *(set_ or [])], overwrite)
+    _run_stage(RecaptionStage(images), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @app.command()
@@ -269,6 +290,7 @@ def ground(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Ground every phrase of every image to boxes with an open-vocabulary detector, one row per image.
 
@@ -281,7 +303,7 @@ def ground(
 
     flags = [f"ground.backend={backend}"] * bool(backend) + [f"ground.detector={detector}"] * bool(detector)
     flags += ["ground.trust_model_file=true"] * trust_model_file
-    _run_stage(GroundStage(phrases_dir, images), out, config, [*flags, *(set_ or [])], overwrite)
+    _run_stage(GroundStage(phrases_dir, images), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @app.command()
@@ -291,6 +313,7 @@ def negatives(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Write hard negatives for every region phrase: one attribute changed, the object kept.
 
@@ -304,7 +327,7 @@ def negatives(
     """
     from pipeline.stages.fggrn.negatives import NegativesStage
 
-    _run_stage(NegativesStage(regions), out, config, set_, overwrite)
+    _run_stage(NegativesStage(regions), out, config, set_, overwrite, executor)
 
 
 @export_app.command("fgclip")
@@ -358,11 +381,12 @@ def hierarcaps_import(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Read an official HierarCaps CSV into hierarcaps shards; malformed chains go to OUT/_rejects/."""
     from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
 
-    _run_stage(HierarcapsImportStage(csv_path), out, config, set_, overwrite)
+    _run_stage(HierarcapsImportStage(csv_path), out, config, set_, overwrite, executor)
 
 
 CaptionsArgument = Annotated[
@@ -390,6 +414,7 @@ def hierarcaps_seed(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Turn captions into chains with an instruction LLM and the few-shot prompt hierarcaps.seed_prompt.
 
@@ -400,7 +425,7 @@ def hierarcaps_seed(
     from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
-    _run_stage(HierarcapsSeedStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
+    _run_stage(HierarcapsSeedStage(captions), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @hierarcaps_app.command("augment")
@@ -413,13 +438,14 @@ def hierarcaps_augment(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Like seed, but each prompt shows hierarcaps.demonstrations chains drawn from DEMONSTRATIONS
     (a different draw per caption, never the caption's own chain), to grow and diversify the set."""
     from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
 
     flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
-    _run_stage(HierarcapsSeedStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite)
+    _run_stage(HierarcapsSeedStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @hierarcaps_app.command("distill")
@@ -462,13 +488,14 @@ def hierarcaps_generate(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Write a chain for every caption with the distilled model (beam search, hierarcaps.num_beams),
     and sample hierarcaps.negative_candidates siblings of every tier as candidate negatives."""
     from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
 
     flags = [f"hierarcaps.generator={model}"] * bool(model) + _split_flags(split)
-    _run_stage(HierarcapsGenerateStage(captions), out, config, [*flags, *(set_ or [])], overwrite)
+    _run_stage(HierarcapsGenerateStage(captions), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @hierarcaps_app.command("negatives")
@@ -478,12 +505,13 @@ def hierarcaps_negatives(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Pick one negative per tier by NLI: not entailed by the tier's positive, and entailing the tier
     above (a sibling under the same parent). Items with a tier left without one go to OUT/_rejects/."""
     from pipeline.stages.hierarcaps.negatives import HierarcapsNegativesStage
 
-    _run_stage(HierarcapsNegativesStage(dataset), out, config, set_, overwrite)
+    _run_stage(HierarcapsNegativesStage(dataset), out, config, set_, overwrite, executor)
 
 
 @hierarcaps_app.command("filter")
@@ -493,12 +521,13 @@ def hierarcaps_filter(
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
 ):
     """Keep chains whose every tier is entailed by the next (NLI, hierarcaps.nli_model); the rest go
     to OUT/_rejects/ with the failing tier and its score."""
     from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
 
-    _run_stage(HierarcapsFilterStage(dataset), out, config, set_, overwrite)
+    _run_stage(HierarcapsFilterStage(dataset), out, config, set_, overwrite, executor)
 
 
 @hierarcaps_app.command("export")

@@ -26,8 +26,11 @@ T = TypeVar("T")
 
 @dataclass
 class RunConfig:
-    """How the Ray runner schedules shards (never changes what a shard contains)."""
+    """How the runner schedules shards (never changes what a shard contains)."""
 
+    # "ray", "local" (in this process, one shard after another) or "auto": local for a tiny run
+    # (one shard to do, no model, no RAY_ADDRESS, Ray not already up), Ray otherwise.
+    executor: str = "auto"
     num_cpus: int | None = None  # local Ray only; None = all cores
     cpus_per_task: float = 1.0  # CPU share one shard task reserves
     max_shards_in_flight: int = 0  # 0 = twice the cluster's CPUs
@@ -469,6 +472,7 @@ RANGES: dict[str, Range] = {
 }
 # String settings that take one of a few values, by field name; checked with the ranges.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "executor": ("auto", "ray", "local"),
     "schedule": ("cosine", "constant"),
     "weight_decay_exempt": ("norms_biases", "open_clip", "none"),
 }

@@ -1,4 +1,6 @@
-"""Runs a stage's shards as Ray tasks: bounded concurrency, retries, resume, progress, manifest."""
+"""Runs a stage: planning, claiming the output, resume and the manifest are shared; the shards
+run on an executor, Ray (tasks and model actor pools, local or a cluster) or this process (one
+shard after another, no Ray). Both call the same `run_shard`, so they write the same shards."""
 
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from pipeline.stages.base import Stage, run_shard
 
 log = logging.getLogger(__name__)
 
-_REPORTED_PACKAGES = ("ray", "pyarrow", "pandas", "spacy", "pillow", "typer")
+# Recorded in every manifest, None when not installed (vllm is an optional extra).
+_REPORTED_PACKAGES = ("torch", "transformers", "ultralytics", "vllm", "ray", "pyarrow", "spacy", "pandas", "pillow", "typer")
 
 
 @dataclass
@@ -72,6 +75,20 @@ def ensure_ray(run: RunConfig) -> None:
     )
 
 
+def choose_executor(stage: Stage, config: Config, pending: int) -> str:
+    """`run.executor`, with "auto" resolved: this process for a tiny run, Ray for everything else.
+
+    Tiny = at most one shard to do, a stage without a model, no RAY_ADDRESS and no Ray already
+    running here: then starting Ray (seconds) costs more than the shard. Model stages stay on Ray
+    under auto because their actor pool is what places the model on GPUs (tensor-parallel groups,
+    restarts); `--executor local` runs one in this process when asked, e.g. to debug it."""
+    if config.run.executor != "auto":
+        return config.run.executor
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return "ray"
+    return "local" if pending <= 1 and not stage.uses_model else "ray"
+
+
 def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:
     started = time.perf_counter()
     units = stage.plan(config)
@@ -92,9 +109,11 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     skipped = len(units) - len(pending)
     if skipped:
         log.info("%s: resuming, %d of %d shards already finished", stage.name, skipped, len(units))
+    executor = choose_executor(stage, config, len(pending))
     failures: dict[str, str] = {}
     if pending:
-        failures = _run_pending(stage, pending, out_dir, config, len(units), skipped, fingerprints)
+        run_pending = _run_in_process if executor == "local" else _run_on_ray
+        failures = run_pending(stage, pending, out_dir, config, len(units), skipped, fingerprints)
     # A worker of an earlier, killed run can still finish a shard after this run wrote it:
     # only markers carrying this run's fingerprint count.
     markers = shard_markers(out_dir)
@@ -106,7 +125,7 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     if failures:
         raise StageFailed(stage.name, failures)
     stats = {u.name: read_json(out_dir / STATS_DIR / u.name.replace(".parquet", ".json")) for u in units}
-    manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage)
+    manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage, executor)
     write_json(out_dir / MANIFEST_FILE, manifest)
     write_datacard(out_dir, manifest)  # the datasheet a person reads, next to the manifest
     return RunSummary(
@@ -145,7 +164,52 @@ def _finished_for_this_input(out_dir: Path, fingerprints: dict[str, str]) -> set
     return done
 
 
-def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
+def _progress(stage: Stage, config: Config, total: int, skipped: int) -> tqdm:
+    return tqdm(total=total, initial=skipped, unit="shard", desc=stage.name, disable=not config.run.progress)
+
+
+def _run_in_process(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
+    """The local executor: the shards one after another in this process, the model loaded once,
+    each failing shard retried `run.max_retries` times as a Ray task would be."""
+    log.info("%s: %d shard(s) in this process (executor local)", stage.name, len(pending))
+    model = None
+    if stage.uses_model:
+        try:
+            model = stage.load_model(config)
+        except Exception as exc:  # noqa: BLE001 - as on Ray, where every shard fails on the dead actor
+            reason = _short_error(exc)
+            log.error("%s: the model did not load: %s", stage.name, reason)
+            return {unit.name: reason for unit in pending}
+    failures: dict[str, str] = {}
+    rows_done, started = 0, time.perf_counter()
+    with _progress(stage, config, total, skipped) as bar:
+        for unit in pending:
+            for attempt in range(config.run.max_retries + 1):
+                try:
+                    prepared = iter(_prepared_in_process(stage, unit, config)) if stage.uses_model else None
+                    stats = run_shard(stage, unit, str(out_dir), config, model=model, prepared=prepared, marker=fingerprints[unit.name])
+                    rows_done += stats["rows_in"]
+                    break
+                except Exception as exc:  # noqa: BLE001 - any shard failure is reported, the rest go on
+                    if attempt == config.run.max_retries:
+                        failures[unit.name] = _short_error(exc)
+                        log.error("%s: shard %s failed after retries: %s", stage.name, unit.name, failures[unit.name])
+            bar.update(1)
+            bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
+    return failures
+
+
+def _prepared_in_process(stage: Stage, unit, config: Config) -> list:
+    """`prepare`'s batches, held to the count it announced, as Ray's `num_returns` holds them."""
+    batches = stage.prepare(unit, config)
+    expected = stage.prepared_batches(unit, config)
+    if len(batches) != expected:
+        raise RuntimeError(f"{stage.name}: prepare returned {len(batches)} batch(es) for {unit.name}, prepared_batches said {expected}")
+    return batches
+
+
+def _run_on_ray(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
+    """The Ray executor: CPU stages as tasks, model stages on a pool of model actors."""
     ensure_ray(config.run)
     # a task bigger than every node would wait for one forever
     largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
@@ -170,7 +234,7 @@ def _run_pending(stage: Stage, pending, out_dir: Path, config: Config, total: in
     in_flight: dict = {}
     failures: dict[str, str] = {}
     rows_done, started = 0, time.perf_counter()
-    with tqdm(total=total, initial=skipped, unit="shard", desc=stage.name, disable=not config.run.progress) as bar:
+    with _progress(stage, config, total, skipped) as bar:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 unit = queue.popleft()
@@ -256,7 +320,9 @@ def _short_error(exc: BaseException) -> str:
     return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])[:500]
 
 
-def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float, lineage: list[dict]) -> dict:
+def _manifest(
+    stage: Stage, config: Config, settings_hash: str, stats: dict[str, dict], wall_seconds: float, lineage: list[dict], executor: str
+) -> dict:
     counters: Counter = Counter()
     provenance: dict = {}
     for shard in stats.values():
@@ -275,6 +341,7 @@ def _manifest(stage: Stage, config: Config, settings_hash: str, stats: dict[str,
         "provenance": provenance,
         "versions": _versions(),
         "machine": _machine(),  # `fgdata plan --from-runs` reads which hardware these timings are from
+        "executor": executor,  # what ran this run's shards: "ray" or "local" (this process)
         "shards": sorted(stats),
         "rows_in": sum(s["rows_in"] for s in stats.values()),
         "rows_out": sum(s["rows_out"] for s in stats.values()),
@@ -303,5 +370,5 @@ def _versions() -> dict:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            pass
+            versions[package] = None
     return versions

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray session, sample data, image and shard builders, dataset checks."""
+"""Shared fixtures: settings that run stages in-process, Ray for the tests about Ray, sample data,
+image and shard builders, dataset checks."""
 
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ FGDATA = Path(sys.executable).parent / "fgdata"
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the in-process tests; stages reuse a running session."""
+    """One local Ray for the tests that run stages on it (`make_config("run.executor=ray")`): the
+    first such run starts it with make_config's 2 CPUs, later runs reuse it. Started lazily, so a
+    test file whose stages all run in-process never pays for Ray."""
+    yield
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
     ray.shutdown()
 
 
 def make_config(*overrides: str) -> Config:
-    return load_config(None, ["run.progress=false", *overrides])
+    """Test settings: stages run in-process (the local executor) unless a test asks for Ray."""
+    return load_config(None, ["run.progress=false", "run.executor=local", "run.num_cpus=2", *overrides])
 
 
 def image_bytes(size=(64, 48), fmt="JPEG", color=(200, 30, 30)) -> bytes:

@@ -91,7 +91,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def phrases_command(source, out, *settings: str) -> list[str]:
-    return [str(FGDATA), "phrases", str(source), str(out), "-s", "run.progress=false", *(arg for s in settings for arg in ("-s", s))]
+    return [str(FGDATA), "phrases", str(source), str(out), "-s", "run.progress=false", "-s", "run.executor=ray", *(arg for s in settings for arg in ("-s", s))]
 
 
 def run_and_kill_node(ray_cluster, victim, args: list[str], out) -> tuple[subprocess.CompletedProcess, list[str], float]:

@@ -35,7 +35,7 @@ def caption_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(caption_shards, tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("reference") / "phrases"
-    run_stage(PhrasesStage(caption_shards), out, make_config())
+    run_stage(PhrasesStage(caption_shards), out, make_config("run.executor=ray"))
     return out
 
 
@@ -46,7 +46,7 @@ def all_keys():
 def start_phrases(source, out) -> subprocess.Popen:
     # max_shards_in_flight=1 keeps shards running one after another, so there is a window
     # in which some are finished and others not yet started.
-    args = [str(FGDATA), "phrases", str(source), str(out), "-s", "run.max_shards_in_flight=1", "-s", "run.progress=false"]
+    args = [str(FGDATA), "phrases", str(source), str(out), "-s", "run.max_shards_in_flight=1", "-s", "run.progress=false", "-s", "run.executor=ray"]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -117,7 +117,9 @@ def test_killed_model_actor_restarts_and_captions_match(tmp_path, ray_session):
     model_dir = build_tiny_vlm(tmp_path / "tiny-vlm", [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10)
     images = tmp_path / "images"
     run_stage(IngestStage(SAMPLE_IMAGES), images, make_config("ingest.rows_per_shard=6"))
-    settings = [f"recaption.model={model_dir}", "recaption.max_new_tokens=200", "recaption.batch_size=2", "recaption.retry_temperature=0"]
+    settings = [
+        f"recaption.model={model_dir}", "recaption.max_new_tokens=200", "recaption.batch_size=2", "recaption.retry_temperature=0", "run.executor=ray",
+    ]
     reference = tmp_path / "reference"
     run_stage(RecaptionStage(images), reference, make_config(*settings))
 

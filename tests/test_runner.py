@@ -26,7 +26,8 @@ def corrupt_data_pages(path: Path) -> None:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_a_shard_failing_after_retries_is_reported_and_others_stay_finished(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_shard_failing_after_retries_is_reported_and_others_stay_finished(tmp_path, executor):
     source = tmp_path / "in"
     for shard in range(3):
         write_caption_shard(source / f"part-{shard:05d}.parquet", [{"key": f"{shard}-{i}", "short_caption": "a red car"} for i in range(50)])
@@ -34,14 +35,14 @@ def test_a_shard_failing_after_retries_is_reported_and_others_stay_finished(tmp_
     corrupt_data_pages(source / "part-00001.parquet")
     out = tmp_path / "out"
     with pytest.raises(StageFailed) as failed:
-        run_stage(PhrasesStage(source), out, make_config("run.max_retries=1"))
+        run_stage(PhrasesStage(source), out, make_config("run.max_retries=1", f"run.executor={executor}"))
     assert list(failed.value.failures) == ["part-00001.parquet"]
     assert "part-00001.parquet" in str(failed.value) and "rerun the same command" in str(failed.value)
     assert finished_shards(out) == {"part-00000.parquet", "part-00002.parquet"}
     assert not (out / "_manifest.json").exists()
 
     (source / "part-00001.parquet").write_bytes(original)  # the user fixes the file and reruns
-    summary = run_stage(PhrasesStage(source), out, make_config())
+    summary = run_stage(PhrasesStage(source), out, make_config(f"run.executor={executor}"))
     assert (summary.shards_run, summary.shards_skipped, summary.rows_out) == (1, 2, 150)
     assert_dataset_invariants(out)
 
