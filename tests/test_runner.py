@@ -96,3 +96,25 @@ def test_model_pools_fill_the_gpus_by_tensor_parallel_group():
     assert model_pool(settings, cluster_gpus=8, gpus_per_replica=4) == ModelPool(actors=2, gpus_per_actor=4.0, cpus_per_actor=1.0)
     settings.num_actors = 3
     assert model_pool(settings, cluster_gpus=8).actors == 3
+
+
+def test_the_manifest_records_the_library_versions_the_shards_were_made_with(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from pipeline import __version__, runner
+    from pipeline.core.shards import read_json
+
+    real_version = metadata.version
+
+    def version(package):
+        if package == "vllm":  # the optional extra, as on a machine without it
+            raise metadata.PackageNotFoundError(package)
+        return real_version(package)
+
+    monkeypatch.setattr(runner.metadata, "version", version)
+    write_caption_shard(tmp_path / "in" / "part-00000.parquet", [{"key": "a", "short_caption": "a red car"}])
+    run_stage(PhrasesStage(tmp_path / "in"), tmp_path / "out", make_config())
+    versions = read_json(tmp_path / "out" / "_manifest.json")["versions"]
+    assert versions["fgdata"] == __version__ and versions["vllm"] is None
+    for package in ("torch", "transformers", "ultralytics", "ray", "pyarrow", "spacy"):
+        assert versions[package] == real_version(package), package
