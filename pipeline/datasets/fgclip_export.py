@@ -44,7 +44,6 @@ SUMMARY_FILE = "_export.fgdata"
 # what exports wrote before FG-CLIP's loaders were found to read them as data: removed by the next export
 LEGACY_SUMMARY_FILE = "_export.json"
 DATA_GLOBS = ("*.json", "*.jsonl")  # what FG-CLIP 1 and 2 read from a --data_path folder
-LOADER_MAX_BOXES = 4  # FG-CLIP's loaders keep the first 4 boxes of an item (max_anns)
 # why an item is left out: FG-CLIP 1's collator fails on a batch with no hard-negative box at all
 LEFT_OUT_REASONS = ("no_usable_box", "no_box_with_negatives")
 _FGGRN_COLUMNS = ["key", "short_caption", "long_caption", "phrase_source", "regions"]
@@ -130,7 +129,7 @@ def _score(region: dict) -> float:
 def fgclip_item(row: dict, f_path: str, negatives_needed: int, lowercase: bool = True) -> tuple[dict, str | None, Counter]:
     """(item, why it is left out or None, counts). One box per phrase (its best score): the region
     loss takes identical texts in one image for each other's negatives. Boxes with hard negatives
-    come first, so the 4 the loaders keep hold one whenever the image has one."""
+    come first, so the first 4 that FG-CLIP's loaders keep (max_anns) hold one whenever the image has one."""
     counts: Counter = Counter()
     best: dict[str, tuple] = {}
     for order, region in enumerate(row["regions"]):
