@@ -442,10 +442,10 @@ def hierarcaps_augment(
 ):
     """Like seed, but each prompt shows hierarcaps.demonstrations chains drawn from DEMONSTRATIONS
     (a different draw per caption, never the caption's own chain), to grow and diversify the set."""
-    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
+    from pipeline.stages.hierarcaps.augment import HierarcapsAugmentStage
 
     flags = [f"hierarcaps.model={model}"] * bool(model) + _split_flags(split)
-    _run_stage(HierarcapsSeedStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite, executor)
+    _run_stage(HierarcapsAugmentStage(captions, demonstrations), out, config, [*flags, *(set_ or [])], overwrite, executor)
 
 
 @hierarcaps_app.command("distill")

@@ -141,21 +141,39 @@ class PhrasesConfig:
 
 
 @dataclass
-class RecaptionConfig:
+class ModelStageSettings:
+    """What every model stage's section holds: rows per model call and the pool of model actors."""
+
+    batch_size: int = 16  # rows per model call
+    num_actors: int = 0  # model replicas; 0 = one per GPU (group), or 1 without GPUs
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class GeneratorSettings(ModelStageSettings):
+    """What the sections of the stages an LLM or VLM writes for share on top: the model, how it
+    runs and how it samples. Each section sets its own defaults."""
+
     backend: str = "transformers"  # or "vllm" (pip install 'fgdata[gpu]')
-    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id or local directory
+    model: str = ""  # hub id or local directory
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     tensor_parallel_size: int = 1  # vLLM only: GPUs one model instance spans
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class RecaptionConfig(GeneratorSettings):
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     prompt: str = "recaption_long.v1"  # a name in prompts/ or a path to your own .txt
     max_new_tokens: int = 384
     temperature: float = 0.0  # 0 = greedy, which makes reruns reproduce the same captions
     top_p: float = 1.0
-    seed: int = 0
     batch_size: int = 16  # images per generate call
-    num_actors: int = 0  # model replicas; 0 = one per GPU group, or 1 without GPUs
-    cpus_per_actor: float = 1.0
     max_image_side: int = 1024  # images are resized on CPU workers to fit this, keeping aspect
     max_aspect_ratio: float = 20.0  # longer/shorter side; beyond this the image is rejected
     retry_temperature: float = 0.7  # a rejected caption is retried once with this; 0 = no retry
@@ -167,7 +185,7 @@ class RecaptionConfig:
 
 
 @dataclass
-class GroundConfig:
+class GroundConfig(ModelStageSettings):
     backend: str = "yolo_world"  # or "owlv2" (a transformers zero-shot detector)
     # YOLO-World: an ultralytics checkpoint name or path; a .yaml builds random weights
     detector: str = "yolov8x-worldv2.pt"
@@ -188,24 +206,15 @@ class GroundConfig:
     max_boxes_per_phrase: int = 3
     max_boxes_per_image: int = 20
     text_cache_size: int = 200_000  # phrase embeddings kept per actor
-    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
-    cpus_per_actor: float = 1.0
 
 
 @dataclass
-class NegativesConfig:
-    # "transformers" or "vllm" (an instruction LLM rewrites each phrase), or "rules" (attribute
+class NegativesConfig(GeneratorSettings):
+    # backend "transformers" or "vllm" (an instruction LLM rewrites each phrase), or "rules" (attribute
     # swaps from curated lexicons: CPU, no model, the baseline and offline fallback)
-    backend: str = "transformers"
     model: str = "meta-llama/Llama-3.1-8B-Instruct"  # 70B: set tensor_parallel_size with vllm
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
     prompt: str = "hard_negatives.v1"
     max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
     per_region: int = 10
     min_valid: int = 3  # a region with fewer valid negatives is flagged too_few_valid
     max_changed_words: int = 3
@@ -221,29 +230,18 @@ class NegativesConfig:
     # contradiction measured (three/four, wide/narrow) is 0.82. null turns the check off.
     embedding_model: str | None = "sentence-transformers/all-MiniLM-L6-v2"
     max_embedding_similarity: float = 0.85
-    seed: int = 0
     batch_size: int = 64  # rows per batch; all their regions go to the LLM in one call
-    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
-    cpus_per_actor: float = 1.0
 
 
 @dataclass
-class HierarcapsConfig:
+class HierarcapsConfig(GeneratorSettings):
     split: str = "train"  # what seed/augment/generate rows are for: train and test come from separate sources
-    # seed and augment: an instruction LLM writes the chains (backends shared with negatives)
-    backend: str = "transformers"  # or "vllm"
+    # seed and augment: an instruction LLM writes the chains (backend and model settings shared with negatives)
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
     seed_prompt: str = "hierarcaps_seed.v1"  # a name in prompts/ or a path to your own .txt
     augment_prompt: str = "hierarcaps_augment.v1"
     demonstrations: int = 6  # validated chains shown in each augment prompt
     max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
     # filter and negatives: an NLI cross-encoder checks every tier
     nli_model: str = "cross-encoder/nli-deberta-v3-base"
     min_entailment: float = 0.5  # each tier must be entailed by the next with at least this probability
@@ -260,8 +258,6 @@ class HierarcapsConfig:
     candidate_top_p: float = 0.95
     generate_max_new_tokens: int = 64
     batch_size: int = 256  # chains per model batch
-    num_actors: int = 0  # 0 = one per GPU, or 1 without GPUs
-    cpus_per_actor: float = 1.0
 
 
 @dataclass

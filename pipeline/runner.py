@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import ray
 from tqdm import tqdm
@@ -91,6 +92,7 @@ def choose_executor(stage: Stage, config: Config, pending: int) -> str:
 
 def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:
     started = time.perf_counter()
+    config = stage.resolve(config)  # before planning and hashing: the hash covers what the workers see
     units = stage.plan(config)
     # The inputs' lineage is read now, in planning, so corrupt or unfinished input stops the run
     # before any shard is written.
@@ -199,13 +201,14 @@ def _run_in_process(stage: Stage, pending, out_dir: Path, config: Config, total:
     return failures
 
 
-def _prepared_in_process(stage: Stage, unit, config: Config) -> list:
-    """`prepare`'s batches, held to the count it announced, as Ray's `num_returns` holds them."""
+def _prepared_in_process(stage: Stage, unit, config: Config) -> Iterator:
+    """`prepare`'s batches, held to the count it announced, as Ray's `num_returns` holds them;
+    made when first asked for, so run_shard's clock counts the decoding as prepare time."""
     batches = stage.prepare(unit, config)
     expected = stage.prepared_batches(unit, config)
     if len(batches) != expected:
         raise RuntimeError(f"{stage.name}: prepare returned {len(batches)} batch(es) for {unit.name}, prepared_batches said {expected}")
-    return batches
+    yield from batches
 
 
 def _run_on_ray(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:

@@ -99,13 +99,14 @@ CAPTION = "A birthday cake with lit candles sits on a wooden table."
     ],
 )
 def test_bad_generated_chains_are_rejected_with_their_reason(answer, reason):
-    assert complete_chain(answer, CAPTION) == ([], reason)
+    chain, (problem, detail) = complete_chain(answer, CAPTION)
+    assert chain == [] and problem == reason and detail.startswith(f"model answered {answer!r}")
 
 
 def test_a_chain_whose_last_tier_is_not_the_caption_is_rejected():
     tiers = ["baked goods", "cake", "birthday cake", "a cake on a plate"]
     assert chain_shape_problem(tiers) is None
-    assert chain_shape_problem(tiers, caption=CAPTION) == "last_tier_not_caption"
+    assert chain_shape_problem(tiers, caption=CAPTION) == ("last_tier_not_caption", "the last tier 'a cake on a plate' is not the caption")
     assert chain_shape_problem(tiers, caption=" A CAKE on a  plate") is None  # case and spacing only
 
 

@@ -145,7 +145,8 @@ def test_generate_writes_chains_and_sibling_candidates(world, tmp_path):
 )
 def test_llm_answers_become_chains_or_reasons(answer, problem):
     tiers, reason = complete_chain(answer, "a white goat standing on a rocky island")
-    assert reason == problem
+    assert (reason and reason[0]) == problem
+    assert reason is None or f"model answered {answer!r}" in reason[1]  # the detail quotes the answer
     assert tiers == ([] if problem else ["animal", "goat", "goat on an island", "a white goat standing on a rocky island"])
 
 
@@ -183,9 +184,9 @@ def test_negative_choice_needs_a_sibling_under_the_same_parent():
     scores[3:5] = [score(0.7, 0.1), score(0.95)]  # now "cars" is entailed by the positive too
     chosen, problem = choose_negatives(tiers, candidates, scores, max_entailed=0.5, min_parent=0.5)
     assert chosen is None
-    assert problem == "tier 2 ('motorized transportation'): 1 does_not_entail_parent, 1 entailed_by_positive"
+    assert problem == ("no_valid_negative", "tier 2 ('motorized transportation'): 1 does_not_entail_parent, 1 entailed_by_positive")
     _, problem = choose_negatives(tiers, [["food"], [], ["car"], ["x"]], [score(0.0, 1.0), score(0.0), score(0.9), score(0.0), score(0.9)], 0.5, 0.5)
-    assert problem == "tier 2 ('motorized transportation'): no candidates"
+    assert problem == ("no_valid_negative", "tier 2 ('motorized transportation'): no candidates")
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -263,14 +264,14 @@ def test_seed_parses_or_rejects_every_llm_answer_through_the_vllm_adapter(tiny_l
 
 
 def test_augment_prompts_show_validated_chains_never_the_captions_own(tiny_llm, tmp_path):
-    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage, draw_demonstrations
+    from pipeline.stages.hierarcaps.augment import HierarcapsAugmentStage, draw_demonstrations
 
     chains = synthetic_chains(40, seed=3)
     demos = write_chains(tmp_path / "validated", chains)
     captions = tmp_path / "captions.txt"
     captions.write_text(f"{chains[0][-1]}\na cat on a mat\n")
     settings = make_config(f"hierarcaps.model={tiny_llm}", "hierarcaps.demonstrations=5")
-    stage = HierarcapsSeedStage(captions, demonstrations=demos)
+    stage = HierarcapsAugmentStage(captions, demonstrations=demos)
     (unit,) = stage.plan(settings)
     assert len(stage.examples) == 40
     template = (REPO / "prompts" / "hierarcaps_augment.v1.txt").read_text()

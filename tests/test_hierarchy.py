@@ -2,9 +2,16 @@ import time
 
 import pytest
 
-from pipeline.datasets.chains import chain_nli_problem, chain_shape_problem, entailment_pairs, parse_chain
+from pipeline.datasets.chains import chain_nli_problem, chain_shape_problem, complete_chain, entailment_pairs, split_tiers
 
 GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky island"]
+
+
+def read_answer(text: str, caption: str = GOAT[-1]) -> tuple[list[str], str | None]:
+    """An answer as seed/augment/generate read it (the caption last): the chain, or the reason
+    (its detail aside) it is not one."""
+    chain, problem = complete_chain(text, caption)
+    return chain, problem[0] if problem else None
 
 
 @pytest.mark.parametrize(
@@ -16,7 +23,6 @@ GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky
         ("1. animal\n2. goat\n3. goat on an island\n4. a white goat standing on a rocky island", GOAT, None),
         ("Tier 1: animal\nTier 2: goat\nTier 3: goat on an island\nTier 4: a white goat standing on a rocky island", GOAT, None),
         ('["animal", "goat", "goat on an island", "a white goat standing on a rocky island"]', GOAT, None),
-        ("animal => goat => a white goat standing on a rocky island", [], "wrong_tier_count"),
         ("animal => goat => goat on an island => goat => a goat", [], "wrong_tier_count"),
         ("animal =>  => goat on an island => a white goat standing on a rocky island", [], "blank_tier"),
         ("animal => goat => goat => a white goat standing on a rocky island", [], "repeated_tier"),
@@ -28,7 +34,15 @@ GOAT = ["animal", "goat", "goat on an island", "a white goat standing on a rocky
     ],
 )
 def test_messy_chains(text, expected, reason):
-    assert parse_chain(text) == (expected, reason)
+    assert read_answer(text) == (expected, reason)  # all four tiers written, the caption last
+
+
+def test_a_chain_short_of_a_tier_is_refused():
+    text = "animal => goat => a white goat standing on a rocky island"
+    tiers, problem = split_tiers(text)
+    assert problem is None and chain_shape_problem(tiers)[0] == "wrong_tier_count"
+    # read as the tiers above the caption, the caption stands twice
+    assert read_answer(text) == ([], "repeated_tier")
 
 
 @pytest.mark.parametrize(
@@ -45,26 +59,31 @@ def test_messy_chains(text, expected, reason):
 )
 def test_hostile_chains_give_a_reason_fast(text, reason):
     start = time.perf_counter()
-    assert parse_chain(text) == ([], reason)
+    assert read_answer(text) == ([], reason)
     assert time.perf_counter() - start < 1.0
 
 
 def test_a_chain_after_a_long_run_of_blank_lines_is_still_read():
-    assert parse_chain("\n" * 16_000 + " => ".join(GOAT)) == (GOAT, None)
+    assert read_answer("\n" * 16_000 + " => ".join(GOAT)) == (GOAT, None)
 
 
 def test_a_reversed_chain_passes_the_shape_rule_and_fails_nli():
     # fewer words is not less specific (`baked goods => cake`), so word counts cannot tell the
     # order; the NLI filter does: "goat on an island" does not entail "a white goat ..."
     reversed_goat = GOAT[::-1]
-    assert parse_chain(" => ".join(reversed_goat)) == (reversed_goat, None)
-    assert chain_nli_problem([0.08, 0.3, 0.2], threshold=0.5) == (0, 0.08)
+    assert read_answer(" => ".join(reversed_goat), reversed_goat[-1]) == (reversed_goat, None)
+    assert chain_nli_problem(reversed_goat, [0.08, 0.3, 0.2], threshold=0.5) == (
+        "not_entailed", "tier 2 ('goat on an island') entails tier 1 ('a white goat standing on a rocky island') with only 0.08 < 0.5"
+    )
 
 
 def test_nli_filter_reports_the_failing_tier():
     assert entailment_pairs(GOAT)[0] == ("goat", "animal")
-    assert chain_nli_problem([0.97, 0.91, 0.88], threshold=0.5) is None
-    assert chain_nli_problem([0.97, 0.21, 0.12], threshold=0.5) == (1, 0.21)  # "goat on an island" does not entail "goat"
+    assert chain_nli_problem(GOAT, [0.97, 0.91, 0.88], threshold=0.5) is None
+    # "goat on an island" does not entail "goat"
+    assert chain_nli_problem(GOAT, [0.97, 0.21, 0.12], threshold=0.5) == (
+        "not_entailed", "tier 3 ('goat on an island') entails tier 2 ('goat') with only 0.21 < 0.5"
+    )
     assert chain_shape_problem(GOAT) is None
 
 

@@ -230,7 +230,7 @@ def test_hierarcaps_negatives_use_the_same_rule_and_record_both_scores():
     assert judged[0]["parent_entailment"] == 1.0
     # the neutral "cat" passes the old rule only; alone in its tier it fails the new one, by name
     _, problem = choose_negatives(tiers, [["vehicle"], ["cat"], ["white dog"], ["x"]], scores[:3] + scores[5:], 0.5, 0.5, rule="contradiction")
-    assert problem == "tier 2 ('dog'): 1 not_contradicted_by_positive"
+    assert problem == ("no_valid_negative", "tier 2 ('dog'): 1 not_contradicted_by_positive")
     chosen, _ = choose_negatives(tiers, [["vehicle"], ["cat"], ["white dog"], ["x"]], scores[:3] + scores[5:], 0.5, 0.5, rule="not_entailed")
     assert chosen[1] == "cat"
 
@@ -303,10 +303,11 @@ def test_meaning_problem_compares_replaced_spans():
     assert replaced_spans("a red car", "a dark blue car") == [("red", "dark blue")]
     assert replaced_spans("a car", "a red car") is None  # an added word is no rewording
     assert replaced_spans("a grey car", "an orange car") == [("grey", "orange")]  # the article is no content
-    assert meaning_problem("an aluminum pan", "an aluminium pan", [], similarity, 0.85) == "same_meaning_embedding"
-    assert meaning_problem("a steel pan", "an aluminium pan", ["an aluminum pan"], similarity, 0.85) == "near_duplicate_embedding"
+    assert meaning_problem("an aluminum pan", "an aluminium pan", [], similarity, 0.85)[0] == "same_meaning_embedding"
+    reason, detail = meaning_problem("a steel pan", "an aluminium pan", ["an aluminum pan"], similarity, 0.85)
+    assert reason == "near_duplicate_embedding" and "'an aluminum pan'" in detail  # names the negative it repeats
     assert meaning_problem("a steel pan", "an aluminium pan", ["an aluminum pan"], similarity, 0.97) is None  # below the threshold
     assert meaning_problem("a steel pan", "an aluminium pan", ["an aluminum pan"], None, 0.85) is None  # check off
-    assert meaning_problem("a small horse", "a huge horse", ["a large horse"], None, 0.85) == "near_duplicate"  # lexicon class
+    assert meaning_problem("a small horse", "a huge horse", ["a large horse"], None, 0.85)[0] == "near_duplicate"  # lexicon class
     assert meaning_problem("a steel pan", "an aluminum pan", [], similarity, 0.85) is None
     assert meaning_problem("a pan", "the pan", [], lambda a, b: 1.0, 0.85) is None  # function words only: structure's job

@@ -42,7 +42,9 @@ def test_hierarcaps_prompts_keep_a_hostile_caption_verbatim(tmp_path):
     before, _, after = template.partition("{caption}")
     assert filled == before + HOSTILE + after
 
-    augment = HierarcapsSeedStage(tmp_path, tmp_path)
+    from pipeline.stages.hierarcaps.augment import HierarcapsAugmentStage
+
+    augment = HierarcapsAugmentStage(tmp_path, tmp_path)
     augment.examples = [["animal", "dog", "dog on grass", "a dog on the grass {examples}"]]
     filled = augment._fill(load_prompt("hierarcaps_augment.v1").text, {"key": "k", "caption": HOSTILE}, settings)
     assert filled.count(HOSTILE) == 1 and filled.count("a dog on the grass {examples}") == 1

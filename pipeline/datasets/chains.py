@@ -47,17 +47,19 @@ def split_tiers(text: str) -> tuple[list[str], str | None]:
     return [tier.strip().strip('"').strip() for tier in candidates[0]], None
 
 
-def complete_chain(text: str, caption: str, tiers: int = 4) -> tuple[list[str], str | None]:
+def complete_chain(text: str, caption: str, tiers: int = 4) -> tuple[list[str], tuple[str, str] | None]:
     """A model writes the tiers above a caption; the caption is the last tier. An answer that
-    repeats the caption as its last tier is read the same way."""
-    above, problem = split_tiers(text)
-    if problem:
-        return [], problem
+    repeats the caption as its last tier is read the same way. Returns (chain, None), or ([],
+    (reason, detail)) where the detail quotes the answer."""
+    answered = f"model answered {text[:300]!r}" if isinstance(text, str) else f"model answered {type(text).__name__}"
+    above, reason = split_tiers(text)
+    if reason:
+        return [], (reason, answered)
     if len(above) == tiers and normal_text(above[-1]) == normal_text(caption):
         above = above[:-1]
     chain = [*above, caption.strip()]
     problem = chain_shape_problem(chain, tiers, caption)
-    return ([], problem) if problem else (chain, None)
+    return ([], (problem[0], f"{answered}; {problem[1]}")) if problem else (chain, None)
 
 
 def normal_text(text: str) -> str:
@@ -73,23 +75,24 @@ def normal_text(text: str) -> str:
 MAX_EXTRA_WORDS = 8
 
 
-def chain_shape_problem(chain: list[str], tiers: int = 4, caption: str | None = None) -> str | None:
-    """Why a generated chain is not one (None if its shape is fine): the rule for model output
-    (seed, augment, generate). Curated chains (`hierarcaps import`) are never judged by it."""
+def chain_shape_problem(chain: list[str], tiers: int = 4, caption: str | None = None) -> tuple[str, str] | None:
+    """Why a generated chain is not one, as (reason, detail), or None if its shape is fine: the rule
+    for model output (seed, augment, generate). Curated chains (`hierarcaps import`) are never judged by it."""
     if len(chain) != tiers:
-        return "wrong_tier_count"
+        return "wrong_tier_count", f"{len(chain)} tiers, not {tiers}"
     if any(not tier.strip() for tier in chain):
-        return "blank_tier"
+        return "blank_tier", f"tier {next(i for i, tier in enumerate(chain) if not tier.strip()) + 1} is blank"
     # case and spacing only: the official data has 56 chains whose tiers differ by punctuation
     # alone (`riders in their gear => riders in their gear .`), 336 by punctuation or an article
     lowered = [normal_text(tier) for tier in chain]
     if len(set(lowered)) != len(lowered):
-        return "repeated_tier"
+        return "repeated_tier", "two tiers are the same text (case and spacing aside)"
     if caption is not None and lowered[-1] != normal_text(caption):
-        return "last_tier_not_caption"
+        return "last_tier_not_caption", f"the last tier {chain[-1][:200]!r} is not the caption"
     words = [len(tier.split()) for tier in chain]
-    if any(earlier > later + MAX_EXTRA_WORDS for earlier, later in zip(words, words[1:])):
-        return "tier_too_long"
+    for i, (earlier, later) in enumerate(zip(words, words[1:])):
+        if earlier > later + MAX_EXTRA_WORDS:
+            return "tier_too_long", f"tier {i + 1} has {earlier} words, over {MAX_EXTRA_WORDS} more than tier {i + 2}'s {later}"
     return None
 
 
@@ -98,6 +101,11 @@ def entailment_pairs(chain: list[str]) -> list[tuple[str, str]]:
     return [(chain[i + 1], chain[i]) for i in range(len(chain) - 1)]
 
 
-def chain_nli_problem(entailment: list[float], threshold: float) -> tuple[int, float] | None:
-    """The first generic tier (0-based) its more specific neighbour does not entail, with the score."""
-    return next(((i, score) for i, score in enumerate(entailment) if score < threshold), None)
+def chain_nli_problem(chain: list[str], entailment: list[float], threshold: float) -> tuple[str, str] | None:
+    """("not_entailed", detail naming the first generic tier its more specific neighbour does not
+    entail, with the score), or None when every tier is entailed. `entailment` is per
+    `entailment_pairs(chain)`."""
+    for i, score in enumerate(entailment):
+        if score < threshold:
+            return "not_entailed", f"tier {i + 2} ({chain[i + 1]!r}) entails tier {i + 1} ({chain[i]!r}) with only {score:.2f} < {threshold}"
+    return None

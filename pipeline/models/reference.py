@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.errors import FgdataError, first_line
@@ -11,13 +12,19 @@ from pipeline.errors import FgdataError, first_line
 RANDOM_WEIGHTS_MARKER = "fgdata_random_weights.json"
 
 
+def resolve_local_paths(settings, *names: str):
+    """A copy of `settings` (a dataclass) with the named model settings absolute where they are
+    local paths: Ray workers on other nodes, or in another working directory, must find the same
+    files (hub ids and empty settings stay as they are). `settings` itself is left unchanged."""
+    changed = {name: str(Path(value).resolve()) for name in names if (value := getattr(settings, name)) and Path(value).exists()}
+    return dataclasses.replace(settings, **changed) if changed else settings
+
+
 def absolute_local_paths(settings, *names: str) -> None:
-    """Makes the named model settings absolute where they are local paths: Ray workers on other
-    nodes, or in another working directory, must find the same files (hub ids stay as they are)."""
+    """`resolve_local_paths` in place, for settings a command owns (the trainers' own copies)."""
+    resolved = resolve_local_paths(settings, *names)
     for name in names:
-        value = getattr(settings, name)
-        if Path(value).exists():
-            setattr(settings, name, str(Path(value).resolve()))
+        setattr(settings, name, getattr(resolved, name))
 
 
 def is_random_model(model: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector
 from pipeline.models.generation import ImageTextGenerator
-from pipeline.models.reference import absolute_local_paths, check_model_reference
+from pipeline.models.reference import check_model_reference
 
 
 def check_detector(settings) -> None:
@@ -18,7 +18,6 @@ def check_detector(settings) -> None:
     checkpoint, a model file that would run code without the opt-in."""
     if settings.backend not in ("yolo_world", "owlv2"):
         raise FgdataError(f"ground.backend must be yolo_world or owlv2, got {settings.backend!r}")
-    absolute_local_paths(settings, "text_encoder", "owl_model", "detector")
     if settings.backend == "yolo_world":
         if "/" in settings.detector and not Path(settings.detector).exists():
             raise FgdataError(f"YOLO-World checkpoint {settings.detector} does not exist")

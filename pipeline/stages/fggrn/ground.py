@@ -8,7 +8,6 @@ model actors detect, filter and write one row per image with its nested list of 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector
 from pipeline.models.registry import check_detector, load_detector
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
+from pipeline.stages.base import ModelStage, ShardResult, WorkUnit, reject
 from pipeline.stages.fggrn.box_filters import BoxLimits, filter_detections, normalise_box
 
 PHRASE_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
@@ -40,11 +39,11 @@ class GroundingBatch:
     rows_in: int = 0
 
 
-class GroundStage(Stage):
+class GroundStage(ModelStage):
     name = "ground"
     output_kind = "regions"
     config_section = "ground"
-    uses_model = True
+    model_settings = ("text_encoder", "owl_model", "detector")
 
     def __init__(self, phrases_dir: Path, images_dir: Path | None = None):
         self.phrases_dir = Path(phrases_dir).resolve()
@@ -75,14 +74,8 @@ class GroundStage(Stage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.phrases_dir), lineage_entry(self.images_dir, role="images")]
 
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        return model_pool(config.ground, cluster_gpus)
-
     def load_model(self, config: Config) -> PhraseDetector:
         return load_detector(config.ground)
-
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        return max(1, math.ceil(unit.payload["rows"] / config.ground.batch_size))
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[GroundingBatch]:
         phrases = read_shard(Path(unit.payload["phrases"]), columns=[*PHRASE_COLUMNS, "phrases"]).to_pylist()
@@ -98,12 +91,12 @@ class GroundStage(Stage):
             data = images.get(row["key"])
             if data is None:
                 detail = f"no image with this key in {images_path}" if images_path.exists() else f"{images_path} does not exist"
-                batch.rejects.append({"key": row["key"], "reason": "image_missing", "detail": detail, "source": unit.payload["phrases"]})
+                batch.rejects.append(reject(row["key"], ("image_missing", detail), unit.payload["phrases"]))
                 continue
             try:
                 image = decode_rgb(data)  # upright, like the width/height ingest recorded
             except ImageRejected as rejected:
-                batch.rejects.append({"key": row["key"], "reason": rejected.reason, "detail": rejected.detail, "source": str(images_path)})
+                batch.rejects.append(reject(row["key"], (rejected.reason, rejected.detail), str(images_path)))
                 continue
             batch.rows.append(row)
             batch.images.append(image)

@@ -17,31 +17,31 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-def structure_problem(positive: str, negative: str, head: str, seen: set[str], max_changed_words: int = 3) -> str | None:
-    """Why `negative` is no valid hard negative of `positive` (None when it is).
+def structure_problem(positive: str, negative: str, head: str, seen: set[str], max_changed_words: int = 3) -> tuple[str, str] | None:
+    """Why `negative` is no valid hard negative of `positive`, as (reason, detail) (None when it is).
 
     `seen` holds the normalised negatives already accepted for this region (for duplicates).
     """
     pos, neg = words(positive), words(negative)
     if not neg:
-        return "empty"
+        return "empty", "the negative has no words"
     if latin_fraction(negative) < 0.6:
-        return "not_english"
+        return "not_english", "under 60% of its letters are Latin script"
     if neg == pos:
-        return "same_as_positive"
+        return "same_as_positive", "the same words as the positive"
     if " ".join(neg) in seen:
-        return "duplicate"
+        return "duplicate", "the same words as an accepted negative"
     if head.lower() not in neg and not any(w.startswith(head.lower()) for w in neg):
-        return "object_changed"  # the head noun must stay: only an attribute may change
+        return "object_changed", f"the head noun {head!r} is gone"  # only an attribute may change
     if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
-        return "length_mismatch"
+        return "length_mismatch", f"{len(neg)} words against the positive's {len(pos)}"
     changed = _changed_content_words(pos, neg)
     if changed == 0:
-        return "only_function_words_changed"
-    if _only_synonyms_changed(pos, neg):
-        return "same_meaning"  # "a large horse" → "a huge horse" contradicts nothing
+        return "only_function_words_changed", "no content word changed"
+    if _only_synonyms_changed(pos, neg):  # "a large horse" → "a huge horse" contradicts nothing
+        return "same_meaning", "every changed word is in the same meaning class of the attribute lexicons"
     if changed > max_changed_words:
-        return "too_many_changes"
+        return "too_many_changes", f"{changed} content words changed, over {max_changed_words}"
     return None
 
 
@@ -93,9 +93,11 @@ def reworded(before: str, after: str, similarity: Callable[[str, str], float], t
     return bool(spans) and all(similarity(old, new) >= threshold for old, new in spans)
 
 
-def meaning_problem(positive: str, negative: str, accepted: list[str], similarity: Callable[[str, str], float] | None, threshold: float) -> str | None:
-    """Why `negative` says what the positive or an accepted negative of the same region already says
-    (None when it does not). Runs after `structure_problem`, before NLI: a near-duplicate of a negative
+def meaning_problem(
+    positive: str, negative: str, accepted: list[str], similarity: Callable[[str, str], float] | None, threshold: float
+) -> tuple[str, str] | None:
+    """Why `negative` says what the positive or an accepted negative of the same region already says,
+    as (reason, detail) (None when it does not). Runs after `structure_problem`, before NLI: a near-duplicate of a negative
     would get the same NLI verdict, so dropping it first loses nothing.
 
     `same_meaning_embedding`: only near-synonyms of the positive's words replaced ("a gray car" for
@@ -103,12 +105,12 @@ def meaning_problem(positive: str, negative: str, accepted: list[str], similarit
     classes ("a huge horse" after "a large horse"); `near_duplicate_embedding`: the same by embedding
     ("a metallic chair" after "a metal chair"). `similarity` None: lexicons only."""
     if similarity is not None and reworded(positive, negative, similarity, threshold):
-        return "same_meaning_embedding"
+        return "same_meaning_embedding", f"the replaced words embed within similarity {threshold} of the positive's"
     for earlier in accepted:
         if _only_synonyms_changed(words(earlier), words(negative)):
-            return "near_duplicate"
+            return "near_duplicate", f"the accepted {earlier!r} reworded within a meaning class of the lexicons"
         if similarity is not None and reworded(earlier, negative, similarity, threshold):
-            return "near_duplicate_embedding"
+            return "near_duplicate_embedding", f"the accepted {earlier!r} reworded (similarity {threshold}+)"
     return None
 
 

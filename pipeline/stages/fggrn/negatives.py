@@ -8,7 +8,6 @@ when both are read in the caption ("... a red cup ..." vs "... a blue cup ...": 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,15 @@ from pipeline.config import Config
 from pipeline.core.llm_output import parse_negatives
 from pipeline.core.prompts import fill_template, load_prompt
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.core.shards import lineage_entry, list_shards, read_shard_schema
 from pipeline.errors import FgdataError
 from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliDecision, NliScorer
-from pipeline.models.reference import absolute_local_paths, check_model_reference
+from pipeline.models.reference import check_model_reference
 from pipeline.models.registry import load_text_generator
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
+from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit
 from pipeline.stages.fggrn.attribute_swap import attribute_swaps
 from pipeline.stages.fggrn.negative_checks import embedding_texts, meaning_problem, structure_problem, words
 
@@ -63,11 +62,11 @@ def nli_decision(settings) -> NliDecision:
         raise FgdataError(f"negatives.nli_rule: {exc}") from None
 
 
-class NegativesStage(Stage):
+class NegativesStage(GeneratorStage):
     name = "negatives"
     output_kind = "fggrn"
     config_section = "negatives"
-    uses_model = True
+    model_settings = ("nli_model", "model", "embedding_model")
 
     def __init__(self, regions_dir: Path):
         self.regions_dir = Path(regions_dir).resolve()
@@ -77,10 +76,8 @@ class NegativesStage(Stage):
         if settings.backend not in ("rules", "transformers", "vllm"):
             raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
         nli_decision(settings)
-        absolute_local_paths(settings, "nli_model", "model")
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
         if settings.embedding_model:
-            absolute_local_paths(settings, "embedding_model")
             check_model_reference(resolve_embedding_model(settings.embedding_model), revision=None, trust_remote_code=False)
         if settings.backend != "rules":
             load_prompt(settings.prompt)
@@ -98,29 +95,15 @@ class NegativesStage(Stage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.regions_dir)]
 
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        s = config.negatives
-        return model_pool(s, cluster_gpus, gpus_per_replica=s.tensor_parallel_size if s.backend == "vllm" else 1)
-
     def load_model(self, config: Config) -> NegativeModels:
         s = config.negatives
-        llm = None
-        if s.backend != "rules":
-            llm = load_text_generator(
-                s.backend, s.model, revision=s.revision, trust_remote_code=s.trust_remote_code, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size
-            )
+        llm = self.load_generator(config, load_text_generator) if s.backend != "rules" else None
         embedder = TextEmbedder(s.embedding_model) if s.embedding_model else None
         return NegativeModels(nli=NliScorer(s.nli_model), nlp=load_spacy(s.spacy_model), llm=llm, embedder=embedder)
 
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        return max(1, math.ceil(unit.payload["rows"] / config.negatives.batch_size))
-
-    def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
-        return row_batches(read_shard(Path(unit.payload["path"])).to_pylist(), config.negatives.batch_size)
-
     def process(self, unit: WorkUnit, config: Config, model: NegativeModels | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.negatives
-        sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+        sampling = self.sampling(config)
         prompt = load_prompt(settings.prompt) if model.llm else None
         backend = (
             f"{model.llm.name}, prompt {prompt.name} sha256:{prompt.sha256}, sampling {sampling.to_json()}"
@@ -144,8 +127,8 @@ class NegativesStage(Stage):
                 region["negatives"], seen, passed = [], set(), []
                 for text, attribute in proposed[: 2 * settings.per_region]:
                     problem = structure_problem(region["phrase"], text, region["head"], seen, settings.max_changed_words)
-                    if problem:
-                        counters[f"dropped_{problem}"] += 1
+                    if problem:  # a candidate, not a row: counted, never a reject row
+                        counters[f"dropped_{problem[0]}"] += 1
                         continue
                     seen.add(" ".join(words(text)))
                     passed.append((text, attribute))
@@ -159,7 +142,7 @@ class NegativesStage(Stage):
                 for text, attribute in passed:
                     problem = meaning_problem(region["phrase"], text, accepted, similarity, settings.max_embedding_similarity)
                     if problem:
-                        counters[f"dropped_{problem}"] += 1
+                        counters[f"dropped_{problem[0]}"] += 1
                         continue
                     accepted.append(text)
                     candidates.append((region, text, attribute or "unspecified", caption, caption[: region["start"]] + text + caption[region["end"] :]))

@@ -6,7 +6,6 @@ generate, check each caption, retry a rejected one once with sampling, and write
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,9 +24,9 @@ from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_sh
 from pipeline.core.text import clean_caption
 from pipeline.errors import FgdataError
 from pipeline.models.generation import Generation, ImageTextGenerator, Sampling
-from pipeline.models.reference import absolute_local_paths, check_model_reference
+from pipeline.models.reference import check_model_reference
 from pipeline.models.registry import load_generator
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool
+from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit, reject
 
 REQUIRED_COLUMNS = {"key": pa.string(), "image": pa.binary(), "short_caption": pa.string()}
 
@@ -51,18 +50,16 @@ def prepare_image(data: bytes, settings: RecaptionConfig) -> Image.Image:
     return image
 
 
-class RecaptionStage(Stage):
+class RecaptionStage(GeneratorStage):
     name = "recaption"
     output_kind = "captions"
     config_section = "recaption"
-    uses_model = True
 
     def __init__(self, images_dir: Path):
         self.images_dir = Path(images_dir).resolve()
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.recaption
-        absolute_local_paths(settings, "model")
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"recaption.backend must be transformers or vllm, got {settings.backend!r}")
         load_prompt(settings.prompt)  # a missing prompt or model stops the run before it starts
@@ -76,18 +73,8 @@ class RecaptionStage(Stage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.images_dir)]
 
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        settings = config.recaption
-        return model_pool(settings, cluster_gpus, gpus_per_replica=settings.tensor_parallel_size if settings.backend == "vllm" else 1)
-
     def load_model(self, config: Config) -> ImageTextGenerator:
-        s = config.recaption
-        return load_generator(
-            s.backend, s.model, revision=s.revision, trust_remote_code=s.trust_remote_code, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size
-        )
-
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        return max(1, math.ceil(unit.payload["rows"] / config.recaption.batch_size))
+        return self.load_generator(config, load_generator)
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[PreparedBatch]:
         settings = config.recaption
@@ -99,7 +86,7 @@ class RecaptionStage(Stage):
             try:
                 image = prepare_image(row["image"], settings)
             except ImageRejected as rejected:
-                batch.rejects.append({"key": row["key"], "reason": rejected.reason, "detail": rejected.detail, "source": unit.payload["path"]})
+                batch.rejects.append(reject(row["key"], (rejected.reason, rejected.detail), unit.payload["path"]))
                 continue
             batch.keys.append(row["key"])
             batch.short_captions.append(clean_caption(row["short_caption"]) or None)
@@ -110,7 +97,7 @@ class RecaptionStage(Stage):
         settings = config.recaption
         prompt = load_prompt(settings.prompt)
         limits = pick(CaptionLimits, settings)
-        first = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+        first = self.sampling(config)
         retry = replace(first, temperature=settings.retry_temperature, seed=settings.seed + 1)
         rows, rejects, rows_in = [], [], 0
         counters: Counter = Counter()
@@ -133,7 +120,7 @@ class RecaptionStage(Stage):
                 counters["generated_tokens"] += generation.tokens
                 if problem:
                     reason, detail = problem
-                    rejects.append({"key": key, "reason": reason, "detail": f"{detail}; output: {generation.text[:200]!r}", "source": unit.payload["path"]})
+                    rejects.append(reject(key, (reason, f"{detail}; output: {generation.text[:200]!r}"), unit.payload["path"]))
                     continue
                 rows.append(self._row(key, short, generation, sampling, model, prompt))
         return ShardResult(

@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.core.schemas import conform
 from pipeline.datasets.chains import chain_nli_problem, entailment_pairs
 from pipeline.models.nli import NliScorer
-from pipeline.stages.base import ShardResult, WorkUnit
+from pipeline.stages.base import ShardResult, WorkUnit, reject
 from pipeline.stages.hierarcaps.nli_chain import NliChainStage
 
 
@@ -29,11 +29,9 @@ class HierarcapsFilterStage(NliChainStage):
             scores = iter(model.score(pairs)) if pairs else iter(())
             for row in rows:
                 entailment = [next(scores)["entailment"] for _ in range(len(row["tiers"]) - 1)]
-                failing = chain_nli_problem(entailment, threshold)
-                if failing:
-                    tier, score = failing
-                    detail = f"tier {tier + 2} ({row['tiers'][tier + 1]!r}) entails tier {tier + 1} ({row['tiers'][tier]!r}) with only {score:.2f} < {threshold}"
-                    rejects.append({"key": row["key"], "reason": "not_entailed", "detail": detail, "source": unit.payload["path"]})
+                problem = chain_nli_problem(row["tiers"], entailment, threshold)
+                if problem:
+                    rejects.append(reject(row["key"], problem, unit.payload["path"]))
                     continue
                 kept.append({**row, "entailment": entailment})
         return ShardResult(rows_in=rows_in, table=conform(kept, "hierarcaps"), rejects=rejects, provenance={"nli_model": model.name, "random_weights": model.is_random})

@@ -9,7 +9,6 @@ negatives` checks with NLI. Candidates equal to the positive tier are dropped he
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -20,9 +19,9 @@ from pipeline.core.schemas import conform
 from pipeline.core.shards import lineage_entry
 from pipeline.datasets.chains import TO_GENERAL, TO_SPECIFIC, complete_chain, normal_text
 from pipeline.errors import FgdataError
-from pipeline.models.reference import absolute_local_paths, check_model_reference
+from pipeline.models.reference import check_model_reference
 from pipeline.models.seq2seq import Seq2SeqGenerator
-from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit, model_pool, row_batches
+from pipeline.stages.base import ModelStage, ShardResult, WorkUnit, reject
 from pipeline.stages.hierarcaps.caption_inputs import caption_units, unit_captions, with_captions
 
 
@@ -40,12 +39,12 @@ def sibling_candidates(tiers: list[str], sampled: list[list[str]]) -> list[list[
     return candidates
 
 
-class HierarcapsGenerateStage(Stage):
+class HierarcapsGenerateStage(ModelStage):
     name = "hierarcaps-generate"
     output_kind = "hierarcaps"
     config_section = "hierarcaps"
     extra_config_sections = ("ingest",)  # rows_per_shard and caption_fields split caption files
-    uses_model = True
+    model_settings = ("generator",)
 
     def __init__(self, captions: Path):
         self.captions = Path(captions).resolve()
@@ -55,24 +54,17 @@ class HierarcapsGenerateStage(Stage):
         units = caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
         if not settings.generator:
             raise FgdataError("no distilled model: pass --model DIR (the output of `fgdata hierarcaps distill`) or set hierarcaps.generator")
-        absolute_local_paths(settings, "generator")
         check_model_reference(settings.generator, revision=None, trust_remote_code=False)
         return units
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.captions)]
 
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
-        return model_pool(config.hierarcaps, cluster_gpus)
-
     def load_model(self, config: Config) -> Seq2SeqGenerator:
         return Seq2SeqGenerator(config.hierarcaps.generator)
 
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        return max(1, math.ceil(unit.payload["rows"] / config.hierarcaps.batch_size))
-
-    def prepare(self, unit: WorkUnit, config: Config) -> list[list[dict]]:
-        return row_batches(unit_captions(unit), config.hierarcaps.batch_size)
+    def read_rows(self, unit: WorkUnit, config: Config) -> list[dict]:
+        return unit_captions(unit)
 
     def process(self, unit: WorkUnit, config: Config, model: Seq2SeqGenerator | None = None, prepared: Iterable | None = None) -> ShardResult:
         s = config.hierarcaps
@@ -89,7 +81,7 @@ class HierarcapsGenerateStage(Stage):
             for item, (answer,) in zip(usable, answers):
                 tiers, problem = complete_chain(answer, item["caption"])
                 if problem:
-                    rejects.append({"key": item["key"], "reason": problem, "detail": f"model answered {answer[:300]!r}", "source": unit.name})
+                    rejects.append(reject(item["key"], problem, unit.name))
                 else:
                     chains.append((item, tiers))
             parents = [TO_SPECIFIC + parent for _, tiers in chains for parent in ["", *tiers[:-1]]]

@@ -19,7 +19,7 @@ from pipeline.core.schemas import conform
 from pipeline.core.shards import list_shards, read_shard_schema
 from pipeline.errors import FgdataError
 from pipeline.models.nli import NliDecision, NliScorer
-from pipeline.stages.base import ShardResult, WorkUnit
+from pipeline.stages.base import Problem, ShardResult, WorkUnit, reject
 from pipeline.stages.hierarcaps.nli_chain import NliChainStage
 
 
@@ -41,8 +41,8 @@ _REASONS = {"entailed": "entailed_by_positive", "not_contradicted": "not_contrad
 def choose_negatives(
     tiers: list[str], candidates: list[list[str]], scores: list[dict], max_entailed: float, min_parent: float,
     *, rule: str = "not_entailed", min_contradiction: float = 0.5, chosen_scores: list | None = None,
-) -> tuple[list[str] | None, str | None]:
-    """(one negative per tier, None), or (None, what failed) naming the first tier without one.
+) -> tuple[list[str] | None, Problem | None]:
+    """(one negative per tier, None), or (None, ("no_valid_negative", what failed)) naming the first tier without one.
     `scores` are NLI probabilities for `negative_pairs(tiers, candidates)`, in that order; `rule` and
     its thresholds are NliDecision's. `chosen_scores`, when given, receives per chosen negative its
     contradiction and entailment against the positive and its entailment of the parent tier."""
@@ -63,7 +63,7 @@ def choose_negatives(
                 best, best_score = candidate, {"contradiction": against_positive["contradiction"], "entailment": against_positive["entailment"], "parent_entailment": parent}
         if best is None:
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "no candidates"
-            return None, f"tier {i + 1} ({tiers[i]!r}): {why}"
+            return None, ("no_valid_negative", f"tier {i + 1} ({tiers[i]!r}): {why}")
         chosen.append(best)
         judged.append(best_score)
     if chosen_scores is not None:
@@ -104,7 +104,7 @@ class HierarcapsNegativesStage(NliChainStage):
                 )
                 counters["nli_pairs"] += len(pairs)
                 if problem:
-                    rejects.append({"key": row["key"], "reason": "no_valid_negative", "detail": problem, "source": unit.payload["path"]})
+                    rejects.append(reject(row["key"], problem, unit.payload["path"]))
                 else:
                     kept.append({**row, "negative_tiers": negatives, "negative_nli": judged})
         return ShardResult(
