@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench clean
+.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-gpu clean
 
 # Every version make installs is pinned in constraints.txt; upgrade deliberately by editing it
 # (or regenerating it from a venv that passed the tests), never by accident.
@@ -172,6 +172,11 @@ test-fast: setup chromium
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# one GPU, no set-up: a GPU machine may have torch + transformers but neither this venv nor a network
+# (bench/gpu.py --help; --tiny checks the harness on CPU)
+bench-gpu:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu.py
 
 clean:
 	rm -rf out .pytest_cache

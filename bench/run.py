@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +65,9 @@ from pipeline.stages.fggrn.phrases import PhrasesStage
 from pipeline.stages.fggrn.recaption import RecaptionStage, prepare_image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from records import RESULTS, write_result  # noqa: E402
 from synthetic import synthetic_captions, synthetic_chains  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 SAMPLE = Path(__file__).parent.parent / "sample" / "images"
 
 
@@ -481,26 +478,6 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
         "note": "local ray.init(address='local') as the runner calls it; a stage's fixed cost is its wall time "
         "on one one-row shard per core right after that start (worker processes start; phrases loads spaCy in each). Medians.",
     }
-
-
-def write_result(name: str, payload: dict, results: Path = RESULTS) -> Path:
-    results.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": name,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            # what `fgdata plan` reads to tell a GPU measurement from a CPU one
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        **payload,
-    }
-    path = results / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(json.dumps(payload, indent=2))
-    return path
 
 
 def main() -> None:

@@ -221,7 +221,8 @@ def load_runs(folders: list[Path]) -> list[Measure]:
     return measures
 
 
-def _bandwidth(device: str) -> float | None:
+def gpu_bandwidth_tbs(device: str) -> float | None:
+    """Peak memory bandwidth of a GPU named like `torch.cuda.get_device_name` or `--gpu` says, if known."""
     name = device.lower()
     # longest key first: "a100" must not match as "a10"
     return next((GPU_BANDWIDTH_TBS[k] for k in sorted(GPU_BANDWIDTH_TBS, key=len, reverse=True) if k in name), None)
@@ -241,17 +242,18 @@ def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measu
     exact = [m for m in mine if _same_gpu(m.device, gpu)]
     if exact:
         return exact[0], 1.0, ""
-    target_bw = _bandwidth(gpu)
+    target_bw = gpu_bandwidth_tbs(gpu)
     for m in mine:
-        source_bw = _bandwidth(m.device) if m.device != "cpu" else None
+        source_bw = gpu_bandwidth_tbs(m.device) if m.device != "cpu" else None
         if source_bw and target_bw:
             return m, target_bw / source_bw, f"extrapolated from {m.device} by memory bandwidth ({source_bw:g} -> {target_bw:g} TB/s)"
     cpu_only = [m for m in mine if m.device == "cpu"]
     if cpu_only:
         m = cpu_only[0]
         return None, 1.0, (
-            f"no GPU record: the only measure is a {m.weights} on 1 CPU core ({m.per_worker_per_s:.3g} {m.unit}/s, {m.source}), "
-            f"which says nothing about {gpu}; run `make bench` on a {gpu}"
+            f"no GPU record: no {gpu} figure, as there is no GPU measurement to extrapolate from; the only measure is a {m.weights} "
+            f"on 1 CPU core ({m.per_worker_per_s:.3g} {m.unit}/s, {m.source}), which says nothing about {gpu}; "
+            f"run `make bench-gpu` (bench/gpu.py) on a {gpu}, or on another GPU to extrapolate by memory bandwidth"
         )
     return None, 1.0, f"no record for {step.name}"
 
@@ -352,7 +354,7 @@ def plan(
         "notes": [
             "stages are summed one after another; a recipe streaming shards between them overlaps them, so the total wall time is an upper bound",
             "Ray start-up (local) is counted once" if ray_start else "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)",
-            *([] if gpu_records else ["no GPU measurement exists in the records read: GPU figures need `make bench` on a GPU"]),
+            *([] if gpu_records else ["no GPU measurement exists in the records read: GPU figures need `make bench-gpu` (bench/gpu.py) on a GPU"]),
         ],
     }
 
