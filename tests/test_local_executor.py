@@ -66,6 +66,11 @@ def test_local_and_ray_write_the_same_shards_markers_and_manifest_counts(tmp_pat
     assert read_json(tmp_path / "local" / "_manifest.json")["executor"] == "local"
     assert read_json(tmp_path / "ray" / "_manifest.json")["executor"] == "ray"
     assert_dataset_invariants(tmp_path / "local", expected_keys={f"{s:02d}-{i:04d}" for s in range(3) for i in range(40)})
+    # the same markers: a run begun in-process resumes on Ray, redoing only the unfinished shard
+    (tmp_path / "local" / DONE_DIR / "part-00001.parquet.done").unlink()
+    summary = run_stage(PhrasesStage(source), tmp_path / "local", make_config("run.executor=ray"))
+    assert (summary.shards_run, summary.shards_skipped) == (1, 2)
+    assert shard_by_shard(tmp_path / "local") == on_ray
 
 
 @pytest.mark.slow
