@@ -1,4 +1,4 @@
-"""Training data from shards: FgGRN rows joined with their image bytes, and HierarCaps chains.
+"""Training data from shards: FgGRN rows joined with their image bytes.
 
 FgGRN rows are streamed shard by shard (shard N of fggrn/ holds the keys of shard N of images/,
 as every stage maps shard N to shard N), shuffled within a buffer, decoded in data-loader worker
@@ -24,9 +24,6 @@ from pipeline.datasets.fgclip_export import long_expression
 from pipeline.errors import FgdataError
 
 log = logging.getLogger(__name__)
-
-TIERS = 4  # a HierarCaps chain: generic => ... => the caption
-
 
 def fgclip_sources(fggrn_dirs: list[Path], images_dir: Path | None) -> list[tuple[Path, Path]]:
     """(fggrn shard, images shard) pairs, the images found through lineage unless given."""
@@ -120,35 +117,6 @@ def count_fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None) -> 
     if skipped:
         log.warning("fgclip data: %d of %d rows usable; %s", counts["rows_usable"], counts["rows"], ", ".join(f"{k} {v}" for k, v in skipped.items()))
     return counts
-
-
-def chain_problem(tiers, negative_tiers=None, need_negatives: bool = False) -> tuple[str, str] | None:
-    """Why a chain cannot be trained or evaluated on (None if it can): the Radial Embedding loss
-    pairs tier i of a chain with tier i of its negative chain, batch by batch, and d_corr ranks
-    the tiers, so every chain needs TIERS non-blank text tiers and, when negatives are used, a
-    negative chain of the same shape."""
-    checked = [("tiers", tiers)] + [("negative_tiers", negative_tiers)] * need_negatives
-    for name, chain in checked:
-        if not isinstance(chain, (list, tuple)):
-            return f"{name}_missing", f"{name} is {shown(chain)}"
-        if len(chain) != TIERS:
-            return f"{name}_wrong_count", f"{name} has {len(chain)} tiers, need {TIERS}"
-        if not all(isinstance(t, str) and t.strip() for t in chain):
-            return f"{name}_blank", f"{name} {shown(chain)} has an empty or non-text tier"
-    return None
-
-
-def usable_chains(chains: list[tuple], need_negatives: bool, counts: Counter | None = None) -> list[tuple]:
-    """The chains that pass `chain_problem`; the others are counted by reason in `counts`."""
-    counts = Counter() if counts is None else counts
-    kept = []
-    for chain in chains:
-        problem = chain_problem(chain[1], chain[2], need_negatives)
-        if problem:
-            counts[f"skipped_{problem[0]}"] += 1
-        else:
-            kept.append(chain)
-    return kept
 
 
 class FgclipStream(torch.utils.data.IterableDataset):

@@ -5,7 +5,7 @@ train (`hierarcaps_train.csv.gz`): `positive,negative`, each a 4-tier chain spli
 test (`hierarcaps_test.csv`): `id,captions,image_url`, the chain split on "=>" and stripped.
 `negative` and `image_url` may be absent; extra columns are ignored. Files may be gzipped.
 Curated chains are judged by structure only (4 tiers, none blank, no control characters), never
-by the shape rule for model output (`hierarchy.chain_shape_problem`): all 1,000 official test
+by the shape rule for model output (`chains.chain_shape_problem`): all 1,000 official test
 and 23,479 expanded chains import whole.
 
 Every data record of the file ends as a row or as a reject with a reason: a short row, a stray
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.core.box_checks import shown
 from pipeline.core.shards import list_shards
 from pipeline.datasets.chains import SEPARATOR
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard, write_text_atomic
@@ -38,7 +39,7 @@ LAYOUTS = {"train": ["positive", "negative"], "test": ["id", "captions", "image_
 _REQUIRED = {"train": {"positive"}, "test": {"id", "captions"}}
 # The reference splits train chains on " => " and test chains on "=>" (then strips).
 _TIER_SEPARATORS = {"train": SEPARATOR, "test": "=>"}
-TIERS = 4
+TIERS = 4  # a HierarCaps chain: generic => ... => the caption
 # The longest official field is under 600 characters; a field this long is a broken row, and the
 # csv module's own limit (131,072) would otherwise refuse the whole file for it.
 MAX_FIELD_CHARS = 10_000
@@ -258,3 +259,32 @@ def read_chains(sources: list[Path], need_negatives: bool = False, counts: Count
         skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
         raise FgdataError(f"no usable chains in {', '.join(map(str, sources))}" + (f" ({skipped})" if skipped else ""))
     return chains
+
+
+def chain_problem(tiers, negative_tiers=None, need_negatives: bool = False) -> tuple[str, str] | None:
+    """Why a chain cannot be trained or evaluated on (None if it can): the Radial Embedding loss
+    pairs tier i of a chain with tier i of its negative chain, batch by batch, and d_corr ranks
+    the tiers, so every chain needs TIERS non-blank text tiers and, when negatives are used, a
+    negative chain of the same shape."""
+    checked = [("tiers", tiers)] + [("negative_tiers", negative_tiers)] * need_negatives
+    for name, chain in checked:
+        if not isinstance(chain, (list, tuple)):
+            return f"{name}_missing", f"{name} is {shown(chain)}"
+        if len(chain) != TIERS:
+            return f"{name}_wrong_count", f"{name} has {len(chain)} tiers, need {TIERS}"
+        if not all(isinstance(t, str) and t.strip() for t in chain):
+            return f"{name}_blank", f"{name} {shown(chain)} has an empty or non-text tier"
+    return None
+
+
+def usable_chains(chains: list[tuple], need_negatives: bool, counts: Counter | None = None) -> list[tuple]:
+    """The chains that pass `chain_problem`; the others are counted by reason in `counts`."""
+    counts = Counter() if counts is None else counts
+    kept = []
+    for chain in chains:
+        problem = chain_problem(chain[1], chain[2], need_negatives)
+        if problem:
+            counts[f"skipped_{problem[0]}"] += 1
+        else:
+            kept.append(chain)
+    return kept

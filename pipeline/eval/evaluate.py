@@ -31,8 +31,8 @@ from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.shards import find_ancestor, list_shards, read_shard
 from pipeline.core.sources import OutsideRoot, path_inside
-from pipeline.datasets.fggrn_rows import fgclip_rows, fgclip_sources, pixels, usable_chains
-from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv
+from pipeline.datasets.fggrn_rows import fgclip_rows, fgclip_sources, pixels
+from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv, usable_chains
 from pipeline.errors import FgdataError, first_line
 from pipeline.models.clip_model import box_features, encode_text, image_and_patch_features, load_clip
 

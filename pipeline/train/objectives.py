@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets.fggrn_rows import TIERS, FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources, usable_chains
-from pipeline.datasets.hierarcaps_csv import read_chains
+from pipeline.datasets.fggrn_rows import FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources
+from pipeline.datasets.hierarcaps_csv import TIERS, read_chains, usable_chains
 from pipeline.errors import FgdataError
 from pipeline.models.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
