@@ -36,7 +36,7 @@ def parse_negatives(text: str) -> tuple[list[tuple[str, str | None]], str | None
         if items is not None:
             parsed = [item for item in map(_item, items) if item]
             return (parsed, None) if parsed else ([], "empty_list")
-    lines = list_items(text)
+    lines = marked_lines(text)
     if lines:
         parsed = [item for item in (_split_attribute(line.strip('"')) for line in lines) if item[0]]
         return (parsed, None) if parsed else ([], "empty_list")
@@ -68,7 +68,7 @@ def load_json(text: str):
         return None
 
 
-def list_items(text: str) -> list[str]:
+def marked_lines(text: str) -> list[str]:
     """The text of each `1. …`, `2) …`, `- …`, `* …` or `• …` line, stripped."""
     items = []
     for line in text.splitlines():
