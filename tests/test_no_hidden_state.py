@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 
 def _run_python(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -125,6 +125,16 @@ def test_torch_seed_restores_the_callers_random_stream():
     assert torch.equal(torch.rand(3), expected)
     with torch_seed(7):
         assert torch.equal(torch.rand(3), inside)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torch_seed_restores_the_cuda_random_stream_too():
+    torch.cuda.manual_seed_all(1234)
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(1234)
+    with torch_seed(7):
+        torch.rand(3, device="cuda")
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
 
 
 @pytest.fixture(scope="module")
