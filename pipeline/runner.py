@@ -188,7 +188,7 @@ def _run_in_process(stage: Stage, pending, out_dir: Path, config: Config, total:
         for unit in pending:
             for attempt in range(config.run.max_retries + 1):
                 try:
-                    prepared = iter(_prepared_in_process(stage, unit, config)) if stage.uses_model else None
+                    prepared = _prepared_in_process(stage, unit, config) if stage.uses_model else None
                     stats = run_shard(stage, unit, str(out_dir), config, model=model, prepared=prepared, marker=fingerprints[unit.name])
                     rows_done += stats["rows_in"]
                     break
