@@ -3,7 +3,11 @@
 A dataset directory holds `part-NNNNN.parquet` shards, `_rejects/part-NNNNN.parquet`,
 `_stats/part-NNNNN.json`, completion markers `_done/part-NNNNN.done`, `_run.json` (the stage
 and settings that own the directory) and `_manifest.json`, written last. A shard is finished
-when its marker exists; data, rejects and stats are renamed into place before the marker.
+when its marker exists; data, rejects and stats are renamed into place before the marker (on an
+object store, where nothing is renamed, uploaded whole before it: see core/storage.py).
+
+A dataset directory may be a local path or an `s3://`, `gs://`, `hf://` URI: every function here
+takes either (a str, Path or UPath) and works through `storage.location`.
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ import fnmatch
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core import storage
 from pipeline.core.schemas import conform, validate_table
+from pipeline.core.storage import Location, location
 from pipeline.errors import FgdataError, first_line
 
 REJECTS_DIR = "_rejects"
@@ -28,7 +32,7 @@ STATS_DIR = "_stats"
 DONE_DIR = "_done"
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
-_TMP_TAG = ".tmp-"
+_TMP_TAG = storage.TMP_TAG
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
 DATASET_ENTRIES = ("part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*", "_download")
 # What `train` and `hierarcaps distill` write: the model (save_pretrained), checkpoints and the report.
@@ -39,8 +43,8 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def list_shards(dataset_dir: Path) -> list[Path]:
-    dataset_dir = Path(dataset_dir)
+def list_shards(dataset_dir: Location) -> list[Location]:
+    dataset_dir = location(dataset_dir)
     if not dataset_dir.is_dir():
         raise FgdataError(f"{dataset_dir} is not a directory of Parquet shards")
     shards = sorted(dataset_dir.glob("part-*.parquet"))
@@ -49,56 +53,47 @@ def list_shards(dataset_dir: Path) -> list[Path]:
     return shards
 
 
-def read_shard_schema(path: Path) -> pa.Schema:
+def read_shard_schema(path: Location) -> pa.Schema:
+    where, filesystem = storage.arrow_target(location(path))
     try:
-        return pq.read_schema(path)
+        return pq.read_schema(where, filesystem=filesystem)
     except (pa.ArrowException, OSError) as exc:
         raise FgdataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+def read_shard(path: Location, columns: list[str] | None = None) -> pa.Table:
+    where, filesystem = storage.arrow_target(location(path))
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(where, columns=columns, filesystem=filesystem)
     except (pa.ArrowException, OSError) as exc:
         raise FgdataError(f"{path}: cannot read shard ({exc})") from None
 
 
-def shard_markers(out_dir: Path) -> dict[str, str]:
+def shard_markers(out_dir: Location) -> dict[str, str]:
     """Completion markers by shard name, with what each holds: the fingerprint of the work that made it."""
-    done = Path(out_dir) / DONE_DIR
+    done = location(out_dir) / DONE_DIR
     if not done.is_dir():
         return {}
     return {p.name.removesuffix(".done"): p.read_text(errors="replace").strip() for p in done.iterdir() if p.name.endswith(".done")}
 
 
-def finished_shards(out_dir: Path) -> set[str]:
+def finished_shards(out_dir: Location) -> set[str]:
     return set(shard_markers(out_dir))
 
 
-def _atomic_replace(final: Path, write, make_parents: bool = True) -> None:
-    if make_parents:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json(path: Location, payload: dict) -> None:
+    storage.write_whole(location(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
 
 
-def write_json(path: Path, payload: dict) -> None:
-    _atomic_replace(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"))
+def write_text(path: Location, text: str, make_parents: bool = True) -> None:
+    """`text` into `path` whole or not at all (a temporary file renamed; on a store, one upload), UTF-8."""
+    storage.write_whole(location(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), make_parents)
 
 
-def write_text(path: Path, text: str, make_parents: bool = True) -> None:
-    """`text` into `path` whole or not at all (a temporary file renamed), UTF-8."""
-    _atomic_replace(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), make_parents)
-
-
-def read_json(path: Path) -> dict | None:
+def read_json(path: Location) -> dict | None:
     """fgdata's own metadata (manifests, run records, stats, reports): a JSON object, or None when
     the file does not exist. Anything else is a one-line error that names the file."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         return None
     try:
@@ -110,41 +105,42 @@ def read_json(path: Path) -> dict | None:
     return payload
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
+def _write_parquet(table: pa.Table, path: Location) -> None:
     # An empty table is written with no row group: `datasets` fails on a row group of 0 rows
     # ("BatchSize must be greater than 0"), and a shard whose rows were all rejected is one.
+    where, filesystem = storage.arrow_target(path)
     if table.num_rows:
-        pq.write_table(table, path)
+        pq.write_table(table, where, filesystem=filesystem)
     else:
-        pq.ParquetWriter(path, table.schema).close()
+        pq.ParquetWriter(where, table.schema, filesystem=filesystem).close()
 
 
-def write_shard(out_dir: Path, name: str, table: pa.Table, kind: str, rejects: list[dict], stats: dict | Callable[[], dict], marker: str = "") -> dict:
+def write_shard(out_dir: Location, name: str, table: pa.Table, kind: str, rejects: list[dict], stats: dict | Callable[[], dict], marker: str = "") -> dict:
     """Validates, then writes data, rejects and stats atomically, and marks the shard done last;
     returns the stats. `stats` may be a function, called once data and rejects are written (so
     the stats can time the writing).
 
     `marker` (the fingerprint of the settings and input that made the shard) goes into the
     completion marker, so a shard written by another run is never taken for this run's."""
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     validate_table(table, kind, where=f"{out_dir / name} (output)")
     rejects_table = conform(rejects, "rejects")
-    _atomic_replace(out_dir / name, lambda tmp: _write_parquet(table, tmp))
-    _atomic_replace(out_dir / REJECTS_DIR / name, lambda tmp: _write_parquet(rejects_table, tmp))
+    storage.write_whole(out_dir / name, lambda tmp: _write_parquet(table, tmp))
+    storage.write_whole(out_dir / REJECTS_DIR / name, lambda tmp: _write_parquet(rejects_table, tmp))
     stats = stats() if callable(stats) else stats
     write_json(out_dir / STATS_DIR / name.replace(".parquet", ".json"), stats)
-    _atomic_replace(out_dir / DONE_DIR / f"{name}.done", lambda tmp: tmp.write_text(marker))
+    storage.write_whole(out_dir / DONE_DIR / f"{name}.done", lambda tmp: tmp.write_text(marker))
     return stats
 
 
-def read_stats(out_dir: Path) -> dict[str, dict]:
+def read_stats(out_dir: Location) -> dict[str, dict]:
     """Per-shard stats of the finished shards, keyed by shard name."""
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     return {name: read_json(out_dir / STATS_DIR / name.replace(".parquet", ".json")) for name in sorted(finished_shards(out_dir))}
 
 
-def read_rejects(dataset_dir: Path) -> pa.Table:
-    files = sorted((Path(dataset_dir) / REJECTS_DIR).glob("part-*.parquet"))
+def read_rejects(dataset_dir: Location) -> pa.Table:
+    files = sorted((location(dataset_dir) / REJECTS_DIR).glob("part-*.parquet"))
     tables = [read_shard(f) for f in files]
     return pa.concat_tables(tables) if tables else conform([], "rejects")
 
@@ -155,16 +151,17 @@ def claim_output(
     settings_hash: str,
     overwrite: bool,
     *,
-    inputs: list[Path] = (),
+    inputs: list[Location] = (),
     owned: tuple[str, ...] = DATASET_ENTRIES,
-) -> Path:
+) -> Location:
     """Makes `out_dir` ready for `stage` and returns it resolved: resumes its own earlier run,
     refuses anyone else's.
 
     Resuming with different settings would mix two configurations in one dataset, so it is
     refused unless --overwrite replaces the directory. --overwrite deletes only a directory
     fgdata provably wrote (its `_run.json`, and nothing but the entries in `owned`), never an
-    input or a folder holding one, never through a symlink.
+    input or a folder holding one, never through a symlink. On an object store the same holds for
+    the prefix: `_run.json` under it, nothing else under it, apart from every input.
     """
     out_dir = check_output_path(out_dir, inputs)
     if overwrite and out_dir.exists():
@@ -177,6 +174,13 @@ def claim_output(
         )
     if owner is None and out_dir.is_dir() and any(out_dir.iterdir()):
         raise FgdataError(f"{out_dir} is not empty and was not written by fgdata; choose a new or empty output directory")
+    if storage.is_uri(out_dir):
+        # a store has no folders to make, and fgdata leaves no temporary objects there to sweep
+        try:
+            write_json(out_dir / RUN_FILE, {"stage": stage, "settings_hash": settings_hash, "written_by": "fgdata"})
+        except OSError as exc:  # no such bucket, no permission, no endpoint
+            raise FgdataError(f"cannot write to {out_dir}: {first_line(exc)}") from None
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.rglob(f".*{_TMP_TAG}*"):
         stale.unlink()
@@ -184,9 +188,11 @@ def claim_output(
     return out_dir
 
 
-def check_output_path(out_dir: Path, inputs: list[Path] = ()) -> Path:
+def check_output_path(out_dir: Location, inputs: list[Location] = ()) -> Location:
     """OUT must be a directory (or not exist yet), not a symlink, and apart from every input:
     neither inside one nor holding one. Returns it resolved."""
+    if storage.is_uri(out_dir):
+        return _check_output_uri(location(out_dir), inputs)
     given = Path(os.path.abspath(out_dir))  # absolute, symlinks not followed
     if given.is_symlink():
         raise FgdataError(f"{out_dir} is a symlink; give the real directory it points to ({given.resolve()})")
@@ -196,6 +202,8 @@ def check_output_path(out_dir: Path, inputs: list[Path] = ()) -> Path:
             where = "is a file" if parent == resolved else f"is under {parent}, which is a file"
             raise FgdataError(f"{out_dir} {where}; the output must be a directory")
     for source in inputs:
+        if storage.is_uri(source):  # an object in a store is never inside a local folder
+            continue
         source = Path(source).resolve()
         if resolved == source:
             raise FgdataError(f"{out_dir} is the input itself; write the output to another directory")
@@ -206,7 +214,26 @@ def check_output_path(out_dir: Path, inputs: list[Path] = ()) -> Path:
     return resolved
 
 
-def remove_owned_output(out_dir: Path, owned: tuple[str, ...] = DATASET_ENTRIES) -> None:
+def _check_output_uri(out_dir: Location, inputs: list[Location]) -> Location:
+    """check_output_path on an object store: there are no symlinks, but a key may be an object
+    and a prefix at once, so OUT must not be an object, and prefixes decide what is inside what."""
+    try:
+        is_object = out_dir.is_file()
+    except Exception as exc:  # noqa: BLE001 - a store's client errors (no endpoint, bad credentials) are not all OSErrors
+        raise FgdataError(f"cannot reach {out_dir}: {first_line(exc)}") from None
+    if is_object:
+        raise FgdataError(f"{out_dir} is a file; the output must be a directory")
+    for source in inputs:
+        source = storage.resolved(source)
+        if storage.is_inside(out_dir, source):
+            where = "is the input itself" if storage.is_inside(source, out_dir) else f"is inside the input {source}"
+            raise FgdataError(f"{out_dir} {where}; write the output to another directory")
+        if storage.is_inside(source, out_dir):
+            raise FgdataError(f"{out_dir} holds the input {source}; write the output to a directory apart from it")
+    return out_dir
+
+
+def remove_owned_output(out_dir: Location, owned: tuple[str, ...] = DATASET_ENTRIES) -> None:
     """Deletes what fgdata wrote in `out_dir` (for --overwrite), after proving it wrote all of it."""
     if read_json(out_dir / RUN_FILE) is None:
         raise FgdataError(
@@ -222,64 +249,65 @@ def remove_owned_output(out_dir: Path, owned: tuple[str, ...] = DATASET_ENTRIES)
         )
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            storage.remove_tree(entry)
         else:
             entry.unlink()
 
 
 def unit_fingerprint(settings_hash: str, name: str, payload, shared: str = "") -> str:
     """What one output shard is made from: the settings, the unit's description, and the size and
-    modification time of the input files it names, so a changed input never passes for the old one."""
+    modification time (an object's ETag) of the input files it names, so a changed input never passes
+    for the old one."""
     digest = hashlib.sha256(f"{settings_hash}\0{shared}\0{name}\0".encode())
     digest.update(repr(payload).encode("utf-8", "surrogateescape"))
     if isinstance(payload, dict):
         for field in ("path", "phrases", "images"):
             if isinstance(payload.get(field), str):
                 try:
-                    stat = os.stat(payload[field])
-                    digest.update(f"\0{field}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                    digest.update(f"\0{field}:{storage.signature(payload[field])}".encode())
                 except OSError:
                     digest.update(f"\0{field}:missing".encode())
     return digest.hexdigest()[:24]
 
 
-def unfinished_reason(dataset_dir: Path) -> str | None:
+def unfinished_reason(dataset_dir: Location) -> str | None:
     """Why a dataset fgdata was writing is not finished yet, or None. A directory without fgdata's
     run record is someone else's (their own Parquet shards, a caption folder): not judged here."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = location(dataset_dir)
     if not dataset_dir.is_dir() or read_json(dataset_dir / RUN_FILE) is None:
         return None
     if read_json(dataset_dir / MANIFEST_FILE) is None:
         return f"it has no {MANIFEST_FILE} (its run did not complete)"
-    missing = sorted(p.name for p in dataset_dir.glob("part-*.parquet") if not (dataset_dir / DONE_DIR / f"{p.name}.done").exists())
+    finished = finished_shards(dataset_dir)  # one listing, not a look-up per shard (each a request on a store)
+    missing = sorted(p.name for p in dataset_dir.glob("part-*.parquet") if p.name not in finished)
     if missing:
         return f"{len(missing)} shard(s) have no completion marker (e.g. {missing[0]})"
     return None
 
 
-def lineage_entry(dataset_dir: Path, **extra) -> dict:
+def lineage_entry(dataset_dir: Location, **extra) -> dict:
     """How a manifest records an input dataset: its path, the stage that wrote it, and its own inputs."""
-    upstream = read_json(Path(dataset_dir) / MANIFEST_FILE) if Path(dataset_dir).is_dir() else None
+    upstream = read_json(location(dataset_dir) / MANIFEST_FILE) if location(dataset_dir).is_dir() else None
     upstream = upstream or {}
     return {"path": str(dataset_dir), "stage": upstream.get("stage"), "inputs": upstream.get("inputs", []), **extra}
 
 
-def find_ancestor(dataset_dir: Path, kind: str, _seen: frozenset = frozenset()) -> Path | None:
+def find_ancestor(dataset_dir: Location, kind: str, _seen: frozenset = frozenset()) -> Location | None:
     """The nearest dataset of `kind` that `dataset_dir` descends from, following manifest lineage."""
-    here = Path(dataset_dir).resolve()
+    here = storage.resolved(dataset_dir)
     if here in _seen:  # a manifest naming itself or a descendant as its input
         raise FgdataError(f"{here / MANIFEST_FILE}: corrupt fgdata metadata (its lineage loops back to {here})")
     manifest = read_json(here / MANIFEST_FILE) if here.is_dir() else None
     if manifest is None:
         return None
     if manifest.get("kind") == kind:
-        return Path(dataset_dir)
+        return location(dataset_dir)
     parents = manifest.get("inputs", [])
     if not isinstance(parents, list) or not all(isinstance(p, dict) for p in parents):
         raise FgdataError(f"{here / MANIFEST_FILE}: corrupt fgdata metadata ('inputs' is not a list of objects)")
     for parent in parents:
         path = parent.get("path")
-        found = find_ancestor(Path(path), kind, _seen | {here}) if isinstance(path, str) and "\0" not in path else None
+        found = find_ancestor(location(path), kind, _seen | {here}) if isinstance(path, str) and "\0" not in path else None
         if found:
             return found
     return None
