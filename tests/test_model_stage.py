@@ -82,6 +82,9 @@ class _RejectEveryRow(ModelStage):
     def lineage(self):
         return []
 
+    def load_model(self, config):
+        return None
+
     def process(self, unit, config, model=None, prepared=None):
         rejects, rows_in = [], 0
         for batch in prepared:

@@ -79,7 +79,7 @@ class Stage(ABC):
     config_section: str
     # Other sections whose settings also decide the output (all of them go into the run's hash).
     extra_config_sections: tuple[str, ...] = ()
-    # Model stages run `process` in a pool of Ray actors that load the model once
+    # ModelStage: `process` runs in a pool of Ray actors that load the model once
     # (`load_model`), fed with batches that `prepare` builds in CPU tasks beforehand.
     uses_model: bool = False
 
@@ -104,18 +104,19 @@ class Stage(ABC):
         demonstrations drawn for augment); part of every shard's fingerprint."""
         return ""
 
-    def load_model(self, config: Config) -> Any:
-        raise NotImplementedError(f"{self.name} does not use a model")
+    # A stage that maps input shard N to output shard N plans one input shard at a time
+    # (`plan_shard`, after the checks of `check`), so a recipe can start shard N here as soon as
+    # shard N upstream is done. A stage without them (ingest, seed, augment) plans its input whole.
+    def check(self, config: Config) -> None:
+        """What `plan` checks before reading any input shard (models, prompts, settings)."""
 
-    def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
-        """How many batches `prepare` returns for `unit` (at least 1)."""
-        raise NotImplementedError(f"{self.name} does not use a model")
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        """The work unit for one input shard, checked as `plan` checks each."""
+        raise NotImplementedError(f"{self.name} plans its input whole")
 
-    def prepare(self, unit: WorkUnit, config: Config) -> list:
-        raise NotImplementedError(f"{self.name} does not use a model")
-
-    def pool(self, cluster_gpus: float, config: Config) -> "ModelPool":
-        raise NotImplementedError(f"{self.name} does not use a model")
+    @property
+    def streams(self) -> bool:
+        return type(self).plan_shard is not Stage.plan_shard
 
     @abstractmethod
     def lineage(self) -> list[dict]:
@@ -135,6 +136,10 @@ class ModelStage(Stage):
     # in `resolve`, so actors on other nodes or in another working directory find the same files.
     model_settings: tuple[str, ...] = ()
 
+    @abstractmethod
+    def load_model(self, config: Config) -> Any:
+        """The model `process` gets, loaded once per actor (or once per in-process run)."""
+
     def settings(self, config: Config):
         return getattr(config, self.config_section)
 
@@ -151,6 +156,7 @@ class ModelStage(Stage):
         return model_pool(self.settings(config), cluster_gpus, gpus_per_replica=self.gpus_per_replica(config))
 
     def prepared_batches(self, unit: WorkUnit, config: Config) -> int:
+        """How many batches `prepare` returns for `unit` (at least 1: Ray's num_returns)."""
         return max(1, math.ceil(unit.payload["rows"] / self.settings(config).batch_size))
 
     def read_rows(self, unit: WorkUnit, config: Config) -> list[dict]:
