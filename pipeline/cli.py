@@ -93,7 +93,7 @@ def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config_file, overrides)
 
 
-def _run_stage(stage, out: Path, config_file: Path | None, overrides: list[str] | None, overwrite: bool, executor: str | None = None) -> None:
+def _run_stage(stage, out: str | Path, config_file: Path | None, overrides: list[str] | None, overwrite: bool, executor: str | None = None) -> None:
     """Resolves the settings, runs `stage` into `out` and prints what it wrote."""
     from pipeline.runner import run_stage
 
@@ -127,7 +127,7 @@ def _report_run(summary) -> None:
 @app.command()
 def ingest(
     source: Annotated[Path, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for image shards.")],
+    out: Annotated[str, typer.Argument(help="Output directory for image shards (a path or an s3://, gs://, hf:// URI).")],
     source_format: Annotated[
         str, typer.Option("--format", help=f"Layout of SOURCE: {', '.join(FORMATS)}.")
     ] = "auto",
@@ -231,8 +231,8 @@ def import_hf(
 
 @app.command()
 def phrases(
-    inp: Annotated[Path, typer.Argument(metavar="IN", help="Image or caption shards with key and short_caption (and long_caption).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for phrase shards.")],
+    inp: Annotated[str, typer.Argument(metavar="IN", help="Image or caption shards with key and short_caption (and long_caption).")],
+    out: Annotated[str, typer.Argument(help="Output directory for phrase shards.")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -251,8 +251,8 @@ def phrases(
 
 @app.command()
 def recaption(
-    images: Annotated[Path, typer.Argument(help="Image shards (from `fgdata ingest`).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for caption shards.")],
+    images: Annotated[str, typer.Argument(help="Image shards (from `fgdata ingest`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for caption shards.")],
     model: Annotated[
         Optional[str], typer.Option("--model", "-m", help="Hub id or local directory of the VLM (recaption.model).")
     ] = None,
@@ -277,10 +277,10 @@ def recaption(
 
 @app.command()
 def ground(
-    phrases_dir: Annotated[Path, typer.Argument(metavar="PHRASES", help="Phrase shards (from `fgdata phrases`).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for region shards.")],
+    phrases_dir: Annotated[str, typer.Argument(metavar="PHRASES", help="Phrase shards (from `fgdata phrases`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for region shards.")],
     images: Annotated[
-        Optional[Path], typer.Option(help="Image shards to take pixels from; default: found through PHRASES' lineage.")
+        Optional[str], typer.Option(help="Image shards to take pixels from; default: found through PHRASES' lineage.")
     ] = None,
     backend: Annotated[Optional[str], typer.Option(help="yolo_world or owlv2 (ground.backend).")] = None,
     detector: Annotated[Optional[str], typer.Option(help="YOLO-World checkpoint name or path (ground.detector).")] = None,
@@ -308,8 +308,8 @@ def ground(
 
 @app.command()
 def negatives(
-    regions: Annotated[Path, typer.Argument(help="Region shards (from `fgdata ground`).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for FgGRN shards.")],
+    regions: Annotated[str, typer.Argument(help="Region shards (from `fgdata ground`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for FgGRN shards.")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -794,6 +794,32 @@ def plan(
         chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
         typer.echo(json.dumps(bill, indent=2) if as_json else format_plan(bill))
+
+
+@app.command("run")
+def run_recipe_command(
+    recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps (bundled), or the path of your own recipe .yaml.")],
+    source: Annotated[Path, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
+):
+    """Run a whole recipe in one job: a shard goes on to the next step as soon as it is done.
+
+    On Ray (the default) model actors load once per step for the whole job and CPU and model steps
+    overlap; --executor local runs the steps one after another in this process. Rerunning resumes
+    every step where it stopped. --set applies to every step, after the recipe's own settings.
+    """
+    from pipeline.recipes import load_recipe
+    from pipeline.recipes.run import run_recipe
+
+    overrides = [*(set_ or []), *([f"run.executor={executor}"] if executor else [])]
+    with _user_errors():
+        logging.basicConfig(level=logging.INFO, format="fgdata: %(message)s", stream=sys.stderr, force=True)
+        for summary in run_recipe(load_recipe(recipe), source, out, config, overrides, overwrite=overwrite):
+            _report_run(summary)
 
 
 @app.command("config")

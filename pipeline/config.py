@@ -520,7 +520,7 @@ def pick(target: type[T], settings) -> T:
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
     config = Config()
     if path is not None:
-        _apply_mapping(config, _read_yaml(path), source=str(path))
+        _apply_mapping(config, read_yaml(path), source=str(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -534,27 +534,28 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML mapping from a small regular file (settings, a recipe); anything else is a one-line error."""
     path = Path(path)
     if not path.exists():
-        raise FgdataError(f"config file {path} does not exist")
+        raise FgdataError(f"{what} {path} does not exist")
     if not path.is_file():  # a directory, or a FIFO or device that would block the read forever
-        raise FgdataError(f"config file {path} is not a regular file; give the path of a YAML file")
+        raise FgdataError(f"{what} {path} is not a regular file; give the path of a YAML file")
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise FgdataError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB; give the path of a YAML settings file")
+            raise FgdataError(f"{what} {path} is over {MAX_CONFIG_BYTES >> 20} MiB; give the path of a YAML settings file")
         data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise FgdataError(f"config file {path} is not UTF-8 text (byte {exc.start}); give the path of a YAML file") from None
+        raise FgdataError(f"{what} {path} is not UTF-8 text (byte {exc.start}); give the path of a YAML file") from None
     except OSError as exc:
-        raise FgdataError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise FgdataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         # deep nesting exhausts PyYAML's recursive composer; an int of 4,300+ digits makes int() raise
-        raise FgdataError(f"config file {path} is not valid YAML: {first_line(exc)[:300]}") from None
+        raise FgdataError(f"{what} {path} is not valid YAML: {first_line(exc)[:300]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise FgdataError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise FgdataError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
     return data
 
 

@@ -32,6 +32,7 @@ from pipeline.core.shards import (
     unit_fingerprint,
     write_json,
 )
+from pipeline.core.storage import location
 from pipeline.datasets.datacard import write_datacard
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.stages.base import Stage, run_shard
@@ -97,7 +98,7 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     # The inputs' lineage is read now, in planning, so corrupt or unfinished input stops the run
     # before any shard is written.
     lineage = stage.lineage()
-    inputs = [Path(entry["path"]) for entry in lineage if entry.get("path")]
+    inputs = [location(entry["path"]) for entry in lineage if entry.get("path")]  # a Path, or a UPath for a URI
     for source in inputs:
         reason = unfinished_reason(source)
         if reason:
@@ -116,25 +117,34 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     if pending:
         run_pending = _run_in_process if executor == "local" else _run_on_ray
         failures = run_pending(stage, pending, out_dir, config, len(units), skipped, fingerprints)
+    return finish_stage(stage, config, out_dir, settings_hash, fingerprints, failures, started=started, lineage=lineage, executor=executor, shards_run=len(pending))
+
+
+def finish_stage(
+    stage: Stage, config: Config, out_dir: Path, settings_hash: str, fingerprints: dict[str, str], failures: dict[str, str],
+    *, started: float, lineage: list[dict], executor: str, shards_run: int,
+) -> RunSummary:
+    """Once every shard ran: checks each holds this run's marker, then writes the manifest and the
+    DATACARD (what `run_stage` and a recipe, for each of its stages, end with)."""
     # A worker of an earlier, killed run can still finish a shard after this run wrote it:
     # only markers carrying this run's fingerprint count.
     markers = shard_markers(out_dir)
-    for unit in units:
-        if unit.name not in failures and markers.get(unit.name) != fingerprints[unit.name]:
-            failures[unit.name] = (
+    for name, fingerprint in fingerprints.items():
+        if name not in failures and markers.get(name) != fingerprint:
+            failures[name] = (
                 "another run (a worker of an earlier, killed run) wrote this shard after this run did; rerun with --overwrite to redo it"
             )
     if failures:
         raise StageFailed(stage.name, failures)
-    stats = {u.name: read_json(out_dir / STATS_DIR / u.name.replace(".parquet", ".json")) for u in units}
+    stats = {name: read_json(out_dir / STATS_DIR / name.replace(".parquet", ".json")) for name in fingerprints}
     manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage, executor)
     write_json(out_dir / MANIFEST_FILE, manifest)
     write_datacard(out_dir, manifest)  # the datasheet a person reads, next to the manifest
     return RunSummary(
         out_dir=out_dir,
-        shards_total=len(units),
-        shards_run=len(pending),
-        shards_skipped=skipped,
+        shards_total=len(fingerprints),
+        shards_run=shards_run,
+        shards_skipped=len(fingerprints) - shards_run,
         rows_in=manifest["rows_in"],
         rows_out=manifest["rows_out"],
         rows_rejected=manifest["rows_rejected"],
@@ -218,21 +228,7 @@ def _run_on_ray(stage: Stage, pending, out_dir: Path, config: Config, total: int
     largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
     if config.run.cpus_per_task > largest:
         raise FgdataError(f"run.cpus_per_task={config.run.cpus_per_task:g} is more than the largest Ray node's {largest:g} CPUs; lower it")
-    stage_ref, config_ref = ray.put(stage), ray.put(config)
-    if stage.uses_model:
-        submit, limit = _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config, fingerprints)
-    else:
-        task = ray.remote(run_shard).options(
-            num_cpus=config.run.cpus_per_task,
-            max_retries=config.run.max_retries,
-            retry_exceptions=True,
-            name=f"fgdata-{stage.name}",
-        )
-        limit = config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-
-        def submit(unit):
-            return task.remote(stage_ref, unit, str(out_dir), config_ref, marker=fingerprints[unit.name]), None
-
+    submit, limit = ray_submitter(stage, out_dir, config, fingerprints)
     queue = deque(pending)
     in_flight: dict = {}
     failures: dict[str, str] = {}
@@ -256,6 +252,26 @@ def _run_on_ray(stage: Stage, pending, out_dir: Path, config: Config, total: int
             bar.update(1)
             bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
     return failures
+
+
+def ray_submitter(stage: Stage, out_dir: Path, config: Config, fingerprints: dict[str, str]):
+    """A submit(unit) -> (shard result ref, callback for when it is done or None) for `stage` on Ray,
+    and how many shards to keep in flight: CPU stages as tasks, model stages on an actor pool (which
+    lives as long as `submit` does). `fingerprints` is read at submit time, so it may still grow."""
+    stage_ref, config_ref = ray.put(stage), ray.put(config)
+    if stage.uses_model:
+        return _model_pool_submitter(stage, stage_ref, config_ref, out_dir, config, fingerprints)
+    task = ray.remote(run_shard).options(
+        num_cpus=config.run.cpus_per_task,
+        max_retries=config.run.max_retries,
+        retry_exceptions=True,
+        name=f"fgdata-{stage.name}",
+    )
+
+    def submit(unit):
+        return task.remote(stage_ref, unit, str(out_dir), config_ref, marker=fingerprints[unit.name]), None
+
+    return submit, config.run.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 class ModelWorker:

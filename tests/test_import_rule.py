@@ -29,7 +29,8 @@ LAYERS = {
     "stages.fggrn": 6,
     "stages.hierarcaps": 6,
     "runner": 7,
-    "cli": 8,
+    "recipes": 8,
+    "cli": 9,
 }
 MAX_TOP_LEVEL_MODULES = 8
 

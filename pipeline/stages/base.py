@@ -160,7 +160,7 @@ class ModelStage(Stage):
         return max(1, math.ceil(unit.payload["rows"] / self.settings(config).batch_size))
 
     def read_rows(self, unit: WorkUnit, config: Config) -> list[dict]:
-        return read_shard(Path(unit.payload["path"])).to_pylist()
+        return read_shard(unit.payload["path"]).to_pylist()
 
     def prepare(self, unit: WorkUnit, config: Config) -> list:
         return row_batches(self.read_rows(unit, config), self.settings(config).batch_size)
@@ -238,7 +238,7 @@ def run_shard(
             "timings": {name: math.floor(value * 1e4) / 1e4 for name, value in timings.items()},
         }
 
-    return write_shard(Path(out_dir), unit.name, result.table, stage.output_kind, result.rejects, stats, marker=marker)
+    return write_shard(out_dir, unit.name, result.table, stage.output_kind, result.rejects, stats, marker=marker)
 
 
 def _lazy_prepare(stage: Stage, unit: WorkUnit, config: Config) -> Iterator:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import Config, pick
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema, shard_rows
+from pipeline.core.storage import location, resolved
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector
 from pipeline.models.registry import check_detector, load_detector
@@ -46,30 +46,32 @@ class GroundStage(ModelStage):
     model_settings = ("text_encoder", "owl_model", "detector")
 
     def __init__(self, phrases_dir: Path, images_dir: Path | None = None):
-        self.phrases_dir = Path(phrases_dir).resolve()
-        self.images_dir = Path(images_dir).resolve() if images_dir else None
+        self.phrases_dir = resolved(phrases_dir)  # local paths or URIs
+        self.images_dir = resolved(images_dir) if images_dir else None
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        settings = config.ground
-        check_detector(settings)  # before any actor loads (or unpickles) a model
         shards = list_shards(self.phrases_dir)
+        self.check(config)
+        return [self.plan_shard(path, config) for path in shards]
+
+    def check(self, config: Config) -> None:
+        check_detector(config.ground)  # before any actor loads (or unpickles) a model
         if self.images_dir is None:
             self.images_dir = find_ancestor(self.phrases_dir, "images")
             if self.images_dir is None:
                 raise FgdataError(f"cannot find the image shards {self.phrases_dir} descends from (no lineage in its manifests); pass --images DIR")
         if not self.images_dir.is_dir():
             raise FgdataError(f"image shards directory {self.images_dir} does not exist")
-        units = []
-        for path in shards:
-            schema = read_shard_schema(path)
-            check_input_columns(schema, PHRASE_COLUMNS, where=str(path))
-            if "phrases" not in schema.names:
-                raise FgdataError(f"{path}: missing required column 'phrases' (run `fgdata phrases` first)")
-            image_shard = self.images_dir / path.name
-            if image_shard.exists():
-                check_input_columns(read_shard_schema(image_shard), IMAGE_COLUMNS, where=str(image_shard))
-            units.append(WorkUnit(path.name, {"phrases": str(path), "images": str(image_shard), "rows": pq.read_metadata(path).num_rows}))
-        return units
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        schema = read_shard_schema(path)
+        check_input_columns(schema, PHRASE_COLUMNS, where=str(path))
+        if "phrases" not in schema.names:
+            raise FgdataError(f"{path}: missing required column 'phrases' (run `fgdata phrases` first)")
+        image_shard = self.images_dir / path.name
+        if image_shard.exists():
+            check_input_columns(read_shard_schema(image_shard), IMAGE_COLUMNS, where=str(image_shard))
+        return WorkUnit(path.name, {"phrases": str(path), "images": str(image_shard), "rows": shard_rows(path)})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.phrases_dir), lineage_entry(self.images_dir, role="images")]
@@ -78,8 +80,8 @@ class GroundStage(ModelStage):
         return load_detector(config.ground)
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[GroundingBatch]:
-        phrases = read_shard(Path(unit.payload["phrases"]), columns=[*PHRASE_COLUMNS, "phrases"]).to_pylist()
-        images_path = Path(unit.payload["images"])
+        phrases = read_shard(unit.payload["phrases"], columns=[*PHRASE_COLUMNS, "phrases"]).to_pylist()
+        images_path = location(unit.payload["images"])
         images = {}
         if images_path.exists():
             table = read_shard(images_path, columns=list(IMAGE_COLUMNS))

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import Config
 from pipeline.core.llm_output import parse_negatives
 from pipeline.core.prompts import fill_template, load_prompt
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard_schema
+from pipeline.core.shards import lineage_entry, list_shards, read_shard_schema, shard_rows
+from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
 from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
 from pipeline.models.generation import Sampling
@@ -69,9 +69,13 @@ class NegativesStage(GeneratorStage):
     model_settings = ("nli_model", "model", "embedding_model")
 
     def __init__(self, regions_dir: Path):
-        self.regions_dir = Path(regions_dir).resolve()
+        self.regions_dir = resolved(regions_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        self.check(config)
+        return [self.plan_shard(path, config) for path in list_shards(self.regions_dir)]
+
+    def check(self, config: Config) -> None:
         settings = config.negatives
         if settings.backend not in ("rules", "transformers", "vllm"):
             raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
@@ -83,14 +87,13 @@ class NegativesStage(GeneratorStage):
             load_prompt(settings.prompt)
             check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         load_spacy(settings.spacy_model)
-        units = []
-        for path in list_shards(self.regions_dir):
-            schema = read_shard_schema(path)
-            check_input_columns(schema, REGION_COLUMNS, where=str(path))
-            if "regions" not in schema.names:
-                raise FgdataError(f"{path}: missing required column 'regions' (run `fgdata ground` first)")
-            units.append(WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows}))
-        return units
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        schema = read_shard_schema(path)
+        check_input_columns(schema, REGION_COLUMNS, where=str(path))
+        if "regions" not in schema.names:
+            raise FgdataError(f"{path}: missing required column 'regions' (run `fgdata ground` first)")
+        return WorkUnit(path.name, {"path": str(path), "rows": shard_rows(path)})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.regions_dir)]

@@ -12,9 +12,10 @@ from pipeline.config import Config, PhrasesConfig
 from pipeline.core.caption_quality import caption_words, english_fraction
 from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.core.storage import resolved
 from pipeline.core.text import clean_caption, latin_fraction
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 from pipeline.stages.fggrn.expressions import ExpressionRules, extract_expressions
 
 REQUIRED_COLUMNS = {"key": pa.string(), "short_caption": pa.string()}
@@ -65,18 +66,21 @@ class PhrasesStage(Stage):
     config_section = "phrases"
 
     def __init__(self, input_dir: Path):
-        self.input_dir = Path(input_dir).resolve()
+        self.input_dir = resolved(input_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        self.check(config)
+        return [self.plan_shard(path, config) for path in list_shards(self.input_dir)]
+
+    def check(self, config: Config) -> None:
         load_spacy(config.phrases.spacy_model)  # a missing pipeline stops the run before it starts
-        units = []
-        for path in list_shards(self.input_dir):
-            schema = read_shard_schema(path)
-            check_input_columns(schema, REQUIRED_COLUMNS, where=str(path))
-            present = [n for n in OPTIONAL_COLUMNS if n in schema.names]
-            check_input_columns(schema, {n: OPTIONAL_COLUMNS[n] for n in present}, where=str(path))
-            units.append(WorkUnit(path.name, {"path": str(path), "columns": [*REQUIRED_COLUMNS, *present]}))
-        return units
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        schema = read_shard_schema(path)
+        check_input_columns(schema, REQUIRED_COLUMNS, where=str(path))
+        present = [n for n in OPTIONAL_COLUMNS if n in schema.names]
+        check_input_columns(schema, {n: OPTIONAL_COLUMNS[n] for n in present}, where=str(path))
+        return WorkUnit(path.name, {"path": str(path), "columns": [*REQUIRED_COLUMNS, *present]})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.input_dir)]
@@ -84,7 +88,7 @@ class PhrasesStage(Stage):
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         settings = config.phrases
         source_path = unit.payload["path"]
-        table = read_shard(Path(source_path), columns=unit.payload["columns"])
+        table = read_shard(source_path, columns=unit.payload["columns"])
         nlp = load_spacy(settings.spacy_model)
         model_id = spacy_id(nlp)
         rows, rejects, texts = [], [], []
@@ -98,8 +102,7 @@ class PhrasesStage(Stage):
             source_column, text = ("long_caption", long) if long else ("short_caption", short)
             problem = _caption_problem(key, seen, text, settings)
             if problem:
-                reason, detail = problem
-                rejects.append({"key": key if key is not None else f"<row {index}>", "reason": reason, "detail": detail, "source": source_path})
+                rejects.append(reject(key if key is not None else f"<row {index}>", problem, source_path))
                 continue
             seen.add(key)
             texts.append(text)

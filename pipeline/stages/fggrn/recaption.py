@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import Config, RecaptionConfig, pick
@@ -20,7 +19,8 @@ from pipeline.core.caption_quality import CaptionLimits, caption_problem
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.prompts import load_prompt
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema, shard_rows
+from pipeline.core.storage import resolved
 from pipeline.core.text import clean_caption
 from pipeline.errors import FgdataError
 from pipeline.models.generation import Generation, ImageTextGenerator, Sampling
@@ -56,19 +56,22 @@ class RecaptionStage(GeneratorStage):
     config_section = "recaption"
 
     def __init__(self, images_dir: Path):
-        self.images_dir = Path(images_dir).resolve()
+        self.images_dir = resolved(images_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        self.check(config)
+        return [self.plan_shard(path, config) for path in list_shards(self.images_dir)]
+
+    def check(self, config: Config) -> None:
         settings = config.recaption
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"recaption.backend must be transformers or vllm, got {settings.backend!r}")
         load_prompt(settings.prompt)  # a missing prompt or model stops the run before it starts
         check_model_reference(settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        units = []
-        for path in list_shards(self.images_dir):
-            check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
-            units.append(WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows}))
-        return units
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
+        return WorkUnit(path.name, {"path": str(path), "rows": shard_rows(path)})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.images_dir)]
@@ -78,7 +81,7 @@ class RecaptionStage(GeneratorStage):
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[PreparedBatch]:
         settings = config.recaption
-        table = read_shard(Path(unit.payload["path"]), columns=list(REQUIRED_COLUMNS))
+        table = read_shard(unit.payload["path"], columns=list(REQUIRED_COLUMNS))
         batches = [PreparedBatch() for _ in range(self.prepared_batches(unit, config))]
         for index, row in enumerate(table.to_pylist()):
             batch = batches[index // settings.batch_size]

@@ -12,11 +12,12 @@ is rejected, naming it.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Iterable
 
 from pipeline.config import Config
 from pipeline.core.schemas import conform
-from pipeline.core.shards import list_shards, read_shard_schema
+from pipeline.core.shards import read_shard_schema
 from pipeline.errors import FgdataError
 from pipeline.models.nli import NliDecision, NliScorer
 from pipeline.stages.base import Problem, ShardResult, WorkUnit, reject
@@ -74,16 +75,18 @@ def choose_negatives(
 class HierarcapsNegativesStage(NliChainStage):
     name = "hierarcaps-negatives"
 
-    def plan(self, config: Config) -> list[WorkUnit]:
+    def check(self, config: Config) -> None:
         s = config.hierarcaps
         try:
             NliDecision(s.negative_nli_rule, s.min_negative_contradiction, s.max_negative_entailment)
         except FgdataError as exc:
             raise FgdataError(f"hierarcaps.negative_nli_rule: {exc}") from None
-        for path in list_shards(self.input_dir):
-            if "negative_candidates" not in read_shard_schema(path).names:
-                raise FgdataError(f"{path}: no negative_candidates column (give the output of `fgdata hierarcaps generate`, or of filter after it)")
-        return super().plan(config)
+        super().check(config)
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        if "negative_candidates" not in read_shard_schema(path).names:
+            raise FgdataError(f"{path}: no negative_candidates column (give the output of `fgdata hierarcaps generate`, or of filter after it)")
+        return super().plan_shard(path, config)
 
     def process(self, unit: WorkUnit, config: Config, model: NliScorer | None = None, prepared: Iterable | None = None) -> ShardResult:
         s = config.hierarcaps

@@ -24,8 +24,14 @@ class NliChainStage(ModelStage):
         self.input_dir = Path(input_dir).resolve()
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        self.check(config)
+        return [self.plan_shard(path, config) for path in list_shards(self.input_dir)]
+
+    def check(self, config: Config) -> None:
         check_model_reference(config.hierarcaps.nli_model, revision=None, trust_remote_code=False)
-        return [WorkUnit(p.name, {"path": str(p), "rows": pq.read_metadata(p).num_rows}) for p in list_shards(self.input_dir)]
+
+    def plan_shard(self, path: Path, config: Config) -> WorkUnit:
+        return WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.input_dir)]
