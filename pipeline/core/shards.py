@@ -61,6 +61,15 @@ def read_shard_schema(path: Location) -> pa.Schema:
         raise FgdataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
+def shard_rows(path: Location) -> int:
+    """The rows of a shard, from its footer (no data read)."""
+    where, filesystem = storage.arrow_target(location(path))
+    try:
+        return pq.read_metadata(where, filesystem=filesystem).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise FgdataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
 def read_shard(path: Location, columns: list[str] | None = None) -> pa.Table:
     where, filesystem = storage.arrow_target(location(path))
     try:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from pipeline.core.shards import MANIFEST_FILE, read_json, write_text
+from pipeline.core.storage import location
 from pipeline.errors import FgdataError, first_line
 
 DATACARD_FILE = "DATACARD.md"
@@ -52,11 +53,14 @@ def walk_lineage(dataset_dir: Path, manifest: dict | None = None) -> list[dict]:
         loaded = None
         if depth == 0 and manifest is not None:
             loaded = manifest
-        elif Path(path).is_dir():
-            try:
-                loaded = read_json(Path(path) / MANIFEST_FILE)
+        else:
+            try:  # a local path or a URI; a store that cannot be reached now is a step not read, not a failure
+                place = location(path)
+                loaded = read_json(place / MANIFEST_FILE) if place.is_dir() else None
             except FgdataError as exc:
                 step["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - object-store clients raise their own errors
+                step["error"] = f"{path}: {first_line(exc)}"
         if loaded is not None:
             step.update(manifest=loaded, stage=loaded.get("stage", step["stage"]), kind=loaded.get("kind"))
         parents = (loaded or recorded).get("inputs") or []
@@ -126,7 +130,7 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
     kind = manifest.get("kind", "unknown")
     versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
     out = [
-        f"# Data card: {_text(Path(dataset_dir).name)}",
+        f"# Data card: {_text(location(dataset_dir).name)}",
         "",
         f"A `{_text(kind)}` dataset written by `fgdata {_text(manifest.get('stage', 'unknown'))}` on {_text(manifest.get('created_at', 'an unknown date'))} "
         f"(fgdata {_text(versions.get('fgdata', 'unknown'))}). Machine-readable details: `{MANIFEST_FILE}`.",
@@ -207,8 +211,8 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
 
 def write_datacard(out_dir: Path, manifest: dict) -> Path:
     """Writes OUT/DATACARD.md whole (a temporary file renamed), so a reader never sees half a card."""
-    path = Path(out_dir) / DATACARD_FILE
-    write_text_atomic(path, render_datacard(Path(out_dir), manifest))
+    path = location(out_dir) / DATACARD_FILE
+    write_text_atomic(path, render_datacard(location(out_dir), manifest))
     return path
 
 

@@ -1,0 +1,336 @@
+"""Datasets on an object store (`s3://`), against a real S3-compatible server: moto's server mode on
+127.0.0.1, reached through s3fs with the endpoint and credentials from the standard AWS_*
+environment, as MinIO or S3 itself would be. The shard contract, resume, the run record,
+--overwrite safety, lineage and input fingerprints hold there as they do on a local disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import FGDATA, SAMPLE_IMAGES, make_config, write_caption_shard
+
+from pipeline.core import storage
+from pipeline.core.schemas import conform
+from pipeline.core.shards import (
+    DONE_DIR,
+    MANIFEST_FILE,
+    REJECTS_DIR,
+    RUN_FILE,
+    STATS_DIR,
+    claim_output,
+    finished_shards,
+    list_shards,
+    read_json,
+    read_rejects,
+    read_shard,
+    unit_fingerprint,
+    write_shard,
+)
+from pipeline.errors import FgdataError
+from pipeline.runner import run_stage
+from pipeline.stages.fggrn.ingest import IngestStage
+from pipeline.stages.fggrn.phrases import PhrasesStage
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free port of 127.0.0.1; AWS_ENDPOINT_URL and dummy credentials in the
+    environment for this module (subprocesses and Ray workers inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        yield f"http://{host}:{port}"
+        from s3fs import S3FileSystem
+
+        S3FileSystem.clear_instance_cache()  # their clients point at this server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    name = f"fgdata-{uuid.uuid4().hex[:10]}"
+    storage.location(f"s3://{name}").fs.mkdir(name)
+    return f"s3://{name}"
+
+
+def phrase_table(*keys: str) -> pa.Table:
+    rows = [{"key": k, "short_caption": "a red car", "long_caption": None, "phrase_source": "short_caption", "phrases": [], "spacy_model": "x"} for k in keys]
+    return conform(rows, "phrases")
+
+
+def put_object(uri: str, data: bytes) -> None:
+    place = storage.location(uri)
+    with place.fs.open(place.path, "wb") as handle:
+        handle.write(data)
+
+
+def all_objects(uri: str) -> dict[str, bytes]:
+    place = storage.location(uri)
+    return {key: place.fs.cat_file(key) for key in sorted(place.fs.find(place.path))}
+
+
+def s3_rows(dataset: str) -> list[dict]:
+    return [row for shard in list_shards(dataset) for row in read_shard(shard).to_pylist()]
+
+
+def assert_s3_invariants(dataset: str, expected_keys: set[str]) -> None:
+    """As conftest.assert_dataset_invariants, read through the store: markers, stats that add up,
+    no key twice, every input key in the output or the rejects."""
+    place = storage.location(dataset)
+    finished = finished_shards(dataset)
+    keys: list[str] = []
+    for shard in list_shards(dataset):
+        assert shard.name in finished, f"{shard.name} has no completion marker"
+        stats = read_json(place / STATS_DIR / shard.name.replace(".parquet", ".json"))
+        rows_out = read_shard(shard).num_rows
+        rows_rejected = read_shard(place / REJECTS_DIR / shard.name).num_rows
+        assert (stats["rows_out"], stats["rows_rejected"]) == (rows_out, rows_rejected)
+        assert stats["rows_in"] == rows_out + rows_rejected
+        keys += read_shard(shard, columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "a key appears twice in the output"
+    assert read_json(place / MANIFEST_FILE)["rows_out"] == len(keys)
+    assert set(keys) | {r["key"] for r in read_rejects(dataset).to_pylist()} == expected_keys
+
+
+# --- locations ------------------------------------------------------------------------------
+
+
+def test_local_paths_stay_paths_and_uris_become_store_paths(tmp_path):
+    from pathlib import Path
+
+    assert storage.location(str(tmp_path)) == tmp_path and type(storage.location(str(tmp_path))) is type(tmp_path)
+    assert storage.location(f"file://{tmp_path}") == tmp_path
+    place = storage.location("s3://bucket/data/images/")
+    assert not isinstance(place, Path) and str(place) == "s3://bucket/data/images"
+    assert str(place / "_done" / "part-00000.parquet.done") == "s3://bucket/data/images/_done/part-00000.parquet.done"
+    assert storage.is_inside(storage.location("s3://b/out/x"), storage.location("s3://b/out"))
+    # a prefix of the name is not a folder above it
+    assert not storage.is_inside(storage.location("s3://b/out2"), storage.location("s3://b/out"))
+    assert not storage.is_inside(storage.location("s3://b/out"), tmp_path)
+    with pytest.raises(FgdataError, match="no filesystem for this URI"):
+        storage.location("nosuchstore://bucket/x")
+
+
+# --- the shard contract ---------------------------------------------------------------------
+
+
+def test_shard_is_written_data_first_marker_last_and_leaves_no_temporary_objects(bucket, monkeypatch):
+    out = f"{bucket}/phrases"
+    written = []
+    real = storage.write_whole
+    monkeypatch.setattr(storage, "write_whole", lambda final, write, *a: (written.append(str(final)), real(final, write, *a)))
+    table = phrase_table("a")
+    rejects = [{"key": "b", "reason": "empty_caption", "detail": "no text", "source": "x"}]
+    write_shard(out, "part-00000.parquet", phrase_table(), "phrases", [], {"rows_in": 0}, marker="m0")
+    assert written[-1] == f"{out}/{DONE_DIR}/part-00000.parquet.done"
+    written.clear()
+    stats = write_shard(out, "part-00001.parquet", table, "phrases", rejects, {"rows_in": 2}, marker="fingerprint-1")
+    assert written == [f"{out}/part-00001.parquet", f"{out}/{REJECTS_DIR}/part-00001.parquet", f"{out}/{STATS_DIR}/part-00001.json", f"{out}/{DONE_DIR}/part-00001.parquet.done"]
+    assert stats == {"rows_in": 2} and finished_shards(out) == {"part-00000.parquet", "part-00001.parquet"}
+    assert read_shard(f"{out}/part-00001.parquet").to_pylist() == table.to_pylist()
+    assert read_shard(f"{out}/part-00000.parquet").num_rows == 0
+    assert read_rejects(out).column("reason").to_pylist() == ["empty_caption"]
+    assert storage.location(f"{out}/{DONE_DIR}/part-00001.parquet.done").read_text() == "fingerprint-1"
+    assert not [key for key in all_objects(out) if storage.TMP_TAG in key]
+
+
+def test_a_shard_without_its_marker_is_not_done(bucket):
+    out = f"{bucket}/phrases"
+    claim_output(out, "phrases", "h", overwrite=False)
+    put_object(f"{out}/part-00000.parquet", b"half a shard a killed worker left")
+    assert finished_shards(out) == set()
+    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
+    assert finished_shards(out) == {"part-00000.parquet"}
+
+
+def test_fingerprint_follows_the_object_not_its_name(bucket):
+    uri = f"{bucket}/captions/part-00000.parquet"
+    put_object(uri, b"one")
+    first = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
+    assert unit_fingerprint("h", "part-00000.parquet", {"path": uri}) == first
+    put_object(uri, b"two")  # same size, other content: the ETag differs
+    changed = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
+    storage.location(uri).unlink()
+    assert len({first, changed, unit_fingerprint("h", "part-00000.parquet", {"path": uri})}) == 3
+
+
+# --- --overwrite and the run record on a store ----------------------------------------------
+
+
+def test_overwrite_refuses_a_prefix_fgdata_did_not_write(bucket):
+    put_object(f"{bucket}/thesis/chapter1.tex", b"years of work")
+    before = all_objects(bucket)
+    with pytest.raises(FgdataError, match="not written by fgdata"):
+        claim_output(f"{bucket}/thesis", "ingest", "h", overwrite=True)
+    with pytest.raises(FgdataError, match="is not empty and was not written by fgdata"):
+        claim_output(f"{bucket}/thesis", "ingest", "h", overwrite=False)
+    assert all_objects(bucket) == before
+
+
+def test_overwrite_deletes_only_what_fgdata_wrote_under_its_own_prefix(bucket):
+    out = f"{bucket}/out"
+    claim_output(out, "phrases", "h", overwrite=False)
+    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
+    put_object(f"{out}/notes.md", b"mine")
+    with pytest.raises(FgdataError, match=r"holds files fgdata did not write \(notes.md\)"):
+        claim_output(out, "phrases", "h", overwrite=True)
+    assert f"{out}/notes.md".removeprefix("s3://") in all_objects(out)
+    storage.location(f"{out}/notes.md").unlink()
+    put_object(f"{bucket}/out2/keep.txt", b"a neighbour whose name starts like OUT")
+    put_object(f"{bucket}/keep.txt", b"beside OUT")
+    with pytest.raises(FgdataError, match="already holds output of stage 'phrases'"):
+        claim_output(out, "phrases", "other-settings", overwrite=False)
+    claim_output(out, "phrases", "other-settings", overwrite=True)
+    left = all_objects(bucket)
+    assert sorted(left) == sorted(k.removeprefix("s3://") for k in (f"{bucket}/keep.txt", f"{bucket}/out2/keep.txt", f"{out}/{RUN_FILE}"))
+    assert read_json(f"{out}/{RUN_FILE}")["settings_hash"] == "other-settings"
+
+
+def test_output_and_input_prefixes_never_overlap(bucket):
+    source = f"{bucket}/images"
+    for out, why in [(source, "is the input itself"), (f"{source}/phrases", "is inside the input"), (bucket, "holds the input")]:
+        with pytest.raises(FgdataError, match=why):
+            claim_output(out, "phrases", "h", overwrite=True, inputs=[storage.location(source)])
+    put_object(f"{bucket}/a-file", b"x")
+    with pytest.raises(FgdataError, match="is a file"):
+        claim_output(f"{bucket}/a-file", "phrases", "h", overwrite=False)
+
+
+def test_missing_bucket_is_a_one_line_error(s3_server):
+    with pytest.raises(FgdataError, match="cannot write to s3://no-such-bucket-"):
+        claim_output(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out", "phrases", "h", overwrite=False)
+
+
+# --- stages on a store ----------------------------------------------------------------------
+
+
+def caption_shards_on_s3(prefix: str, shards: int, rows: int) -> set[str]:
+    keys = set()
+    for shard in range(shards):
+        table = pa.Table.from_pylist(
+            [{"key": f"{shard:02d}-{i:04d}", "short_caption": "" if i == 3 else f"a red car next to a small dog number {i}"} for i in range(rows)]
+        )
+        where, filesystem = storage.arrow_target(storage.location(f"{prefix}/part-{shard:05d}.parquet"))
+        pq.write_table(table, where, filesystem=filesystem)
+        keys |= set(table.column("key").to_pylist())
+    return keys
+
+
+def test_changed_s3_input_is_refused_on_resume(bucket, tmp_path):
+    keys = caption_shards_on_s3(f"{bucket}/captions", shards=2, rows=5)
+    out = f"{bucket}/phrases"
+    summary = run_stage(PhrasesStage(f"{bucket}/captions"), out, make_config())
+    assert (summary.shards_run, summary.rows_in) == (2, 10)
+    assert_s3_invariants(out, keys)
+    manifest = read_json(f"{out}/{MANIFEST_FILE}")
+    assert manifest["inputs"][0]["path"] == f"{bucket}/captions"
+    assert storage.location(f"{out}/DATACARD.md").read_text().startswith("# Data card: phrases")
+    again = run_stage(PhrasesStage(f"{bucket}/captions"), out, make_config())
+    assert (again.shards_run, again.shards_skipped) == (0, 2)
+    local = tmp_path / "captions"
+    write_caption_shard(local / "part-00000.parquet", [{"key": "z", "short_caption": "a blue cup"}])
+    where, filesystem = storage.arrow_target(storage.location(f"{bucket}/captions/part-00001.parquet"))
+    pq.write_table(pq.read_table(local / "part-00000.parquet"), where, filesystem=filesystem)
+    with pytest.raises(FgdataError, match="made from a different input"):
+        run_stage(PhrasesStage(f"{bucket}/captions"), out, make_config())
+
+
+@pytest.mark.slow
+def test_fggrn_chain_end_to_end_on_s3(bucket, tmp_path):
+    """ingest (local images) → phrases → ground → negatives, every dataset on s3://; ground finds
+    the images through lineage on the store; rows match the same chain on a local disk."""
+    from pipeline.models.tiny import build_tiny_clip_text, build_tiny_nli
+    from pipeline.stages.fggrn.ground import GroundStage
+    from pipeline.stages.fggrn.negatives import NegativesStage
+
+    texts = [p.read_text() for p in SAMPLE_IMAGES.glob("*.txt")] * 10
+    clip = build_tiny_clip_text(tmp_path / "clip-text", texts)
+    nli = build_tiny_nli(tmp_path / "nli", texts)
+    ground = ["ground.detector=yolov8s-worldv2.yaml", f"ground.text_encoder={clip}", "ground.score_threshold=0", "ground.batch_size=4"]
+    negatives = ["negatives.backend=rules", f"negatives.nli_model={nli}", "negatives.nli_rule=not_entailed", "negatives.per_region=3"]
+    for root in (bucket, tmp_path / "local"):
+        join = (lambda name: f"{root}/{name}") if isinstance(root, str) else (lambda name: root / name)
+        run_stage(IngestStage(SAMPLE_IMAGES), join("images"), make_config("ingest.rows_per_shard=10"))
+        run_stage(PhrasesStage(join("images")), join("phrases"), make_config())
+        run_stage(GroundStage(join("phrases")), join("regions"), make_config(*ground))
+        run_stage(NegativesStage(join("regions")), join("fggrn"), make_config(*negatives))
+    keys = {row["key"] for row in s3_rows(f"{bucket}/images")} | {r["key"] for r in read_rejects(f"{bucket}/images").to_pylist()}
+    assert len(keys) == 17
+    for name in ("images", "phrases", "regions", "fggrn"):
+        assert_s3_invariants(f"{bucket}/{name}", keys if name == "images" else {row["key"] for row in s3_rows(f"{bucket}/images")})
+        local = tmp_path / "local" / name
+        local_rows = [row for shard in list_shards(local) for row in read_shard(shard).to_pylist()]
+        drop = ("source",)  # where the row came from names the input's location
+        assert [{k: v for k, v in r.items() if k not in drop} for r in s3_rows(f"{bucket}/{name}")] == [
+            {k: v for k, v in r.items() if k not in drop} for r in local_rows
+        ]
+    regions = read_json(f"{bucket}/regions/{MANIFEST_FILE}")
+    assert [(i["path"], i.get("role")) for i in regions["inputs"]] == [(f"{bucket}/phrases", None), (f"{bucket}/images", "images")]
+    assert sum(len(row["regions"]) for row in s3_rows(f"{bucket}/regions")) > 0
+    assert any(region["negatives"] for row in s3_rows(f"{bucket}/fggrn") for region in row["regions"])
+    assert read_json(f"{bucket}/fggrn/{MANIFEST_FILE}")["inputs"][0]["inputs"][0]["path"] == f"{bucket}/phrases"
+
+
+def _phrases_on_ray(source: str, out: str) -> subprocess.Popen:
+    args = [str(FGDATA), "phrases", source, out, "-s", "run.max_shards_in_flight=1", "-s", "run.progress=false", "-s", "run.executor=ray", "-s", "run.num_cpus=2"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=dict(os.environ))
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _shard_workers() -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if "ray::fgdata-phrases" in line and "ps -eo" not in line]
+
+
+@pytest.mark.slow
+def test_killed_run_on_s3_resumes_without_duplicates(bucket):
+    """`fgdata phrases s3://… s3://…` on Ray, killed (SIGKILL, driver and all) once some shards are
+    done; the rerun skips exactly the finished shards and ends with every key once."""
+    shards = 5
+    keys = caption_shards_on_s3(f"{bucket}/captions", shards=shards, rows=400)
+    out = f"{bucket}/phrases"
+    run = _phrases_on_ray(f"{bucket}/captions", out)
+    try:
+        _wait_for(lambda: len(finished_shards(out)) >= 2 or run.poll() is not None, 240, "two finished shards")
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL, run.stderr.read()
+    _wait_for(lambda: not _shard_workers(), 60, "the killed run's workers to exit")
+    finished = finished_shards(out)
+    assert 2 <= len(finished) < shards and read_json(f"{out}/{MANIFEST_FILE}") is None
+    stats_before = {name: storage.location(f"{out}/{STATS_DIR}/{name.replace('.parquet', '.json')}").read_text() for name in finished}
+
+    rerun = _phrases_on_ray(f"{bucket}/captions", out)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert f"{len(finished)} already finished" in stdout
+    # finished shards were skipped, not redone: their stats (with timings) are the same bytes
+    assert {name: storage.location(f"{out}/{STATS_DIR}/{name.replace('.parquet', '.json')}").read_text() for name in finished} == stats_before
+    assert_s3_invariants(out, keys)
+    assert json.loads(storage.location(f"{out}/{MANIFEST_FILE}").read_text())["rows_rejected"] == shards
