@@ -32,7 +32,7 @@ from pipeline.core.sources import OutsideRoot, SourceItem, path_inside
 from pipeline.datasets.fgclip_export import find_phrase
 from pipeline.errors import first_line
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 from pipeline.stages.fggrn.ingest import IngestStage
 from pipeline.stages.fggrn.records import read_records
 
@@ -175,7 +175,7 @@ class ImportFgclipStage(Stage):
             if problem is None:
                 regions, problem = item_regions(item, *sizes.get(key, (0, 0)), counters)
             if problem:
-                rejects.append({"key": key, "reason": problem[0], "detail": problem[1], "source": str(self.json_path)})
+                rejects.append(reject(key, problem, str(self.json_path)))
                 continue
             for region, doc in zip(regions, nlp.pipe([r["phrase"] for r in regions])):
                 region["head"] = doc[:].root.lemma_.lower()

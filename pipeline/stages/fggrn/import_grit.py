@@ -23,7 +23,7 @@ from pipeline.core.schemas import conform
 from pipeline.core.shards import shard_name
 from pipeline.errors import FgdataError
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 from pipeline.stages.fggrn.records import read_records, record_key
 
 EXPRESSIONS = ("ref_exps", "noun_chunks")
@@ -112,7 +112,7 @@ class ImportGritStage(Stage):
             if problem is None:
                 regions, problem = record_regions(record, self.expressions)
             if problem:
-                rejects.append({"key": planned["key"], "reason": problem[0], "detail": problem[1], "source": str(self.parquet)})
+                rejects.append(reject(planned["key"], problem, str(self.parquet)))
                 continue
             for region, doc in zip(regions, nlp.pipe([r["phrase"] for r in regions])):
                 region["head"] = doc[:].root.lemma_.lower()

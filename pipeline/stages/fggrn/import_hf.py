@@ -27,7 +27,7 @@ from pipeline.core.shards import shard_name
 from pipeline.core.sources import OutsideRoot, path_inside, read_regular_file
 from pipeline.core.text import clean_caption
 from pipeline.errors import FgdataError, first_line
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 
 KINDS = ("images", "captions")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
@@ -98,7 +98,7 @@ class ImportHfStage(Stage):
                 seen.add(key)
                 row = self._image_row(key, record, config, counters) if self.kind == "images" else self._caption_row(key, record)
             except ImageRejected as rejected:
-                rejects.append({"key": key, "reason": rejected.reason, "detail": rejected.detail, "source": str(self.source)})
+                rejects.append(reject(key, (rejected.reason, rejected.detail), str(self.source)))
                 continue
             rows.append(row)
         return ShardResult(rows_in=table.num_rows, table=conform(rows, self.kind), rejects=rejects, counters=counters, provenance={"imported_from": str(self.source)})

@@ -21,7 +21,7 @@ from pipeline.core.sources import (
     read_regular_file,
 )
 from pipeline.core.text import clean_caption
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 
 
 class IngestStage(Stage):
@@ -68,7 +68,7 @@ class IngestStage(Stage):
                         counters.update(f"normalised_{why}" for why in info.normalise)
                 except ImageRejected as rejected:
                     detail = escape_undecodable(rejected.detail)
-                    rejects.append({"key": item.key, "reason": rejected.reason, "detail": detail, "source": source})
+                    rejects.append(reject(item.key, (rejected.reason, detail), source))
                     continue
                 caption = clean_caption(item.caption)
                 if caption is not None and len(caption) > config.ingest.max_caption_chars:

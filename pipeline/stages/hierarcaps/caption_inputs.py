@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pipeline.core.schemas import check_input_columns
 from pipeline.core.shards import list_shards, read_shard, read_shard_schema, shard_name
 from pipeline.errors import FgdataError
-from pipeline.stages.base import WorkUnit
+from pipeline.stages.base import WorkUnit, reject
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 
@@ -56,7 +56,7 @@ def with_captions(batch: list[dict], rejects: list[dict], source: str) -> list[d
         if (item["caption"] or "").strip():
             usable.append(item)
         else:
-            rejects.append({"key": item["key"], "reason": "empty_caption", "detail": "", "source": source})
+            rejects.append(reject(item["key"], ("empty_caption", "the row has no caption text"), source))
     return usable
 
 
