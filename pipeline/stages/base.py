@@ -185,6 +185,9 @@ class GeneratorStage(ModelStage):
         return loader(s.backend, s.model, revision=s.revision, trust_remote_code=s.trust_remote_code, dtype=s.dtype, tensor_parallel_size=s.tensor_parallel_size)
 
 
+_END = object()
+
+
 def _timed(batches: Iterable, timings: Counter) -> Iterator:
     """`batches`, adding the time spent getting each one (decoding it, or waiting for the CPU task that
     does) to timings["prepare_s"]."""
@@ -196,9 +199,6 @@ def _timed(batches: Iterable, timings: Counter) -> Iterator:
         if batch is _END:
             return
         yield batch
-
-
-_END = object()
 
 
 def run_shard(
@@ -233,8 +233,8 @@ def run_shard(
             "rows_rejected": rows_rejected,
             "counters": dict(result.counters + rejected),
             "provenance": result.provenance,
-            "seconds": round(now - started, 4),
-            # rounded down, so the parts never add up to more than `seconds`
+            # the whole rounded up and its parts down, so the parts never add up to more than `seconds`
+            "seconds": math.ceil((now - started) * 1e4) / 1e4,
             "timings": {name: math.floor(value * 1e4) / 1e4 for name, value in timings.items()},
         }
 
