@@ -167,3 +167,16 @@ def test_seed_and_augment_are_separate_stages():
     assert HierarcapsSeedStage.name == "hierarcaps-seed" and HierarcapsAugmentStage.name == "hierarcaps-augment"
     assert HierarcapsSeedStage.prompt_setting == "seed_prompt" and HierarcapsAugmentStage.prompt_setting == "augment_prompt"
     assert isinstance(HierarcapsSeedStage(Path(".")), GeneratorStage)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_model_stage_on_ray_times_the_same_parts(tiny_llm, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a brown dog asleep on a red sofa\ntwo boats in a harbour\n")
+    config = make_config(f"hierarcaps.model={tiny_llm}", "hierarcaps.max_new_tokens=4", "run.executor=ray")
+    summary = run_stage(HierarcapsSeedStage(captions), tmp_path / "seed", config)
+    (stats,) = read_stats(summary.out_dir).values()
+    # on Ray prepare_s is the actor's wait for the CPU task's batches
+    assert set(stats["timings"]) == {"prepare_s", "model_s", "write_s"}
+    assert sum(stats["timings"].values()) <= stats["seconds"] and stats["timings"]["model_s"] > 0
