@@ -272,7 +272,7 @@ def test_fggrn_chain_end_to_end_on_s3(bucket, tmp_path):
         run_stage(GroundStage(join("phrases")), join("regions"), make_config(*ground))
         run_stage(NegativesStage(join("regions")), join("fggrn"), make_config(*negatives))
     keys = {row["key"] for row in s3_rows(f"{bucket}/images")} | {r["key"] for r in read_rejects(f"{bucket}/images").to_pylist()}
-    assert len(keys) == 17
+    assert (len(s3_rows(f"{bucket}/images")), len(keys)) == (17, 19)  # the sample's two broken files are rejects
     for name in ("images", "phrases", "regions", "fggrn"):
         assert_s3_invariants(f"{bucket}/{name}", keys if name == "images" else {row["key"] for row in s3_rows(f"{bucket}/images")})
         local = tmp_path / "local" / name
