@@ -137,9 +137,10 @@ def merged(base: dict, update: dict) -> dict:
     return out
 
 
-def scale_up(tiny_dir: Path, out_dir: Path, model_class, sizes: dict) -> Path:
-    """`model_class` with the tiny model's config (its token ids) at `sizes`, random in bf16, saved with
-    the tiny one's tokenizer or processor and the random-weights marker, ready for `from_pretrained`."""
+def scale_up(tiny_dir: Path, out_dir: Path, model_class, sizes: dict, dtype=torch.bfloat16) -> Path:
+    """`model_class` with the tiny model's config (its token ids) at `sizes`, random in `dtype` (that of
+    the published checkpoint: fgdata's class loads what it is given, or casts), saved with the tiny
+    one's tokenizer or processor and the random-weights marker, ready for `from_pretrained`."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_dir)
@@ -147,7 +148,7 @@ def scale_up(tiny_dir: Path, out_dir: Path, model_class, sizes: dict) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it will run: a CPU init of 8B weights takes minutes
-        model = model_class._from_config(config, dtype=torch.bfloat16)
+        model = model_class._from_config(config, dtype=dtype)
     model.save_pretrained(out_dir)
     del model
     free()
@@ -278,7 +279,7 @@ def bench_ground(workdir: Path, size: str, work: dict, device: str) -> tuple[dic
     from pipeline.models.tiny import build_tiny_clip_text
     from pipeline.models.yolo_world import PhraseEmbeddingCache, YoloWorldDetector
 
-    clip_dir = scale_up(build_tiny_clip_text(workdir / "clip-tiny", vocabulary_texts()), workdir / "clip", CLIPTextModelWithProjection, SIZES["clip_text"][size])
+    clip_dir = scale_up(build_tiny_clip_text(workdir / "clip-tiny", vocabulary_texts()), workdir / "clip", CLIPTextModelWithProjection, SIZES["clip_text"][size], torch.float32)
     images = [decode_rgb(data) for data in sample_images(work["ground_images"])]
     phrases = phrase_lists(len(images))
     side, batch, detector_name = work["ground_side"], work["ground_batch"], work["detector"]
@@ -333,7 +334,7 @@ def bench_nli(workdir: Path, size: str, work: dict) -> dict:
 
     from pipeline.models.tiny import build_tiny_nli
 
-    model_dir = scale_up(build_tiny_nli(workdir / "nli-tiny", vocabulary_texts()), workdir / "nli", DebertaV2ForSequenceClassification, SIZES["nli"][size])
+    model_dir = scale_up(build_tiny_nli(workdir / "nli-tiny", vocabulary_texts()), workdir / "nli", DebertaV2ForSequenceClassification, SIZES["nli"][size], torch.float32)
     captions = synthetic_captions(work["nli_pairs"], seed=9)
     pairs = [(c, c.replace(" a ", " a blue ", 1)) for c in captions]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -453,7 +454,7 @@ def bench_hierarcaps(workdir: Path, size: str, work: dict, nli: dict) -> tuple[d
     from pipeline.models.seq2seq import Seq2SeqGenerator
     from pipeline.models.tiny import build_tiny_t5
 
-    model_dir = scale_up(build_tiny_t5(workdir / "t5-tiny", vocabulary_texts()), workdir / "t5", T5ForConditionalGeneration, SIZES["t5"][size])
+    model_dir = scale_up(build_tiny_t5(workdir / "t5-tiny", vocabulary_texts()), workdir / "t5", T5ForConditionalGeneration, SIZES["t5"][size], torch.float32)
     generator, load_seconds = timed(lambda: Seq2SeqGenerator(str(model_dir)))
     s = HierarcapsConfig()
     captions = [chain[-1] for chain in synthetic_chains(work["captions"], seed=7)]
@@ -483,6 +484,7 @@ def bench_hierarcaps(workdir: Path, size: str, work: dict, nli: dict) -> tuple[d
     _, raw_seconds = timed(lambda: [raw(b) for b in batches])
     _, ours_seconds = timed(lambda: [ours(b) for b in batches])
     parameters = sum(p.numel() for p in model.parameters())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # Seq2SeqGenerator's choice: bf16 on a GPU
     del generator, model, tokenizer
     free()
     count = len(captions)
@@ -492,8 +494,8 @@ def bench_hierarcaps(workdir: Path, size: str, work: dict, nli: dict) -> tuple[d
         "captions": count,
         "architecture": f"T5ForConditionalGeneration, Flan-T5-base config sizes ({parameters / 1e6:.0f}M parameters)" if size == "full"
         else "T5ForConditionalGeneration, tiny",
-        "model": "Flan-T5-base-shaped T5, random weights, bf16 + DeBERTa-v3-base-shaped NLI" if size == "full" else "tiny random T5 + tiny random DeBERTa NLI",
-        "dtype": "bfloat16",
+        "model": f"Flan-T5-base-shaped T5, random weights, {dtype} + DeBERTa-v3-base-shaped NLI" if size == "full" else "tiny random T5 + tiny random DeBERTa NLI",
+        "dtype": dtype,
         "batch_size": batch,
         "num_beams": s.num_beams,
         "negative_candidates_per_tier": s.negative_candidates,
