@@ -99,36 +99,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         settings.base_model, len(training), len(pairs), len(evaluation), total_steps, settings.batch_size, device,
     )
 
-    def encode(batch):
-        sources, targets = zip(*batch)
-        inputs = tokenizer(list(sources), max_length=settings.max_source_tokens, truncation=True, padding=True, return_tensors="pt")
-        labels = tokenizer(text_target=list(targets), max_length=settings.max_target_tokens, truncation=True, padding=True, return_tensors="pt").input_ids
-        labels[labels == tokenizer.pad_token_id] = -100  # padding does not count in the loss
-        return inputs.to(device), labels.to(device)
-
-    def loss_of(batch):
-        inputs, labels = encode(batch)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            return model(**inputs, labels=labels).loss
-
-    def step(batch) -> dict:
-        loss = loss_of(batch)
-        loss.backward()
-        return {"loss": loss.item()}
-
-    def evaluation_loss() -> float | None:
-        if not eval_pairs:
-            return None
-        model.eval()
-        with torch.no_grad():
-            losses = [(loss_of(eval_pairs[i : i + settings.batch_size]).item(), len(eval_pairs[i : i + settings.batch_size])) for i in range(0, len(eval_pairs), settings.batch_size)]
-        model.train()
-        return sum(loss * n for loss, n in losses) / len(eval_pairs)
-
-    def record(step: int, means: dict, lr: float) -> dict:
-        entry = {"step": step, "train_loss": means["loss"], "eval_loss": evaluation_loss()}
-        log.info("step %d: train loss %.4f, eval loss %s", step, entry["train_loss"], "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}")
-        return entry
+    objective = Seq2SeqObjective(tokenizer, model, settings, eval_pairs, device)
 
     def batches(start: int):
         return (_batch_at(s, pairs, settings.batch_size, steps_per_epoch, settings.seed) for s in itertools.count(start))
@@ -137,7 +108,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     # seeded for T5's dropout (the batch order has its own generator); a resumed run takes the checkpoint's state
     with seeded(settings.seed, device):
         trained = run_training(
-            model, optimizer, schedule, step, batches, total_steps=total_steps, log_every=settings.eval_every, record=record,
+            model, optimizer, schedule, objective.step, batches, total_steps=total_steps, log_every=settings.eval_every, record=objective.record,
             # model.safetensors + config.json, and the tokenizer, so a checkpoint loads like a model
             checkpoints=Checkpoints(out_dir, settings.save_every, settings.keep_checkpoints, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), asdict(settings)),
             resume=checkpoint, max_grad_norm=1.0, best_of="eval_loss", device=device, desc="distill", progress=progress,
@@ -169,6 +140,51 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
     write_json(out_dir / REPORT_FILE, report)
     remove_checkpoints(out_dir)
     return report
+
+
+class Seq2SeqObjective:
+    """What distill gives the loop: Flan-T5's cross-entropy on a batch of (source, target) pairs, and at
+    each log the mean loss on the held-out pairs."""
+
+    def __init__(self, tokenizer, model, settings: DistillConfig, eval_pairs: list, device: str):
+        self.tokenizer, self.model, self.settings, self.eval_pairs, self.device = tokenizer, model, settings, eval_pairs, device
+
+    def _encode(self, batch):
+        sources, targets = zip(*batch)
+        s, tokenizer = self.settings, self.tokenizer
+        inputs = tokenizer(list(sources), max_length=s.max_source_tokens, truncation=True, padding=True, return_tensors="pt")
+        labels = tokenizer(text_target=list(targets), max_length=s.max_target_tokens, truncation=True, padding=True, return_tensors="pt").input_ids
+        labels[labels == tokenizer.pad_token_id] = -100  # padding does not count in the loss
+        return inputs.to(self.device), labels.to(self.device)
+
+    def loss(self, batch):
+        import torch
+
+        inputs, labels = self._encode(batch)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            return self.model(**inputs, labels=labels).loss
+
+    def step(self, batch) -> dict:
+        loss = self.loss(batch)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def evaluation_loss(self) -> float | None:
+        import torch
+
+        pairs, size = self.eval_pairs, self.settings.batch_size
+        if not pairs:
+            return None
+        self.model.eval()
+        with torch.no_grad():
+            losses = [(self.loss(pairs[i : i + size]).item(), len(pairs[i : i + size])) for i in range(0, len(pairs), size)]
+        self.model.train()
+        return sum(loss * n for loss, n in losses) / len(pairs)
+
+    def record(self, step: int, means: dict, lr: float) -> dict:
+        entry = {"step": step, "train_loss": means["loss"], "eval_loss": self.evaluation_loss()}
+        log.info("step %d: train loss %.4f, eval loss %s", step, entry["train_loss"], "n/a" if entry["eval_loss"] is None else f"{entry['eval_loss']:.4f}")
+        return entry
 
 
 def known_children(chains) -> dict[str, set[str]]:
