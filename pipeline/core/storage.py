@@ -109,7 +109,8 @@ def signature(path: str) -> str:
         raise
     except Exception as exc:  # noqa: BLE001 - a store's client errors are not OSErrors
         raise OSError(f"{path}: {first_line(exc)}") from None
-    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") or info.get("mtime") or info.get("updated")
+    # S3: ETag; GCS: etag/md5Hash; the Hub: blob_id (the git object id); else a modification time
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "updated") if info.get(k)), None)
     return f"{info.get('size')}:{tag}"
 
 
