@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-gpu clean
+.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps run-fggrn train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-recipe bench-gpu clean
 
 # Every version make installs is pinned in constraints.txt; upgrade deliberately by editing it
 # (or regenerating it from a venv that passed the tests), never by accident.
@@ -148,6 +148,16 @@ train-demo: setup
 	$(BIN)/fgdata eval --model $(W)/fgclip --fggrn $(W)/test/fggrn --out $(W)/eval-fgclip.json
 	$(BIN)/fgdata eval --model $(W)/re --hierarcaps $(W)/test/hierarcaps --out $(W)/eval-re.json
 
+# The same FgGRN datasets as `make negatives recaption` in one job (`fgdata run`, Ray): shards stream
+# from step to step and each model loads once. Offline the recipe is fggrn-demo (phrases from the
+# alt-text, as the demo does); RECIPE=fggrn with a real VLM (MODEL=...) phrases its long captions.
+RECIPE ?= $(if $(filter $(TINY_VLM),$(MODEL)),fggrn-demo,fggrn)
+
+run-fggrn: setup $(if $(filter $(TINY_VLM),$(MODEL)),tiny-vlm) $(if $(filter $(TINY_CLIP),$(TEXT_ENCODER)),tiny-clip) $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
+	$(BIN)/fgdata run $(RECIPE) $(DATA) $(OUT) $(INGEST_ARGS) --set recaption.model=$(MODEL) $(RECAPTION_ARGS) \
+		--set ground.detector=$(DETECTOR) --set ground.text_encoder=$(TEXT_ENCODER) $(GROUND_ARGS) \
+		--set negatives.nli_model=$(NLI_MODEL) $(TINY_NLI_NEGATIVES) --set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
+
 demo: negatives recaption hierarcaps
 	@echo
 	@echo "== what the demo wrote =="
@@ -172,6 +182,10 @@ test-fast: setup chromium
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# `fgdata run` against the stage-by-stage commands on the sample x20 (minutes; not in `make test`)
+bench-recipe: setup
+	$(BIN)/python bench/recipe_bench.py
 
 # one GPU, no set-up: a GPU machine may have torch + transformers but neither this venv nor a network
 # (bench/gpu.py --help; --tiny checks the harness on CPU)

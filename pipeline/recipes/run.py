@@ -244,19 +244,30 @@ class _Scheduler:
         run.queue.extend(u for u in units if u.name not in run.done)
 
     def _submit(self) -> None:
-        cpus = ray.cluster_resources().get("CPU", 0)
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        # Pools start upstream first, so a step's model never waits behind the models of the steps
+        # it feeds (they would wait for its shards forever); shards go downstream first, so
+        # finished rows leave the pipeline early.
+        for run in self.runs:
+            if run.queue and run.submit is None and not self._start_pool(run, cpus, gpus) and self._release_idle_pools_after(run):
+                self._start_pool(run, cpus, gpus)
         for run in reversed(self.runs):
-            if not run.queue:
-                continue
-            if run.submit is None and not self._start_pool(run, cpus, gpus):
-                continue
-            while run.queue and run.in_flight < run.limit:
+            while run.submit is not None and run.queue and run.in_flight < run.limit:
                 unit = run.queue.popleft()
                 ref, on_done = run.submit(unit)
                 self.in_flight[ref] = (run, unit.name, on_done)
                 run.in_flight += 1
                 run.ran += 1
+
+    def _release_idle_pools_after(self, run: StepRun) -> bool:
+        """Drops the actor pools of downstream steps with nothing to do, so `run` can start its own
+        (they start again when more of their shards are ready)."""
+        idle = [r for r in self.runs[self.runs.index(run) + 1 :] if r.submit is not None and r.pool != (0.0, 0.0) and not r.queue and not r.in_flight]
+        for r in idle:
+            log.info("%s: its model actors stop while %s needs the room", r.step.name, run.step.name)
+            r.submit, r.pool = None, (0.0, 0.0)
+        return bool(idle)
 
     def _start_pool(self, run: StepRun, cpus: float, gpus: float) -> bool:
         """Starts the step's submitter. A model step's actors start only while the CPUs and GPUs
