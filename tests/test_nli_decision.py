@@ -33,9 +33,9 @@ def test_contradiction_rule_drops_the_neutral_rewrite_that_not_entailed_keeps():
     assert (default.nli_rule, default.min_contradiction) == ("contradiction", 0.5)
     contradiction = NliDecision("contradiction", min_contradiction=0.5, max_entailment=0.5)
     not_entailed = NliDecision("not_entailed", min_contradiction=0.5, max_entailment=0.5)
-    assert contradiction.problem(NEUTRAL) == "not_contradicted" and not_entailed.problem(NEUTRAL) is None
+    assert contradiction.problem(NEUTRAL)[0] == "not_contradicted" and not_entailed.problem(NEUTRAL) is None
     assert contradiction.problem(CONTRADICTION) is None and not_entailed.problem(CONTRADICTION) is None
-    assert not_entailed.problem({"contradiction": 0.0, "entailment": 0.9, "neutral": 0.1}) == "entailed"
+    assert not_entailed.problem({"contradiction": 0.0, "entailment": 0.9, "neutral": 0.1}) == ("entailed", "P(entailment) 0.90 >= 0.5")
     with pytest.raises(FgdataError, match="NLI rule must be contradiction or not_entailed, got 'maybe'"):
         NliDecision("maybe", 0.5, 0.5)
 

@@ -63,11 +63,15 @@ class NliDecision:
         if self.rule not in NLI_RULES:
             raise FgdataError(f"NLI rule must be {' or '.join(NLI_RULES)}, got {self.rule!r}")
 
-    def problem(self, score: dict[str, float]) -> str | None:
-        """None when valid, else the reason it is dropped (a counter name)."""
+    def problem(self, score: dict[str, float]) -> tuple[str, str] | None:
+        """None when valid, else (reason, detail): why it is dropped, the reason a counter name."""
         if self.rule == "contradiction":
-            return None if score["contradiction"] >= self.min_contradiction else "not_contradicted"
-        return None if score["entailment"] < self.max_entailment else "entailed"
+            if score["contradiction"] >= self.min_contradiction:
+                return None
+            return "not_contradicted", f"P(contradiction) {score['contradiction']:.2f} < {self.min_contradiction}"
+        if score["entailment"] < self.max_entailment:
+            return None
+        return "entailed", f"P(entailment) {score['entailment']:.2f} >= {self.max_entailment}"
 
 
 def best_threshold(scores: list[float], labels: list[bool], min_precision: float) -> tuple[float, float, float] | None:

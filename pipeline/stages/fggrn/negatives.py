@@ -153,7 +153,7 @@ class NegativesStage(GeneratorStage):
             for (region, text, attribute, _, _), score in zip(candidates, scores):
                 problem = decision.problem(score)
                 if problem:
-                    counters[f"dropped_{problem}"] += 1
+                    counters[f"dropped_{problem[0]}"] += 1
                 elif len(region["negatives"]) < settings.per_region:
                     region["negatives"].append({"text": text, "attribute": attribute, **score})
             for row in rows:

@@ -57,7 +57,7 @@ def choose_negatives(
             parent = next(scores)["entailment"] if i > 0 else 1.0
             problem = decision.problem(against_positive)
             if problem:
-                reasons[_REASONS[problem]] += 1
+                reasons[_REASONS[problem[0]]] += 1
             elif parent < min_parent:
                 reasons["does_not_entail_parent"] += 1
             elif best is None or against_positive["contradiction"] > best_score["contradiction"]:
