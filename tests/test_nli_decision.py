@@ -1,5 +1,5 @@
-"""The NLI decision (keep a negative the positive contradicts), NLI through sentence-transformers'
-CrossEncoder, and the rewording check by a real sentence-embedding model (all-MiniLM-L6-v2 from PyPI)."""
+"""The NLI decision (keep a negative the positive contradicts), NLI scores equal to sentence-transformers'
+CrossEncoder's, and the rewording check by a real sentence-embedding model (all-MiniLM-L6-v2 from PyPI)."""
 
 import json
 from pathlib import Path
@@ -57,13 +57,18 @@ def tiny_nli(tmp_path_factory):
     return build_tiny_nli(tmp_path_factory.mktemp("models") / "nli", texts)
 
 
-def test_the_scorer_is_a_cross_encoder_with_the_configs_label_order(tiny_nli, tmp_path):
+def test_the_scorer_gives_cross_encoder_scores_in_the_configs_label_order(tiny_nli, tmp_path):
     import torch
     from sentence_transformers import CrossEncoder
 
-    scorer = NliScorer(str(tiny_nli))
-    assert isinstance(scorer.cross_encoder, CrossEncoder) and scorer.is_random
-    pairs = [("A man holds a red cup.", "A man holds a blue cup."), ("A dog.", "A small dog on a wooden table.")]
+    scorer = NliScorer(str(tiny_nli), batch_size=2)
+    assert scorer.is_random
+    pairs = [("A man holds a red cup.", "A man holds a blue cup."), ("A dog.", "A small dog on a wooden table."), ("Snow.", "It is cold " * 200)]
+    # what users get from sentence-transformers' CrossEncoder for the same model (three pairs: two batches, one truncated)
+    reference = CrossEncoder(str(tiny_nli), device="cpu", max_length=256).predict([list(p) for p in pairs], apply_softmax=True, convert_to_numpy=True)
+    labels = [scorer.model.config.id2label[i].lower() for i in range(3)]
+    for got, row in zip(scorer.score(pairs), reference):
+        assert got == pytest.approx(dict(zip(labels, map(float, row))), abs=1e-5)
     # the same numbers as the model's own softmax, each named by config.id2label
     inputs = scorer.tokenizer([p for p, _ in pairs], [h for _, h in pairs], padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.inference_mode():
@@ -84,6 +89,21 @@ def test_the_scorer_is_a_cross_encoder_with_the_configs_label_order(tiny_nli, tm
         NliScorer(str(unnamed))
     with pytest.raises(FgdataError, match="cannot load NLI model '/no/such/nli'"):
         NliScorer("/no/such/nli")
+
+
+def test_an_nli_actor_never_imports_sentence_transformers(tiny_nli):
+    """Its import was ~10 s of every NLI actor's start on CPU (bench/results/README.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipeline.models.nli import NliScorer; "
+        f"s = NliScorer({str(tiny_nli)!r}); s.score([('a', 'b')]); "
+        "print('sentence_transformers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
 
 
 class FixedNli:

@@ -1,5 +1,10 @@
-"""Natural-language inference with a cross-encoder, run through sentence-transformers' `CrossEncoder`
-(as users run cross-encoder/nli-deberta-v3-base), and the rule that turns its scores into keep/drop."""
+"""Natural-language inference with a cross-encoder (e.g. cross-encoder/nli-deberta-v3-base), and the rule
+that turns its scores into keep/drop.
+
+The scores are what sentence-transformers' `CrossEncoder.predict(..., apply_softmax=True)` gives for the
+same model (tests/test_nli_decision.py checks it), computed with transformers directly: importing
+sentence-transformers costs ~10 s per model actor on a CPU node (it pulls in scipy and scikit-learn),
+which was most of an NLI stage's start-up (bench/results/README.md)."""
 
 from __future__ import annotations
 
@@ -19,32 +24,37 @@ class NliScorer:
 
     def __init__(self, model: str, batch_size: int = 64, max_length: int = 256):
         import torch
-        from sentence_transformers import CrossEncoder
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             # no code from the model's folder runs, and pickled weights are refused (safetensors only)
-            self.cross_encoder = CrossEncoder(
-                model, device=self.device, max_length=max_length, trust_remote_code=False, model_kwargs={"use_safetensors": True}
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=False, use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise FgdataError(f"cannot load NLI model {model!r}: {first_line(exc)}") from None
-        self.tokenizer, self.model = self.cross_encoder.tokenizer, self.cross_encoder.model
+        self.model.to(self.device).eval()
         # Label order differs between NLI checkpoints; the config names them, so look them up by name.
         names = {int(index): str(label).lower() for index, label in self.model.config.id2label.items()}
         missing = [label for label in _LABELS if label not in names.values()]
         if missing or len(names) != len(_LABELS):
             raise FgdataError(f"NLI model {model!r} has labels {sorted(names.values())}, not {list(_LABELS)}")
         self._order = [next(i for i, name in names.items() if name == label) for label in _LABELS]
-        self.name, self.batch_size, self.is_random = model, batch_size, is_random_model(model)
+        self.name, self.batch_size, self.max_length, self.is_random = model, batch_size, max_length, is_random_model(model)
 
     def score(self, pairs: list[tuple[str, str]]) -> list[dict[str, float]]:
-        if not pairs:
-            return []
-        probabilities = self.cross_encoder.predict(
-            [list(pair) for pair in pairs], batch_size=self.batch_size, apply_softmax=True, show_progress_bar=False, convert_to_numpy=True
-        )
-        return [dict(zip(_LABELS, map(float, row[self._order]))) for row in probabilities]
+        import torch
+
+        scores = []
+        for start in range(0, len(pairs), self.batch_size):
+            premises, hypotheses = zip(*pairs[start : start + self.batch_size])
+            inputs = self.tokenizer(
+                list(premises), list(hypotheses), padding=True, truncation="longest_first", max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            with torch.inference_mode():
+                probabilities = self.model(**inputs).logits.float().softmax(-1)[:, self._order].tolist()
+            scores += [dict(zip(_LABELS, row)) for row in probabilities]
+        return scores
 
 
 @dataclass(frozen=True)
