@@ -11,7 +11,7 @@ fgdata's own model class and through the raw library, on the same inputs, in the
 - negatives: a Llama-3.1-8B-shaped LlamaForCausalLM through `TransformersLM` vs a raw batched
   `generate` over the same prompts (the hard-negatives prompt filled with synthetic captions), batch-1
   decode against the bandwidth bound; DeBERTa-v3-base-shaped NLI pairs/s through `NliScorer`
-  (sentence-transformers' CrossEncoder) vs a raw sequence-classification forward.
+  (CrossEncoder's scores, computed with transformers) vs a raw sequence-classification forward.
 - hierarcaps: a Flan-T5-base-shaped T5 through `Seq2SeqGenerator` doing the generate stage's two calls
   (beam search caption -> tiers, then sampled children of every tier's parent) vs the same
   `model.generate` calls; the NLI figure above for the filter.
@@ -328,7 +328,7 @@ def bench_ground(workdir: Path, size: str, work: dict, device: str) -> tuple[dic
 
 
 def bench_nli(workdir: Path, size: str, work: dict) -> dict:
-    """NLI pairs/s through NliScorer (when sentence-transformers is there) vs a raw forward, fp32 as
+    """NLI pairs/s through NliScorer vs a raw forward, fp32 as
     NliScorer loads it, and the raw forward in bf16 beside it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2ForSequenceClassification
 
@@ -339,16 +339,13 @@ def bench_nli(workdir: Path, size: str, work: dict) -> dict:
     pairs = [(c, c.replace(" a ", " a blue ", 1)) for c in captions]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     figures: dict = {"nli_pairs": len(pairs), "nli_architecture": "DebertaV2ForSequenceClassification, DeBERTa-v3-base sizes" if size == "full" else "tiny DeBERTa-v2"}
-    if importlib.util.find_spec("sentence_transformers"):
-        from pipeline.models.nli import NliScorer
+    from pipeline.models.nli import NliScorer
 
-        scorer, load_seconds = timed(lambda: NliScorer(str(model_dir)))
-        scorer.score(pairs[:64])  # warm-up
-        _, ours_seconds = timed(lambda: scorer.score(pairs))
-        figures.update(nli_load_seconds=round(load_seconds, 2), fgdata_nli_pairs_per_s=round(len(pairs) / ours_seconds, 1))
-        del scorer
-    else:
-        figures["nli_skipped"] = "sentence-transformers is not installed here: NliScorer not measured, the planner's NLI figure is the raw fp32 forward"
+    scorer, load_seconds = timed(lambda: NliScorer(str(model_dir)))
+    scorer.score(pairs[:64])  # warm-up
+    _, ours_seconds = timed(lambda: scorer.score(pairs))
+    figures.update(nli_load_seconds=round(load_seconds, 2), fgdata_nli_pairs_per_s=round(len(pairs) / ours_seconds, 1))
+    del scorer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for dtype in (torch.float32, torch.bfloat16):
         model, load_seconds = timed(lambda: AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval())
