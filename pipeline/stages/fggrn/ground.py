@@ -50,12 +50,16 @@ class GroundStage(ModelStage):
         self.images_dir = resolved(images_dir) if images_dir else None
 
     def plan(self, config: Config) -> list[WorkUnit]:
+        check_detector(config.ground)  # first: a model file that would run code is named before anything else
         shards = list_shards(self.phrases_dir)
-        self.check(config)
+        self._check_images()
         return [self.plan_shard(path, config) for path in shards]
 
     def check(self, config: Config) -> None:
         check_detector(config.ground)  # before any actor loads (or unpickles) a model
+        self._check_images()
+
+    def _check_images(self) -> None:
         if self.images_dir is None:
             self.images_dir = find_ancestor(self.phrases_dir, "images")
             if self.images_dir is None:
