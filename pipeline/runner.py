@@ -32,6 +32,7 @@ from pipeline.core.shards import (
     unit_fingerprint,
     write_json,
 )
+from pipeline.core.scoped import torch_threads
 from pipeline.core.storage import location
 from pipeline.datasets.datacard import write_datacard
 from pipeline.errors import FgdataError, StageFailed
@@ -184,6 +185,13 @@ def _run_in_process(stage: Stage, pending, out_dir: Path, config: Config, total:
     """The local executor: the shards one after another in this process, the model loaded once,
     each failing shard retried `run.max_retries` times as a Ray task would be."""
     log.info("%s: %d shard(s) in this process (executor local)", stage.name, len(pending))
+    # the CPUs a Ray actor or task of this stage would have, so both executors give the same numbers
+    threads = stage.pool(0.0, config).cpus_per_actor if stage.uses_model else config.run.cpus_per_task
+    with torch_threads(threads):
+        return _run_units_in_process(stage, pending, out_dir, config, total, skipped, fingerprints)
+
+
+def _run_units_in_process(stage: Stage, pending, out_dir: Path, config: Config, total: int, skipped: int, fingerprints: dict[str, str]) -> dict[str, str]:
     model = None
     if stage.uses_model:
         try:

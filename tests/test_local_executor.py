@@ -8,6 +8,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import FGDATA, assert_dataset_invariants, make_config, read_rows, write_caption_shard
 from synthetic import synthetic_captions
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ from pipeline.core.schemas import conform
 from pipeline.core.shards import DONE_DIR, STATS_DIR, finished_shards, read_json, read_rejects, shard_markers
 from pipeline.errors import StageFailed
 from pipeline.runner import choose_executor, run_stage
-from pipeline.stages.base import ShardResult, Stage, WorkUnit
+from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit
 from pipeline.stages.fggrn.phrases import PhrasesStage
 
 
@@ -130,11 +131,15 @@ class CountingModelStage(Stage):
     def prepared_batches(self, unit, config):
         return self.batches_announced
 
+    def pool(self, cluster_gpus, config):
+        return ModelPool(actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0)
+
     def prepare(self, unit, config):
         self.calls["prepare"] = self.calls.get("prepare", 0) + 1
         return [[f"{unit.payload}-a"], [f"{unit.payload}-b"]]
 
     def process(self, unit, config, model=None, prepared=None):
+        self.calls.setdefault("torch_threads", set()).add(torch.get_num_threads())
         rejects = [
             {"key": key, "reason": "seen", "detail": f"{model} batch {index}", "source": ""}
             for index, batch in enumerate(prepared)
@@ -147,10 +152,20 @@ def test_local_executor_loads_the_model_once_and_feeds_each_shard_its_prepared_b
     monkeypatch.setattr(runner, "ensure_ray", lambda run: pytest.fail("the local executor started Ray"))
     CountingModelStage.calls = {}
     run_stage(CountingModelStage(), tmp_path / "out", make_config("run.executor=local"))
-    assert CountingModelStage.calls == {"load_model": 1, "prepare": 3}
+    assert CountingModelStage.calls == {"load_model": 1, "prepare": 3, "torch_threads": {1}}
     details = [(r["key"], r["detail"]) for r in read_rejects(tmp_path / "out").to_pylist()]
     assert details == [(f"{i}-{b}", f"model-1 batch {n}") for i in range(3) for n, b in enumerate("ab")]
     assert read_json(tmp_path / "out" / "_manifest.json")["counters"] == {"rejected_seen": 6}
+
+
+def test_in_process_torch_runs_on_the_threads_a_ray_actor_of_the_stage_gets(tmp_path):
+    """Ray starts an actor with OMP_NUM_THREADS = its CPUs; a different thread count rounds float sums
+    differently (a random detector's boxes moved across the score threshold), so local does the same."""
+    torch.set_num_threads(2)
+    CountingModelStage.calls = {}
+    run_stage(CountingModelStage(), tmp_path / "out", make_config("run.executor=local"))
+    assert CountingModelStage.calls["torch_threads"] == {1}  # the stage's cpus_per_actor
+    assert torch.get_num_threads() == 2  # the caller's count is back
 
 
 def test_local_executor_holds_prepare_to_the_batch_count_it_announced(tmp_path):

@@ -1,4 +1,4 @@
-"""Settings that hold for one call only: environment variables a library reads, torch's seed.
+"""Settings that hold for one call only: environment variables a library reads, torch's seed and threads.
 
 fgdata runs inside other people's processes (a notebook, a trainer, a Ray worker that runs other
 tasks too), so it leaves the process as it found it: nothing is set at import, and what a call
@@ -38,3 +38,20 @@ def torch_seed(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block, the caller's put back after.
+
+    Ray starts a task or actor with OMP_NUM_THREADS = its CPUs, so torch there runs on that many
+    threads; a float sum split over another number of threads rounds differently, enough to move a
+    detection across its score threshold. The in-process executor uses this to compute as Ray does."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
