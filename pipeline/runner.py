@@ -108,7 +108,7 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     out_dir = claim_output(out_dir, stage.name, settings_hash, overwrite, inputs=inputs)
     shared = stage.plan_fingerprint()
     fingerprints = {u.name: unit_fingerprint(settings_hash, u.name, u.payload, shared) for u in units}
-    done = _finished_for_this_input(out_dir, fingerprints)
+    done = finished_for_this_input(out_dir, fingerprints)
     pending = [u for u in units if u.name not in done]
     skipped = len(units) - len(pending)
     if skipped:
@@ -153,7 +153,7 @@ def finish_stage(
     )
 
 
-def _finished_for_this_input(out_dir: Path, fingerprints: dict[str, str]) -> set[str]:
+def finished_for_this_input(out_dir: Path, fingerprints: dict[str, str]) -> set[str]:
     """The shards already done from this very input and settings. A finished shard made from
     another input, or one the input no longer has, would mix two inputs in one dataset: refused."""
     done = set()
@@ -197,7 +197,7 @@ def _run_units_in_process(stage: Stage, pending, out_dir: Path, config: Config, 
         try:
             model = stage.load_model(config)
         except Exception as exc:  # noqa: BLE001 - as on Ray, where every shard fails on the dead actor
-            reason = _short_error(exc)
+            reason = short_error(exc)
             log.error("%s: the model did not load: %s", stage.name, reason)
             return {unit.name: reason for unit in pending}
     failures: dict[str, str] = {}
@@ -212,7 +212,7 @@ def _run_units_in_process(stage: Stage, pending, out_dir: Path, config: Config, 
                     break
                 except Exception as exc:  # noqa: BLE001 - any shard failure is reported, the rest go on
                     if attempt == config.run.max_retries:
-                        failures[unit.name] = _short_error(exc)
+                        failures[unit.name] = short_error(exc)
                         log.error("%s: shard %s failed after retries: %s", stage.name, unit.name, failures[unit.name])
             bar.update(1)
             bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
@@ -255,7 +255,7 @@ def _run_on_ray(stage: Stage, pending, out_dir: Path, config: Config, total: int
                 stats = ray.get(ready[0])
                 rows_done += stats["rows_in"]
             except Exception as exc:  # noqa: BLE001 - any shard failure is reported, the rest go on
-                failures[name] = _short_error(exc)
+                failures[name] = short_error(exc)
                 log.error("%s: shard %s failed after retries: %s", stage.name, name, failures[name])
             bar.update(1)
             bar.set_postfix(rows_per_s=f"{rows_done / max(time.perf_counter() - started, 1e-9):.1f}", failed=len(failures))
@@ -340,7 +340,7 @@ def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, co
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Exit): ")
 
 
-def _short_error(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """The line that says what went wrong: Ray wraps worker errors in long tracebacks."""
     cause = getattr(exc, "cause", None) or exc
     lines = [line.strip() for line in f"{type(cause).__name__}: {cause}".splitlines() if line.strip()]

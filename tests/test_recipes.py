@@ -92,6 +92,18 @@ def test_recipe_file_is_read_like_a_settings_file(tmp_path):
         parse_recipe({"stages": []}, "x", "x.yaml")
 
 
+def test_every_step_kind_builds_its_stage():
+    from pipeline.recipes import STEP_KINDS
+    from pipeline.recipes.run import DISTILL, Step
+
+    for kind, spec in STEP_KINDS.items():
+        step = Step(name="x", stage=kind, inputs={key: ("SOURCE",) for key in spec.inputs})
+        stage = make_stage(step, {key: [Path("/nowhere") / key] for key in spec.inputs})
+        assert (stage is None) == (kind == DISTILL), kind
+        if stage is not None:
+            assert stage.name == kind, (kind, stage.name)
+
+
 def test_which_stages_stream_shard_by_shard():
     """N -> N stages plan one input shard at a time; the others plan their input whole."""
     streaming = {"recaption", "phrases", "ground", "negatives", "hierarcaps-filter", "hierarcaps-negatives"}

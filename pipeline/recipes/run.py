@@ -9,6 +9,7 @@ dataset. The local executor runs the steps one after another in this process."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from pipeline.config import Config, load_config
 from pipeline.core.shards import claim_output, shard_markers, unit_fingerprint
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.recipes import SOURCE, STEP_KINDS, Recipe, Step
-from pipeline.runner import RunSummary, _finished_for_this_input, _short_error, ensure_ray, finish_stage, ray_submitter, run_stage
+from pipeline.runner import RunSummary, finished_for_this_input, short_error, ensure_ray, finish_stage, ray_submitter, run_stage
 from pipeline.stages.base import Stage, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -29,55 +30,30 @@ log = logging.getLogger(__name__)
 DISTILL = "hierarcaps-distill"
 
 
+# stage name -> (module, class, the inputs its constructor takes in order); imported when a step
+# needs it, so a recipe that never grounds never imports ultralytics
+STAGE_CLASSES = {
+    "ingest": ("pipeline.stages.fggrn.ingest", "IngestStage", ("input",)),
+    "recaption": ("pipeline.stages.fggrn.recaption", "RecaptionStage", ("input",)),
+    "phrases": ("pipeline.stages.fggrn.phrases", "PhrasesStage", ("input",)),
+    "ground": ("pipeline.stages.fggrn.ground", "GroundStage", ("input", "images")),
+    "negatives": ("pipeline.stages.fggrn.negatives", "NegativesStage", ("input",)),
+    "hierarcaps-import": ("pipeline.stages.hierarcaps.import_csv", "HierarcapsImportStage", ("input",)),
+    "hierarcaps-seed": ("pipeline.stages.hierarcaps.seed", "HierarcapsSeedStage", ("input",)),
+    "hierarcaps-augment": ("pipeline.stages.hierarcaps.augment", "HierarcapsAugmentStage", ("input", "demonstrations")),
+    "hierarcaps-filter": ("pipeline.stages.hierarcaps.filter", "HierarcapsFilterStage", ("input",)),
+    "hierarcaps-generate": ("pipeline.stages.hierarcaps.generate", "HierarcapsGenerateStage", ("input",)),
+    "hierarcaps-negatives": ("pipeline.stages.hierarcaps.negatives", "HierarcapsNegativesStage", ("input",)),
+}
+
+
 def make_stage(step: Step, paths: dict[str, list[Path]]) -> Stage | None:
     """The stage a step runs, reading `paths` (input name -> datasets); None for distill, which trains."""
-    first = {key: value[0] for key, value in paths.items()}
-    if step.stage == "ingest":
-        from pipeline.stages.fggrn.ingest import IngestStage
-
-        return IngestStage(first["input"])
-    if step.stage == "recaption":
-        from pipeline.stages.fggrn.recaption import RecaptionStage
-
-        return RecaptionStage(first["input"])
-    if step.stage == "phrases":
-        from pipeline.stages.fggrn.phrases import PhrasesStage
-
-        return PhrasesStage(first["input"])
-    if step.stage == "ground":
-        from pipeline.stages.fggrn.ground import GroundStage
-
-        return GroundStage(first["input"], first["images"])
-    if step.stage == "negatives":
-        from pipeline.stages.fggrn.negatives import NegativesStage
-
-        return NegativesStage(first["input"])
-    if step.stage == "hierarcaps-import":
-        from pipeline.stages.hierarcaps.import_csv import HierarcapsImportStage
-
-        return HierarcapsImportStage(first["input"])
-    if step.stage == "hierarcaps-seed":
-        from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
-
-        return HierarcapsSeedStage(first["input"])
-    if step.stage == "hierarcaps-augment":
-        from pipeline.stages.hierarcaps.augment import HierarcapsAugmentStage
-
-        return HierarcapsAugmentStage(first["input"], first["demonstrations"])
-    if step.stage == "hierarcaps-filter":
-        from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
-
-        return HierarcapsFilterStage(first["input"])
-    if step.stage == "hierarcaps-generate":
-        from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
-
-        return HierarcapsGenerateStage(first["input"])
-    if step.stage == "hierarcaps-negatives":
-        from pipeline.stages.hierarcaps.negatives import HierarcapsNegativesStage
-
-        return HierarcapsNegativesStage(first["input"])
-    assert step.stage == DISTILL, step.stage
-    return None
+    if step.stage == DISTILL:
+        return None
+    module, name, inputs = STAGE_CLASSES[step.stage]
+    stage_class = getattr(importlib.import_module(module), name)
+    return stage_class(*(paths[key][0] for key in inputs))
 
 
 @dataclass
@@ -217,7 +193,7 @@ class _Scheduler:
         units = run.stage.plan(run.config)
         shared = run.stage.plan_fingerprint()
         run.fingerprints = {u.name: unit_fingerprint(run.settings_hash, u.name, u.payload, shared) for u in units}
-        run.done = _finished_for_this_input(run.out_dir, run.fingerprints)
+        run.done = finished_for_this_input(run.out_dir, run.fingerprints)
         run.names, run.planned, run.started = [u.name for u in units], {u.name for u in units}, time.perf_counter()
         run.queue.extend(u for u in units if u.name not in run.done)
 
@@ -240,7 +216,7 @@ class _Scheduler:
                 run.planned.add(name)
                 units.append(unit)
         if first:
-            run.done = _finished_for_this_input(run.out_dir, run.fingerprints)
+            run.done = finished_for_this_input(run.out_dir, run.fingerprints)
         run.queue.extend(u for u in units if u.name not in run.done)
 
     def _submit(self) -> None:
@@ -304,7 +280,7 @@ class _Scheduler:
                 return
             run.done.add(name)
         except Exception as exc:  # noqa: BLE001 - any shard failure is reported, the rest go on
-            run.failures[name or run.step.name] = _short_error(exc)
+            run.failures[name or run.step.name] = short_error(exc)
             log.error("%s: shard %s failed after retries: %s", run.step.name, name, run.failures[name or run.step.name])
 
     def _finish(self, run: StepRun) -> None:
