@@ -126,7 +126,7 @@ def _report_run(summary) -> None:
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table.")],
+    source: Annotated[str, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table (a folder or webdataset tars may be an s3://, gs://, hf:// URI).")],
     out: Annotated[str, typer.Argument(help="Output directory for image shards (a path or an s3://, gs://, hf:// URI).")],
     source_format: Annotated[
         str, typer.Option("--format", help=f"Layout of SOURCE: {', '.join(FORMATS)}.")

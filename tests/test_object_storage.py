@@ -336,3 +336,141 @@ def test_killed_run_on_s3_resumes_without_duplicates(bucket):
     assert {name: storage.location(f"{out}/{STATS_DIR}/{name.replace('.parquet', '.json')}").read_text() for name in finished} == stats_before
     assert_s3_invariants(out, keys)
     assert json.loads(storage.location(f"{out}/{MANIFEST_FILE}").read_text())["rows_rejected"] == shards
+
+
+# --- ingest from a store --------------------------------------------------------------------
+
+
+def upload_folder(local, uri: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            put_object(f"{uri}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+def local_rows_and_rejects(dataset) -> tuple[list[dict], list[tuple]]:
+    rows = [{k: v for k, v in r.items() if k != "source"} for shard in list_shards(dataset) for r in read_shard(shard).to_pylist()]
+    return rows, sorted((r["key"], r["reason"]) for r in read_rejects(dataset).to_pylist())
+
+
+def test_ingest_from_an_s3_folder_equals_the_local_folder(bucket, tmp_path):
+    """The sample (images with .txt/.json sidecars, two broken files) in a sub-folder, on s3 and
+    on disk: the same rows (keys, bytes, captions, sizes), the same rejects, across shards."""
+    local = tmp_path / "src"
+    (local / "sub").mkdir(parents=True)
+    for path in SAMPLE_IMAGES.iterdir():
+        (local / ("sub" if path.stem.startswith("c") else "") / path.name).write_bytes(path.read_bytes())
+    upload_folder(local, f"{bucket}/src")
+    config = make_config("ingest.rows_per_shard=7")
+    run_stage(IngestStage(local), tmp_path / "images", config)
+    summary = run_stage(IngestStage(f"{bucket}/src"), f"{bucket}/images", config)
+    rows, rejects = local_rows_and_rejects(tmp_path / "images")
+    assert (summary.rows_out, summary.shards_total) == (17, 3)
+    assert local_rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+    assert {"sub/chelsea", "sub/camera", "astronaut"} <= {r["key"] for r in rows}
+    assert next(r for r in rows if r["key"] == "sub/chelsea")["short_caption"]  # a .json sidecar read from the store
+    assert rejects == [("broken_not_an_image", "not_an_image"), ("broken_truncated", "decode_error")]
+    assert {r["source"] for r in s3_rows(f"{bucket}/images")} >= {f"{bucket}/src/astronaut.jpg", f"{bucket}/src/sub/chelsea.jpg"}
+    assert read_json(f"{bucket}/images/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/src", "format": "folder"}]
+    assert_s3_invariants(f"{bucket}/images", {r["key"] for r in rows} | {k for k, _ in rejects})
+
+
+def test_ingest_from_s3_webdataset_tars_equals_local_tars(bucket, tmp_path):
+    import io
+    import tarfile
+
+    local = tmp_path / "wds"
+    local.mkdir()
+    samples = sorted(p for p in SAMPLE_IMAGES.glob("*.jpg") if not p.stem.startswith("broken"))
+    for number, chunk in enumerate((samples[:6], samples[6:])):
+        with tarfile.open(local / f"{number:05d}.tar", "w") as tar:
+            for path in chunk:
+                for member in (path, *[p for p in (path.with_suffix(".txt"), path.with_suffix(".json")) if p.exists()]):
+                    data = member.read_bytes()
+                    info = tarfile.TarInfo(f"{path.stem}{member.suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    # a tar cut short in the middle of its second image: the first is kept, the second rejected
+    first = samples[0].read_bytes()
+    with tarfile.open(local / "whole.tar.tmp", "w") as tar:
+        for name in ("zz-kept.jpg", "zz-cut.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(first)
+            tar.addfile(info, io.BytesIO(first))
+    padded = -(-len(first) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    (local / "00002.tar").write_bytes((local / "whole.tar.tmp").read_bytes()[: 2 * tarfile.BLOCKSIZE + padded + 4000])
+    (local / "whole.tar.tmp").unlink()
+    upload_folder(local, f"{bucket}/wds")
+    config = make_config("ingest.rows_per_shard=5")
+    run_stage(IngestStage(local), tmp_path / "images", config)
+    run_stage(IngestStage(f"{bucket}/wds"), f"{bucket}/images", config)
+    rows, rejects = local_rows_and_rejects(tmp_path / "images")
+    assert len(rows) == len(samples) + 1 and any(r["key"] == "zz-kept" for r in rows)
+    assert all(r["short_caption"] for r in rows if r["key"] != "zz-kept")  # every caption member was read
+    # cut short: the tar ends inside the second image's bytes, and the tar's damage is its own reject
+    assert rejects == [("00002.tar", "unreadable_tar"), ("zz-cut", "unreadable_file")]
+    assert local_rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+    assert read_json(f"{bucket}/images/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/wds", "format": "webdataset"}]
+
+
+def test_hostile_objects_in_an_s3_source_become_rejects(bucket, tmp_path, monkeypatch):
+    """Only objects are read: a prefix named like an image is not_a_file; a sidecar over the size
+    cap, not UTF-8 or not JSON rejects its image without being fetched whole; every candidate ends
+    as a row or a reject."""
+    from pipeline.core import sources
+
+    good = (SAMPLE_IMAGES / "astronaut.jpg").read_bytes()
+    src = f"{bucket}/src"
+    put_object(f"{src}/ok.jpg", good)
+    put_object(f"{src}/ok.txt", b"an astronaut")
+    put_object(f"{src}/folder.jpg/inside.txt", b"a prefix, not an image")
+    put_object(f"{src}/big.jpg", good)
+    put_object(f"{src}/big.txt", b"x" * 64)
+    put_object(f"{src}/latin1.jpg", good)
+    put_object(f"{src}/latin1.txt", "caf\xe9".encode("latin-1"))
+    put_object(f"{src}/badjson.jpg", good)
+    put_object(f"{src}/badjson.json", b"{not json")
+    put_object(f"{src}/empty.jpg", b"")
+    monkeypatch.setattr(sources, "MAX_SIDECAR_BYTES", 32)
+    fetched = []
+    real_cat = type(storage.location(src).fs).cat_file
+    monkeypatch.setattr(type(storage.location(src).fs), "cat_file", lambda self, path, *a, **k: (fetched.append(path), real_cat(self, path, *a, **k))[1])
+    run_stage(IngestStage(src), f"{bucket}/images", make_config())
+    assert [r["key"] for r in s3_rows(f"{bucket}/images")] == ["ok"]
+    assert s3_rows(f"{bucket}/images")[0]["short_caption"] == "an astronaut"
+    reasons = {r["key"]: r["reason"] for r in read_rejects(f"{bucket}/images").to_pylist()}
+    assert reasons == {"folder": "not_a_file", "big": "bad_caption_sidecar", "latin1": "bad_caption_sidecar", "badjson": "bad_caption_sidecar", "empty": "empty_file"}
+    assert not [p for p in fetched if p.endswith("big.txt")]  # over the cap: never fetched
+
+
+def test_changed_s3_image_changes_the_ingest_fingerprint(bucket, tmp_path):
+    from pipeline.core.sources import list_items
+
+    src = f"{bucket}/src"
+    put_object(f"{src}/a.jpg", (SAMPLE_IMAGES / "astronaut.jpg").read_bytes())
+    first = list_items(src, "auto", make_config().ingest)
+    assert first[0].signature and "signature=" in repr(first[0])
+    local = tmp_path / "src"
+    local.mkdir()
+    (local / "a.jpg").write_bytes((SAMPLE_IMAGES / "astronaut.jpg").read_bytes())
+    assert "signature" not in repr(list_items(local, "auto", make_config().ingest)[0])  # local fingerprints unchanged
+    run_stage(IngestStage(src), f"{bucket}/images", make_config())
+    put_object(f"{src}/a.jpg", (SAMPLE_IMAGES / "coffee.jpg").read_bytes())
+    assert list_items(src, "auto", make_config().ingest)[0].signature != first[0].signature
+    with pytest.raises(FgdataError, match="made from a different input"):
+        run_stage(IngestStage(src), f"{bucket}/images", make_config())
+
+
+def test_fgdata_ingest_takes_an_s3_source_and_refuses_layouts_it_cannot_read_there(bucket):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    put_object(f"{bucket}/src/a.jpg", (SAMPLE_IMAGES / "astronaut.jpg").read_bytes())
+    put_object(f"{bucket}/src/a.txt", b"an astronaut")
+    result = CliRunner().invoke(app, ["ingest", f"{bucket}/src", f"{bucket}/images", "-s", "run.progress=false"])
+    assert result.exit_code == 0, result.output
+    assert [(r["key"], r["short_caption"]) for r in s3_rows(f"{bucket}/images")] == [("a", "an astronaut")]
+    put_object(f"{bucket}/table.csv", b"image,caption\na.jpg,x\n")
+    result = CliRunner().invoke(app, ["ingest", f"{bucket}/table.csv", f"{bucket}/t"])
+    assert result.exit_code != 0 and "on an object store ingest reads a folder of images or webdataset tars, not 'table'" in result.output
+    assert not storage.location(f"{bucket}/t").exists()  # refused before any work

@@ -25,7 +25,7 @@ import json
 import os
 import stat
 import tarfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,7 +33,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.config import IngestConfig
-from pipeline.errors import FgdataError
+from pipeline.core import storage
+from pipeline.errors import FgdataError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 FORMATS = ("auto", "folder", "img2dataset", "webdataset", "table")
@@ -52,6 +53,15 @@ class SourceItem:
     span: tuple[int, int] | None = None  # (offset, size) of the member's bytes in the tar
     caption: str | None = None
     problem: tuple[str, str] | None = None  # (reason, detail)
+    # On an object store: the object's size and ETag (the tar's for a member), so a changed object
+    # changes the shard's fingerprint. None for local files.
+    signature: str | None = None
+
+    def __repr__(self) -> str:
+        # The dataclass repr, with `signature` only when set: a shard's fingerprint hashes this
+        # repr, and fingerprints of local runs stay what they were before objects had signatures.
+        shown = [f for f in fields(self) if f.name != "signature" or self.signature is not None]
+        return f"{type(self).__qualname__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
 
 class NotRegularFile(OSError):
@@ -80,9 +90,29 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _object_info(path: str) -> dict:
+    """The store's metadata of the object `path` (a URI); FileNotFoundError when there is none,
+    NotRegularFile when it is a prefix (a "folder"), OSError for any other failure."""
+    place = storage.location(path)
+    try:
+        info = place.fs.info(place.path)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store client's errors are not OSErrors
+        raise OSError(f"{path}: {first_line(exc)}") from None
+    if info.get("type") != "file":
+        raise NotRegularFile(f"{path} is a directory, not a file")
+    return info
+
+
 def open_regular_file(path: str) -> BinaryIO:
     """`path` opened for reading if it is a regular file (symlinks followed); raises OSError
-    (NotRegularFile for a directory, FIFO, device or socket) otherwise."""
+    (NotRegularFile for a directory, FIFO, device or socket) otherwise. A URI opens the object
+    through its store's filesystem (seekable; reads are ranged requests)."""
+    if storage.is_uri(path):
+        _object_info(path)
+        place = storage.location(path)
+        return place.fs.open(place.path, "rb")
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise NotRegularFile(f"{escape_undecodable(path)} is {_file_kind(mode)}, not a file")
@@ -99,6 +129,17 @@ def open_regular_file(path: str) -> BinaryIO:
 def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
     """The bytes of the regular file `path`; OSError when it is not one, cannot be read, or
     holds more than `max_bytes`."""
+    if storage.is_uri(path):
+        size = _object_info(path).get("size") or 0
+        if max_bytes is not None and size > max_bytes:  # known before reading: never fetched whole
+            raise OSError(f"{path} is larger than {max_bytes} bytes")
+        place = storage.location(path)
+        try:
+            return place.fs.cat_file(place.path)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise OSError(f"{path}: {first_line(exc)}") from None
     with open_regular_file(path) as handle:
         data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
@@ -121,6 +162,7 @@ def path_inside(root: Path, relative: str) -> Path:
 
 
 def detect_format(source: Path) -> str:
+    source = storage.location(source) if isinstance(source, str) else source
     if source.is_file():
         if source.suffix.lower() in (".csv", ".parquet"):
             return "table"
@@ -135,9 +177,11 @@ def detect_format(source: Path) -> str:
 
 
 def list_items(source: Path, fmt: str, config: IngestConfig) -> list[SourceItem]:
-    source = Path(source).resolve()
+    source = storage.resolved(source)
     if fmt == "auto":
         fmt = detect_format(source)
+    if storage.is_uri(source) and fmt not in ("folder", "webdataset"):
+        raise FgdataError(f"{source}: on an object store ingest reads a folder of images or webdataset tars, not {fmt!r} (copy it to a local disk)")
     listers = {"folder": _list_folder, "img2dataset": _list_img2dataset, "webdataset": _list_webdataset, "table": _list_table}
     if fmt not in listers:
         raise FgdataError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -217,6 +261,8 @@ def _not_a_file(path: str) -> tuple[str, str] | None:
 def _folder_items(folder: Path, config: IngestConfig, key_of) -> list[SourceItem]:
     """One item per name with an image suffix under `folder`, whatever kind of file it is.
     `key_of(relative_path, suffix)` gives the key."""
+    if storage.is_uri(folder):
+        return _object_items(folder, config, key_of)
     items: list[SourceItem] = []
 
     def unreadable_folder(error: OSError) -> None:
@@ -241,6 +287,50 @@ def _folder_items(folder: Path, config: IngestConfig, key_of) -> list[SourceItem
                 sidecar = _find_sidecar(stem, names, by_lower)
                 caption, problem = _sidecar_caption(name, sidecar and os.path.join(root, sidecar), config.caption_fields)
             items.append(SourceItem(key=escape_undecodable(key_of(relative, suffix)), path=path, caption=caption, problem=problem))
+    return items
+
+
+def _object_items(folder, config: IngestConfig, key_of) -> list[SourceItem]:
+    """`_folder_items` on an object store: one listing of every object and prefix under `folder`
+    (with sizes and ETags), the same keys, sidecar rules and rejects. A store has no links, FIFOs
+    or devices; a prefix with an image name (`x.jpg/...`) is `not_a_file`, and a sidecar's size is
+    checked from the listing before it is fetched."""
+    fs, root = folder.fs, folder.path.rstrip("/")
+    try:
+        listing = fs.find(root, withdirs=True, detail=True)
+    except Exception as exc:  # noqa: BLE001 - a store client's errors are not OSErrors
+        raise FgdataError(f"{folder}: cannot list it ({first_line(exc)})") from None
+    by_folder: dict[str, dict[str, dict]] = {}
+    for path, info in listing.items():
+        relative = path.rstrip("/")[len(root) + 1 :]
+        if relative:
+            parent, _, name = relative.rpartition("/")
+            by_folder.setdefault(parent, {})[name] = info
+    items: list[SourceItem] = []
+    for parent in sorted(by_folder):
+        entries = by_folder[parent]
+        names = set(entries)
+        by_lower = {name.lower(): name for name in sorted(names, reverse=True)}
+        for name in sorted(names):
+            suffix = _image_suffix(name)
+            if suffix is None:
+                continue
+            relative = f"{parent}/{name}" if parent else name
+            info, caption, problem = entries[name], None, None
+            if info.get("type") != "file":
+                problem = ("not_a_file", f"{escape_undecodable(f'{folder}/{relative}')} is a directory, not a file")
+            else:
+                sidecar = _find_sidecar(name[: -len(suffix)], names, by_lower)
+                caption, problem = _sidecar_caption(name, sidecar and f"{folder}/{parent + '/' if parent else ''}{sidecar}", config.caption_fields)
+            items.append(
+                SourceItem(
+                    key=escape_undecodable(key_of(relative, suffix)),
+                    path=f"{folder}/{relative}",
+                    caption=caption,
+                    problem=problem,
+                    signature=f"{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('LastModified')}",
+                )
+            )
     return items
 
 
@@ -295,8 +385,9 @@ def _tar_items(source: Path, tar_path: Path, config: IngestConfig) -> list[Sourc
     """One item per member with an image suffix. A damaged tar keeps the members listed before
     the damage (a member cut short is rejected when read) and adds one `unreadable_tar` reject,
     keyed by the tar's name, for whatever came after it; the other tars are not affected."""
-    key = escape_undecodable(tar_path.relative_to(source).as_posix())
+    key = escape_undecodable(tar_path.name if storage.is_uri(tar_path) else tar_path.relative_to(source).as_posix())
     try:
+        signature = storage.signature(str(tar_path)) if storage.is_uri(tar_path) else None
         handle = open_regular_file(str(tar_path))
     except OSError as exc:
         return [SourceItem(key=key, path=str(tar_path), problem=("unreadable_tar", escape_undecodable(str(exc))))]
@@ -331,6 +422,7 @@ def _tar_items(source: Path, tar_path: Path, config: IngestConfig) -> list[Sourc
                     span=(member.offset_data, member.size),
                     caption=caption,
                     problem=problem,
+                    signature=signature,
                 )
             )
     if damage is not None:
@@ -348,7 +440,8 @@ def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
 
 def read_member(handle: BinaryIO, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of an open tar; OSError when the tar ends before them."""
-    available = max(0, os.fstat(handle.fileno()).st_size - offset)
+    total = getattr(handle, "size", None)  # an object store's file knows its size; a local one is asked
+    available = max(0, (os.fstat(handle.fileno()).st_size if total is None else total) - offset)
     if available < size:  # checked first: a damaged header can claim any size
         raise OSError(f"the tar ends after {available} of the member's {size} bytes")
     handle.seek(offset)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.config import Config
+from pipeline.core import storage
 from pipeline.core.images import ImageRejected, inspect_image, normalised_bytes
 from pipeline.core.schemas import conform
 from pipeline.core.shards import shard_name
@@ -30,7 +31,7 @@ class IngestStage(Stage):
     config_section = "ingest"
 
     def __init__(self, source: Path, fmt: str = "auto"):
-        self.source = Path(source).resolve()
+        self.source = storage.resolved(source)  # a local path, or a URI (a folder or webdataset tars on a store)
         self.fmt = fmt
 
     def plan(self, config: Config) -> list[WorkUnit]:
