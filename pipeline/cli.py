@@ -376,8 +376,8 @@ def export_fgclip_command(
 
 @hierarcaps_app.command("import")
 def hierarcaps_import(
-    csv_path: Annotated[Path, typer.Argument(metavar="CSV", help="An official HierarCaps CSV: train (positive,negative) or test (id,captions,image_url).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    csv_path: Annotated[str, typer.Argument(metavar="CSV", help="An official HierarCaps CSV: train (positive,negative) or test (id,captions,image_url); a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -500,8 +500,8 @@ def hierarcaps_generate(
 
 @hierarcaps_app.command("negatives")
 def hierarcaps_negatives(
-    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards with negative_candidates (from generate, then filter).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for chains with their negative chain.")],
+    dataset: Annotated[str, typer.Argument(help="Hierarcaps shards with negative_candidates (from generate, then filter); a path or a URI.")],
+    out: Annotated[str, typer.Argument(help="Output directory for chains with their negative chain (a path or a URI).")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -516,8 +516,8 @@ def hierarcaps_negatives(
 
 @hierarcaps_app.command("filter")
 def hierarcaps_filter(
-    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for the chains that pass.")],
+    dataset: Annotated[str, typer.Argument(help="Hierarcaps shards (a path or a URI).")],
+    out: Annotated[str, typer.Argument(help="Output directory for the chains that pass (a path or a URI).")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,

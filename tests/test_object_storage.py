@@ -474,3 +474,66 @@ def test_fgdata_ingest_takes_an_s3_source_and_refuses_layouts_it_cannot_read_the
     result = CliRunner().invoke(app, ["ingest", f"{bucket}/table.csv", f"{bucket}/t"])
     assert result.exit_code != 0 and "on an object store ingest reads a folder of images or webdataset tars, not 'table'" in result.output
     assert not storage.location(f"{bucket}/t").exists()  # refused before any work
+
+
+# --- HierarCaps on a store ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hierarcaps_import_filter_negatives_on_s3_equal_the_local_run(bucket, tmp_path):
+    """An official train CSV on s3 → import → filter (tiny NLI) → negatives, every dataset on s3,
+    row for row and reject for reject what the same commands write on a local disk."""
+    from synthetic import synthetic_chains
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.models.tiny import build_tiny_nli
+
+    chains = synthetic_chains(30, seed=3)
+    nli = build_tiny_nli(tmp_path / "nli", [" ".join(tiers) for tiers in chains])
+    lines = ["positive,negative"] + [f'"{" => ".join(t)}","{" => ".join(reversed(t))}"' for t in chains[:20]]
+    lines += ['"only => three => tiers",', '"a => b => c => d\x00",']  # rejects: too short, a NUL
+    csv_bytes = ("\n".join(lines) + "\n").encode()
+    generated = [
+        {"key": f"g{i:03d}", "split": "train", "tiers": t, "negative_candidates": [["bird", "stone"], [f"pink {t[0]}"], [f"{t[1]} on the moon"], [t[-1] + " at night"]], "source": "test"}
+        for i, t in enumerate(chains[20:])
+    ]
+    generated[0]["negative_candidates"] = [[], [], [], []]
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "train.csv").write_bytes(csv_bytes)
+    put_object(f"{bucket}/train.csv", csv_bytes)
+    pq.write_table(conform(generated, "hierarcaps"), tmp_path / "local" / "generated.parquet")
+    put_object(f"{bucket}/generated/part-00000.parquet", (tmp_path / "local" / "generated.parquet").read_bytes())
+    (tmp_path / "local" / "generated").mkdir()
+    (tmp_path / "local" / "generated.parquet").rename(tmp_path / "local" / "generated" / "part-00000.parquet")
+    sets = ["-s", f"hierarcaps.nli_model={nli}", "-s", "hierarcaps.min_negative_contradiction=0", "-s", "run.progress=false"]
+    # the random NLI's scores are noise: a first local pass finds the median, so filter keeps some and rejects some
+    probe = [f"{tmp_path}/local/train.csv", f"{tmp_path}/probe-imported", f"{tmp_path}/probe-filtered"]
+    assert CliRunner().invoke(app, ["hierarcaps", "import", *probe[:2]]).exit_code == 0
+    assert CliRunner().invoke(app, ["hierarcaps", "filter", *probe[1:], *sets, "-s", "hierarcaps.min_entailment=0"]).exit_code == 0
+    weakest = sorted(min(r["entailment"]) for shard in list_shards(probe[2]) for r in read_shard(shard).to_pylist())
+    median = ["-s", f"hierarcaps.min_entailment={weakest[len(weakest) // 2]}"]
+    for root in (str(tmp_path / "local"), bucket):
+        for args in (
+            ["import", f"{root}/train.csv", f"{root}/imported", "-s", "ingest.rows_per_shard=8"],
+            ["filter", f"{root}/imported", f"{root}/filtered", *sets, *median],
+            ["negatives", f"{root}/generated", f"{root}/negatives", *sets, "-s", "hierarcaps.min_entailment=0"],
+        ):
+            result = CliRunner().invoke(app, ["hierarcaps", *args])
+            assert result.exit_code == 0, (args, result.output)
+
+    def content(dataset: str):
+        rows = [{k: v for k, v in r.items() if k != "source"} for shard in list_shards(dataset) for r in read_shard(shard).to_pylist()]
+        rejects = sorted((r["key"], r["reason"], r["detail"]) for r in read_rejects(dataset).to_pylist())
+        return rows, rejects
+
+    for name, (rows_out, rejected) in {"imported": (20, 2), "negatives": (9, 1)}.items():
+        assert [len(part) for part in content(f"{bucket}/{name}")] == [rows_out, rejected], name
+    assert content(f"{bucket}/imported")[0][0]["negative_tiers"]  # the negative column was read
+    filtered = content(f"{bucket}/filtered")
+    assert filtered[0] and filtered[1]  # the threshold keeps some chains and rejects others
+    for name in ("imported", "filtered", "negatives"):
+        assert content(f"{bucket}/{name}") == content(str(tmp_path / "local" / name)), name
+        assert_s3_invariants(f"{bucket}/{name}", {r["key"] for r in s3_rows(f"{bucket}/{name}")} | {r["key"] for r in read_rejects(f"{bucket}/{name}").to_pylist()})
+    assert read_json(f"{bucket}/filtered/{MANIFEST_FILE}")["inputs"][0]["path"] == f"{bucket}/imported"
+    assert read_json(f"{bucket}/imported/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/train.csv", "format": "hierarcaps-csv"}]

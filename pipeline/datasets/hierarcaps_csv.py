@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.box_checks import shown
 from pipeline.core.shards import list_shards
+from pipeline.core.storage import location
 from pipeline.datasets.chains import SEPARATOR
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard, write_text_atomic
 from pipeline.errors import FgdataError
@@ -51,8 +52,9 @@ _LINE_BREAKS = re.compile(r"[\r\n]+")
 
 def read_official_csv(path: Path) -> tuple[str, list[dict], list[dict]]:
     """(layout, rows, rejects) from an official CSV. Only a file without a usable header is an
-    error; every data record becomes a row or a reject (key, reason, detail, source)."""
-    path = Path(path)
+    error; every data record becomes a row or a reject (key, reason, detail, source). `path` may
+    be a URI (the file read through its store's filesystem)."""
+    path = location(path)
     lines = io.StringIO(_read_text(path), newline="").readlines()  # splits at \n, \r\n and \r, as csv does
     previous_limit = csv.field_size_limit(2**31 - 1)  # long fields are rejected per row instead
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.core.schemas import conform
+from pipeline.core.storage import resolved
 from pipeline.core.shards import shard_name
 from pipeline.datasets.hierarcaps_csv import read_official_csv
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
@@ -17,7 +18,7 @@ class HierarcapsImportStage(Stage):
     config_section = "ingest"  # rows_per_shard decides the output
 
     def __init__(self, csv_path: Path):
-        self.csv_path = Path(csv_path).resolve()
+        self.csv_path = resolved(csv_path)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
         # The whole file is judged here, on the driver: a bad row or a repeated id is a reject

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.config import Config
-from pipeline.core.shards import lineage_entry, list_shards
+from pipeline.core.shards import lineage_entry, list_shards, shard_rows
+from pipeline.core.storage import resolved
 from pipeline.models.nli import NliScorer
 from pipeline.models.reference import check_model_reference
 from pipeline.stages.base import ModelStage, WorkUnit
@@ -21,7 +20,7 @@ class NliChainStage(ModelStage):
     model_settings = ("nli_model",)
 
     def __init__(self, input_dir: Path):
-        self.input_dir = Path(input_dir).resolve()
+        self.input_dir = resolved(input_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
         self.check(config)
@@ -31,7 +30,7 @@ class NliChainStage(ModelStage):
         check_model_reference(config.hierarcaps.nli_model, revision=None, trust_remote_code=False)
 
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
-        return WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows})
+        return WorkUnit(path.name, {"path": str(path), "rows": shard_rows(path)})
 
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.input_dir)]
