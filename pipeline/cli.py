@@ -390,10 +390,10 @@ def hierarcaps_import(
 
 
 CaptionsArgument = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="CAPTIONS",
-        help="Caption or image shards (key, short_caption), or a .txt (a caption per line), .csv, .tsv or .parquet of captions.",
+        help="Caption or image shards (key, short_caption), or a .txt (a caption per line), .csv, .tsv or .parquet of captions; a path or an s3://, gs://, hf:// URI.",
     ),
 ]
 SplitOption = Annotated[Optional[str], typer.Option(help="train or test: what the chains are for (hierarcaps.split).")]
@@ -408,7 +408,7 @@ def _split_flags(split: str | None) -> list[str]:
 @hierarcaps_app.command("seed")
 def hierarcaps_seed(
     captions: CaptionsArgument,
-    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
     split: SplitOption = None,
     config: ConfigOption = None,
@@ -431,8 +431,8 @@ def hierarcaps_seed(
 @hierarcaps_app.command("augment")
 def hierarcaps_augment(
     captions: CaptionsArgument,
-    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
-    demonstrations: Annotated[Path, typer.Option(help="Validated chains (the output of `fgdata hierarcaps filter`) to show as examples.")],
+    out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
+    demonstrations: Annotated[str, typer.Option(help="Validated chains (the output of `fgdata hierarcaps filter`) to show as examples.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
     split: SplitOption = None,
     config: ConfigOption = None,
@@ -482,7 +482,7 @@ def hierarcaps_distill(
 @hierarcaps_app.command("generate")
 def hierarcaps_generate(
     captions: CaptionsArgument,
-    out: Annotated[Path, typer.Argument(help="Output directory for hierarcaps shards.")],
+    out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The distilled model directory (hierarcaps.generator).")] = None,
     split: SplitOption = None,
     config: ConfigOption = None,

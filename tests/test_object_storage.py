@@ -537,3 +537,43 @@ def test_hierarcaps_import_filter_negatives_on_s3_equal_the_local_run(bucket, tm
         assert_s3_invariants(f"{bucket}/{name}", {r["key"] for r in s3_rows(f"{bucket}/{name}")} | {r["key"] for r in read_rejects(f"{bucket}/{name}").to_pylist()})
     assert read_json(f"{bucket}/filtered/{MANIFEST_FILE}")["inputs"][0]["path"] == f"{bucket}/imported"
     assert read_json(f"{bucket}/imported/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/train.csv", "format": "hierarcaps-csv"}]
+
+
+@pytest.mark.slow
+def test_hierarcaps_seed_and_augment_read_captions_and_demonstrations_on_s3(bucket, tmp_path, monkeypatch):
+    """seed from caption shards and from a .csv on s3, augment with demonstrations on s3 (the FAKE
+    vLLM of tests/fakes answers): the same chains and rejects as from the local copies."""
+    import sys
+    from pathlib import Path
+
+    from pipeline.models.tiny import build_tiny_llm
+    from pipeline.stages.hierarcaps.augment import HierarcapsAugmentStage
+    from pipeline.stages.hierarcaps.seed import HierarcapsSeedStage
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes"))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    import vllm  # the FAKE from tests/fakes
+
+    monkeypatch.setattr(vllm, "RESPONDER", lambda prompt: "thing => red thing => red thing here" if "car" in prompt.rpartition("Caption:")[2] else "no chain")
+    llm = build_tiny_llm(tmp_path / "llm", [(Path(__file__).parent.parent / "prompts" / "hierarcaps_seed.v1.txt").read_text()] * 5)
+    local = tmp_path / "local"
+    rows = [{"key": f"c{i}", "short_caption": f"a red car number {i}" if i % 3 else f"a dog number {i}"} for i in range(9)]
+    write_caption_shard(local / "shards" / "part-00000.parquet", rows)
+    (local / "captions.csv").write_text("key,caption\n" + "".join(f"{r['key']},{r['short_caption']}\n" for r in rows))
+    upload_folder(local, f"{bucket}")
+    settings = make_config("hierarcaps.backend=vllm", f"hierarcaps.model={llm}", "hierarcaps.demonstrations=1")
+
+    def content(dataset) -> tuple[list, list]:
+        kept = [(r["key"], r["tiers"]) for shard in list_shards(dataset) for r in read_shard(shard).to_pylist()]
+        return kept, sorted((r["key"], r["reason"]) for r in read_rejects(dataset).to_pylist())
+
+    for name in ("shards", "captions.csv"):
+        run_stage(HierarcapsSeedStage(local / name), local / f"seed-{name}", settings)
+        run_stage(HierarcapsSeedStage(f"{bucket}/{name}"), f"{bucket}/seed-{name}", settings)
+        kept, rejects = content(f"{bucket}/seed-{name}")
+        assert (len(kept), len(rejects)) == (6, 3) and (kept, rejects) == content(local / f"seed-{name}"), name
+    run_stage(HierarcapsAugmentStage(local / "shards", local / "seed-shards"), local / "augmented", settings)
+    run_stage(HierarcapsAugmentStage(f"{bucket}/shards", f"{bucket}/seed-shards"), f"{bucket}/augmented", settings)
+    assert content(f"{bucket}/augmented") == content(local / "augmented") and content(local / "augmented")[0]
+    roles = [(i["path"], i.get("role")) for i in read_json(f"{bucket}/augmented/{MANIFEST_FILE}")["inputs"]]
+    assert (f"{bucket}/seed-shards", "demonstrations") in roles

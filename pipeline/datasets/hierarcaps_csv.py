@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.box_checks import shown
 from pipeline.core.shards import list_shards
-from pipeline.core.storage import location
+from pipeline.core.storage import arrow_target, location
 from pipeline.datasets.chains import SEPARATOR
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard, write_text_atomic
 from pipeline.errors import FgdataError
@@ -234,7 +234,7 @@ def read_chains(sources: list[Path], need_negatives: bool = False, counts: Count
     so that callers record them (distill.json, the train manifest); nothing is dropped silently."""
     counts = Counter() if counts is None else counts
     chains = []
-    for source in map(Path, sources):
+    for source in map(location, sources):  # a Path, or a UPath for a URI
         if source.is_file():
             _, rows, rejects = read_official_csv(source)
             if rejects:
@@ -244,7 +244,8 @@ def read_chains(sources: list[Path], need_negatives: bool = False, counts: Count
             chains += [(row["key"], row["tiers"], row["negative_tiers"]) for row in rows]
             continue
         for shard in list_shards(source):
-            table = pq.read_table(shard)
+            where, filesystem = arrow_target(shard)  # a local path, or the store's path and filesystem
+            table = pq.read_table(where, filesystem=filesystem)
             if not {"key", "tiers", "negative_tiers"} <= set(table.column_names):
                 raise FgdataError(f"{shard}: needs columns key, tiers and negative_tiers (a hierarcaps dataset)")
             chains += [(r["key"], r["tiers"], r["negative_tiers"]) for r in table.select(["key", "tiers", "negative_tiers"]).to_pylist()]

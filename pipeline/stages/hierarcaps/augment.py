@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.core.storage import resolved
 from pipeline.core.shards import lineage_entry
 from pipeline.datasets.chains import SEPARATOR, normal_text
 from pipeline.datasets.hierarcaps_csv import read_chains
@@ -36,7 +37,7 @@ class HierarcapsAugmentStage(HierarcapsSeedStage):
 
     def __init__(self, captions: Path, demonstrations: Path):
         super().__init__(captions)
-        self.demonstrations_dir = Path(demonstrations).resolve()
+        self.demonstrations_dir = resolved(demonstrations)  # a local path or a URI
         self.examples: list[list[str]] = []  # validated chains the prompts draw from, set by plan
 
     def check_template(self, template: str, config: Config) -> None:

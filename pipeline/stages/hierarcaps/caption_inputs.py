@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.core.schemas import check_input_columns
-from pipeline.core.shards import list_shards, read_shard, read_shard_schema, shard_name
+from pipeline.core.shards import list_shards, read_shard, read_shard_schema, shard_name, shard_rows
+from pipeline.core.storage import is_uri, resolved
 from pipeline.errors import FgdataError
 from pipeline.stages.base import WorkUnit, reject
 
@@ -23,12 +23,12 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 def caption_units(source: Path, rows_per_unit: int, caption_fields: list[str]) -> list[WorkUnit]:
     """One unit per input shard, or per `rows_per_unit` captions of a file."""
-    source = Path(source).resolve()
+    source = resolved(source)  # a local path or a URI
     if source.is_dir():
         units = []
         for path in list_shards(source):
             check_input_columns(read_shard_schema(path), {"key": pa.string(), "short_caption": pa.string()}, where=str(path))
-            units.append(WorkUnit(path.name, {"path": str(path), "rows": pq.read_metadata(path).num_rows}))
+            units.append(WorkUnit(path.name, {"path": str(path), "rows": shard_rows(path)}))
         if not units:
             raise FgdataError(f"{source} holds no shards with captions")
         return units
@@ -41,7 +41,7 @@ def unit_captions(unit: WorkUnit) -> list[dict]:
     """key, caption and image_url (or None) of every row of a unit."""
     if "captions" in unit.payload:
         return unit.payload["captions"]
-    table = read_shard(Path(unit.payload["path"]))
+    table = read_shard(unit.payload["path"])
     urls = table.column("image_url").to_pylist() if "image_url" in table.column_names else [None] * table.num_rows
     return [
         {"key": key, "caption": caption, "image_url": url}
@@ -60,6 +60,12 @@ def with_captions(batch: list[dict], rejects: list[dict], source: str) -> list[d
     return usable
 
 
+def _read_table(where, suffix: str) -> pd.DataFrame:
+    if suffix == ".parquet":
+        return pd.read_parquet(where)
+    return pd.read_csv(where, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+
+
 def _read_caption_file(path: Path, caption_fields: list[str]) -> list[dict]:
     if not path.exists():
         raise FgdataError(f"{path} does not exist (give caption shards, or a .txt/.csv/.tsv/.parquet file of captions)")
@@ -70,10 +76,11 @@ def _read_caption_file(path: Path, caption_fields: list[str]) -> list[dict]:
     if suffix not in TABLE_SUFFIXES:
         raise FgdataError(f"{path}: captions must come as shards, .txt, .csv, .tsv or .parquet")
     try:
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
+        if is_uri(path):  # an object is read through its store's filesystem, as an open file
+            with path.open("rb") as handle:
+                frame = _read_table(handle, suffix)
         else:
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+            frame = _read_table(path, suffix)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise FgdataError(f"{path}: cannot read the table ({exc})") from None
     column = next((name for name in caption_fields if name in frame.columns), None)

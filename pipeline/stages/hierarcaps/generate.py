@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.config import Config
+from pipeline.core.storage import resolved
 from pipeline.core.caption_quality import repeated_ngram
 from pipeline.core.schemas import conform
 from pipeline.core.shards import lineage_entry
@@ -47,7 +48,7 @@ class HierarcapsGenerateStage(ModelStage):
     model_settings = ("generator",)
 
     def __init__(self, captions: Path):
-        self.captions = Path(captions).resolve()
+        self.captions = resolved(captions)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
         settings = config.hierarcaps

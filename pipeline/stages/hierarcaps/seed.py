@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.config import Config
+from pipeline.core.storage import resolved
 from pipeline.core.prompts import fill_template, load_prompt
 from pipeline.core.schemas import conform
 from pipeline.core.shards import lineage_entry
@@ -32,7 +33,7 @@ class HierarcapsSeedStage(GeneratorStage):
     prompt_setting = "seed_prompt"
 
     def __init__(self, captions: Path):
-        self.captions = Path(captions).resolve()
+        self.captions = resolved(captions)  # a local path or a URI
 
     def _prompt_name(self, config: Config) -> str:
         return getattr(config.hierarcaps, self.prompt_setting)
