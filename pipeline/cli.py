@@ -694,7 +694,7 @@ def tiny_model(
 
 @app.command()
 def info(
-    dataset: Annotated[Path, typer.Argument(help="A dataset directory written by an fgdata stage.")],
+    dataset: Annotated[str, typer.Argument(help="A dataset directory written by an fgdata stage (a path or an s3://, gs://, hf:// URI).")],
     top: Annotated[int, typer.Option(help="How many top phrases and heads to list.")] = 10,
 ):
     """Show what a dataset holds: shards, rows, rejects by reason, models, top phrases."""

@@ -470,6 +470,14 @@ def test_fgdata_ingest_takes_an_s3_source_and_refuses_layouts_it_cannot_read_the
     result = CliRunner().invoke(app, ["ingest", f"{bucket}/src", f"{bucket}/images", "-s", "run.progress=false"])
     assert result.exit_code == 0, result.output
     assert [(r["key"], r["short_caption"]) for r in s3_rows(f"{bucket}/images")] == [("a", "an astronaut")]
+    put_object(f"{bucket}/src/b.jpg", b"not an image")
+    result = CliRunner().invoke(app, ["ingest", f"{bucket}/src", f"{bucket}/images", "--overwrite", "-s", "run.progress=false"])
+    info = CliRunner().invoke(app, ["info", f"{bucket}/images"])  # `fgdata info` reads the dataset on the store
+    assert info.exit_code == 0, info.output
+    assert result.exit_code == 0 and info.exit_code == 0, info.output
+    lines = info.output.splitlines()  # (the test server's request log may land in the output too)
+    assert lines.index(f"{bucket}/images  (images, written by `fgdata ingest`)") + 1 == lines.index("  shards: 1   rows in: 2   rows out: 1   rejected: 1")
+    assert "not_an_image" in info.output and "with a caption: 1 of 1" in info.output
     put_object(f"{bucket}/table.csv", b"image,caption\na.jpg,x\n")
     result = CliRunner().invoke(app, ["ingest", f"{bucket}/table.csv", f"{bucket}/t"])
     assert result.exit_code != 0 and "on an object store ingest reads a folder of images or webdataset tars, not 'table'" in result.output

@@ -14,13 +14,14 @@ import pyarrow as pa
 
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, finished_shards, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.core.storage import location
 from pipeline.errors import FgdataError
 
 _MANIFEST_KEYS = ("kind", "stage")  # the row counts are shown as "?" when absent (synthetic-world writes none)
 
 
 def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = location(dataset_dir)  # a local path or a URI
     manifest_path = dataset_dir / MANIFEST_FILE
     manifest = read_json(manifest_path)
     shards = list_shards(dataset_dir)
