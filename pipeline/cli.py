@@ -332,9 +332,9 @@ def negatives(
 
 @export_app.command("fgclip")
 def export_fgclip_command(
-    fggrn: Annotated[Path, typer.Argument(help="FgGRN shards (from `fgdata negatives`).")],
+    fggrn: Annotated[str, typer.Argument(help="FgGRN shards (from `fgdata negatives`); a path or an s3://, gs://, hf:// URI.")],
     out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/ (FG-CLIP's --data_path and --image_folder).")],
-    images: Annotated[Optional[Path], typer.Option(help="Image shards; default: found through FGGRN's lineage.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image shards (a path or a URI); default: found through FGGRN's lineage.")] = None,
     negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1 (FG-CLIP's hard-negative loss takes exactly 10).")] = 10,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the files an earlier export into OUT wrote first (nothing else), instead of refreshing them.")

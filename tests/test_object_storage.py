@@ -585,3 +585,24 @@ def test_hierarcaps_seed_and_augment_read_captions_and_demonstrations_on_s3(buck
     assert content(f"{bucket}/augmented") == content(local / "augmented") and content(local / "augmented")[0]
     roles = [(i["path"], i.get("role")) for i in read_json(f"{bucket}/augmented/{MANIFEST_FILE}")["inputs"]]
     assert (f"{bucket}/seed-shards", "demonstrations") in roles
+
+
+def test_export_fgclip_reads_fggrn_and_image_shards_on_s3(bucket, tmp_path):
+    """`fgdata export fgclip s3://…/fggrn OUT --images s3://…/images` writes the same fgclip.json
+    and images as the export of the local copies."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.datasets.synthetic_world import write_world
+
+    world = write_world(tmp_path / "world", 5, side=16)
+    for kind in ("images", "fggrn"):
+        upload_folder(world[kind], f"{bucket}/{kind}")
+    local = CliRunner().invoke(app, ["export", "fgclip", str(world["fggrn"]), str(tmp_path / "local-out")])
+    remote = CliRunner().invoke(app, ["export", "fgclip", f"{bucket}/fggrn", str(tmp_path / "s3-out"), "--images", f"{bucket}/images"])
+    assert local.exit_code == 0 and remote.exit_code == 0, remote.output
+    exported = {name: sorted(p.relative_to(tmp_path / name).as_posix() for p in (tmp_path / name).rglob("*") if p.is_file()) for name in ("local-out", "s3-out")}
+    assert exported["s3-out"] == exported["local-out"] and sum(n.startswith("images/") for n in exported["s3-out"]) == 5
+    for name in ("fgclip.json", *(n for n in exported["s3-out"] if n.startswith("images/"))):
+        assert (tmp_path / "s3-out" / name).read_bytes() == (tmp_path / "local-out" / name).read_bytes(), name
+    assert "# Data card: fggrn" in (tmp_path / "s3-out" / "DATACARD.md").read_text()

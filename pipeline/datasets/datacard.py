@@ -228,7 +228,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def export_datacard(dataset_dir: Path, note: str) -> str:
     """The card an export ships: the dataset's own DATACARD.md (rendered from its manifest when an
     older run wrote none) under a line saying what the export holds."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = location(dataset_dir)  # a local path or a URI
     card = dataset_dir / DATACARD_FILE
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace")

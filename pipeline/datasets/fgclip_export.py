@@ -34,6 +34,7 @@ from tqdm import tqdm
 from pipeline.core.box_checks import check_box
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, RUN_FILE, check_output_path, find_ancestor, list_shards, read_json, read_shard, read_shard_schema, write_json
+from pipeline.core.storage import resolved
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard
 from pipeline.errors import FgdataError, first_line
 
@@ -258,10 +259,10 @@ def export_fgclip(
     lowercase: bool = True,
     allow_missing_long_captions: bool = False,
 ) -> dict:
-    fggrn_dir = Path(fggrn_dir).resolve()
+    fggrn_dir = resolved(fggrn_dir)  # the inputs may be URIs; OUT is a local folder
     shards = list_shards(fggrn_dir)
     _check_kind(fggrn_dir, "fggrn", _FGGRN_COLUMNS, shards)
-    images_dir = Path(images_dir).resolve() if images_dir else find_ancestor(fggrn_dir, "images")
+    images_dir = resolved(images_dir) if images_dir else find_ancestor(fggrn_dir, "images")
     if images_dir is None or not images_dir.is_dir():
         raise FgdataError(f"cannot find the image shards {fggrn_dir} descends from; pass --images DIR")
     # no symlink, no file in the way, apart from both inputs
