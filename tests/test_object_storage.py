@@ -606,3 +606,22 @@ def test_export_fgclip_reads_fggrn_and_image_shards_on_s3(bucket, tmp_path):
     for name in ("fgclip.json", *(n for n in exported["s3-out"] if n.startswith("images/"))):
         assert (tmp_path / "s3-out" / name).read_bytes() == (tmp_path / "local-out" / name).read_bytes(), name
     assert "# Data card: fggrn" in (tmp_path / "s3-out" / "DATACARD.md").read_text()
+
+
+def test_trainer_rows_read_fggrn_on_s3_through_its_lineage(bucket, tmp_path):
+    """fgclip_sources / fgclip_rows (what `fgdata train fgclip` and `eval` stream) on s3: the image
+    shards are found through the manifest's lineage on the store; the rows equal the local ones."""
+    from pipeline.datasets.fggrn_rows import fgclip_rows, fgclip_sources
+    from pipeline.datasets.synthetic_world import write_world
+
+    world = write_world(tmp_path / "world", 6, side=16, rows_per_shard=4)
+    for kind in ("images", "fggrn"):
+        upload_folder(world[kind], f"{bucket}/{kind}")
+    manifest = read_json(f"{bucket}/fggrn/{MANIFEST_FILE}")
+    manifest["inputs"] = [{**entry, "path": f"{bucket}/images"} for entry in manifest["inputs"]]  # lineage on the store
+    put_object(f"{bucket}/fggrn/{MANIFEST_FILE}", json.dumps(manifest).encode())
+    pairs = fgclip_sources([f"{bucket}/fggrn"], None)
+    assert [(str(a), str(b)) for a, b in pairs] == [(f"{bucket}/fggrn/{n}", f"{bucket}/images/{n}") for n in ("part-00000.parquet", "part-00001.parquet")]
+    remote = list(fgclip_rows(pairs, max_boxes=None))
+    local = list(fgclip_rows(fgclip_sources([world["fggrn"]], None), max_boxes=None))
+    assert len(remote) == 6 and remote == local

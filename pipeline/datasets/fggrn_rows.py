@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import decode_rgb
 from pipeline.core.shards import find_ancestor, list_shards, read_shard
+from pipeline.core.storage import location
 from pipeline.datasets.fgclip_export import long_expression
 from pipeline.errors import FgdataError
 
@@ -29,10 +30,11 @@ def fgclip_sources(fggrn_dirs: list[Path], images_dir: Path | None) -> list[tupl
     """(fggrn shard, images shard) pairs, the images found through lineage unless given."""
     pairs = []
     for fggrn in fggrn_dirs:
-        images = Path(images_dir) if images_dir else find_ancestor(Path(fggrn), "images")
+        # a Path, or a UPath for a URI: the rows are read through the store's filesystem
+        images = location(images_dir) if images_dir else find_ancestor(location(fggrn), "images")
         if images is None:
             raise FgdataError(f"cannot find the image shards {fggrn} descends from; pass --images DIR")
-        for shard in list_shards(Path(fggrn)):
+        for shard in list_shards(location(fggrn)):
             image_shard = images / shard.name
             if not image_shard.exists():
                 raise FgdataError(f"{shard} has no image shard {image_shard}; pass --images DIR")
