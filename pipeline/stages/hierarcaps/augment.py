@@ -10,8 +10,8 @@ import random
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.core.storage import resolved
 from pipeline.core.shards import lineage_entry
+from pipeline.core.storage import resolved
 from pipeline.datasets.chains import SEPARATOR, normal_text
 from pipeline.datasets.hierarcaps_csv import read_chains
 from pipeline.errors import FgdataError

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.core.schemas import conform
-from pipeline.core.storage import resolved
 from pipeline.core.shards import shard_name
+from pipeline.core.storage import resolved
 from pipeline.datasets.hierarcaps_csv import read_official_csv
 from pipeline.stages.base import ShardResult, Stage, WorkUnit
 
