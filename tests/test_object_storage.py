@@ -15,6 +15,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from conftest import FGDATA, SAMPLE_IMAGES, make_config, write_caption_shard
 
 from pipeline.core import storage
@@ -56,7 +57,11 @@ def s3_server():
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        # a Ray that an earlier test module started in this process has workers without these
+        # variables; the next run starts one whose workers inherit them (and it ends with the module)
+        ray.shutdown()
         yield f"http://{host}:{port}"
+        ray.shutdown()
         from s3fs import S3FileSystem
 
         S3FileSystem.clear_instance_cache()  # their clients point at this server
