@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.core.shards import read_shard, write_shard
+from pipeline.core.shards import list_shards, read_shard, write_shard
 from pipeline.models.generation import Sampling
 from pipeline.models.reference import resolve_local_paths
 
@@ -113,6 +113,12 @@ class Stage(ABC):
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
         """The work unit for one input shard, checked as `plan` checks each."""
         raise NotImplementedError(f"{self.name} plans its input whole")
+
+    def plan_each_shard(self, input_dir: Path, config: Config) -> list[WorkUnit]:
+        """`check`, then `plan_shard` for every shard of `input_dir`: the whole `plan` of a stage that
+        maps shard N to shard N and checks nothing more when it has all of its input."""
+        self.check(config)
+        return [self.plan_shard(path, config) for path in list_shards(input_dir)]
 
     @property
     def streams(self) -> bool:

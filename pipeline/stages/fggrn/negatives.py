@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.core.llm_output import parse_negatives
 from pipeline.core.prompts import fill_template, load_prompt
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard_schema, shard_rows
+from pipeline.core.shards import lineage_entry, read_shard_schema, shard_rows
 from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
 from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
@@ -72,8 +72,7 @@ class NegativesStage(GeneratorStage):
         self.regions_dir = resolved(regions_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        self.check(config)
-        return [self.plan_shard(path, config) for path in list_shards(self.regions_dir)]
+        return self.plan_each_shard(self.regions_dir, config)
 
     def check(self, config: Config) -> None:
         settings = config.negatives

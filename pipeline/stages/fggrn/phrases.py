@@ -11,7 +11,7 @@ import pyarrow as pa
 from pipeline.config import Config, PhrasesConfig
 from pipeline.core.caption_quality import caption_words, english_fraction
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
+from pipeline.core.shards import lineage_entry, read_shard, read_shard_schema
 from pipeline.core.storage import resolved
 from pipeline.core.text import clean_caption, latin_fraction
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
@@ -69,8 +69,7 @@ class PhrasesStage(Stage):
         self.input_dir = resolved(input_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        self.check(config)
-        return [self.plan_shard(path, config) for path in list_shards(self.input_dir)]
+        return self.plan_each_shard(self.input_dir, config)
 
     def check(self, config: Config) -> None:
         load_spacy(config.phrases.spacy_model)  # a missing pipeline stops the run before it starts

@@ -19,7 +19,7 @@ from pipeline.core.caption_quality import CaptionLimits, caption_problem
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.prompts import load_prompt
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema, shard_rows
+from pipeline.core.shards import lineage_entry, read_shard, read_shard_schema, shard_rows
 from pipeline.core.storage import resolved
 from pipeline.core.text import clean_caption
 from pipeline.errors import FgdataError
@@ -59,8 +59,7 @@ class RecaptionStage(GeneratorStage):
         self.images_dir = resolved(images_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        self.check(config)
-        return [self.plan_shard(path, config) for path in list_shards(self.images_dir)]
+        return self.plan_each_shard(self.images_dir, config)
 
     def check(self, config: Config) -> None:
         settings = config.recaption

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.core.shards import lineage_entry, list_shards, shard_rows
+from pipeline.core.shards import lineage_entry, shard_rows
 from pipeline.core.storage import resolved
 from pipeline.models.nli import NliScorer
 from pipeline.models.reference import check_model_reference
@@ -23,8 +23,7 @@ class NliChainStage(ModelStage):
         self.input_dir = resolved(input_dir)  # a local path or a URI
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        self.check(config)
-        return [self.plan_shard(path, config) for path in list_shards(self.input_dir)]
+        return self.plan_each_shard(self.input_dir, config)
 
     def check(self, config: Config) -> None:
         check_model_reference(config.hierarcaps.nli_model, revision=None, trust_remote_code=False)
