@@ -38,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import RESULTS, write_result  # noqa: E402
-from run import SAMPLE, copy_sample_photos, raw_nli  # noqa: E402
+from run import SAMPLE, copy_sample_photos, distilled_tiny_t5, raw_nli  # noqa: E402
 from synthetic import synthetic_captions, synthetic_chains  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -209,21 +209,11 @@ def bench_recaption(work: Path, images: Path, max_new_tokens: int, batch: int) -
 def bench_hierarcaps(work: Path, count: int, nli_dir: Path, batch: int) -> list[dict]:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from pipeline.config import DistillConfig
     from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC
-    from pipeline.models.tiny import build_tiny_t5
     from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
     from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
-    from pipeline.train.distill import distill, distillation_pairs
 
-    chains = synthetic_chains(600, seed=1)
-    texts = [text for tiers in chains for pair in distillation_pairs(tiers) for text in pair]
-    base = build_tiny_t5(work / "t5", texts)
-    (work / "chains").mkdir()
-    rows = [{"key": f"c{i:05d}", "split": "train", "tiers": t, "source": "synthetic"} for i, t in enumerate(chains)]
-    pq.write_table(conform(rows, "hierarcaps"), work / "chains" / "part-00000.parquet")
-    settings = DistillConfig(base_model=str(base), max_steps=300, learning_rate=3e-3, warmup_steps=20, eval_every=300, save_every=10_000)
-    distill([work / "chains"], work / "distilled", settings, progress=False)
+    distilled_tiny_t5(work, steps=300)
     captions = [tiers[-1] for tiers in synthetic_chains(count, seed=7)]
     (work / "captions.txt").write_text("\n".join(captions) + "\n")
     overrides = [f"hierarcaps.generator={work / 'distilled'}", f"hierarcaps.batch_size={batch}", f"hierarcaps.nli_model={nli_dir}"]

@@ -320,12 +320,11 @@ def bench_negatives(workdir: Path, images: int, batch_size: int, max_new_tokens:
     }
 
 
-def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dict:
+def distilled_tiny_t5(workdir: Path, steps: int) -> list[str]:
+    """A tiny T5 distilled for `steps` on 600 synthetic chains, written to workdir/distilled (the
+    hierarcaps generator both benches use); returns the distillation texts (its vocabulary)."""
     from pipeline.config import DistillConfig
-    from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC
     from pipeline.models.tiny import build_tiny_t5
-    from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
-    from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
     from pipeline.train.distill import distill, distillation_pairs
 
     chains = synthetic_chains(600, seed=1)
@@ -334,8 +333,17 @@ def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dic
     (workdir / "chains").mkdir()
     rows = [{"key": f"c{i:05d}", "split": "train", "tiers": t, "source": "synthetic"} for i, t in enumerate(chains)]
     pq.write_table(conform(rows, "hierarcaps"), workdir / "chains" / "part-00000.parquet")
-    settings = DistillConfig(base_model=str(base), max_steps=400, learning_rate=3e-3, warmup_steps=20, eval_every=400, save_every=10_000)
+    settings = DistillConfig(base_model=str(base), max_steps=steps, learning_rate=3e-3, warmup_steps=20, eval_every=steps, save_every=10_000)
     distill([workdir / "chains"], workdir / "distilled", settings, progress=False)
+    return texts
+
+
+def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dict:
+    from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC
+    from pipeline.stages.hierarcaps.filter import HierarcapsFilterStage
+    from pipeline.stages.hierarcaps.generate import HierarcapsGenerateStage
+
+    texts = distilled_tiny_t5(workdir, steps=400)
 
     captions = [tiers[-1] for tiers in synthetic_chains(captions_count, seed=7)]
     (workdir / "captions.txt").write_text("\n".join(captions) + "\n")
