@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,3 +83,20 @@ def run_cli(*args: str, timeout: float = 300, env_extra: dict | None = None) -> 
     """Runs the installed `fgdata` console script in a real subprocess."""
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([str(FGDATA), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wait_for(condition, timeout=120.0, what="condition"):
+    """`condition()`'s first true result, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shard_worker_pids(title: str = "ray::fgdata-phrases") -> list[int]:
+    """Ray names a worker process after the task (or actor method) it is running."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if title in line and "ps -eo" not in line]

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import FGDATA, assert_dataset_invariants, write_caption_shard
+from conftest import FGDATA, assert_dataset_invariants, wait_for, write_caption_shard
 from synthetic import synthetic_captions
 
 from pipeline.core.shards import DONE_DIR, finished_shards, read_json
@@ -71,15 +71,6 @@ def shard_workers_on(node) -> list[int]:
     ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     parent = raylet_pid(node)
     return [int(line.split()[0]) for line in ps.splitlines() if int(line.split()[1]) == parent and "ray::fgdata-phrases" in line]
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -4,10 +4,9 @@ uninterrupted run, nothing duplicated, nothing lost."""
 import os
 import signal
 import subprocess
-import time
 
 import pytest
-from conftest import FGDATA, assert_dataset_invariants, make_config, read_rows, write_caption_shard
+from conftest import FGDATA, assert_dataset_invariants, make_config, read_rows, shard_worker_pids, wait_for, write_caption_shard
 from synthetic import synthetic_captions
 
 from pipeline.core.shards import finished_shards, read_json, read_rejects
@@ -48,22 +47,6 @@ def start_phrases(source, out) -> subprocess.Popen:
     # in which some are finished and others not yet started.
     args = [str(FGDATA), "phrases", str(source), str(out), "-s", "run.max_shards_in_flight=1", "-s", "run.progress=false", "-s", "run.executor=ray"]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(condition, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def shard_worker_pids(title: str = "ray::fgdata-phrases") -> list[int]:
-    """Ray names a worker process after the task (or actor method) it is running."""
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if title in line and "ps -eo" not in line]
 
 
 def assert_same_output(out, reference):

@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import FGDATA, SAMPLE_IMAGES, make_config, write_caption_shard
+from conftest import FGDATA, SAMPLE_IMAGES, make_config, shard_worker_pids, wait_for, write_caption_shard
 
 from pipeline.core import storage
 from pipeline.core.schemas import conform
@@ -300,20 +299,6 @@ def _phrases_on_ray(source: str, out: str) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=dict(os.environ))
 
 
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _shard_workers() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::fgdata-phrases" in line and "ps -eo" not in line]
-
-
 @pytest.mark.slow
 def test_killed_run_on_s3_resumes_without_duplicates(bucket):
     """`fgdata phrases s3://… s3://…` on Ray, killed (SIGKILL, driver and all) once some shards are
@@ -323,12 +308,12 @@ def test_killed_run_on_s3_resumes_without_duplicates(bucket):
     out = f"{bucket}/phrases"
     run = _phrases_on_ray(f"{bucket}/captions", out)
     try:
-        _wait_for(lambda: len(finished_shards(out)) >= 2 or run.poll() is not None, 240, "two finished shards")
+        wait_for(lambda: len(finished_shards(out)) >= 2 or run.poll() is not None, 240, "two finished shards")
     finally:
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
     assert run.returncode == -signal.SIGKILL, run.stderr.read()
-    _wait_for(lambda: not _shard_workers(), 60, "the killed run's workers to exit")
+    wait_for(lambda: not shard_worker_pids(), 60, "the killed run's workers to exit")
     finished = finished_shards(out)
     assert 2 <= len(finished) < shards and read_json(f"{out}/{MANIFEST_FILE}") is None
     stats_before = {name: storage.location(f"{out}/{STATS_DIR}/{name.replace('.parquet', '.json')}").read_text() for name in finished}

@@ -11,8 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FGDATA, SAMPLE_IMAGES, assert_dataset_invariants, run_cli
-from test_kill_resume import shard_worker_pids, wait_for
+from conftest import FGDATA, SAMPLE_IMAGES, assert_dataset_invariants, run_cli, shard_worker_pids, wait_for
 
 from pipeline.config import MAX_CONFIG_BYTES, load_config
 from pipeline.core.shards import finished_shards, read_json
