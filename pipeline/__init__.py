@@ -1,3 +1,3 @@
 """fgdata: data construction for fine-grained and hierarchical vision-language alignment."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,10 +1,16 @@
 """Parquet shard datasets: atomic writes, completion markers, resume, manifests.
 
-A dataset directory holds `part-NNNNN.parquet` shards, `_rejects/part-NNNNN.parquet`,
+A dataset directory holds its shards in `train/part-NNNNN.parquet`, `_rejects/part-NNNNN.parquet`,
 `_stats/part-NNNNN.json`, completion markers `_done/part-NNNNN.done`, `_run.json` (the stage
 and settings that own the directory) and `_manifest.json`, written last. A shard is finished
 when its marker exists; data, rejects and stats are renamed into place before the marker (on an
 object store, where nothing is renamed, uploaded whole before it: see core/storage.py).
+
+The shards sit in `train/` so that Hugging Face `datasets.load_dataset("parquet", data_dir=OUT)`
+(and `load_dataset(OUT)`) read them, and only them, as the train split: a folder named after a
+split is the first thing `datasets` looks for, and everything else here is bookkeeping it must not
+take for data. Parquet that fgdata did not write, and datasets of fgdata 0.1 (shards at the
+top), are read where their shards are.
 
 A dataset directory may be a local path or an `s3://`, `gs://`, `hf://` URI: every function here
 takes either (a str, Path or UPath) and works through `storage.location`.
@@ -27,6 +33,7 @@ from pipeline.core.schemas import conform, validate_table
 from pipeline.core.storage import Location, location
 from pipeline.errors import FgdataError, first_line
 
+DATA_DIR = "train"
 REJECTS_DIR = "_rejects"
 STATS_DIR = "_stats"
 DONE_DIR = "_done"
@@ -34,7 +41,7 @@ RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
 _TMP_TAG = storage.TMP_TAG
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
-DATASET_ENTRIES = ("part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*", "_download")
+DATASET_ENTRIES = (DATA_DIR, "part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*", "_download")
 # What `train` and `hierarcaps distill` write: the model (save_pretrained), checkpoints and the report.
 MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt", "*.model", f".*{_TMP_TAG}*")
 
@@ -43,13 +50,26 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def shards_folder(dataset_dir: Location) -> Location:
+    """Where a dataset's `part-*.parquet` shards are: `train/` as fgdata writes them, else the
+    directory itself (Parquet fgdata did not write, or a dataset of fgdata 0.1)."""
+    dataset_dir = location(dataset_dir)
+    inner = dataset_dir / DATA_DIR
+    return inner if inner.is_dir() else dataset_dir
+
+
+def shard_path(dataset_dir: Location, name: str) -> Location:
+    """The shard `name` (e.g. `part-00003.parquet`) of a dataset, wherever its shards are."""
+    return shards_folder(dataset_dir) / name
+
+
 def list_shards(dataset_dir: Location) -> list[Location]:
     dataset_dir = location(dataset_dir)
     if not dataset_dir.is_dir():
         raise FgdataError(f"{dataset_dir} is not a directory of Parquet shards")
-    shards = sorted(dataset_dir.glob("part-*.parquet"))
+    shards = sorted(shards_folder(dataset_dir).glob("part-*.parquet"))
     if not shards:
-        raise FgdataError(f"{dataset_dir} holds no part-*.parquet shards")
+        raise FgdataError(f"{dataset_dir} holds no part-*.parquet shards (looked in {DATA_DIR}/ and at the top)")
     return shards
 
 
@@ -132,9 +152,9 @@ def write_shard(out_dir: Location, name: str, table: pa.Table, kind: str, reject
     `marker` (the fingerprint of the settings and input that made the shard) goes into the
     completion marker, so a shard written by another run is never taken for this run's."""
     out_dir = location(out_dir)
-    validate_table(table, kind, where=f"{out_dir / name} (output)")
+    validate_table(table, kind, where=f"{out_dir / DATA_DIR / name} (output)")
     rejects_table = conform(rejects, "rejects")
-    storage.write_whole(out_dir / name, lambda tmp: _write_parquet(table, tmp))
+    storage.write_whole(out_dir / DATA_DIR / name, lambda tmp: _write_parquet(table, tmp))
     storage.write_whole(out_dir / REJECTS_DIR / name, lambda tmp: _write_parquet(rejects_table, tmp))
     stats = stats() if callable(stats) else stats
     write_json(out_dir / STATS_DIR / name.replace(".parquet", ".json"), stats)
@@ -176,6 +196,11 @@ def claim_output(
     if overwrite and out_dir.exists():
         remove_owned_output(out_dir, owned)
     owner = read_json(out_dir / RUN_FILE)
+    if owner is not None and any(out_dir.glob("part-*.parquet")):
+        raise FgdataError(
+            f"{out_dir} was written by fgdata 0.1 (its shards are at the top, not in {DATA_DIR}/), so it cannot be "
+            "resumed; use --overwrite to redo it, or a new output directory"
+        )
     if owner is not None and (owner.get("stage"), owner.get("settings_hash")) != (stage, settings_hash):
         raise FgdataError(
             f"{out_dir} already holds output of stage {owner.get('stage')!r} with other settings "
@@ -288,7 +313,7 @@ def unfinished_reason(dataset_dir: Location) -> str | None:
     if read_json(dataset_dir / MANIFEST_FILE) is None:
         return f"it has no {MANIFEST_FILE} (its run did not complete)"
     finished = finished_shards(dataset_dir)  # one listing, not a look-up per shard (each a request on a store)
-    missing = sorted(p.name for p in dataset_dir.glob("part-*.parquet") if p.name not in finished)
+    missing = sorted(p.name for p in shards_folder(dataset_dir).glob("part-*.parquet") if p.name not in finished)
     if missing:
         return f"{len(missing)} shard(s) have no completion marker (e.g. {missing[0]})"
     return None

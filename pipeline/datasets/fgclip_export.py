@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.core.box_checks import check_box
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, RUN_FILE, check_output_path, find_ancestor, list_shards, read_json, read_shard, read_shard_schema, write_json
+from pipeline.core.shards import MANIFEST_FILE, RUN_FILE, check_output_path, find_ancestor, list_shards, read_json, read_shard, read_shard_schema, shard_path, write_json
 from pipeline.core.storage import resolved
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard
 from pipeline.errors import FgdataError, first_line
@@ -277,7 +277,7 @@ def export_fgclip(
     counts: Counter = Counter()
     no_long_caption = 0
     for shard in shards:
-        image_shard = images_dir / shard.name
+        image_shard = shard_path(images_dir, shard.name)
         formats = {}
         if image_shard.exists():
             table = read_shard(image_shard, columns=["key", "format"])

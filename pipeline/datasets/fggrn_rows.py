@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import decode_rgb
-from pipeline.core.shards import find_ancestor, list_shards, read_shard
+from pipeline.core.shards import find_ancestor, list_shards, read_shard, shard_path
 from pipeline.core.storage import location
 from pipeline.datasets.fgclip_export import long_expression
 from pipeline.errors import FgdataError
@@ -35,7 +35,7 @@ def fgclip_sources(fggrn_dirs: list[Path], images_dir: Path | None) -> list[tupl
         if images is None:
             raise FgdataError(f"cannot find the image shards {fggrn} descends from; pass --images DIR")
         for shard in list_shards(location(fggrn)):
-            image_shard = images / shard.name
+            image_shard = shard_path(images, shard.name)
             if not image_shard.exists():
                 raise FgdataError(f"{shard} has no image shard {image_shard}; pass --images DIR")
             pairs.append((shard, image_shard))

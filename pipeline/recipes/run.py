@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import Config, load_config
-from pipeline.core.shards import claim_output, shard_markers, unit_fingerprint
+from pipeline.core.shards import claim_output, shard_markers, shard_path, unit_fingerprint
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.recipes import SOURCE, STEP_KINDS, Recipe, Step
 from pipeline.runner import RunSummary, finished_for_this_input, short_error, ensure_ray, finish_stage, ray_submitter, run_stage
@@ -211,7 +211,7 @@ class _Scheduler:
         units: list[WorkUnit] = []
         for name in run.names:
             if name not in run.planned and all(name in up.done for up in upstream):
-                unit = run.stage.plan_shard(source_dir / name, run.config)
+                unit = run.stage.plan_shard(shard_path(source_dir, name), run.config)
                 run.fingerprints[name] = unit_fingerprint(run.settings_hash, name, unit.payload, run.stage.plan_fingerprint())
                 run.planned.add(name)
                 units.append(unit)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema, shard_path
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
@@ -147,7 +147,7 @@ def _thumbnails(images_dir: Path | None, wanted: dict[str, set[str]]) -> dict[tu
     if images_dir is None:
         return found
     for shard_name, keys in wanted.items():
-        path = images_dir / shard_name
+        path = shard_path(images_dir, shard_name)
         if not keys or not path.is_file():
             continue
         left = set(keys)
@@ -331,7 +331,7 @@ def _funnel(steps: list[dict]) -> str:
     for step in steps:
         rows_in, rows_out, rejected = _rows_of(step, "rows_in"), _rows_of(step, "rows_out"), _rows_of(step, "rows_rejected")
         if rows_out is None and step["manifest"] is not None and Path(step["path"]).is_dir():
-            rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(Path(step["path"]).glob("part-*.parquet")))
+            rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(step["path"]))
         drop = f"{rejected / rows_in:.1%}" if rows_in and rejected is not None else "–"
         reasons = ""
         if step["manifest"] is not None and Path(step["path"]).is_dir():

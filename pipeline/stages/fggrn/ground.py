@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.config import Config, pick
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema, shard_rows
+from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema, shard_path, shard_rows
 from pipeline.core.storage import location, resolved
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector
@@ -72,7 +72,7 @@ class GroundStage(ModelStage):
         check_input_columns(schema, PHRASE_COLUMNS, where=str(path))
         if "phrases" not in schema.names:
             raise FgdataError(f"{path}: missing required column 'phrases' (run `fgdata phrases` first)")
-        image_shard = self.images_dir / path.name
+        image_shard = shard_path(self.images_dir, path.name)
         if image_shard.exists():
             check_input_columns(read_shard_schema(image_shard), IMAGE_COLUMNS, where=str(image_shard))
         return WorkUnit(path.name, {"phrases": str(path), "images": str(image_shard), "rows": shard_rows(path)})

@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.core.box_checks import check_box, shown
 from pipeline.core.schemas import conform
-from pipeline.core.shards import lineage_entry, read_shard, shard_name
+from pipeline.core.shards import lineage_entry, read_shard, shard_name, shard_path
 from pipeline.core.sources import OutsideRoot, SourceItem, path_inside
 from pipeline.datasets.fgclip_export import find_phrase
 from pipeline.errors import first_line
@@ -161,8 +161,8 @@ class ImportFgclipStage(Stage):
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         sizes = {}
-        if self.images and (self.images / unit.name).exists():
-            table = read_shard(self.images / unit.name, columns=["key", "width", "height"])
+        if self.images and shard_path(self.images, unit.name).exists():
+            table = read_shard(shard_path(self.images, unit.name), columns=["key", "width", "height"])
             sizes = {k: (w, h) for k, w, h in zip(*(table.column(c).to_pylist() for c in ("key", "width", "height")))}
         nlp = load_spacy(config.phrases.spacy_model)
         counters: Counter = Counter()
@@ -171,7 +171,7 @@ class ImportFgclipStage(Stage):
             key, item, problem = planned["key"], planned["item"], planned["problem"]
             regions = None
             if problem is None and self.images and key not in sizes:
-                problem = ("image_rejected", f"its image is not in {self.images / unit.name} (see that dataset's _rejects)")
+                problem = ("image_rejected", f"its image is not in {shard_path(self.images, unit.name)} (see that dataset's _rejects)")
             if problem is None:
                 regions, problem = item_regions(item, *sizes.get(key, (0, 0)), counters)
             if problem:
