@@ -28,8 +28,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.core.box_checks import shown
-from pipeline.core.shards import list_shards
-from pipeline.core.storage import arrow_target, location
+from pipeline.core.shards import list_shards, read_shard
+from pipeline.core.storage import Location, arrow_target, location
 from pipeline.datasets.chains import SEPARATOR
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard, write_text_atomic
 from pipeline.errors import FgdataError
@@ -188,9 +188,14 @@ def _read_text(path: Path) -> str:
     return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
 
 
-def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: bool = False) -> dict:
+# the columns each layout writes from (and the train layout's filter on negative_tiers)
+_EXPORT_COLUMNS = {"train": ["tiers", "negative_tiers"], "test": ["key", "tiers", "image_url"]}
+
+
+def write_official_csv(dataset_dir: str | Location, out: Path, layout: str, overwrite: bool = False) -> dict:
     """Writes OUT whole or not at all (a temporary file renamed at the end); an existing OUT is
-    the user's file and is replaced only with `overwrite`."""
+    the user's file and is replaced only with `overwrite`. The dataset may be a local path or an
+    `s3://`, `gs://`, `hf://` URI: shards are read one at a time, only the layout's columns."""
     if layout not in LAYOUTS:
         raise FgdataError(f"layout must be train or test, got {layout!r}")
     out = Path(out)
@@ -209,7 +214,7 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: boo
             writer = csv.writer(handle)
             writer.writerow(LAYOUTS[layout])
             for shard in shards:
-                for row in pq.read_table(shard).to_pylist():
+                for row in read_shard(shard, columns=_EXPORT_COLUMNS[layout]).to_pylist():
                     if layout == "train" and not row["negative_tiers"]:
                         skipped += 1  # the train layout has no place for an item without negatives
                         continue
@@ -227,11 +232,15 @@ def write_official_csv(dataset_dir: Path, out: Path, layout: str, overwrite: boo
     return {"written": written, "skipped_without_negatives": skipped, "path": str(out), "datacard": str(card)}
 
 
-def read_chains(sources: list[Path], need_negatives: bool = False, counts: Counter | None = None) -> list[tuple[str, list[str], list[str] | None]]:
+def read_chains(
+    sources: list[Path], need_negatives: bool = False, counts: Counter | None = None, first_of_each_key: bool = False
+) -> list[tuple[str, list[str], list[str] | None]]:
     """(key, tiers, negative tiers or None) from hierarcaps shards or official CSVs, in a stable
     order; with `need_negatives`, chains without a negative chain are left out. Every chain left
     out is counted in `counts` as `skipped_<reason>` (the CSV reject reasons, `no_negative_chain`)
-    so that callers record them (distill.json, the train manifest); nothing is dropped silently."""
+    so that callers record them (distill.json, the train manifest); nothing is dropped silently.
+    A key in more than one source is an error, or with `first_of_each_key` (distill: seed and augment
+    chain the same captions) the first source's chain is kept and the others counted."""
     counts = Counter() if counts is None else counts
     chains = []
     for source in map(location, sources):  # a Path, or a UPath for a URI
@@ -249,6 +258,13 @@ def read_chains(sources: list[Path], need_negatives: bool = False, counts: Count
             if not {"key", "tiers", "negative_tiers"} <= set(table.column_names):
                 raise FgdataError(f"{shard}: needs columns key, tiers and negative_tiers (a hierarcaps dataset)")
             chains += [(r["key"], r["tiers"], r["negative_tiers"]) for r in table.select(["key", "tiers", "negative_tiers"]).to_pylist()]
+    if first_of_each_key:
+        first = {}
+        for chain in chains:
+            first.setdefault(chain[0], chain)
+        if len(first) < len(chains):
+            counts["skipped_duplicate_key"] += len(chains) - len(first)
+        chains = list(first.values())
     keys = [key for key, _, _ in chains]
     if len(keys) != len(set(keys)):
         raise FgdataError("the same key appears more than once across the inputs; give each chain once")

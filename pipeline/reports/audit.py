@@ -14,6 +14,8 @@ records them in the dataset's manifest (and data card).
 - The page is static: items are rendered here with every text html-escaped (captions are hostile
   input); its one script is constant and allowed by hash in a Content-Security-Policy that also
   forbids every network fetch.
+- The dataset, its images ancestor and the verdicts file may be local paths or `s3://`, `gs://`,
+  `hf://` URIs (core/storage); shards are read in batches there too, never downloaded whole.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import math
 import random
 import time
 import warnings
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipeline.core import storage
 from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, read_json, write_json
+from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import write_datacard, write_text_atomic
 from pipeline.errors import FgdataError, first_line
 
@@ -141,6 +144,16 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 # --- sampling --------------------------------------------------------------------------------
 
 
+def _parquet(path: Location) -> pq.ParquetFile:
+    """A shard opened for its footer, row groups and batches: a local file, or an object read by
+    exact range requests. Not the store's default read-ahead: s3fs fetches 50 MB past every read,
+    so a footer or one row group would pull a whole shard, and a sample every shard."""
+    place = location(path)
+    if not is_uri(place):
+        return pq.ParquetFile(place)
+    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"))
+
+
 def _candidates(kind: str, row: dict, shard: str):
     """(stratum, item) for every candidate negative of one row; malformed parts are skipped."""
     key = str(row.get("key"))
@@ -186,9 +199,9 @@ def _allocate(available: dict[str, int], n: int) -> dict[str, int]:
     return share
 
 
-def draw_sample(dataset_dir: Path, n: int, seed: int = 0) -> tuple[str, list[dict], dict[str, dict]]:
+def draw_sample(dataset_dir: str | Location, n: int, seed: int = 0) -> tuple[str, list[dict], dict[str, dict]]:
     """(kind, the sampled items in a shuffled order, per stratum its population and sample size)."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = location(dataset_dir)
     manifest = read_json(dataset_dir / MANIFEST_FILE) if dataset_dir.is_dir() else None
     if manifest is None:
         raise FgdataError(f"{dataset_dir}: no {MANIFEST_FILE}; give a finished fggrn or hierarcaps dataset written by fgdata")
@@ -200,7 +213,7 @@ def draw_sample(dataset_dir: Path, n: int, seed: int = 0) -> tuple[str, list[dic
     seen: dict[str, int] = {}
     for shard in list_shards(dataset_dir):
         try:
-            parquet = pq.ParquetFile(shard)
+            parquet = _parquet(shard)
             missing = [c for c in _COLUMNS[kind] if c not in parquet.schema_arrow.names]
             if missing:
                 raise FgdataError(f"{shard}: missing required column(s) {', '.join(missing)} of a {kind} shard")
@@ -276,7 +289,7 @@ def picture_uri(data: bytes | None, box=None) -> tuple[str | None, str]:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), note
 
 
-def _image_bytes(images_dir: Path | None, items: list[dict]) -> dict[str, bytes]:
+def _image_bytes(images_dir: Location | None, items: list[dict]) -> dict[str, bytes]:
     """key -> image bytes for the items' keys: the shard of the same name first, then the rest."""
     found: dict[str, bytes] = {}
     if images_dir is None:
@@ -292,7 +305,7 @@ def _image_bytes(images_dir: Path | None, items: list[dict]) -> dict[str, bytes]
         if not left:
             break
         try:
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=256, columns=["key", "image"]):
+            for batch in _parquet(shard).iter_batches(batch_size=256, columns=["key", "image"]):
                 keys = batch.column(0).to_pylist()
                 for index in (i for i, key in enumerate(keys) if key in left):
                     found[keys[index]] = batch.column(1)[index].as_py()
@@ -333,9 +346,9 @@ def _item_html(kind: str, item: dict, picture: tuple[str | None, str]) -> str:
             f"<p class='note'>{esc(question)} Stratum {esc(item['stratum'])}; key {esc(item['key'])}.</p></section>")
 
 
-def render_audit_page(dataset_dir: Path, n: int = 200, seed: int = 0) -> tuple[str, dict]:
+def render_audit_page(dataset_dir: str | Location, n: int = 200, seed: int = 0) -> tuple[str, dict]:
     started = time.perf_counter()
-    dataset_dir = Path(dataset_dir).resolve()
+    dataset_dir = storage.resolved(dataset_dir)  # a local path resolved, or a URI as given
     kind, items, strata = draw_sample(dataset_dir, n, seed)
     images_dir = find_ancestor(dataset_dir, "images")
     pictures = _image_bytes(images_dir, items)
@@ -366,21 +379,23 @@ def render_audit_page(dataset_dir: Path, n: int = 200, seed: int = 0) -> tuple[s
     return page, summary
 
 
-def write_audit_page(dataset_dir: Path, out: Path, n: int = 200, seed: int = 0) -> dict:
+def write_audit_page(dataset_dir: str | Location, out: str | Location, n: int = 200, seed: int = 0) -> dict:
     if not 1 <= n <= MAX_ITEMS:
         raise FgdataError(f"--n must be between 1 and {MAX_ITEMS:,} (a page of n inline images; 200 judged at a 95% valid rate already give +-3 points)")
     page, summary = render_audit_page(dataset_dir, n, seed)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(out), page)
+    out = location(out)
+    if not is_uri(out):  # a store has no folders to make
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, page)
     return summary
 
 
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def read_verdicts(path: Path) -> dict:
+def read_verdicts(path: str | Location) -> dict:
     """The page's download, checked: anything else is a one-line error that says what is wrong."""
-    path = Path(path)
+    path = location(path)
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -426,14 +441,14 @@ def score_verdicts(payload: dict) -> dict:
     return result
 
 
-def score_audit(verdicts_path: Path, dataset_dir: Path | None = None) -> tuple[dict, Path]:
+def score_audit(verdicts_path: str | Location, dataset_dir: str | Location | None = None) -> tuple[dict, Location]:
     """Scores the verdicts and records them under manifest["audit"] (and in the data card)."""
     payload = read_verdicts(verdicts_path)
     if dataset_dir is None:
         if not isinstance(payload.get("dataset"), str):
             raise FgdataError(f"{verdicts_path}: names no dataset; give --dataset")
-        dataset_dir = Path(payload["dataset"])
-    dataset_dir = Path(dataset_dir)
+        dataset_dir = payload["dataset"]  # a local path, or the URI the page was sampled from
+    dataset_dir = location(dataset_dir)
     manifest = read_json(dataset_dir / MANIFEST_FILE) if dataset_dir.is_dir() else None
     if manifest is None:
         raise FgdataError(f"{dataset_dir}: no {MANIFEST_FILE} to record the audit in; give the audited dataset with --dataset")
@@ -442,7 +457,7 @@ def score_audit(verdicts_path: Path, dataset_dir: Path | None = None) -> tuple[d
     scores = score_verdicts(payload)
     audit = {
         **scores["overall"], "n": scores["overall"]["judged"], "strata": scores["strata"], "interval": "Wilson 95% (z 1.96) on valid / (valid + invalid)",
-        "sample_id": payload.get("sample_id"), "sampled_from": payload.get("dataset"), "verdicts_file": str(Path(verdicts_path).resolve()),
+        "sample_id": payload.get("sample_id"), "sampled_from": payload.get("dataset"), "verdicts_file": str(storage.resolved(verdicts_path)),
         "scored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest["audit"] = audit

@@ -11,6 +11,8 @@ chains with their negatives per tier. A random-weight lineage gets a banner.
 - Large datasets are sampled early: whole row groups are chosen at random from the shards'
   metadata and only the columns the page shows are read, so 1M rows render in seconds. Funnel and
   reject counts stay exact (they come from manifests and the reason column).
+- The dataset and its lineage may be local paths or `s3://`, `gs://`, `hf://` URIs (core/storage):
+  on a store the same footers, row groups, columns and image batches are read, by range requests.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import random
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema, shard_path
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema, shard_path, shard_rows
+from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
@@ -100,7 +102,17 @@ def _fmt(value, digits: int = 2) -> str:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _columns_to_read(shard: Path, kind: str) -> list[str]:
+def _parquet(path: Location) -> pq.ParquetFile:
+    """A shard opened for its footer, row groups and batches: a local file, or an object read by
+    exact range requests. Not the store's default read-ahead: s3fs fetches 50 MB past every read,
+    so a footer or one row group would pull a whole shard, and a sample every shard."""
+    place = location(path)
+    if not is_uri(place):
+        return pq.ParquetFile(place)
+    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"))
+
+
+def _columns_to_read(shard: Location, kind: str) -> list[str]:
     required, optional = _COLUMNS[kind]
     file_schema = read_shard_schema(shard)
     schema = load_schema(kind).arrow
@@ -108,13 +120,13 @@ def _columns_to_read(shard: Path, kind: str) -> list[str]:
     return required + [name for name in optional if name in file_schema.names and file_schema.field(name).type == schema.field(name).type]
 
 
-def sample_rows(shards: list[Path], kind: str, limit: int, seed: int) -> tuple[list[dict], dict]:
+def sample_rows(shards: list[Location], kind: str, limit: int, seed: int) -> tuple[list[dict], dict]:
     """Rows from whole row groups chosen at random until `limit` rows, reading only the page's
     columns; a group over the limit is cut at random. Returns (rows, what was sampled)."""
     groups, total = [], 0
     for shard in shards:
         try:
-            metadata = pq.ParquetFile(shard).metadata
+            metadata = _parquet(shard).metadata
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: not a readable Parquet file ({exc})") from None
         for index in range(metadata.num_row_groups):
@@ -129,7 +141,7 @@ def sample_rows(shards: list[Path], kind: str, limit: int, seed: int) -> tuple[l
             break
         columns = _columns_to_read(shard, kind)
         try:
-            table = pq.ParquetFile(shard).read_row_group(index, columns=columns)
+            table = _parquet(shard).read_row_group(index, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: cannot read shard ({exc})") from None
         if table.num_rows > limit - len(rows):
@@ -140,7 +152,7 @@ def sample_rows(shards: list[Path], kind: str, limit: int, seed: int) -> tuple[l
     return rows, {"total": total, "sampled": len(rows), "groups": len(groups), "groups_read": chosen, "seed": seed}
 
 
-def _thumbnails(images_dir: Path | None, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, int, int]]:
+def _thumbnails(images_dir: Location | None, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[str, int, int]]:
     """(shard, key) -> (data URI of a thumbnail, width, height) for the wanted keys of each shard,
     read from the images ancestor's shard of the same name with a key filter."""
     found: dict = {}
@@ -153,7 +165,7 @@ def _thumbnails(images_dir: Path | None, wanted: dict[str, set[str]]) -> dict[tu
         left = set(keys)
         try:
             # in batches, stopping once every wanted key is found: an image shard can hold gigabytes
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=["key", "image"]):
+            for batch in _parquet(path).iter_batches(batch_size=256, columns=["key", "image"]):
                 batch_keys = batch.column(0).to_pylist()
                 for index in (i for i, key in enumerate(batch_keys) if key in left):
                     left.discard(batch_keys[index])
@@ -202,12 +214,12 @@ def _thumbnail_uri(data: bytes | None) -> tuple[str, int, int] | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), size[0], size[1]
 
 
-def _reject_summary(dataset_dir: Path) -> tuple[Counter, list[Path]]:
-    files = sorted((Path(dataset_dir) / REJECTS_DIR).glob("part-*.parquet"))
+def _reject_summary(dataset_dir: Location) -> tuple[Counter, list[Location]]:
+    files = sorted((location(dataset_dir) / REJECTS_DIR).glob("part-*.parquet"))
     counts: Counter = Counter()
     for path in files:
         try:
-            column = pq.read_table(path, columns=["reason"]).column("reason")
+            column = _parquet(path).read(columns=["reason"]).column("reason")
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{path}: cannot read rejects ({exc})") from None
         for item in pc.value_counts(column).to_pylist():
@@ -215,13 +227,13 @@ def _reject_summary(dataset_dir: Path) -> tuple[Counter, list[Path]]:
     return counts, files
 
 
-def _reject_examples(files: list[Path], reasons: Counter, per_reason: int) -> dict[str, list[dict]]:
+def _reject_examples(files: list[Location], reasons: Counter, per_reason: int) -> dict[str, list[dict]]:
     """The first few rejects of each reason, reading files in order until every reason has enough."""
     examples: dict[str, list[dict]] = {reason: [] for reason in reasons}
     for path in files:
         if all(len(v) >= per_reason for v in examples.values()):
             break
-        table = pq.read_table(path, columns=["key", "reason", "detail"])
+        table = _parquet(path).read(columns=["key", "reason", "detail"])
         for row in table.to_pylist():
             bucket = examples.setdefault(row["reason"], [])
             if len(bucket) < per_reason:
@@ -330,12 +342,15 @@ def _funnel(steps: list[dict]) -> str:
     out = ["<table><tr><th>step</th><th>kind</th><th>dataset</th><th>rows in</th><th>rows out</th><th>rejected</th><th>drop rate</th><th>rejects by reason</th></tr>"]
     for step in steps:
         rows_in, rows_out, rejected = _rows_of(step, "rows_in"), _rows_of(step, "rows_out"), _rows_of(step, "rows_rejected")
-        if rows_out is None and step["manifest"] is not None and Path(step["path"]).is_dir():
-            rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(step["path"]))
+        # a step with a manifest was read, so its location parses (a local path or a URI)
+        place = location(step["path"]) if step["manifest"] is not None else None
+        here = place is not None and place.is_dir()
+        if rows_out is None and here:
+            rows_out = sum(shard_rows(p) for p in list_shards(place))
         drop = f"{rejected / rows_in:.1%}" if rows_in and rejected is not None else "–"
         reasons = ""
-        if step["manifest"] is not None and Path(step["path"]).is_dir():
-            counts, _ = _reject_summary(Path(step["path"]))
+        if here:
+            counts, _ = _reject_summary(place)
             reasons = ", ".join(f"{esc(r)} {c}" for r, c in counts.most_common())
         stage = str(step["stage"] or "source")
         if step["error"]:
@@ -349,7 +364,7 @@ def _funnel(steps: list[dict]) -> str:
     return "".join(out)
 
 
-def _rejects_section(dataset_dir: Path, images_dir: Path | None, per_reason: int) -> str:
+def _rejects_section(dataset_dir: Location, images_dir: Location | None, per_reason: int) -> str:
     counts, files = _reject_summary(dataset_dir)
     if not counts:
         return "<p>No rejects in this dataset.</p>"
@@ -469,10 +484,10 @@ def _charts(kind: str, rows: list[dict]) -> str:
 # --- the page ----------------------------------------------------------------------------------
 
 
-def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, examples: int = 3, seed: int = 0) -> tuple[str, dict]:
+def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: int = 24, examples: int = 3, seed: int = 0) -> tuple[str, dict]:
     """(the page, a summary: rows, sampled, seconds)."""
     started = time.perf_counter()
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = location(dataset_dir)  # a Path, or a UPath for an s3://, gs://, hf:// URI
     manifest = read_json(dataset_dir / MANIFEST_FILE)
     if manifest is None:
         raise FgdataError(f"{dataset_dir} has no {MANIFEST_FILE}: it is not a finished fgdata dataset; rerun the stage that writes it")
@@ -483,7 +498,7 @@ def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, ex
     steps = walk_lineage(dataset_dir, manifest)
     rows, sampled = sample_rows(shards, kind, max(sample, gallery), seed)
     # the nearest images dataset upstream; walk_lineage, unlike a plain recursion, survives a loop
-    images_dir = next((Path(s["path"]) for s in sorted(steps, key=lambda s: s["depth"]) if s["kind"] == "images" and Path(s["path"]).is_dir()), None)
+    images_dir = next((location(s["path"]) for s in sorted(steps, key=lambda s: s["depth"]) if s["kind"] == "images" and location(s["path"]).is_dir()), None)
     shown = _pick_gallery(rows, gallery, seed)
     wanted: dict[str, set] = {}
     for row in shown:
@@ -530,8 +545,10 @@ def render_report(dataset_dir: Path, sample: int = 20_000, gallery: int = 24, ex
     return page, {"kind": kind, "rows": sampled["total"], "sampled": sampled["sampled"], "seconds": round(time.perf_counter() - started, 2), "random_weights": bool(banner)}
 
 
-def write_report(dataset_dir: Path, out: Path, **options) -> dict:
+def write_report(dataset_dir: str | Location, out: str | Location, **options) -> dict:
     page, summary = render_report(dataset_dir, **options)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(out), page)
+    out = location(out)
+    if not is_uri(out):  # a store has no folders to make
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, page)
     return {**summary, "out": str(out), "bytes": len(page.encode())}
