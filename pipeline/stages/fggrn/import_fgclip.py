@@ -15,6 +15,8 @@ long_expr has no FgGRN column: `fgdata export fgclip` derives it from the captio
 An item that is not an object, has no f_path or caption, a malformed bbox_info entry, a bad box or
 negatives that are not text is a reject with its reason; so is a key used twice or, with --images,
 an item whose image was rejected.
+JSON, the --images folder and OUT may each be a local path or an object-store URI (s3://, gs://,
+hf://): on a store f_path names an object under the folder, with the same refusals (`/...`, `..`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.core import storage
 from pipeline.core.box_checks import check_box, shown
 from pipeline.core.schemas import conform
 from pipeline.core.shards import lineage_entry, read_shard, shard_name, shard_path
@@ -44,7 +47,7 @@ def _units(items: list, size: int) -> list[WorkUnit]:
     return [WorkUnit(shard_name(i), items[start : start + size]) for i, start in enumerate(range(0, max(len(items), 1), size))]
 
 
-def plan_items(path: Path) -> list[dict]:
+def plan_items(path: storage.Location) -> list[dict]:
     """(index, key, item, problem) per JSON item, in file order; problem for no f_path or a key used before."""
     planned, seen = [], set()
     for index, item in enumerate(read_records(path)):
@@ -119,9 +122,9 @@ class FgclipImagesStage(IngestStage):
 
     name = "import-fgclip-images"
 
-    def __init__(self, json_path: Path, images_dir: Path):
-        super().__init__(Path(images_dir))
-        self.json_path = Path(json_path).resolve()
+    def __init__(self, json_path: Path | str, images_dir: Path | str):
+        super().__init__(images_dir)
+        self.json_path = storage.resolved(json_path)
 
     def plan(self, config: Config) -> list[WorkUnit]:
         items = []
@@ -148,9 +151,9 @@ class ImportFgclipStage(Stage):
     config_section = "ingest"  # rows_per_shard decides the shards
     extra_config_sections = ("phrases",)  # spacy_model finds each phrase's head
 
-    def __init__(self, json_path: Path, images: Path | None = None):
-        self.json_path = Path(json_path).resolve()
-        self.images = Path(images).resolve() if images else None
+    def __init__(self, json_path: Path | str, images: Path | str | None = None):
+        self.json_path = storage.resolved(json_path)
+        self.images = storage.resolved(images) if images else None
 
     def plan(self, config: Config) -> list[WorkUnit]:
         load_spacy(config.phrases.spacy_model)  # a missing pipeline stops here, before any shard

@@ -7,6 +7,8 @@ One row per record, keyed as `fgdata download` keys the same file's images (key,
 ref_exps: the noun chunks expanded through their dependency subtree). A record with no caption, a
 malformed expression, a span outside the caption, a bad box (check_box) or a score outside 0-1 is a
 reject with its reason; so is a key used twice.
+The parquet may be a local file or an object on a store (s3://, gs://, hf://), read by pyarrow
+through the store's filesystem: only the columns above are fetched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from numbers import Real
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.core import storage
 from pipeline.core.box_checks import check_box, shown
 from pipeline.core.schemas import conform
 from pipeline.core.shards import shard_name
@@ -76,8 +79,8 @@ class ImportGritStage(Stage):
     config_section = "ingest"  # rows_per_shard decides the shards, as for `fgdata download`
     extra_config_sections = ("phrases",)  # spacy_model finds each phrase's head
 
-    def __init__(self, parquet: Path, expressions: str = "ref_exps"):
-        self.parquet = Path(parquet).resolve()
+    def __init__(self, parquet: Path | str, expressions: str = "ref_exps"):
+        self.parquet = storage.resolved(parquet)
         self.expressions = expressions
 
     def plan(self, config: Config) -> list[WorkUnit]:

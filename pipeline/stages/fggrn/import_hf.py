@@ -10,6 +10,10 @@ ingest checks; the caption from the first of ingest.caption_fields. Captions: `l
 else `caption`, else `text` becomes long_caption, `short_caption` is kept when present; each row
 is labelled imported (caption_model "imported:<SOURCE>"). A row without what its kind needs is a
 reject with its reason.
+SOURCE may be a local path or an object-store URI (s3://, gs://, hf://). Parquet is read shard by
+shard: planning reads the files' footers, each shard only the row groups holding its rows. A
+save_to_disk folder is opened by datasets' own load_from_disk (on a store it copies the split to a
+local temporary folder, once per shard: prefer the parquet layout for large sets on a store).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
+from pipeline.core import storage
 from pipeline.core.images import ImageRejected, inspect_image, normalised_bytes
 from pipeline.core.schemas import conform
 from pipeline.core.shards import shard_name
@@ -34,48 +39,109 @@ IMAGE_COLUMNS = ("image", "img", "jpg", "png")
 LONG_COLUMNS = ("long_caption", "caption", "text")
 
 
-def open_source(source: Path, split: str) -> pa.Table:
-    """The whole dataset as one Arrow table (memory-mapped for save_to_disk folders)."""
-    try:
-        if source.is_dir() and ((source / "state.json").exists() or (source / "dataset_dict.json").exists()):
-            import datasets
+def _is_saved(source: storage.Location) -> bool:
+    return source.is_dir() and ((source / "state.json").exists() or (source / "dataset_dict.json").exists())
 
-            loaded = datasets.load_from_disk(str(source))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise FgdataError(f"{source} has splits {', '.join(loaded)}, not {split!r}; pass --split")
-                loaded = loaded[split]
-            return loaded.with_format("arrow")[:]
-        files = [source] if source.is_file() else sorted(source.rglob("*.parquet"))
-        in_split = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
-        files = in_split or files
-        if not files:
-            raise FgdataError(f"{source} is neither a save_to_disk folder nor holds .parquet files")
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+def _load_saved(source: storage.Location, split: str) -> pa.Table:
+    """A save_to_disk folder as one Arrow table: memory-mapped locally; on a store, datasets copies
+    the split to a local temporary folder first (its own load_from_disk, through fsspec)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(source))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise FgdataError(f"{source} has splits {', '.join(loaded)}, not {split!r}; pass --split")
+        loaded = loaded[split]
+    return loaded.with_format("arrow")[:]
+
+
+def _parquet_files(source: storage.Location, split: str) -> list[storage.Location]:
+    """The hub layout's files of `split` (all files when no name carries a split), in order. On a
+    store, one listing of objects (a prefix named x.parquet is no file)."""
+    if source.is_file():
+        return [source]
+    if storage.is_uri(source):
+        root = source.path.rstrip("/")
+        files = [source.joinpath(*p[len(root) + 1 :].split("/")) for p in sorted(source.fs.find(root)) if p.endswith(".parquet")]
+    else:
+        files = sorted(source.rglob("*.parquet"))
+    in_split = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
+    files = in_split or files
+    if not files:
+        raise FgdataError(f"{source} is neither a save_to_disk folder nor holds .parquet files")
+    return files
+
+
+def _guarded(source: storage.Location, read):
+    try:
+        return read()
     except FgdataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types for a bad folder
+    except Exception as exc:  # noqa: BLE001 - datasets, pyarrow and store clients raise many types for a bad folder
         raise FgdataError(f"{source}: cannot read it as a Hugging Face dataset ({first_line(exc)})") from None
+
+
+def describe_source(source: storage.Location, split: str) -> tuple[list[str], int]:
+    """(column names, rows) of the dataset; for Parquet from the files' footers alone."""
+
+    def read():
+        if _is_saved(source):
+            table = _load_saved(source, split)
+            return table.column_names, table.num_rows
+        names, rows = [], 0
+        for file in _parquet_files(source, split):
+            where, filesystem = storage.arrow_target(file)
+            metadata = pq.read_metadata(where, filesystem=filesystem)
+            names += [n for n in metadata.schema.to_arrow_schema().names if n not in names]
+            rows += metadata.num_rows
+        return names, rows
+
+    return _guarded(source, read)
+
+
+def read_rows(source: storage.Location, split: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the dataset; for Parquet only the row groups holding them are read."""
+
+    def read():
+        if _is_saved(source):
+            return _load_saved(source, split).slice(start, stop - start)
+        tables, offset = [], 0  # offset: the dataset row a file's (or row group's) first row is
+        for file in _parquet_files(source, split):
+            where, filesystem = storage.arrow_target(file)
+            with pq.ParquetFile(where, filesystem=filesystem) as parquet:
+                groups, first = [], None
+                for index in range(parquet.num_row_groups):
+                    rows = parquet.metadata.row_group(index).num_rows
+                    if offset < stop and offset + rows > start:
+                        groups.append(index)
+                        first = offset if first is None else first
+                    offset += rows
+                if groups:
+                    table = parquet.read_row_groups(groups)
+                    tables.append(table.slice(max(start, first) - first, min(stop, first + table.num_rows) - max(start, first)))
+        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+    return _guarded(source, read)
 
 
 class ImportHfStage(Stage):
     name = "import-hf"
     config_section = "ingest"
 
-    def __init__(self, source: Path, kind: str = "images", split: str = "train"):
-        self.source = Path(source).resolve()
+    def __init__(self, source: Path | str, kind: str = "images", split: str = "train"):
+        self.source = storage.resolved(source)
         self.kind, self.split = kind, split
         self.output_kind = kind
 
     def plan(self, config: Config) -> list[WorkUnit]:
         if self.kind not in KINDS:
             raise FgdataError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        table = open_source(self.source, self.split)
+        columns, rows = describe_source(self.source, self.split)
         wanted = IMAGE_COLUMNS if self.kind == "images" else LONG_COLUMNS
-        if not any(c in table.column_names for c in wanted):
-            raise FgdataError(f"{self.source}: no {' / '.join(wanted)} column for --kind {self.kind} (columns: {', '.join(table.column_names)})")
+        if not any(c in columns for c in wanted):
+            raise FgdataError(f"{self.source}: no {' / '.join(wanted)} column for --kind {self.kind} (columns: {', '.join(columns)})")
         size = config.ingest.rows_per_shard
-        rows = table.num_rows
         # the unit names rows by position; the fingerprint adds the source's size and time
         return [WorkUnit(shard_name(i), {"path": str(self.source), "start": s, "stop": min(s + size, rows)}) for i, s in enumerate(range(0, max(rows, 1), size))]
 
@@ -87,7 +153,7 @@ class ImportHfStage(Stage):
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         start, stop = unit.payload["start"], unit.payload["stop"]
-        table = open_source(self.source, self.split).slice(start, stop - start)
+        table = read_rows(self.source, self.split, start, stop)
         counters: Counter = Counter()
         rows, rejects, seen = [], [], set()
         for offset, record in enumerate(table.to_pylist()):
@@ -104,7 +170,8 @@ class ImportHfStage(Stage):
         return ShardResult(rows_in=table.num_rows, table=conform(rows, self.kind), rejects=rejects, counters=counters, provenance={"imported_from": str(self.source)})
 
     def _image_row(self, key: str, record: dict, config: Config, counters: Counter) -> dict:
-        cell = next(record[c] for c in IMAGE_COLUMNS if c in record)
+        # a shard's files may lack the column other files have: a null cell, as when all are read together
+        cell = next((record[c] for c in IMAGE_COLUMNS if c in record), None)
         data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
         if not data and path:
             try:

@@ -1,0 +1,205 @@
+"""The input-reading commands on an object store (moto's S3 server): `fgdata import fgclip | grit |
+hf`, `fgdata ingest` from img2dataset output and from tables, and `fgdata download`'s URL list. Each
+input is read on s3 and from the same files on disk: the same rows, the same rejects."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE_IMAGES, image_bytes, make_config
+from object_store import bucket, put_object, s3_server  # noqa: F401 (fixtures)
+from PIL import Image
+
+from pipeline.core import storage
+from pipeline.core.shards import MANIFEST_FILE, list_shards, read_json, read_rejects, read_shard
+from pipeline.runner import run_stage
+from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
+from pipeline.stages.fggrn.import_grit import ImportGritStage
+from pipeline.stages.fggrn.import_hf import ImportHfStage
+from pipeline.stages.fggrn.ingest import IngestStage
+
+# columns that name where a row came from: the s3 run names objects, the local run files
+WHERE = ("source", "grounding", "negatives_settings", "caption_model")
+
+
+class Rows(list):
+    """Rows that compare by repr, so the NaN scores of imported negatives equal each other."""
+
+    def __eq__(self, other):
+        return repr(self) == repr(other)
+
+
+def rows_and_rejects(dataset) -> tuple[list[dict], list[tuple]]:
+    rows = Rows({k: v for k, v in r.items() if k not in WHERE} for shard in list_shards(dataset) for r in read_shard(shard).to_pylist())
+    return rows, sorted((r["key"], r["reason"]) for r in read_rejects(dataset).to_pylist())
+
+
+def upload(local, uri: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            put_object(f"{uri}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, [*args, "-s", "run.progress=false", "-s", "run.executor=local"])
+
+
+# --- import fgclip ------------------------------------------------------------------------------
+
+
+def _fgclip_files(folder):
+    """FG-CLIP JSON with good items, bad records and f_paths that lead nowhere or outside, and its images."""
+    box = {"bbox": [0.1, 0.1, 0.5, 0.5], "short_expr": "a red cup", "long_expr": "a red cup", "flag_short_neg": 1, "short_expr_negs": {"0": "a blue cup", "1": "a green cup"}}
+    items = [
+        {"f_path": "pics/a.jpg", "caption": "A red cup on a table.", "short_caption": "cup", "bbox_info": [box]},
+        {"f_path": "pics/sub/b.jpg", "caption": "A red cup in a sink.", "short_caption": "sink", "bbox_info": [box]},
+        {"f_path": "pics/broken.jpg", "caption": "A red cup.", "bbox_info": [box]},
+        {"f_path": "pics/missing.jpg", "caption": "A red cup.", "bbox_info": [box]},
+        {"f_path": "../secret.jpg", "caption": "A red cup.", "bbox_info": []},
+        {"f_path": "/etc/passwd", "caption": "A red cup.", "bbox_info": []},
+        {"f_path": "pics/a-box.jpg", "caption": "x", "bbox_info": [{**box, "bbox": [0.5, 0.5, 0.1, 0.1]}]},
+        {"caption": "no f_path"},
+        [1, 2],
+    ]
+    (folder / "pics" / "sub").mkdir(parents=True)
+    (folder / "pics" / "a.jpg").write_bytes(image_bytes((80, 60)))
+    (folder / "pics" / "sub" / "b.jpg").write_bytes(image_bytes((40, 50)))
+    (folder / "pics" / "a-box.jpg").write_bytes(image_bytes((40, 50)))
+    (folder / "pics" / "broken.jpg").write_bytes(b"not an image")
+    (folder / "items.json").write_text(json.dumps(items))
+    return items
+
+
+def test_import_fgclip_json_and_images_on_s3_equal_the_local_run(bucket, tmp_path):
+    local = tmp_path / "src"
+    _fgclip_files(local)
+    upload(local, f"{bucket}/src")
+    (tmp_path / "secret.jpg").write_bytes(image_bytes())  # outside the folder: never read
+    put_object(f"{bucket}/secret.jpg", image_bytes())
+    config = make_config("ingest.rows_per_shard=4")
+    run_stage(FgclipImagesStage(local / "items.json", local), tmp_path / "images", config)
+    run_stage(ImportFgclipStage(local / "items.json", tmp_path / "images"), tmp_path / "fggrn", config)
+    run_stage(FgclipImagesStage(f"{bucket}/src/items.json", f"{bucket}/src"), f"{bucket}/images", config)
+    run_stage(ImportFgclipStage(f"{bucket}/src/items.json", f"{bucket}/images"), f"{bucket}/fggrn", config)
+
+    images, image_rejects = rows_and_rejects(tmp_path / "images")
+    assert [(r["key"], r["width"]) for r in images] == [("pics/a.jpg", 80), ("pics/sub/b.jpg", 40), ("pics/a-box.jpg", 40)]
+    assert dict(image_rejects) == {
+        "pics/broken.jpg": "not_an_image", "pics/missing.jpg": "missing_file", "../secret.jpg": "unsafe_path",
+        "/etc/passwd": "unsafe_path", "items-000000007": "missing_f_path", "items-000000008": "bad_record",
+    }
+    assert rows_and_rejects(f"{bucket}/images") == (images, image_rejects)
+    fggrn, fggrn_rejects = rows_and_rejects(tmp_path / "fggrn")
+    assert [(r["key"], r["width"], r["regions"][0]["head"]) for r in fggrn] == [("pics/a.jpg", 80, "cup"), ("pics/sub/b.jpg", 40, "cup")]
+    assert dict(fggrn_rejects)["pics/a-box.jpg"] == "box_not_positive_size" and dict(fggrn_rejects)["pics/missing.jpg"] == "image_rejected"
+    assert rows_and_rejects(f"{bucket}/fggrn") == (fggrn, fggrn_rejects)
+    inputs = read_json(f"{bucket}/fggrn/{MANIFEST_FILE}")["inputs"]
+    assert [i["path"] for i in inputs] == [f"{bucket}/src/items.json", f"{bucket}/images"]
+
+
+def test_cli_import_fgclip_takes_uris_and_puts_the_image_shards_beside_out(bucket, tmp_path):
+    local = tmp_path / "src"
+    _fgclip_files(local)
+    upload(local, f"{bucket}/src")
+    result = cli("import", "fgclip", f"{bucket}/src/items.json", f"{bucket}/fggrn", "--images", f"{bucket}/src")
+    assert result.exit_code == 0, result.output
+    assert [r["key"] for r in rows_and_rejects(f"{bucket}/fggrn-images")[0]] == ["pics/a.jpg", "pics/sub/b.jpg", "pics/a-box.jpg"]
+    assert [r["key"] for r in rows_and_rejects(f"{bucket}/fggrn")[0]] == ["pics/a.jpg", "pics/sub/b.jpg"]
+    missing = cli("import", "fgclip", f"{bucket}/src/nothing.json", f"{bucket}/never")
+    assert missing.exit_code == 2 and "nothing.json does not exist" in missing.output
+    folder = cli("import", "fgclip", f"{bucket}/src/pics", f"{bucket}/never")  # a prefix is not a file
+    assert folder.exit_code == 2 and "pics is not a file" in folder.output
+    assert not storage.location(f"{bucket}/never").exists()
+
+
+# --- import grit --------------------------------------------------------------------------------
+
+
+def _grit_table() -> pa.Table:
+    caption = "a dog on a red sofa"
+    good = [[0, 5, 0.1, 0.2, 0.5, 0.9, 0.8], [9, 19, 0.0, 0.5, 1.0, 1.0, 0.7]]
+    rows = [
+        {"id": 1, "caption": caption, "width": 200, "height": 100, "ref_exps": good, "noun_chunks": good[:1]},
+        {"id": 2, "caption": caption, "width": 200, "height": 100, "ref_exps": [[0, 50, 0.1, 0.1, 0.2, 0.2, 0.9]], "noun_chunks": []},
+        {"id": 3, "caption": None, "width": 200, "height": 100, "ref_exps": [], "noun_chunks": []},
+        {"id": 4, "caption": caption, "width": 300, "height": 300, "ref_exps": good[1:], "noun_chunks": []},
+        {"id": 1, "caption": caption, "width": 200, "height": 100, "ref_exps": [], "noun_chunks": []},
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def test_import_grit_parquet_on_s3_equals_the_local_file(bucket, tmp_path):
+    pq.write_table(_grit_table(), tmp_path / "grit.parquet")
+    put_object(f"{bucket}/grit.parquet", (tmp_path / "grit.parquet").read_bytes())
+    config = make_config("ingest.rows_per_shard=2")
+    run_stage(ImportGritStage(tmp_path / "grit.parquet"), tmp_path / "regions", config)
+    result = cli("import", "grit", f"{bucket}/grit.parquet", f"{bucket}/regions", "-s", "ingest.rows_per_shard=2")
+    assert result.exit_code == 0, result.output
+    rows, rejects = rows_and_rejects(tmp_path / "regions")
+    assert [(r["key"], [x["phrase"] for x in r["regions"]]) for r in rows] == [("1", ["a dog", "a red sofa"]), ("4", ["a red sofa"])]
+    assert rejects == [("1", "duplicate_key"), ("2", "bad_span"), ("3", "missing_caption")]
+    assert rows_and_rejects(f"{bucket}/regions") == (rows, rejects)
+    assert read_json(f"{bucket}/regions/{MANIFEST_FILE}")["inputs"][0]["path"] == f"{bucket}/grit.parquet"
+
+
+# --- import hf ----------------------------------------------------------------------------------
+
+
+def _png(side: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (0, 128, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_import_hf_hub_parquet_layout_on_s3_equals_the_local_folder(bucket, tmp_path):
+    """Two files of the train split (small row groups, so a shard reads only some), a test split
+    left out, Image cells holding bytes or naming files: inside the folder, outside, missing."""
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "pic.png").write_bytes(_png(20))
+    cells = [{"bytes": _png(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": None, "path": "pic.png"}, {"bytes": None, "path": "../secret.png"}]
+    cells += [{"bytes": None, "path": "/etc/passwd"}, {"bytes": None, "path": "gone.png"}, {"bytes": _png(2), "path": None}]
+    first = pa.table({"image": cells[:4], "caption": ["a", "b", "c", "d"], "key": ["bytes", "junk", "named", "up"]})
+    second = pa.table({"image": cells[4:], "caption": ["e", "f", "g"], "key": ["absolute", "gone", "tiny"]})
+    pq.write_table(first, hub / "data" / "train-00000-of-00002.parquet", row_group_size=2)
+    pq.write_table(second, hub / "data" / "train-00001-of-00002.parquet", row_group_size=2)
+    pq.write_table(pa.table({"image": [{"bytes": _png(), "path": None}], "caption": ["test"], "key": ["test-row"]}), hub / "data" / "test-00000-of-00001.parquet")
+    upload(hub, f"{bucket}/hub")
+    put_object(f"{bucket}/secret.png", _png())
+    config = make_config("ingest.rows_per_shard=3")
+    run_stage(ImportHfStage(hub, "images"), tmp_path / "images", config)
+    result = cli("import", "hf", f"{bucket}/hub", f"{bucket}/images", "-s", "ingest.rows_per_shard=3")
+    assert result.exit_code == 0, result.output
+    rows, rejects = rows_and_rejects(tmp_path / "images")
+    assert [(r["key"], r["width"], r["short_caption"]) for r in rows] == [("bytes", 16, "a"), ("named", 20, "c")]
+    assert rejects == [("absolute", "unsafe_path"), ("gone", "missing_file"), ("junk", "not_an_image"), ("tiny", "image_too_small"), ("up", "unsafe_path")]
+    assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+    assert len(list_shards(f"{bucket}/images")) == 3
+
+    captions = cli("import", "hf", f"{bucket}/hub/data/test-00000-of-00001.parquet", f"{bucket}/captions", "--kind", "captions", "--split", "test")
+    assert captions.exit_code == 0, captions.output
+    assert [(r["key"], r["long_caption"]) for r in rows_and_rejects(f"{bucket}/captions")[0]] == [("test-row", "test")]
+
+
+def test_import_hf_save_to_disk_folder_on_s3_equals_the_local_folder(bucket, tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "id": datasets.Value("string")})
+    records = {"image": [{"bytes": _png(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": _png(24), "path": None}], "caption": ["x", "y", "z"], "id": ["a", "b", "c"]}
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(records, features=features)}).save_to_disk(str(saved))
+    upload(saved, f"{bucket}/saved")
+    config = make_config("ingest.rows_per_shard=2")
+    run_stage(ImportHfStage(saved, "images"), tmp_path / "images", config)
+    run_stage(ImportHfStage(f"{bucket}/saved", "images"), f"{bucket}/images", config)
+    rows, rejects = rows_and_rejects(tmp_path / "images")
+    assert [(r["key"], r["width"]) for r in rows] == [("a", 16), ("c", 24)] and rejects == [("b", "not_an_image")]
+    assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
