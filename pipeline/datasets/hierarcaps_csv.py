@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.core.box_checks import shown
-from pipeline.core.shards import list_shards, read_shard
+from pipeline.core.shards import list_shards
 from pipeline.core.storage import Location, arrow_target, location
 from pipeline.datasets.chains import SEPARATOR
 from pipeline.datasets.datacard import DATACARD_FILE, export_datacard, write_text_atomic
@@ -214,7 +214,8 @@ def write_official_csv(dataset_dir: str | Location, out: Path, layout: str, over
             writer = csv.writer(handle)
             writer.writerow(LAYOUTS[layout])
             for shard in shards:
-                for row in read_shard(shard, columns=_EXPORT_COLUMNS[layout]).to_pylist():
+                where, filesystem = arrow_target(shard)  # a local path, or the store's path and filesystem
+                for row in pq.read_table(where, columns=_EXPORT_COLUMNS[layout], filesystem=filesystem).to_pylist():
                     if layout == "train" and not row["negative_tiers"]:
                         skipped += 1  # the train layout has no place for an item without negatives
                         continue

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, read_shard_schema, shard_path, shard_rows
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, shard_path, shard_rows
 from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
@@ -102,19 +102,19 @@ def _fmt(value, digits: int = 2) -> str:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _parquet(path: Location) -> pq.ParquetFile:
-    """A shard opened for its footer, row groups and batches: a local file, or an object read by
-    exact range requests. Not the store's default read-ahead: s3fs fetches 50 MB past every read,
-    so a footer or one row group would pull a whole shard, and a sample every shard."""
+def _parquet(path: Location, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+    """A shard opened for its footer, row groups and batches (given its `metadata`, the footer is
+    not read again): a local file, or an object read by exact range requests. Not the store's
+    default read-ahead: s3fs fetches 50 MB past every read, so a footer or one row group would pull
+    a whole shard, and a sample every shard."""
     place = location(path)
     if not is_uri(place):
-        return pq.ParquetFile(place)
-    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"))
+        return pq.ParquetFile(place, metadata=metadata)
+    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"), metadata=metadata)
 
 
-def _columns_to_read(shard: Location, kind: str) -> list[str]:
+def _columns_to_read(shard: Location, kind: str, file_schema: pa.Schema) -> list[str]:
     required, optional = _COLUMNS[kind]
-    file_schema = read_shard_schema(shard)
     schema = load_schema(kind).arrow
     check_input_columns(file_schema, {name: schema.field(name).type for name in required}, where=str(shard))
     return required + [name for name in optional if name in file_schema.names and file_schema.field(name).type == schema.field(name).type]
@@ -123,10 +123,11 @@ def _columns_to_read(shard: Location, kind: str) -> list[str]:
 def sample_rows(shards: list[Location], kind: str, limit: int, seed: int) -> tuple[list[dict], dict]:
     """Rows from whole row groups chosen at random until `limit` rows, reading only the page's
     columns; a group over the limit is cut at random. Returns (rows, what was sampled)."""
-    groups, total = [], 0
+    groups, total, footers = [], 0, {}
     for shard in shards:
         try:
-            metadata = _parquet(shard).metadata
+            # kept: reading a chosen group reuses it, so each footer is fetched once (a request on a store)
+            metadata = footers[shard] = _parquet(shard).metadata
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: not a readable Parquet file ({exc})") from None
         for index in range(metadata.num_row_groups):
@@ -139,9 +140,9 @@ def sample_rows(shards: list[Location], kind: str, limit: int, seed: int) -> tup
     for shard, index, _ in order:
         if len(rows) >= limit:
             break
-        columns = _columns_to_read(shard, kind)
+        columns = _columns_to_read(shard, kind, footers[shard].schema.to_arrow_schema())
         try:
-            table = _parquet(shard).read_row_group(index, columns=columns)
+            table = _parquet(shard, footers[shard]).read_row_group(index, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: cannot read shard ({exc})") from None
         if table.num_rows > limit - len(rows):
