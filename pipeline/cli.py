@@ -532,7 +532,7 @@ def hierarcaps_filter(
 
 @hierarcaps_app.command("export")
 def hierarcaps_export(
-    dataset: Annotated[Path, typer.Argument(help="Hierarcaps shards.")],
+    dataset: Annotated[str, typer.Argument(help="Hierarcaps shards (a path or an s3://, gs://, hf:// URI).")],
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
     layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
@@ -706,7 +706,7 @@ def info(
 
 @app.command()
 def report(
-    dataset: Annotated[Path, typer.Argument(help="A dataset directory written by an fgdata stage.")],
+    dataset: Annotated[str, typer.Argument(help="A dataset directory written by an fgdata stage (a path or an s3://, gs://, hf:// URI).")],
     out: Annotated[Path, typer.Option("--out", help="The HTML file to write (self-contained: images inline).")],
     sample: Annotated[int, typer.Option(help="At most this many rows feed the histograms and examples (chosen at random).")] = 20_000,
     gallery: Annotated[int, typer.Option(help="How many images (or chains) to show.")] = 24,
@@ -728,7 +728,7 @@ def report(
 
 @audit_app.command("sample")
 def audit_sample(
-    dataset: Annotated[Path, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata.")],
+    dataset: Annotated[str, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata (a path or an s3://, gs://, hf:// URI).")],
     out: Annotated[Path, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network).")],
     n: Annotated[int, typer.Option("--n", help="How many candidate negatives to sample, shared equally among the strata.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -748,8 +748,8 @@ def audit_sample(
 
 @audit_app.command("score")
 def audit_score(
-    verdicts: Annotated[Path, typer.Argument(help="The verdicts JSON the audit page downloads.")],
-    dataset: Annotated[Optional[Path], typer.Option(help="The audited dataset; default: the one the verdicts name.")] = None,
+    verdicts: Annotated[str, typer.Argument(help="The verdicts JSON the audit page downloads (a path or a URI).")],
+    dataset: Annotated[Optional[str], typer.Option(help="The audited dataset (a path or an s3://, gs://, hf:// URI); default: the one the verdicts name.")] = None,
 ):
     """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
     dataset's manifest under "audit" (and in its data card)."""
