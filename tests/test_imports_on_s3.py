@@ -203,3 +203,71 @@ def test_import_hf_save_to_disk_folder_on_s3_equals_the_local_folder(bucket, tmp
     rows, rejects = rows_and_rejects(tmp_path / "images")
     assert [(r["key"], r["width"]) for r in rows] == [("a", 16), ("c", 24)] and rejects == [("b", "not_an_image")]
     assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+
+
+# --- ingest: img2dataset output and tables ------------------------------------------------------
+
+
+def test_ingest_img2dataset_output_on_s3_equals_the_local_folder(bucket, tmp_path, monkeypatch):
+    """img2dataset's files layout: downloaded images with sidecars, a failed download, a row marked
+    success whose file is gone, a sidecar over the size cap (never fetched) and a prefix named like
+    an image: each a row or a reject, as on disk."""
+    from pipeline.core import sources
+
+    local = tmp_path / "i2d"
+    (local / "00000" / "000000004.jpg").mkdir(parents=True)  # a folder with an image's name
+    (local / "00000" / "000000004.jpg" / "x.txt").write_text("inside")
+    for key in ("000000000", "000000001", "000000005"):
+        (local / "00000" / f"{key}.jpg").write_bytes(image_bytes())
+        (local / "00000" / f"{key}.txt").write_text(f"caption {key}")
+    (local / "00000" / "000000005.txt").write_text("x" * 100)  # over the cap set below
+    keys = ["000000000", "000000001", "000000002", "000000003", "000000004", "000000005"]
+    table = {"key": keys, "caption": [f"caption {k}" for k in keys], "status": ["success", "success", "failed_to_download", "success", "success", "success"]}
+    pq.write_table(pa.table({**table, "error_message": [None, None, "HTTP 404", None, None, None]}), local / "00000.parquet")
+    upload(local, f"{bucket}/i2d")
+    monkeypatch.setattr(sources, "MAX_SIDECAR_BYTES", 64)
+    fetched = []
+    fs_type = type(storage.location(f"{bucket}/i2d").fs)
+    real_cat = fs_type.cat_file
+    monkeypatch.setattr(fs_type, "cat_file", lambda self, path, *a, **k: (fetched.append(path), real_cat(self, path, *a, **k))[1])
+    config = make_config("ingest.rows_per_shard=2")
+    run_stage(IngestStage(local), tmp_path / "images", config)
+    run_stage(IngestStage(f"{bucket}/i2d"), f"{bucket}/images", config)
+    rows, rejects = rows_and_rejects(tmp_path / "images")
+    assert [(r["key"], r["short_caption"]) for r in rows] == [("000000000", "caption 000000000"), ("000000001", "caption 000000001")]
+    assert rejects == [("000000002", "download_failed"), ("000000003", "missing_file"), ("000000004", "not_a_file"), ("000000005", "bad_caption_sidecar")]
+    assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+    assert not [p for p in fetched if p.endswith("000000005.txt")]  # over the cap: never fetched
+    assert read_json(f"{bucket}/images/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/i2d", "format": "img2dataset"}]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_ingest_table_on_s3_equals_the_local_table(bucket, tmp_path, suffix):
+    """A table of image paths relative to it (one missing, one a folder, one blank) read on s3 as on
+    disk; on s3 a local path in it and `..` above the bucket are refused, a URI is read."""
+    local = tmp_path / "t"
+    (local / "img" / "dir.jpg").mkdir(parents=True)
+    (local / "img" / "dir.jpg" / "x").write_bytes(b"x")
+    (local / "img" / "a.jpg").write_bytes(image_bytes())
+    (local / "img" / "b.png").write_bytes(image_bytes(fmt="PNG"))
+    (local / "img" / "junk.jpg").write_bytes(b"not an image")
+    frame = {"image_path": ["img/a.jpg", "./img/b.png", "img/missing.jpg", "img/dir.jpg", "img/junk.jpg", ""], "caption": ["a", "b", "c", "d", "e", "f"]}
+    (pq.write_table if suffix == ".parquet" else lambda t, p: t.to_pandas().to_csv(p, index=False))(pa.table(frame), local / f"list{suffix}")
+    upload(local, f"{bucket}/t")
+    config = make_config("ingest.rows_per_shard=4")
+    run_stage(IngestStage(local / f"list{suffix}"), tmp_path / "images", config)
+    run_stage(IngestStage(f"{bucket}/t/list{suffix}"), f"{bucket}/images", config)
+    rows, rejects = rows_and_rejects(tmp_path / "images")
+    assert [(r["key"], r["short_caption"]) for r in rows] == [("a", "a"), ("b", "b")]
+    assert rejects == [("dir", "not_a_file"), ("junk", "not_an_image"), ("missing", "missing_file"), ("row-5", "missing_image_path")]
+    assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+    assert {r["source"] for r in read_shard(list_shards(f"{bucket}/images")[0]).to_pylist()} == {f"{bucket}/t/img/a.jpg", f"{bucket}/t/img/b.png"}
+
+    put_object(f"{bucket}/elsewhere/c.jpg", image_bytes())
+    (tmp_path / "secret.jpg").write_bytes(image_bytes())
+    hostile = pa.table({"image_path": [f"{bucket}/elsewhere/c.jpg", str(tmp_path / "secret.jpg"), "../../../x.jpg"], "caption": ["by uri", "local", "up"]})
+    (pq.write_table if suffix == ".parquet" else lambda t, p: t.to_pandas().to_csv(p, index=False))(hostile, tmp_path / f"hostile{suffix}")
+    put_object(f"{bucket}/t/hostile{suffix}", (tmp_path / f"hostile{suffix}").read_bytes())
+    run_stage(IngestStage(f"{bucket}/t/hostile{suffix}"), f"{bucket}/hostile", config)
+    assert [(r["key"], r["short_caption"]) for r in rows_and_rejects(f"{bucket}/hostile")[0]] == [("c", "by uri")]
+    assert rows_and_rejects(f"{bucket}/hostile")[1] == [("row-1", "unsafe_path"), ("row-2", "unsafe_path")]

@@ -2,7 +2,9 @@
 
 Four layouts: a folder of images with `.txt`/`.json` sidecars; img2dataset's "files" output
 (`00000.parquet` + `00000/000000000.jpg` + sidecars); img2dataset's webdataset tars; and a
-Parquet/CSV table of image paths and captions. Listing reads captions, never image bytes.
+Parquet/CSV table of image paths and captions. Listing reads captions, never image bytes. Each may
+be a local path or lie on an object store (a URI): one listing of the prefix, then only the
+objects it names, read through the store's filesystem.
 
 Every candidate image becomes exactly one SourceItem: one that cannot be used carries its
 `problem`, so the stage rejects it with a reason and nothing is skipped silently. Policies:
@@ -16,6 +18,9 @@ Every candidate image becomes exactly one SourceItem: one that cannot be used ca
 - A file name that is not valid UTF-8 is kept: its key and `source` show each undecodable byte as
   `\\xNN` (Python's "backslashreplace"), since Parquet strings must be UTF-8. A name that clashes
   with a literal `\\xNN` spelling is a `duplicate_key` reject, never a lost row.
+- A table names each image relative to its own folder, by absolute path, or by URI (read through
+  that store). In a table on an object store an absolute local path (`/data/x.jpg`) is an
+  `unsafe_path` reject (each worker would read its own disk), and so is `..` above the bucket.
 - A file named only by its suffix (`.jpg`) has nothing to strip: its key keeps the suffix.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import stat
 import tarfile
 from dataclasses import dataclass, fields, replace
@@ -151,10 +157,18 @@ class OutsideRoot(ValueError):
     """A path named by the data leads outside the folder it must stay in."""
 
 
-def path_inside(root: Path, relative: str) -> Path:
+def path_inside(root: storage.Location, relative: str) -> storage.Location:
     """The path `relative` names under `root`, resolved (links followed). Raises OutsideRoot when
     it leads outside `root` (an absolute path, `..`, a link), and OSError / ValueError /
-    RuntimeError when it cannot be resolved (a NUL byte, a name too long, a link loop)."""
+    RuntimeError when it cannot be resolved (a NUL byte, a name too long, a link loop).
+    Under a URI root (a store has no links) the same names are refused: `/...`, a `..` part, a NUL."""
+    if storage.is_uri(root):
+        if "\0" in relative:
+            raise ValueError("embedded null byte")
+        parts = relative.split("/")
+        if relative.startswith("/") or storage.is_uri(relative) or ".." in parts:
+            raise OutsideRoot(f"{relative!r} leads outside {root}")
+        return root.joinpath(*[p for p in parts if p not in ("", ".")])
     path = (Path(root) / relative).resolve()
     if not path.is_relative_to(root):
         raise OutsideRoot(f"{relative!r} leads outside {root}")
@@ -180,8 +194,6 @@ def list_items(source: Path, fmt: str, config: IngestConfig) -> list[SourceItem]
     source = storage.resolved(source)
     if fmt == "auto":
         fmt = detect_format(source)
-    if storage.is_uri(source) and fmt not in ("folder", "webdataset"):
-        raise FgdataError(f"{source}: on an object store ingest reads a folder of images or webdataset tars, not {fmt!r} (copy it to a local disk)")
     listers = {"folder": _list_folder, "img2dataset": _list_img2dataset, "webdataset": _list_webdataset, "table": _list_table}
     if fmt not in listers:
         raise FgdataError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -360,11 +372,12 @@ def _list_img2dataset(source: Path, config: IngestConfig) -> list[SourceItem]:
     items = _folder_items(source, config, key_of=lambda relative, suffix: _strip_suffix(relative, suffix).rpartition("/")[2])
     present = {item.key for item in items}
     for table_path in sorted(source.glob("*.parquet")):
-        columns = pq.read_schema(table_path).names
+        where, filesystem = storage.arrow_target(table_path)  # on a store, only these columns are fetched
+        columns = pq.read_schema(where, filesystem=filesystem).names
         if not {"key", "status"} <= set(columns):
             continue
         wanted = [c for c in ("key", "status", "error_message", "caption") if c in columns]
-        for index, row in enumerate(pq.read_table(table_path, columns=wanted).to_pylist()):
+        for index, row in enumerate(pq.read_table(where, columns=wanted, filesystem=filesystem).to_pylist()):
             key = _cell_text(row["key"]) or f"{table_path.stem}-row-{index}"
             if key in present:
                 continue
@@ -470,11 +483,38 @@ def _cell_text(value) -> str | None:
     return text or None
 
 
+def _read_table(source) -> pd.DataFrame:
+    if not storage.is_uri(source):
+        return pd.read_csv(source, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(source)
+    with source.fs.open(source.path, "rb") as handle:  # one object, read as the local file would be
+        return pd.read_csv(handle, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(handle)
+
+
+def _table_image_path(source, raw_path: str, index: int):
+    """(where the image a table cell names is, problem): a URI as itself; a path relative to the
+    table's folder; an absolute path as itself, except in a table on a store (see the module docstring)."""
+    if storage.is_uri(raw_path):
+        try:
+            return storage.location(raw_path), None
+        except FgdataError as exc:  # a protocol with no filesystem here
+            return None, ("bad_image_path", f"row {index} of {source.name}: {exc}")
+    if not storage.is_uri(source):
+        path = Path(raw_path)
+        return (path if path.is_absolute() else source.parent / path), None
+    if raw_path.startswith("/"):
+        return None, ("unsafe_path", f"row {index} of {source.name} names the local path {raw_path!r}, but the table is on an object store; name images relative to the table or by URI")
+    # a store keeps `..` literally: resolved here, and never above the bucket
+    inside = posixpath.normpath(f"{source.parent.path}/{raw_path}")
+    if inside.startswith("../") or inside == "..":
+        return None, ("unsafe_path", f"row {index} of {source.name}: {raw_path!r} leads outside the bucket")
+    return storage.location(f"{source.protocol}://{inside}"), None
+
+
 def _list_table(source: Path, config: IngestConfig) -> list[SourceItem]:
     if not source.is_file():  # a FIFO would block the reader forever
         raise FgdataError(f"{source} is not a table file")
     try:
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(source)
+        frame = _read_table(source)
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad file
         raise FgdataError(f"{source}: cannot read the table ({exc})") from None
     image_column = next((c for c in config.image_fields if c in frame.columns), None)
@@ -484,11 +524,10 @@ def _list_table(source: Path, config: IngestConfig) -> list[SourceItem]:
     items = []
     for index, row in enumerate(frame.to_dict("records")):
         raw_path = _cell_text(row[image_column])
-        path = Path(raw_path) if raw_path else None
-        if path is not None and not path.is_absolute():
-            path = source.parent / path
+        path, problem = _table_image_path(source, raw_path, index) if raw_path else (None, None)
         key = _cell_text(row.get("key")) or (path.with_suffix("").name if path else f"row-{index}")
-        problem = None if path else ("missing_image_path", f"row {index} of {source.name} has no {image_column}")
+        if raw_path is None:
+            problem = ("missing_image_path", f"row {index} of {source.name} has no {image_column}")
         caption = row.get(caption_column) if caption_column else None
         if caption is not None and not isinstance(caption, str):
             if _cell_text(caption) is None:
