@@ -31,6 +31,7 @@ from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.shards import find_ancestor, list_shards, read_shard
 from pipeline.core.sources import OutsideRoot, path_inside
+from pipeline.core.storage import Location, is_uri, location, resolved
 from pipeline.datasets.fggrn_rows import fgclip_rows, fgclip_sources, pixels
 from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv, usable_chains
 from pipeline.errors import FgdataError, first_line
@@ -73,7 +74,7 @@ class Encoder:
         return torch.cat(embedded), regions
 
     @torch.no_grad()
-    def views(self, images: list[bytes | Path]) -> torch.Tensor:
+    def views(self, images: list[bytes | Location]) -> torch.Tensor:
         """Image embeddings of pictures prepared by the model's own processor (`ProcessorView`), as
         whole-image evaluators show them; `images` squashes to a square instead, so boxes keep
         their place for the region features."""
@@ -128,11 +129,11 @@ def processor_view(model: str, image_size: int, mean, std) -> ProcessorView:
     )
 
 
-def view_pixels(image: bytes | Path, view: ProcessorView) -> torch.Tensor:
+def view_pixels(image: bytes | Location, view: ProcessorView) -> torch.Tensor:
     """(3, H, W) pixels of `image` as `view` prepares them, with PIL as the reference's
     transformers 4.x processor does: the shorter side to shortest_edge, the longer one scaled and
     truncated to an integer, then the centre crop (offsets rounded down)."""
-    picture = decode_rgb(image.read_bytes() if isinstance(image, Path) else image)
+    picture = decode_rgb(image if isinstance(image, bytes) else image.read_bytes())  # bytes, or a file (local or in a store)
     width, height = picture.size
     if view.shortest_edge:
         short, long = min(width, height), max(width, height)
@@ -228,7 +229,7 @@ def kendall_tau(values: list[float]) -> float:
     return float(concordant) / (n * (n - 1) / 2)
 
 
-def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes | Path] | None = None) -> dict:
+def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location] | None = None) -> dict:
     """d_corr, and with `images` (one per chain) hierarchical precision and recall, computed as the
     HierarCaps reference evaluator (code/evaluation/hierarchical_retrieval.py) computes them.
 
@@ -251,7 +252,7 @@ def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[by
     return result
 
 
-def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes | Path], tiers: torch.Tensor, radii: torch.Tensor) -> dict:
+def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location], tiers: torch.Tensor, radii: torch.Tensor) -> dict:
     """Per distinct image (its chains are its references): a radius sweeps RADIUS_LEVELS levels from
     the smallest to the largest radius of all the chains' tiers; at each level the image retrieves
     its most similar tier text among those inside the radius (every tier of every chain is a
@@ -263,7 +264,7 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
     levels = np.linspace(flat_radii.min().item(), flat_radii.max().item(), RADIUS_LEVELS)
     # never empty: the smallest radius is inside every level (compared in float32, as the reference does)
     inside = [torch.nonzero(flat_radii <= float(level)).flatten() for level in levels]
-    groups: dict[tuple, tuple[bytes | Path, list[int]]] = {}  # distinct images, first seen first
+    groups: dict[tuple, tuple[bytes | Location, list[int]]] = {}  # distinct images, first seen first
     for number, image in enumerate(images):
         groups.setdefault(_image_identity(image), (image, []))[1].append(number)
     similarity = encoder.views([image for image, _ in groups.values()]) @ flat.T  # (images, texts)
@@ -282,11 +283,11 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
     }
 
 
-def _image_identity(image: bytes | Path) -> tuple:
-    return ("file", str(Path(image).resolve())) if isinstance(image, Path) else ("bytes", hashlib.sha1(image).hexdigest())
+def _image_identity(image: bytes | Location) -> tuple:
+    return ("bytes", hashlib.sha1(image).hexdigest()) if isinstance(image, bytes) else ("file", str(resolved(image)))
 
 
-def fggrn_items(fggrn_dirs: list[Path], images: Path | None, limit: int, skipped: Counter | None = None) -> list[dict]:
+def fggrn_items(fggrn_dirs: list[Location | str], images: Location | str | None, limit: int, skipped: Counter | None = None) -> list[dict]:
     """The first `limit` FgGRN rows with their image bytes and every usable box (the trainer's join);
     rows without an image and bad regions are counted by reason in `skipped`."""
     if limit < 1:
@@ -355,11 +356,12 @@ def parse_fgovd_record(line: bytes | str) -> tuple[FgovdRecord | None, tuple[str
     return FgovdRecord(path, bbox, positive, tuple(negatives)), None
 
 
-def image_in_root(root: Path, img_path: str) -> tuple[Path | None, tuple[str, str] | None]:
+def image_in_root(root: Location, img_path: str) -> tuple[Location | None, tuple[str, str] | None]:
     """(the regular file `img_path` names inside `root`, None) or (None, (reason, detail)): a
-    benchmark file must not read what lies outside its image root (absolute paths, `..`, links)."""
+    benchmark file must not read what lies outside its image root (absolute paths, `..`, links).
+    `root` may be a folder in an object store."""
     try:
-        path = path_inside(root, img_path)
+        path = _object_inside(root, img_path) if is_uri(root) else path_inside(root, img_path)
         if not path.exists():
             return None, ("image_not_found", f"{shown(str(path))} not found (pass --image-root)")
         if not path.is_file():
@@ -371,7 +373,15 @@ def image_in_root(root: Path, img_path: str) -> tuple[Path | None, tuple[str, st
     return path, None
 
 
-def _read_image(path: Path) -> tuple[tuple[bytes, int, int] | None, tuple[str, str] | None]:
+def _object_inside(root: Location, relative: str) -> Location:
+    """path_inside for a store: no links there, so a relative key without `..` stays inside."""
+    parts = relative.split("/")
+    if relative.startswith("/") or is_uri(relative) or ".." in parts:
+        raise OutsideRoot(f"{relative!r} leads outside {root}")
+    return root / "/".join(part for part in parts if part not in ("", "."))
+
+
+def _read_image(path: Location) -> tuple[tuple[bytes, int, int] | None, tuple[str, str] | None]:
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
@@ -381,21 +391,21 @@ def _read_image(path: Path) -> tuple[tuple[bytes, int, int] | None, tuple[str, s
         return None, ("image_undecodable", f"{path}: {first_line(exc)}")
 
 
-def fgovd_items(jsonl: Path, image_root: Path | None, skipped: Counter | None = None) -> list[dict]:
+def fgovd_items(jsonl: Location | str, image_root: Location | str | None, skipped: Counter | None = None) -> list[dict]:
     """FG-OVD's published layout: one box per line with img_path, bbox (COCO x, y, w, h in pixels),
     pos_expression and neg_expression; grouped by image. A line that fails `parse_fgovd_record`,
     names no readable image inside the root or has a bad box is counted by reason in `skipped`;
-    with no usable line at all, a one-line error says why."""
-    jsonl = Path(jsonl)
-    root = Path(image_root or jsonl.parent).resolve()
+    with no usable line at all, a one-line error says why. The file and the root may be URIs."""
+    jsonl = location(jsonl)
+    root = resolved(image_root or jsonl.parent)
     try:
         lines = jsonl.read_bytes().splitlines()
     except OSError as exc:
         raise FgdataError(f"cannot read the FG-OVD file {jsonl}: {first_line(exc)}") from None
     counts: Counter = Counter()
     first_skip = None
-    grouped: dict[Path, dict] = {}
-    bad_images: dict[Path, tuple[str, str]] = {}
+    grouped: dict[Location, dict] = {}
+    bad_images: dict[Location, tuple[str, str]] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -416,7 +426,7 @@ def fgovd_items(jsonl: Path, image_root: Path | None, skipped: Counter | None = 
     return items
 
 
-def _fgovd_box(line: bytes, root: Path, grouped: dict, bad_images: dict):
+def _fgovd_box(line: bytes, root: Location, grouped: dict, bad_images: dict):
     """((image path, (normalised box, positive, negatives)), None) for one line, or (None, problem);
     each image is read once and kept in `grouped` (or its problem in `bad_images`)."""
     record, problem = parse_fgovd_record(line)
@@ -442,7 +452,7 @@ def _fgovd_box(line: bytes, root: Path, grouped: dict, bad_images: dict):
     return (path, (normalised, record.positive, list(record.negatives))), None
 
 
-def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = None, image_root: Path | None = None) -> tuple[list[list[str]], list[bytes | Path] | None]:
+def hierarcaps_items(sources: list[Location | str], limit: int, skipped: Counter | None = None, image_root: Location | str | None = None) -> tuple[list[list[str]], list[bytes | Location] | None]:
     """The first `limit` usable chains, and one image per chain (bytes or a file), or None.
 
     With `image_root` (the official test set: hierarcaps_test.csv and assets/test_imgs), a chain's
@@ -455,7 +465,7 @@ def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = 
     counts: Counter = Counter()
     chains = usable_chains(read_chains(sources, counts=counts), need_negatives=False, counts=counts)[:limit]
     if image_root is not None and chains:
-        chains = _with_image_files(chains, sources, Path(image_root), counts)
+        chains = _with_image_files(chains, sources, location(image_root), counts)
     if skipped is not None:
         skipped.update(counts)
     if not chains:
@@ -463,8 +473,8 @@ def hierarcaps_items(sources: list[Path], limit: int, skipped: Counter | None = 
     if image_root is not None:
         return [tiers for _, tiers, _, _ in chains], [image for _, _, _, image in chains]
     images_by_key: dict[str, bytes] = {}
-    for source in sources:
-        images_dir = find_ancestor(Path(source), "images") if Path(source).is_dir() else None
+    for source in map(location, sources):  # a Path, or a UPath for a URI
+        images_dir = find_ancestor(source, "images") if source.is_dir() else None
         for shard in list_shards(images_dir) if images_dir else []:
             images_by_key.update(zip(*read_shard(shard, columns=["key", "image"]).to_pydict().values()))
     images = [images_by_key.get(key) for key, _, _ in chains]
@@ -485,12 +495,12 @@ def coco_id_of_file(name: str) -> int | None:
     return int(last) if re.fullmatch(r"[0-9]+", last) else None
 
 
-def _with_image_files(chains: list[tuple], sources: list[Path], root: Path, counts: Counter) -> list[tuple]:
+def _with_image_files(chains: list[tuple], sources: list[Location], root: Location, counts: Counter) -> list[tuple]:
     """(key, tiers, negatives, image file) for the chains whose image_url's COCO id names a readable
     image in `root`; the others are counted as skipped_<reason>."""
     if not root.is_dir():
         raise FgdataError(f"--image-root {root} is not a folder (for HierarCaps: the test images, assets/test_imgs)")
-    root = root.resolve()
+    root = resolved(root)
     files: dict[int, str] = {}
     for entry in sorted(root.iterdir()):  # the reference lists glob('DIR/*'): no subfolders, no dot files
         number = coco_id_of_file(entry.name) if not entry.name.startswith(".") else None
@@ -519,7 +529,7 @@ def _with_image_files(chains: list[tuple], sources: list[Path], root: Path, coun
     return kept
 
 
-def _view_problem(path: Path) -> tuple[str, str] | None:
+def _view_problem(path: Location) -> tuple[str, str] | None:
     """Why the eval cannot show `path` to the model (it decodes whole, as `Encoder.views` will)."""
     try:
         decode_rgb(path.read_bytes())
@@ -530,10 +540,10 @@ def _view_problem(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _image_urls(sources: list[Path]) -> dict[str, str]:
+def _image_urls(sources: list[Location]) -> dict[str, str]:
     """key -> image_url of every chain in `sources` (official CSVs or hierarcaps shards)."""
     urls: dict[str, str] = {}
-    for source in map(Path, sources):
+    for source in map(location, sources):
         if source.is_file():
             urls.update((row["key"], row["image_url"]) for row in read_official_csv(source)[1])
             continue

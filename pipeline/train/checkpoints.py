@@ -10,10 +10,23 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.core.storage import is_uri
 from pipeline.errors import FgdataError, first_line
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"  # step, history, best, config, optimizer, schedule and RNG state: tensors and plain data only
+
+
+def local_model_dir(out_dir) -> Path:
+    """`--out` of a training run, checked before any work: a local folder. A run saves checkpoints
+    as folders renamed whole and resumes by reading them back, which an object store (no rename,
+    no atomic folder) cannot give; a finished model folder is copied to a store in one step."""
+    if is_uri(out_dir):
+        raise FgdataError(
+            f"--out {out_dir}: a model is trained into a local folder; give a local path, then copy the finished "
+            "folder to the store (e.g. `aws s3 cp --recursive DIR s3://...`, `gsutil cp -r`, `huggingface-cli upload`)"
+        )
+    return Path(out_dir)
 
 
 def save_checkpoint(out_dir: Path, step: int, write_weights: Callable[[Path], None], state: dict, keep: int) -> Path:

@@ -31,6 +31,7 @@ from pipeline.core.shards import (
     read_json,
     write_json,
 )
+from pipeline.core.storage import Location, location, resolved
 from pipeline.datasets.chains import SEPARATOR, TO_GENERAL, TO_SPECIFIC, normal_text
 from pipeline.datasets.hierarcaps_csv import read_chains
 from pipeline.errors import FgdataError
@@ -39,7 +40,7 @@ from pipeline.models.reference import (
     absolute_local_paths,
     is_random_model,
 )
-from pipeline.train.checkpoints import latest_checkpoint, remove_checkpoints, seeded
+from pipeline.train.checkpoints import latest_checkpoint, local_model_dir, remove_checkpoints, seeded
 from pipeline.train.loop import Checkpoints, run_training
 from pipeline.train.optim import adamw
 
@@ -62,14 +63,18 @@ def held_out(key: str, fraction: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
+def distill(dataset_dirs: list[Location | str], out_dir: Path | str, settings: DistillConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """`dataset_dirs`: hierarcaps datasets or official CSVs, local paths or URIs (read through their
+    store); `out_dir`: a local folder."""
     import torch
 
-    out_dir = Path(out_dir).resolve()
+    out_dir = local_model_dir(out_dir).resolve()
+    dataset_dirs = [location(d) for d in dataset_dirs]  # a local path's text, in the settings hash, is what it was
     absolute_local_paths(settings, "base_model")
     settings_hash = hashlib.sha256(json.dumps({**asdict(settings), "inputs": sorted(map(str, dataset_dirs))}, sort_keys=True).encode()).hexdigest()[:16]
     dropped: Counter = Counter()  # chains the reader left out, by reason: they go in the report
-    chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs, counts=dropped)]
+    # the first input's chain of a key: `fgdata run hierarcaps` seeds and augments the same captions
+    chains = [(key, tiers) for key, tiers, _ in read_chains(dataset_dirs, counts=dropped, first_of_each_key=True)]
     claim_output(out_dir, "hierarcaps-distill", settings_hash, overwrite, inputs=list(dataset_dirs), owned=MODEL_DIR_ENTRIES)
     report = read_json(out_dir / REPORT_FILE)
     if report and report.get("finished"):
@@ -127,7 +132,7 @@ def distill(dataset_dirs: list[Path], out_dir: Path, settings: DistillConfig, *,
         "finished": True,
         "base_model": settings.base_model,
         "base_is_random": base_is_random,
-        "inputs": [lineage_entry(Path(d).resolve()) for d in dataset_dirs],
+        "inputs": [lineage_entry(resolved(d)) for d in dataset_dirs],
         "settings": asdict(settings),
         "chains": {"train": len(training), "held_out": len(evaluation)},
         "chains_dropped": dict(sorted(dropped.items())),  # left out by the reader, by reason

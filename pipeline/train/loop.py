@@ -26,11 +26,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.shards import MODEL_DIR_ENTRIES, claim_output, read_json, write_json
+from pipeline.core.storage import Location, location, resolved
 from pipeline.errors import FgdataError
 from pipeline.models.reference import absolute_local_paths, is_random_model
 from pipeline.train.checkpoints import (
     latest_checkpoint,
     load_state,
+    local_model_dir,
     remove_checkpoints,
     rng_state,
     save_checkpoint,
@@ -192,9 +194,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, images: Path | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+def train(objective_name: str, sources: list[Location | str], out_dir: Path | str, config, *, images: Location | str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """`fgdata train`: `sources` and `images` are local paths or URIs (read through their store);
+    `out_dir` is a local folder."""
     from pipeline.train.objectives import OBJECTIVES
 
+    out_dir = local_model_dir(out_dir).resolve()
+    # as Paths (or UPaths): a local path's text, in the settings hash and train.json, is what it was
+    sources, images = [location(s) for s in sources], location(images) if images else None
     if objective_name not in OBJECTIVES:
         raise FgdataError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective_name!r}")
     objective_class, section = OBJECTIVES[objective_name]
@@ -202,11 +209,10 @@ def train(objective_name: str, sources: list[Path], out_dir: Path, config, *, im
     absolute_local_paths(settings, "model")
     rank, world, local_rank = _distributed()
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    out_dir = Path(out_dir).resolve()
     payload = {"objective": objective_name, "settings": asdict(settings), "sources": sorted(map(str, sources)), "images": str(images), "world": world}
     settings_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     with seeded(settings.seed, device):
-        objective = objective_class([Path(s).resolve() for s in sources], settings, images, device, rank, world)
+        objective = objective_class([resolved(s) for s in sources], settings, images, device, rank, world)
         claim = partial(claim_output, out_dir, f"train-{objective_name}", settings_hash, overwrite, inputs=list(sources), owned=MODEL_DIR_ENTRIES)
         report = claim_then_read(rank, claim, out_dir / REPORT_FILE)
         if report and report.get("finished"):
