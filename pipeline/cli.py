@@ -450,8 +450,8 @@ def hierarcaps_augment(
 
 @hierarcaps_app.command("distill")
 def hierarcaps_distill(
-    chains: Annotated[list[Path], typer.Argument(help="One or more hierarcaps datasets of validated chains.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the fine-tuned model (and its checkpoints while training).")],
+    chains: Annotated[list[str], typer.Argument(help="One or more hierarcaps datasets of validated chains (paths or URIs).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Local directory for the fine-tuned model (and its checkpoints while training); copy it to a store when done.")],
     base: Annotated[Optional[str], typer.Option(help="Model to fine-tune, hub id or local directory (distill.base_model).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -547,8 +547,8 @@ def hierarcaps_export(
 
 @app.command()
 def train(
-    sources: Annotated[list[Path], typer.Argument(help="fgclip: FgGRN shards (from `fgdata negatives`). re: hierarcaps shards or official train CSVs.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained model, its checkpoints and train.json.")],
+    sources: Annotated[list[str], typer.Argument(help="fgclip: FgGRN shards (from `fgdata negatives`). re: hierarcaps shards or official train CSVs. Paths or URIs.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Local directory for the trained model, its checkpoints and train.json; copy it to a store when done.")],
     objective: Annotated[str, typer.Option(help="fgclip (FG-CLIP stage 2) or re (Radial Embedding on HierarCaps).")] = "fgclip",
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="CLIP to start from, hub id or local directory (fgclip.model / radial.model).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="fgclip: image shards; default: found through the FgGRN lineage.")] = None,
@@ -588,14 +588,14 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="CLIP to evaluate: a `fgdata train` output, hub id or local directory.")],
-    fggrn: Annotated[Optional[list[Path]], typer.Option(help="FgGRN shards (held out): fg-ovd accuracy, regional and long/short retrieval. Repeatable.")] = None,
-    hierarcaps: Annotated[Optional[list[Path]], typer.Option(help="Hierarcaps shards or an official CSV (e.g. hierarcaps_test.csv): d_corr, and hierarchical precision/recall as the reference evaluator computes them when images are at hand (--image-root, or an images dataset upstream of shards). Repeatable.")] = None,
-    fg_ovd: Annotated[Optional[Path], typer.Option("--fg-ovd", help="An FG-OVD benchmark .jsonl (img_path, bbox, pos_expression, neg_expression).")] = None,
-    image_root: Annotated[Optional[Path], typer.Option(help="FG-OVD: where img_path values are relative to (default: the jsonl's folder). HierarCaps: the folder of the test images (the reference's assets/test_imgs), matched by the COCO id in image_url.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image shards for --fggrn; default: found through its lineage.")] = None,
+    fggrn: Annotated[Optional[list[str]], typer.Option(help="FgGRN shards (held out): fg-ovd accuracy, regional and long/short retrieval. A path or a URI. Repeatable.")] = None,
+    hierarcaps: Annotated[Optional[list[str]], typer.Option(help="Hierarcaps shards or an official CSV (e.g. hierarcaps_test.csv): d_corr, and hierarchical precision/recall as the reference evaluator computes them when images are at hand (--image-root, or an images dataset upstream of shards). A path or a URI. Repeatable.")] = None,
+    fg_ovd: Annotated[Optional[str], typer.Option("--fg-ovd", help="An FG-OVD benchmark .jsonl (img_path, bbox, pos_expression, neg_expression); a path or a URI.")] = None,
+    image_root: Annotated[Optional[str], typer.Option(help="FG-OVD: where img_path values are relative to (default: the jsonl's folder). HierarCaps: the folder of the test images (the reference's assets/test_imgs), matched by the COCO id in image_url. A path or a URI.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="Image shards for --fggrn (a path or a URI); default: found through its lineage.")] = None,
     hard_negatives: Annotated[Optional[int], typer.Option(help="Cap on the negatives per box for the fg-ovd accuracy; default: all of them, as FG-CLIP's evaluator scores (chance = mean 1/(k+1)).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many images / chains per set.")] = 5000,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here too.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results as JSON here too (a path or a URI).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file when it already exists.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -606,12 +606,16 @@ def evaluate(
     from pipeline.core.shards import write_json
     from pipeline.eval import evaluate as ev
 
+    from pipeline.core.storage import is_uri, location
     with _user_errors():
         settings = _setup(config, set_)
         if not (fggrn or hierarcaps or fg_ovd):
             raise FgdataError("nothing to evaluate: give --fggrn, --hierarcaps and/or --fg-ovd")
-        if out:
-            _check_out_file(out, overwrite)
+        if out and is_uri(out):  # an object in a store: one upload, whole; replaced only when asked
+            if location(out).exists() and not overwrite:
+                raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
+        elif out:
+            _check_out_file(Path(out), overwrite)
         encoder = ev.Encoder(model)
         results: dict = {"model": model}
         if fggrn:
@@ -630,7 +634,7 @@ def evaluate(
         if fg_ovd:
             fg_ovd_skipped = Counter()
             fg_ovd_items = ev.fgovd_items(fg_ovd, image_root, fg_ovd_skipped)
-            results["fg_ovd_benchmark"] = {"file": str(fg_ovd), **ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
+            results["fg_ovd_benchmark"] = {"file": str(location(fg_ovd)), **ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
         if hierarcaps:
             chains_skipped = Counter()
             chains, chain_images = ev.hierarcaps_items(hierarcaps, limit, chains_skipped, image_root)
