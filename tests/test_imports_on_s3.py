@@ -10,13 +10,21 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_IMAGES, image_bytes, make_config
+from conftest import image_bytes, make_config
 from object_store import bucket, put_object, s3_server  # noqa: F401 (fixtures)
 from PIL import Image
+from test_download import server  # noqa: F401 (the local HTTP server fixture)
 
 from pipeline.core import storage
-from pipeline.core.shards import MANIFEST_FILE, list_shards, read_json, read_rejects, read_shard
+from pipeline.core.shards import (
+    MANIFEST_FILE,
+    list_shards,
+    read_json,
+    read_rejects,
+    read_shard,
+)
 from pipeline.runner import run_stage
+from pipeline.stages.fggrn.download import DownloadStage
 from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
 from pipeline.stages.fggrn.import_grit import ImportGritStage
 from pipeline.stages.fggrn.import_hf import ImportHfStage
@@ -271,3 +279,54 @@ def test_ingest_table_on_s3_equals_the_local_table(bucket, tmp_path, suffix):
     run_stage(IngestStage(f"{bucket}/t/hostile{suffix}"), f"{bucket}/hostile", config)
     assert [(r["key"], r["short_caption"]) for r in rows_and_rejects(f"{bucket}/hostile")[0]] == [("c", "by uri")]
     assert rows_and_rejects(f"{bucket}/hostile")[1] == [("row-1", "unsafe_path"), ("row-2", "unsafe_path")]
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+def test_download_url_list_and_out_on_s3_and_a_rerun_requests_only_the_failures(bucket, tmp_path, server):
+    """The URL list of test_download on s3, OUT on s3 (img2dataset stages its attempts there): the
+    rows and rejects of the local run; a rerun through the CLI requests only the failed URLs again."""
+    from collections import Counter
+
+    from test_download import _url_list
+
+    base, requests = server
+    urls, expected = _url_list(tmp_path, base)
+    put_object(f"{bucket}/lists/urls.parquet", urls.read_bytes())
+    settings = ("download.timeout=0.5", "download.threads=8", "ingest.rows_per_shard=5")
+    run_stage(DownloadStage(urls, tmp_path / "images"), tmp_path / "images", make_config(*settings))
+    local_rows, local_rejects = rows_and_rejects(tmp_path / "images")
+    assert dict(local_rejects) == {k: why for k, why in expected.items() if why}
+    result = cli("download", f"{bucket}/lists/urls.parquet", f"{bucket}/images", *[a for s in settings for a in ("-s", s)])
+    assert result.exit_code == 0, result.output
+    rows, rejects = rows_and_rejects(f"{bucket}/images")
+    # the test server fails /flaky.jpg only the first time it is asked: the local run asked first
+    assert [r for r in rejects if r[0] != "flaky"] == [r for r in local_rejects if r[0] != "flaky"] and ("flaky", "http_503") in local_rejects
+    assert [r for r in rows if r["key"] != "flaky"] == local_rows and "flaky" in {r["key"] for r in rows}
+    staged = storage.location(f"{bucket}/images/_download/part-00000/attempt-0")
+    assert (staged / "_complete").is_file() and (staged / "00000.parquet").is_file()
+    assert read_json(f"{bucket}/images/{MANIFEST_FILE}")["inputs"] == [{"path": f"{bucket}/lists/urls.parquet", "format": "url-list"}]
+
+    before = Counter(requests)
+    again = cli("download", f"{bucket}/lists/urls.parquet", f"{bucket}/images", *[a for s in settings for a in ("-s", s)])
+    assert again.exit_code == 0 and "retrying the failed downloads of" in again.output, again.output
+    assert {path for path in requests if requests[path] > before[path]} == {"/missing.jpg", "/slow.jpg", "/cut-short.jpg"}
+    assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
+
+
+def test_a_partial_download_attempt_on_a_store_does_not_count(bucket):
+    """Without its `_complete` object (a worker killed mid-download) an attempt's files are ignored
+    and the next attempt gets a new number."""
+    from pipeline.stages.fggrn.download import _attempts, _staged_results
+
+    staging = f"{bucket}/images/_download/part-00000"
+    table = pa.table({"fgdata_key": ["a"], "key": ["000000000"], "status": ["success"], "error_message": [None]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    put_object(f"{staging}/attempt-0/00000.parquet", buffer.getvalue())
+    put_object(f"{staging}/attempt-0/00000/000000000.img", image_bytes())
+    assert _staged_results(storage.location(staging)) == {}
+    assert [p.name for p in _attempts(storage.location(staging))] == ["attempt-0"]
+    put_object(f"{staging}/attempt-0/_complete", b"")
+    assert _staged_results(storage.location(staging))["a"]["ok"]

@@ -14,12 +14,18 @@ ingest checks judge the bytes. A URL that failed to download is a reject whose r
 small is rejected by the image checks (decode_error, image_too_small, ...). A rerun reopens only the
 shards with download failures and requests only their failed URLs again; what was downloaded is
 kept in the staging folder and judged again without a request.
+
+The URL list and OUT may be local or on an object store (s3://, gs://, hf://). With OUT on a store
+the staging folder is there too (img2dataset writes through fsspec), so a rerun on any node finds
+what earlier runs downloaded. A store has no rename: an attempt is written in place and counts only
+once its `_complete` object, written last, exists (locally the finished attempt is renamed into place).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
+from pipeline.core import storage
 from pipeline.core.scoped import environment
 from pipeline.core.shards import DONE_DIR, RUN_FILE, STATS_DIR, read_json, shard_name
 from pipeline.core.sources import SourceItem
@@ -42,9 +49,10 @@ CAPTION_FIELDS = ("short_caption", "caption", "text", "alt", "TEXT")
 # reasons a rerun requests again: the network's, never the image checks' (those bytes are kept)
 NETWORK_REASONS = ("timeout", "connection_error", "incomplete_download", "disallowed_by_site", "download_error", "download_lost")
 _HTTP = re.compile(r"HTTP Error (\d{3})")
+COMPLETE = "_complete"  # an attempt on an object store is finished when this object exists
 
 
-def plan_url_records(path: Path) -> list[dict]:
+def plan_url_records(path: storage.Location) -> list[dict]:
     """One entry per record, in file order: key, url, caption, and `problem` for a record that
     cannot be requested (no URL, not http(s), a key used before)."""
     records = read_records(path, columns=(*KEY_FIELDS, *URL_FIELDS, *CAPTION_FIELDS))
@@ -85,22 +93,41 @@ def network_reason(message: str) -> str:
     return "download_error"
 
 
-def _staged_results(staging: Path) -> dict[str, dict]:
+def _attempts(staging: storage.Location) -> list[storage.Location]:
+    """The attempt folders in staging, partial ones included, in the order they were made."""
+    return sorted(staging.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _file_names(folder: storage.Location) -> set[str]:
+    """The names of the regular files (objects) in `folder`, from one listing."""
+    if storage.is_uri(folder):
+        try:
+            listing = folder.fs.ls(folder.path, detail=True)
+        except FileNotFoundError:
+            return set()
+        return {entry["name"].rstrip("/").rpartition("/")[2] for entry in listing if entry.get("type") == "file"}
+    return {entry.name for entry in os.scandir(folder) if entry.is_file()} if folder.is_dir() else set()
+
+
+def _staged_results(staging: storage.Location) -> dict[str, dict]:
     """The latest result per key over the finished attempts: status, error, the file if downloaded."""
     results: dict[str, dict] = {}
-    for attempt in sorted(staging.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])):
+    for attempt in _attempts(staging):
         table_path = attempt / "00000.parquet"
-        if not table_path.is_file():
+        if not table_path.is_file() or (storage.is_uri(attempt) and not (attempt / COMPLETE).is_file()):
             continue
-        for row in pq.read_table(table_path, columns=["fgdata_key", "key", "status", "error_message"]).to_pylist():
+        where, filesystem = storage.arrow_target(table_path)
+        downloaded = _file_names(attempt / "00000")
+        for row in pq.read_table(where, columns=["fgdata_key", "key", "status", "error_message"], filesystem=filesystem).to_pylist():
             image = attempt / "00000" / f"{row['key']}.img"
-            results[row["fgdata_key"]] = {"ok": row["status"] == "success" and image.is_file(), "error": row["error_message"], "file": str(image)}
+            results[row["fgdata_key"]] = {"ok": row["status"] == "success" and image.name in downloaded, "error": row["error_message"], "file": str(image)}
     return results
 
 
-def _download(records: list[dict], attempt: Path, config: Config) -> None:
+def _download(records: list[dict], attempt: storage.Location, config: Config) -> None:
     """Runs img2dataset's downloader on `records` (key, url, caption) into `attempt`, written under
-    a temporary name first so a killed worker never leaves a half attempt that counts."""
+    a temporary name first (on a store: in place, then its `_complete` object) so a killed worker
+    never leaves a half attempt that counts."""
     # albumentations (which img2dataset imports) asks PyPI for updates when first imported unless
     # this is set; set for that import only, so the caller's environment is left as it was
     with environment(NO_ALBUMENTATIONS_UPDATE="1"):
@@ -108,15 +135,19 @@ def _download(records: list[dict], attempt: Path, config: Config) -> None:
         from img2dataset.resizer import Resizer
         from img2dataset.writer import FilesSampleWriter
 
-    partial = attempt.with_name(f".{attempt.name}.partial")
-    if partial.exists():
+    on_store = storage.is_uri(attempt)
+    partial = attempt if on_store else attempt.with_name(f".{attempt.name}.partial")
+    if not on_store and partial.exists():
         import shutil
 
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    if not on_store:
+        partial.mkdir(parents=True)
+    # img2dataset reads its input shard, then deletes it: a local file, also when OUT is on a store
+    inputs = tempfile.mkdtemp(prefix="fgdata-download-") if on_store else str(partial)
     columns = ["url", "caption", "fgdata_key"]
     table = pa.table({"url": [r["url"] for r in records], "caption": [r["caption"] for r in records], "fgdata_key": [r["key"] for r in records]})
-    shard_file = partial / "input.arrow"
+    shard_file = Path(inputs) / "input.arrow"
     with pa.ipc.new_file(shard_file, table.schema) as writer:
         writer.write_table(table)
     downloader = Downloader(
@@ -138,10 +169,19 @@ def _download(records: list[dict], attempt: Path, config: Config) -> None:
         user_agent_token=None,
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
     )
-    ok, _ = downloader((0, str(shard_file)))
+    try:
+        ok, _ = downloader((0, str(shard_file)))
+    finally:
+        if on_store:
+            import shutil
+
+            shutil.rmtree(inputs, ignore_errors=True)
     if not ok:
         raise RuntimeError(f"img2dataset failed on {attempt}")  # the shard task is retried by the runner
-    os.replace(partial, attempt)
+    if on_store:
+        (attempt / COMPLETE).write_bytes(b"")  # last: what makes the attempt count
+    else:
+        os.replace(partial, attempt)
 
 
 class DownloadStage(IngestStage):
@@ -151,9 +191,9 @@ class DownloadStage(IngestStage):
     # the download section is how, not what: it stays out of the settings hash (see DownloadConfig)
     config_section = "ingest"
 
-    def __init__(self, url_list: Path, out_dir: Path):
-        self.url_list = Path(url_list).resolve()
-        self.out_dir = Path(os.path.abspath(out_dir))
+    def __init__(self, url_list: Path | str, out_dir: Path | str):
+        self.url_list = storage.resolved(url_list)
+        self.out_dir = storage.location(out_dir) if storage.is_uri(out_dir) else Path(os.path.abspath(out_dir))
 
     def plan(self, config: Config) -> list[WorkUnit]:
         import importlib.util
@@ -174,11 +214,12 @@ class DownloadStage(IngestStage):
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         staging = self.out_dir / STAGING_DIR / unit.name.removesuffix(".parquet")
-        staging.mkdir(parents=True, exist_ok=True)
+        if not storage.is_uri(staging):  # a store has no folders to make
+            staging.mkdir(parents=True, exist_ok=True)
         results = _staged_results(staging)
         wanted = [r for r in unit.payload if r["problem"] is None and not results.get(r["key"], {}).get("ok")]
         if wanted:
-            attempts = [int(p.name.split("-")[1]) for p in staging.glob("attempt-*")]
+            attempts = [int(p.name.split("-")[1]) for p in _attempts(staging)]
             _download(wanted, staging / f"attempt-{max(attempts, default=-1) + 1}", config)
             results = _staged_results(staging)
         items = []
@@ -206,11 +247,11 @@ class DownloadStage(IngestStage):
         return shard
 
 
-def reopen_failed_shards(out_dir: Path) -> list[str]:
+def reopen_failed_shards(out_dir: Path | str) -> list[str]:
     """Removes the completion marker of every finished download shard that has network failures,
     so the next run redoes those shards (requesting only their failed URLs). Only in a folder
-    `fgdata download` owns; returns the reopened shard names."""
-    out_dir = Path(out_dir)
+    `fgdata download` owns (local or on a store); returns the reopened shard names."""
+    out_dir = storage.location(out_dir)
     owner = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).is_file() else None
     if owner is None or owner.get("stage") != DownloadStage.name:
         return []
