@@ -126,7 +126,7 @@ def _report_run(summary) -> None:
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table (a folder or webdataset tars may be an s3://, gs://, hf:// URI).")],
+    source: Annotated[str, typer.Argument(help="Folder of images with .txt/.json captions, img2dataset output, or a .csv/.parquet table; a path or an s3://, gs://, hf:// URI.")],
     out: Annotated[str, typer.Argument(help="Output directory for image shards (a path or an s3://, gs://, hf:// URI).")],
     source_format: Annotated[
         str, typer.Option("--format", help=f"Layout of SOURCE: {', '.join(FORMATS)}.")
@@ -148,8 +148,8 @@ def ingest(
 
 @app.command()
 def download(
-    urls: Annotated[Path, typer.Argument(metavar="URLS", help="URL list: .parquet/.csv/.tsv with url + caption (GRIT, COYO, CC), or FineHARD/FG-CLIP .json/.jsonl with url + f_path.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for image shards (downloads are staged in OUT/_download).")],
+    urls: Annotated[str, typer.Argument(metavar="URLS", help="URL list: .parquet/.csv/.tsv with url + caption (GRIT, COYO, CC), or FineHARD/FG-CLIP .json/.jsonl with url + f_path; a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output directory for image shards, a path or an s3://, gs://, hf:// URI (downloads are staged in OUT/_download).")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -173,10 +173,10 @@ def download(
 
 @import_app.command("fgclip")
 def import_fgclip(
-    json_path: Annotated[Path, typer.Argument(metavar="JSON", help="FineHARD / FG-CLIP stage-2 .json (a list of items) or .jsonl.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for FgGRN shards.")],
-    images: Annotated[Optional[Path], typer.Option(help="Folder the items' f_path values are relative to: also build image shards.")] = None,
-    images_out: Annotated[Optional[Path], typer.Option(help="Where the image shards go (default: OUT-images next to OUT).")] = None,
+    json_path: Annotated[str, typer.Argument(metavar="JSON", help="FineHARD / FG-CLIP stage-2 .json (a list of items) or .jsonl (a path or an s3://, gs://, hf:// URI).")],
+    out: Annotated[str, typer.Argument(help="Output directory for FgGRN shards (a path or an s3://, gs://, hf:// URI).")],
+    images: Annotated[Optional[str], typer.Option(help="Folder the items' f_path values are relative to (a path or an s3://, gs://, hf:// URI): also build image shards.")] = None,
+    images_out: Annotated[Optional[str], typer.Option(help="Where the image shards go (default: OUT-images next to OUT; a path or a URI).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -189,17 +189,19 @@ def import_fgclip(
     """
     from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
 
+    from pipeline.core.storage import location
+
     image_shards = None
     if images:
-        image_shards = images_out or out.with_name(f"{out.name}-images")
+        image_shards = images_out or location(out).with_name(f"{location(out).name}-images")
         _run_stage(FgclipImagesStage(json_path, images), image_shards, config, set_, overwrite, executor)
     _run_stage(ImportFgclipStage(json_path, image_shards), out, config, set_, overwrite, executor)
 
 
 @import_app.command("grit")
 def import_grit(
-    parquet: Annotated[Path, typer.Argument(metavar="PARQUET", help="A GRIT parquet file (caption, width, height, noun_chunks, ref_exps).")],
-    out: Annotated[Path, typer.Argument(help="Output directory for region shards.")],
+    parquet: Annotated[str, typer.Argument(metavar="PARQUET", help="A GRIT parquet file (caption, width, height, noun_chunks, ref_exps); a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output directory for region shards (a path or an s3://, gs://, hf:// URI).")],
     expressions: Annotated[str, typer.Option(help="ref_exps or noun_chunks: which spans become regions.")] = "ref_exps",
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -214,8 +216,8 @@ def import_grit(
 
 @import_app.command("hf")
 def import_hf(
-    source: Annotated[Path, typer.Argument(help="A datasets.save_to_disk folder, or a .parquet file / folder in the hub's layout.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for image or caption shards.")],
+    source: Annotated[str, typer.Argument(help="A datasets.save_to_disk folder, or a .parquet file / folder in the hub's layout; a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output directory for image or caption shards (a path or an s3://, gs://, hf:// URI).")],
     kind: Annotated[str, typer.Option(help="images (an image column) or captions (long_caption / caption / text).")] = "images",
     split: Annotated[str, typer.Option(help="Which split to read.")] = "train",
     config: ConfigOption = None,

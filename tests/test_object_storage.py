@@ -382,7 +382,7 @@ def test_changed_s3_image_changes_the_ingest_fingerprint(bucket, tmp_path):
         run_stage(IngestStage(src), f"{bucket}/images", make_config())
 
 
-def test_fgdata_ingest_takes_an_s3_source_and_refuses_layouts_it_cannot_read_there(bucket):
+def test_fgdata_ingest_takes_an_s3_source_folder_or_table(bucket):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
@@ -400,10 +400,12 @@ def test_fgdata_ingest_takes_an_s3_source_and_refuses_layouts_it_cannot_read_the
     lines = info.output.splitlines()  # (the test server's request log may land in the output too)
     assert lines.index(f"{bucket}/images  (images, written by `fgdata ingest`)") + 1 == lines.index("  shards: 1   rows in: 2   rows out: 1   rejected: 1")
     assert "not_an_image" in info.output and "with a caption: 1 of 1" in info.output
-    put_object(f"{bucket}/table.csv", b"image,caption\na.jpg,x\n")
-    result = CliRunner().invoke(app, ["ingest", f"{bucket}/table.csv", f"{bucket}/t"])
-    assert result.exit_code != 0 and "on an object store ingest reads a folder of images or webdataset tars, not 'table'" in result.output
-    assert not storage.location(f"{bucket}/t").exists()  # refused before any work
+    # a table on the store is read too: its paths are relative to its folder there
+    put_object(f"{bucket}/table.csv", b"image,caption\nsrc/a.jpg,from a table\nmissing.jpg,y\n")
+    result = CliRunner().invoke(app, ["ingest", f"{bucket}/table.csv", f"{bucket}/t", "-s", "run.progress=false"])
+    assert result.exit_code == 0, result.output
+    assert [(r["key"], r["short_caption"]) for r in s3_rows(f"{bucket}/t")] == [("a", "from a table")]
+    assert [(r["key"], r["reason"]) for r in read_rejects(f"{bucket}/t").to_pylist()] == [("missing", "missing_file")]
 
 
 # --- HierarCaps on a store ------------------------------------------------------------------
