@@ -175,14 +175,15 @@ class _Scheduler:
                 source = self.by_name[run.step.inputs["input"][0]]
                 if source.names is None:
                     return
+                # no return: on a rerun every shard may be done already, and the step finishes below
                 self._plan_ready_shards(run, source.names)
+            elif not self._inputs_finished(run):
                 return
-            if not self._inputs_finished(run):
-                return
-            if run.stage is None:
+            elif run.stage is None:
                 self._start_distill(run)
                 return
-            self._plan_whole(run)
+            else:
+                self._plan_whole(run)
         elif run.streams and len(run.planned) < len(run.names):
             self._plan_ready_shards(run, run.names)
         if run.names is not None and run.stage is not None and not run.queue and not run.in_flight and len(run.planned) == len(run.names):
