@@ -23,6 +23,7 @@ from pipeline.core.shards import (
     read_rejects,
     read_shard,
 )
+from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.download import DownloadStage
 from pipeline.stages.fggrn.import_fgclip import FgclipImagesStage, ImportFgclipStage
@@ -191,6 +192,13 @@ def test_import_hf_hub_parquet_layout_on_s3_equals_the_local_folder(bucket, tmp_
     assert rejects == [("absolute", "unsafe_path"), ("gone", "missing_file"), ("junk", "not_an_image"), ("tiny", "image_too_small"), ("up", "unsafe_path")]
     assert rows_and_rejects(f"{bucket}/images") == (rows, rejects)
     assert len(list_shards(f"{bucket}/images")) == 3
+    # a prefix has no time of its own: a changed object in it still changes the input
+    run_stage(ImportHfStage(f"{bucket}/hub", "images"), f"{bucket}/images", config)  # unchanged: resumes
+    changed = io.BytesIO()
+    pq.write_table(second.set_column(1, "caption", pa.array(["new", "new", "new"])), changed, row_group_size=2)  # same rows, new captions
+    put_object(f"{bucket}/hub/data/train-00001-of-00002.parquet", changed.getvalue())
+    with pytest.raises(FgdataError, match="made from a different input"):
+        run_stage(ImportHfStage(f"{bucket}/hub", "images"), f"{bucket}/images", config)
 
     captions = cli("import", "hf", f"{bucket}/hub/data/test-00000-of-00001.parquet", f"{bucket}/captions", "--kind", "captions", "--split", "test")
     assert captions.exit_code == 0, captions.output

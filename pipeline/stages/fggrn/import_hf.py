@@ -18,6 +18,7 @@ local temporary folder, once per shard: prefer the parquet layout for large sets
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class ImportHfStage(Stage):
         self.source = storage.resolved(source)
         self.kind, self.split = kind, split
         self.output_kind = kind
+        self.objects = ""  # on a store: the size and ETag of every object under SOURCE, set by plan
 
     def plan(self, config: Config) -> list[WorkUnit]:
         if self.kind not in KINDS:
@@ -141,12 +143,16 @@ class ImportHfStage(Stage):
         wanted = IMAGE_COLUMNS if self.kind == "images" else LONG_COLUMNS
         if not any(c in columns for c in wanted):
             raise FgdataError(f"{self.source}: no {' / '.join(wanted)} column for --kind {self.kind} (columns: {', '.join(columns)})")
+        if storage.is_uri(self.source):
+            # a prefix has no size or time of its own: its objects' sizes and ETags stand for it
+            listing = _guarded(self.source, lambda: self.source.fs.find(self.source.path, detail=True))
+            self.objects = hashlib.sha256(repr(sorted((k, v.get("size"), v.get("ETag") or v.get("etag")) for k, v in listing.items())).encode()).hexdigest()
         size = config.ingest.rows_per_shard
         # the unit names rows by position; the fingerprint adds the source's size and time
         return [WorkUnit(shard_name(i), {"path": str(self.source), "start": s, "stop": min(s + size, rows)}) for i, s in enumerate(range(0, max(rows, 1), size))]
 
     def plan_fingerprint(self) -> str:
-        return f"{self.kind}:{self.split}"
+        return f"{self.kind}:{self.split}" + (f":{self.objects}" if self.objects else "")
 
     def lineage(self) -> list[dict]:
         return [{"path": str(self.source), "format": "huggingface", "split": self.split}]
