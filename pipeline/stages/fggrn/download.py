@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -137,11 +138,9 @@ def _download(records: list[dict], attempt: storage.Location, config: Config) ->
 
     on_store = storage.is_uri(attempt)
     partial = attempt if on_store else attempt.with_name(f".{attempt.name}.partial")
-    if not on_store and partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
     if not on_store:
+        if partial.exists():
+            shutil.rmtree(partial)
         partial.mkdir(parents=True)
     # img2dataset reads its input shard, then deletes it: a local file, also when OUT is on a store
     inputs = tempfile.mkdtemp(prefix="fgdata-download-") if on_store else str(partial)
@@ -173,8 +172,6 @@ def _download(records: list[dict], attempt: storage.Location, config: Config) ->
         ok, _ = downloader((0, str(shard_file)))
     finally:
         if on_store:
-            import shutil
-
             shutil.rmtree(inputs, ignore_errors=True)
     if not ok:
         raise RuntimeError(f"img2dataset failed on {attempt}")  # the shard task is retried by the runner
