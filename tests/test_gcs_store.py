@@ -6,6 +6,8 @@ input fingerprints and a CLI run (subprocess, Ray workers) hold there as on a lo
 
 from __future__ import annotations
 
+import uuid
+
 import pyarrow as pa
 import pytest
 from conftest import SAMPLE_IMAGES, run_cli
@@ -131,6 +133,12 @@ def test_output_that_is_an_object_or_overlaps_the_input_is_refused(gcs_bucket):
     put_object(f"{gcs_bucket}/a-file", b"x")
     with pytest.raises(FgdataError, match="is a file"):
         claim_output(f"{gcs_bucket}/a-file", "phrases", "h", overwrite=False)
+
+
+def test_missing_bucket_is_a_one_line_error(gcs_server):
+    with pytest.raises(FgdataError, match="cannot write to gs://no-such-bucket-") as error:
+        claim_output(f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/out", "phrases", "h", overwrite=False)
+    assert "\n" not in str(error.value)
 
 
 # --- the CLI on GCS -------------------------------------------------------------------------
