@@ -90,13 +90,14 @@ def describe_source(source: storage.Location, split: str) -> tuple[list[str], in
         if _is_saved(source):
             table = _load_saved(source, split)
             return table.column_names, table.num_rows
-        names, rows = [], 0
+        schemas, rows = [], 0
         for file in _parquet_files(source, split):
             where, filesystem = storage.arrow_target(file)
             metadata = pq.read_metadata(where, filesystem=filesystem)
-            names += [n for n in metadata.schema.to_arrow_schema().names if n not in names]
+            schemas.append(metadata.schema.to_arrow_schema())
             rows += metadata.num_rows
-        return names, rows
+        # files whose columns cannot be read as one table stop here, before any shard
+        return pa.unify_schemas(schemas, promote_options="default").names, rows
 
     return _guarded(source, read)
 
