@@ -43,7 +43,7 @@ from synthetic import synthetic_captions, synthetic_chains  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.schemas import conform  # noqa: E402
-from pipeline.core.shards import read_stats  # noqa: E402
+from pipeline.core.shards import list_shards, read_stats  # noqa: E402
 from pipeline.models.nli import NliScorer  # noqa: E402
 from pipeline.models.spacy_nlp import load_spacy  # noqa: E402
 from pipeline.models.tiny import build_tiny_clip_text, build_tiny_nli, build_tiny_vlm  # noqa: E402
@@ -76,7 +76,7 @@ def one_thread(fn):
 
 
 def rows_of(folder: Path) -> list[dict]:
-    return [r for shard in sorted(folder.glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    return [r for shard in list_shards(folder) for r in pq.read_table(shard).to_pylist()]
 
 
 def fgdata_run(stage, out: Path, overrides: list[str]) -> dict:

@@ -49,7 +49,7 @@ from ultralytics import YOLOWorld
 from pipeline.config import load_config
 from pipeline.core.prompts import load_prompt
 from pipeline.core.schemas import conform
-from pipeline.core.shards import read_stats
+from pipeline.core.shards import list_shards, read_stats
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliScorer
 from pipeline.models.spacy_nlp import load_spacy
@@ -163,7 +163,7 @@ def bench_recaption(workdir: Path, copies: int, max_new_tokens: int, batch_size:
     run_stage(IngestStage(source), images_dir, load_config(None, ["run.progress=false", "ingest.rows_per_shard=64"]))
     overrides = [f"recaption.model={model_dir}", f"recaption.max_new_tokens={max_new_tokens}", f"recaption.batch_size={batch_size}"]
     config = load_config(None, ["run.progress=false", "recaption.retry_temperature=0", *overrides])
-    rows = [r for shard in sorted(images_dir.glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    rows = [r for shard in list_shards(images_dir) for r in pq.read_table(shard).to_pylist()]
     model = TransformersVLM(str(model_dir), revision=None, trust_remote_code=False, dtype="auto")
     prompt = load_prompt(config.recaption.prompt).text
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
@@ -205,8 +205,8 @@ def bench_ground(workdir: Path, copies: int, batch_size: int) -> dict:
     base = ["run.progress=false"]
     run_stage(IngestStage(source), workdir / "images", load_config(None, [*base, "ingest.rows_per_shard=34"]))
     run_stage(PhrasesStage(workdir / "images"), workdir / "phrases", load_config(None, base))
-    rows = [r for shard in sorted((workdir / "phrases").glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
-    images = {r["key"]: r["image"] for s in sorted((workdir / "images").glob("part-*.parquet")) for r in pq.read_table(s).to_pylist()}
+    rows = [r for shard in list_shards(workdir / "phrases") for r in pq.read_table(shard).to_pylist()]
+    images = {r["key"]: r["image"] for s in list_shards(workdir / "images") for r in pq.read_table(s).to_pylist()}
     arrays = [np.asarray(Image.open(io.BytesIO(images[r["key"]])).convert("RGB"))[..., ::-1] for r in rows]  # BGR, as cv2 gives
     phrase_lists = [[p["text"] for p in r["phrases"]] for r in rows]
     vocabulary = sorted({p for phrases in phrase_lists for p in phrases})
@@ -377,7 +377,7 @@ def bench_hierarcaps(workdir: Path, captions_count: int, batch_size: int) -> dic
     summary, stage_seconds = timed(lambda: run_stage(HierarcapsGenerateStage(workdir / "captions.txt"), workdir / "generated", config))
     busy_seconds = sum(st["seconds"] for st in read_stats(workdir / "generated").values())
 
-    chains_out = [r["tiers"] for shard in sorted((workdir / "generated").glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    chains_out = [r["tiers"] for shard in list_shards(workdir / "generated") for r in pq.read_table(shard).to_pylist()]
     pairs = [pair for tiers in chains_out for pair in zip(tiers[1:], tiers[:-1])]
     nli = NliScorer(str(config.hierarcaps.nli_model))
 
@@ -416,7 +416,7 @@ def bench_train(workdir: Path, steps: int, batch_size: int) -> dict:
     from pipeline.train.objectives import FgclipObjective
 
     world = write_world(workdir / "world", 800, seed=0)
-    rows = [r for shard in sorted(world["fggrn"].glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    rows = [r for shard in list_shards(world["fggrn"]) for r in pq.read_table(shard).to_pylist()]
     clip = build_tiny_clip(workdir / "clip", [r["long_caption"] for r in rows] * 2)
     config = load_config(None, [f"fgclip.model={clip}", f"fgclip.batch_size={batch_size}", "fgclip.num_workers=0", "fgclip.shuffle_buffer=200"])
     objective = FgclipObjective([world["fggrn"]], config.fgclip, None, "cpu")

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config, load_config
-from pipeline.core.shards import DONE_DIR, STATS_DIR, read_json, read_rejects
+from pipeline.core.shards import DONE_DIR, STATS_DIR, read_json, read_rejects, shards_folder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))  # synthetic captions are shared with the benchmarks
@@ -54,13 +54,13 @@ def write_caption_shard(path: Path, rows: list[dict], schema: pa.Schema | None =
 
 
 def read_rows(dataset: Path) -> list[dict]:
-    return [row for shard in sorted(dataset.glob("part-*.parquet")) for row in pq.read_table(shard).to_pylist()]
+    return [row for shard in sorted(shards_folder(dataset).glob("part-*.parquet")) for row in pq.read_table(shard).to_pylist()]
 
 
 def assert_dataset_invariants(dataset: Path, expected_keys: set[str] | None = None) -> None:
     """rows_in == rows_out + rows_rejected per shard, no key twice, every input key accounted for."""
     output_keys: list[str] = []
-    for shard in sorted(dataset.glob("part-*.parquet")):
+    for shard in sorted(shards_folder(dataset).glob("part-*.parquet")):
         assert (dataset / DONE_DIR / f"{shard.name}.done").exists(), f"{shard.name} has no completion marker"
         stats = read_json(dataset / STATS_DIR / shard.name.replace(".parquet", ".json"))
         rows_out = pq.read_metadata(shard).num_rows

@@ -164,7 +164,7 @@ def test_hierarcaps_sample_is_stratified_by_tier(world):
 
 
 def test_picture_is_a_crop_with_the_box_drawn(world):
-    rows = pq.read_table(world / "images" / shard_name(0), columns=["image"]).to_pylist()
+    rows = pq.read_table(world / "images" / "train" / shard_name(0), columns=["image"]).to_pylist()
     uri, note = picture_uri(rows[0]["image"], [10, 10, 30, 30])
     assert uri.startswith("data:image/png;base64,") and note == ""
     import base64
@@ -260,7 +260,7 @@ def test_keyboard_verdicts_score_to_the_wilson_intervals(world, tmp_path, browse
 
 
 def _hostile_fggrn(world: Path, tmp_path: Path) -> Path:
-    rows = pq.read_table(world / "fggrn" / shard_name(0)).to_pylist()[:4]
+    rows = pq.read_table(world / "fggrn" / "train" / shard_name(0)).to_pylist()[:4]
     for row in rows:
         row["short_caption"] = row["long_caption"] = HOSTILE
         row["negatives_backend"] = HOSTILE

@@ -161,4 +161,4 @@ def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever(tmp
     out = tmp_path / "out"
     with pytest.raises(FgdataError, match="run.cpus_per_task=64 is more than the largest Ray node's 2 CPUs"):
         run_stage(IngestStage(SAMPLE_IMAGES), out, make_config("run.cpus_per_task=64", "run.executor=ray"))
-    assert not list(out.glob("part-*.parquet"))
+    assert not list(out.glob("**/part-*.parquet"))

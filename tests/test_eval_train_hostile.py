@@ -237,7 +237,7 @@ def bad_box_world(tmp_path_factory):
             row["regions"][0]["box_norm"] = box
         return rows
 
-    _rewrite(paths["fggrn"] / "part-00000.parquet", poison)
+    _rewrite(paths["fggrn"] / "train" / "part-00000.parquet", poison)
     return paths
 
 
@@ -272,11 +272,11 @@ def test_train_refuses_an_empty_shard_or_missing_images_quickly_with_one_line(ti
     paths = write_world(tmp_path / "w", 12, seed=5)
     empty = tmp_path / "empty"
     empty.mkdir()
-    table = pq.read_table(paths["fggrn"] / "part-00000.parquet")
+    table = pq.read_table(paths["fggrn"] / "train" / "part-00000.parquet")
     pq.write_table(table.slice(0, 0), empty / "part-00000.parquet")
     strangers = tmp_path / "strangers"
     strangers.mkdir()
-    images = pq.read_table(paths["images"] / "part-00000.parquet").to_pylist()
+    images = pq.read_table(paths["images"] / "train" / "part-00000.parquet").to_pylist()
     pq.write_table(pa.Table.from_pylist([{**row, "key": "other-" + row["key"]} for row in images]), strangers / "part-00000.parquet")
     for name, args in {"empty shard": [str(empty), "--images", str(paths["images"])], "keys missing from the images": [str(paths["fggrn"]), "--images", str(strangers)]}.items():
         started = time.perf_counter()
@@ -296,7 +296,7 @@ def test_a_stream_with_nothing_to_yield_ends_instead_of_spinning(tmp_path):
     pq.write_table(pa.table({"key": ["nobody"], "image": [b""]}), strangers / "part-00000.parquet")
     script = (
         "from pathlib import Path; from pipeline.config import load_config; from pipeline.datasets.fggrn_rows import FgclipStream\n"
-        f"pairs = [(Path({str(paths['fggrn'] / 'part-00000.parquet')!r}), Path({str(strangers / 'part-00000.parquet')!r}))]\n"
+        f"pairs = [(Path({str(paths['fggrn'] / 'train' / 'part-00000.parquet')!r}), Path({str(strangers / 'part-00000.parquet')!r}))]\n"
         "print(len(list(FgclipStream(pairs, load_config(None, []).fgclip, [0, 0, 0], [1, 1, 1]))))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -82,7 +82,7 @@ def world_with(tmp_path: Path, count: int, change=None) -> dict[str, Path]:
     """A synthetic world whose FgGRN rows `change(rows)` may rewrite."""
     paths = write_world(tmp_path / "world", count, side=32)
     if change is not None:
-        shard = paths["fggrn"] / "part-00000.parquet"
+        shard = paths["fggrn"] / "train" / "part-00000.parquet"
         rows = pq.read_table(shard).to_pylist()
         change(rows)
         pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)

@@ -45,7 +45,7 @@ def make_world(root: Path, keys: list[str] | None = None, count: int = 4) -> dic
     paths = write_world(root / "world", count if keys is None else len(keys), side=16)
     if keys is not None:
         for kind in ("images", "fggrn"):
-            shard = paths[kind] / "part-00000.parquet"
+            shard = paths[kind] / "train" / "part-00000.parquet"
             table = pq.read_table(shard)
             pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys, pa.string())), shard)
     return paths
@@ -166,7 +166,7 @@ def test_export_gives_every_key_its_own_stable_safe_file_name(tmp_path):
     assert len(items) == len(HOSTILE_KEYS) and len(set(names)) == len(names) == len({n.lower() for n in names})
     assert all(len(n.encode()) <= 120 and n[0] not in ".-" for n in names), names
     assert all(item["f_path"] == f"images/{n}" for item, n in zip(items, names))  # nothing written outside images/
-    images = {r["key"]: r["image"] for r in pq.read_table(world["images"] / "part-00000.parquet").to_pylist()}
+    images = {r["key"]: r["image"] for r in pq.read_table(world["images"] / "train" / "part-00000.parquet").to_pylist()}
     assert [(out / item["f_path"]).read_bytes() for item in items] == [images[k] for k in HOSTILE_KEYS]
     assert {p.name for p in (out / "images").iterdir()} == set(names)
     # stable: the name depends on the key alone, and a second export writes nothing new
@@ -178,7 +178,7 @@ def test_export_gives_every_key_its_own_stable_safe_file_name(tmp_path):
 
 def test_bad_boxes_are_left_out_and_the_json_stays_strict(tmp_path):
     world = make_world(tmp_path, count=3)
-    shard = world["fggrn"] / "part-00000.parquet"
+    shard = world["fggrn"] / "train" / "part-00000.parquet"
     rows = pq.read_table(shard).to_pylist()
     bad = [[math.nan, 0.1, 0.5, 0.5], [0.1, 0.1, math.inf, 0.5], [0.6, 0.1, 0.2, 0.5], [5.0, 5.0, 6.0, 6.0]]
     rows[0]["regions"] = [{**rows[0]["regions"][0], "box_norm": box} for box in bad] + rows[0]["regions"]
@@ -202,7 +202,7 @@ def test_export_of_image_shards_is_refused_before_writing(tmp_path):
     # without a manifest, the columns tell
     loose = tmp_path / "loose"
     loose.mkdir()
-    (loose / "part-00000.parquet").write_bytes((world["images"] / "part-00000.parquet").read_bytes())
+    (loose / "part-00000.parquet").write_bytes((world["images"] / "train" / "part-00000.parquet").read_bytes())
     refused(invoke("export", "fgclip", loose, out, "--images", world["images"]), "missing required column 'long_caption'")
     assert not out.exists()
 
@@ -258,7 +258,7 @@ def test_info_names_a_corrupt_part_rejects_or_manifest_file(tmp_path):
     assert "None" in invoke("info", fggrn).stdout  # a null reason or detail is shown, not a crash
     rejects.write_bytes(good_rejects)
 
-    part = fggrn / "part-00000.parquet"
+    part = fggrn / "train" / "part-00000.parquet"
     table = pq.read_table(part)
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     refused(invoke("info", fggrn), str(part))

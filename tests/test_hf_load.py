@@ -63,37 +63,42 @@ def _write_dataset(out: Path, kind: str) -> list[str]:
     return [k for keys, _ in shards for k in keys]
 
 
-def load_like_the_readme(dataset: Path, cache: Path):
-    """The call README.md gives for opening an output."""
+def load_like_the_readme(dataset: Path, cache: Path, **options):
+    """The call README.md gives for opening an output: the directory alone, no file pattern."""
     import datasets
 
-    return datasets.load_dataset("parquet", data_dir=str(dataset), data_files="part-*.parquet", split="train", cache_dir=str(cache))
+    return datasets.load_dataset("parquet", data_dir=str(dataset), cache_dir=str(cache), **options)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_kind_opens_with_datasets_as_exactly_its_shard_rows(tmp_path, kind):
+def test_every_kind_opens_with_data_dir_alone_as_exactly_its_shard_rows(tmp_path, kind):
+    """`load_dataset("parquet", data_dir=OUT)` gives one split, `train`, holding exactly the shard
+    rows: the rejects (Parquet too, another schema), stats, markers, run record, manifest and data
+    card beside them are not read as data."""
     out = tmp_path / kind
     keys = _write_dataset(out, kind)
     assert len(read_rejects(out)) == 4 and (out / "DATACARD.md").exists() and (out / "_run.json").exists()
 
-    loaded = load_like_the_readme(out, tmp_path / ".hf-cache")
-    shards = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+    splits = load_like_the_readme(out, tmp_path / ".hf-cache")
+    assert list(splits) == ["train"]
+    loaded = splits["train"]
+    shards = pa.concat_tables([pq.read_table(p) for p in sorted((out / "train").glob("part-*.parquet"))])
     assert loaded.column_names == load_schema(kind).arrow.names
     assert loaded[load_schema(kind).key] == keys  # no reject row, nothing twice, shard order kept
     assert loaded.data.table.cast(shards.schema).equals(shards)  # every value as written, nested ones too
 
 
-def test_data_dir_alone_reads_fgdata_metadata_as_data(tmp_path):
-    """`data_dir=OUT` alone makes `datasets` read every non-hidden file under OUT (data_files.py:
-    only `.`-names, `__`-folders and a few names such as README.md are skipped), so `_rejects/`,
-    `_stats/`, `_done/` and `_manifest.json` are taken for data. README.md says to add
-    `data_files="part-*.parquet"`; this test fails once the layout lets `data_dir` alone work."""
+def test_the_directory_path_alone_and_the_rejects_open_too(tmp_path):
+    """`load_dataset(OUT)` (a folder path, the builder inferred) reads the same rows, and the rejects
+    folder opens on its own with its own schema."""
     import datasets
 
     out = tmp_path / "regions"
-    _write_dataset(out, "regions")
-    with pytest.raises((pa.ArrowException, ValueError, datasets.exceptions.DatasetGenerationError)):
-        datasets.load_dataset("parquet", data_dir=str(out), split="train", cache_dir=str(tmp_path / ".hf-cache"))
+    keys = _write_dataset(out, "regions")
+    loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / ".hf-cache"))
+    assert loaded["key"] == keys
+    rejects = load_like_the_readme(out / "_rejects", tmp_path / ".hf-cache", split="train")
+    assert sorted(rejects["key"]) == ["r1", "r2", "r3", "r4"] and set(rejects["reason"]) == {"test_reason"}
 
 
 def test_exports_open_with_the_datasets_json_and_csv_builders(tmp_path):

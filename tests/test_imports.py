@@ -32,7 +32,7 @@ def _reasons(dataset: Path) -> dict[str, str]:
 
 
 def _load_with_datasets(dataset: Path):
-    return load_like_the_readme(dataset, dataset.parent / ".hf-cache")
+    return load_like_the_readme(dataset, dataset.parent / ".hf-cache", split="train")
 
 
 def test_fgclip_round_trip_keeps_boxes_phrases_and_negatives(tmp_path, ray_session):

@@ -17,7 +17,7 @@ from conftest import run_cli
 from PIL import Image
 from test_images import png_with_header_size
 
-from pipeline.core.shards import read_rejects
+from pipeline.core.shards import list_shards, read_rejects
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_a_hostile_folder_ingests_every_good_image_and_rejects_the_rest(tmp_path
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    rows = [row for shard in sorted(out.glob("part-*.parquet")) for row in pq.read_table(shard).to_pylist()]
+    rows = [row for shard in list_shards(out) for row in pq.read_table(shard).to_pylist()]
     rejects = read_rejects(out).to_pylist()
     by_reason = Counter(r["reason"] for r in rejects)
     print(

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline import runner
 from pipeline.cli import app
 from pipeline.core.schemas import conform
-from pipeline.core.shards import DONE_DIR, STATS_DIR, finished_shards, read_json, read_rejects, shard_markers
+from pipeline.core.shards import DONE_DIR, STATS_DIR, finished_shards, read_json, list_shards, read_rejects, shard_markers
 from pipeline.errors import StageFailed
 from pipeline.runner import choose_executor, run_stage
 from pipeline.stages.base import ModelPool, ShardResult, Stage, WorkUnit
@@ -36,7 +36,7 @@ def shard_by_shard(out):
     """Everything a shard consists of, minus its timings: rows, rejects, marker, stats."""
     markers = shard_markers(out)
     shards = {}
-    for path in sorted(out.glob("part-*.parquet")):
+    for path in list_shards(out):
         stats = read_json(out / STATS_DIR / path.name.replace(".parquet", ".json"))
         for timing in ("seconds", "timings"):
             stats.pop(timing, None)

@@ -78,10 +78,10 @@ def test_shard_is_written_data_first_marker_last_and_leaves_no_temporary_objects
     assert written[-1] == f"{out}/{DONE_DIR}/part-00000.parquet.done"
     written.clear()
     stats = write_shard(out, "part-00001.parquet", table, "phrases", rejects, {"rows_in": 2}, marker="fingerprint-1")
-    assert written == [f"{out}/part-00001.parquet", f"{out}/{REJECTS_DIR}/part-00001.parquet", f"{out}/{STATS_DIR}/part-00001.json", f"{out}/{DONE_DIR}/part-00001.parquet.done"]
+    assert written == [f"{out}/train/part-00001.parquet", f"{out}/{REJECTS_DIR}/part-00001.parquet", f"{out}/{STATS_DIR}/part-00001.json", f"{out}/{DONE_DIR}/part-00001.parquet.done"]
     assert stats == {"rows_in": 2} and finished_shards(out) == {"part-00000.parquet", "part-00001.parquet"}
-    assert read_shard(f"{out}/part-00001.parquet").to_pylist() == table.to_pylist()
-    assert read_shard(f"{out}/part-00000.parquet").num_rows == 0
+    assert read_shard(f"{out}/train/part-00001.parquet").to_pylist() == table.to_pylist()
+    assert read_shard(f"{out}/train/part-00000.parquet").num_rows == 0
     assert read_rejects(out).column("reason").to_pylist() == ["empty_caption"]
     assert storage.location(f"{out}/{DONE_DIR}/part-00001.parquet.done").read_text() == "fingerprint-1"
     assert not [key for key in all_objects(out) if storage.TMP_TAG in key]
@@ -90,7 +90,7 @@ def test_shard_is_written_data_first_marker_last_and_leaves_no_temporary_objects
 def test_a_shard_without_its_marker_is_not_done(bucket):
     out = f"{bucket}/phrases"
     claim_output(out, "phrases", "h", overwrite=False)
-    put_object(f"{out}/part-00000.parquet", b"half a shard a killed worker left")
+    put_object(f"{out}/train/part-00000.parquet", b"half a shard a killed worker left")
     assert finished_shards(out) == set()
     write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
     assert finished_shards(out) == {"part-00000.parquet"}
@@ -545,7 +545,7 @@ def test_trainer_rows_read_fggrn_on_s3_through_its_lineage(bucket, tmp_path):
     manifest["inputs"] = [{**entry, "path": f"{bucket}/images"} for entry in manifest["inputs"]]  # lineage on the store
     put_object(f"{bucket}/fggrn/{MANIFEST_FILE}", json.dumps(manifest).encode())
     pairs = fgclip_sources([f"{bucket}/fggrn"], None)
-    assert [(str(a), str(b)) for a, b in pairs] == [(f"{bucket}/fggrn/{n}", f"{bucket}/images/{n}") for n in ("part-00000.parquet", "part-00001.parquet")]
+    assert [(str(a), str(b)) for a, b in pairs] == [(f"{bucket}/fggrn/train/{n}", f"{bucket}/images/train/{n}") for n in ("part-00000.parquet", "part-00001.parquet")]
     remote = list(fgclip_rows(pairs, max_boxes=None))
     local = list(fgclip_rows(fgclip_sources([world["fggrn"]], None), max_boxes=None))
     assert len(remote) == 6 and remote == local

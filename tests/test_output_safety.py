@@ -202,11 +202,11 @@ def test_a_kept_shard_is_never_rewritten_by_a_resume(tmp_path, ray_session):
     write_caption_shard(source / "part-00000.parquet", [{"key": "k", "short_caption": "a red car"}])
     out = tmp_path / "phrases"
     run_stage(PhrasesStage(source), out, make_config())
-    written = os.stat(out / "part-00000.parquet").st_mtime_ns
+    written = os.stat(out / "train" / "part-00000.parquet").st_mtime_ns
     summary = run_stage(PhrasesStage(source), out, make_config())
     assert (summary.shards_run, summary.shards_skipped) == (0, 1)
-    assert os.stat(out / "part-00000.parquet").st_mtime_ns == written
-    assert pq.read_metadata(out / "part-00000.parquet").num_rows == 1
+    assert os.stat(out / "train" / "part-00000.parquet").st_mtime_ns == written
+    assert pq.read_metadata(out / "train" / "part-00000.parquet").num_rows == 1
 
 
 def test_a_lineage_loop_is_a_one_line_error_not_a_recursion(tmp_path):

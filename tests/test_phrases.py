@@ -105,7 +105,7 @@ def test_long_caption_is_split_when_present(tmp_path):
     out = tmp_path / "phrases"
     run_stage(PhrasesStage(source), out, make_config())
     by_key = {r["key"]: r for r in read_rows(out)}
-    assert (out / "part-00003.parquet").exists()  # input shard N -> output shard N
+    assert (out / "train" / "part-00003.parquet").exists()  # input shard N -> output shard N
     assert by_key["a"]["phrase_source"] == "long_caption"
     assert [p["text"] for p in by_key["a"]["phrases"]] == ["A brown dog with a red collar", "a red collar", "a green lawn"]
     assert by_key["b"]["phrase_source"] == "short_caption" and by_key["b"]["long_caption"] is None

@@ -162,8 +162,8 @@ def start_recipe(setup, out, *extra) -> subprocess.Popen:
 
 def assert_same_datasets(out: Path, reference: Path) -> None:
     for step in ("images", "phrases", "regions", "fggrn"):
-        shards = sorted(p.name for p in (reference / step).glob("part-*.parquet"))
-        assert len(shards) >= 4 and sorted(p.name for p in (out / step).glob("part-*.parquet")) == shards
+        shards = sorted(p.name for p in (reference / step / "train").glob("part-*.parquet"))
+        assert len(shards) >= 4 and sorted(p.name for p in (out / step / "train").glob("part-*.parquet")) == shards
         for name in shards:
             assert pq.read_table(out / step / name).to_pylist() == pq.read_table(reference / step / name).to_pylist(), f"{step}/{name}"
             assert pq.read_table(out / step / "_rejects" / name).to_pylist() == pq.read_table(reference / step / "_rejects" / name).to_pylist()
@@ -212,7 +212,7 @@ def test_killed_recipe_resumes_per_step_and_shard(setup, stage_by_stage, tmp_pat
     run.wait(timeout=30)
     wait_for(lambda: not shard_worker_pids("ray::fgdata-") and not shard_worker_pids("ray::ModelWorker"), timeout=60, what="the killed run's workers")
     before = {step: finished_shards(out / step) for step in ("images", "phrases", "regions", "fggrn")}
-    total = len(list((stage_by_stage / "images").glob("part-*.parquet")))
+    total = len(list((stage_by_stage / "images" / "train").glob("part-*.parquet")))
     assert before["regions"] and len(before["fggrn"]) < total and not (out / "fggrn" / "_manifest.json").exists()
     stamps = {(step, name): (out / step / "_done" / f"{name}.done").stat().st_mtime_ns for step, names in before.items() for name in names}
 

@@ -100,7 +100,7 @@ def test_the_error_check_sees_a_broken_page(world, tmp_path):
 def _hostile_fggrn(world: Path, tmp_path: Path) -> Path:
     """An fggrn dataset over the world's images whose captions, phrases, negatives and keys are
     markup, with boxes that are NaN, infinite, reversed or far outside the image."""
-    table = pq.read_table(world / "fggrn" / shard_name(0))
+    table = pq.read_table(world / "fggrn" / "train" / shard_name(0))
     rows = table.to_pylist()
     for row in rows[:5]:
         row["short_caption"] = row["long_caption"] = HOSTILE
@@ -169,11 +169,11 @@ def test_random_weight_banner(world, tmp_path):
     assert "id='random-banner'" not in render_report(world / "fggrn")[0]
     assert "id='random-banner'" in render_report(_with_rejects(world, tmp_path, random_weights=True))[0]
     # a row labelled random is enough, even when no manifest says so
-    rows = pq.read_table(world / "fggrn" / shard_name(0)).to_pylist()
+    rows = pq.read_table(world / "fggrn" / "train" / shard_name(0)).to_pylist()
     rows[0]["detector_is_random"] = True
     labelled = tmp_path / "labelled"
     shutil.copytree(world / "fggrn", labelled)
-    pq.write_table(conform(rows, "fggrn"), labelled / shard_name(0))
+    pq.write_table(conform(rows, "fggrn"), labelled / "train" / shard_name(0))
     page = render_report(labelled)[0]
     assert "id='random-banner'" in page and "1 sampled rows with detector_is_random" in page
 
@@ -234,7 +234,7 @@ def test_cli_writes_the_report_and_refuses_to_replace_it(world, tmp_path):
 def _million_rows(world: Path, root: Path, shards: int, rows_per_shard: int) -> Path:
     """A synthetic fggrn dataset of shards × rows_per_shard rows (the world's rows repeated), its
     image shards hard links of one real shard: no disk beyond one shard of each."""
-    base = pq.read_table(world / "fggrn" / shard_name(0))
+    base = pq.read_table(world / "fggrn" / "train" / shard_name(0))
     table = pa.concat_tables([base] * (rows_per_shard // base.num_rows + 1)).slice(0, rows_per_shard)
     fggrn, images = root / "fggrn", root / "images"
     fggrn.mkdir(parents=True)
@@ -243,7 +243,7 @@ def _million_rows(world: Path, root: Path, shards: int, rows_per_shard: int) -> 
     for index in range(shards):
         if index:
             os.link(fggrn / shard_name(0), fggrn / shard_name(index))
-        os.link(world / "images" / shard_name(0), images / shard_name(index))
+        os.link(world / "images" / "train" / shard_name(0), images / shard_name(index))
     write_json(images / MANIFEST_FILE, {"stage": "ingest", "kind": "images", "inputs": []})
     total = shards * rows_per_shard
     write_json(fggrn / MANIFEST_FILE, {"stage": "negatives", "kind": "fggrn", "inputs": [{"path": str(images)}], "rows_in": total, "rows_out": total, "rows_rejected": 0})

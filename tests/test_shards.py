@@ -26,7 +26,7 @@ def test_write_shard_writes_data_rejects_stats_then_marker(tmp_path):
     rejects = [{"key": "k2", "reason": "empty_caption", "detail": "no text", "source": "x"}]
     write_shard(tmp_path, "part-00000.parquet", table, "phrases", rejects, {"rows_in": 2})
     assert finished_shards(tmp_path) == {"part-00000.parquet"}
-    assert read_shard(tmp_path / "part-00000.parquet").to_pylist() == [PHRASE_ROW]
+    assert read_shard(tmp_path / "train" / "part-00000.parquet").to_pylist() == [PHRASE_ROW]
     assert read_shard(tmp_path / "_rejects" / "part-00000.parquet").column("reason").to_pylist() == ["empty_caption"]
     assert read_stats(tmp_path) == {"part-00000.parquet": {"rows_in": 2}}
     assert not list(tmp_path.rglob(".*tmp-*")), "temporary files left behind"

@@ -174,7 +174,7 @@ def test_train_cli_stops_on_bad_input_with_a_message(world, tmp_path):
     assert wrong.returncode == 2 and "--objective must be one of fgclip, re" in wrong.stderr
     orphan = tmp_path / "orphan"
     orphan.mkdir()
-    (orphan / "part-00000.parquet").write_bytes((world["train"]["fggrn"] / "part-00000.parquet").read_bytes())
+    (orphan / "part-00000.parquet").write_bytes((world["train"]["fggrn"] / "train" / "part-00000.parquet").read_bytes())
     missing = run_cli("train", str(orphan), "--out", str(tmp_path / "o2"), "--model", str(world["clip"]))
     assert missing.returncode == 2 and "pass --images DIR" in missing.stderr
     size = run_cli("train", str(world["train"]["fggrn"]), "--out", str(tmp_path / "o3"), "--model", str(world["clip"]), "--set", "fgclip.image_size=224")
