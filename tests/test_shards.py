@@ -104,3 +104,20 @@ def test_wheel_ships_schemas_and_prompts(tmp_path):
     probe = "from pipeline.core.resources import resource_dir; print(resource_dir('schemas'))"
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == str(target / "pipeline" / "_resources" / "schemas")
+
+
+def test_a_dataset_of_fgdata_0_1_is_read_as_input_and_never_resumed_as_output(tmp_path):
+    """fgdata 0.1 wrote its shards at the top of OUT (before `train/`). Such a dataset is still an
+    input, but resuming it as an output would mix two layouts: refused, and --overwrite redoes it."""
+    old = tmp_path / "old"
+    claim_output(old, "phrases", "h", overwrite=False)
+    write_shard(old, "part-00000.parquet", conform([PHRASE_ROW], "phrases"), "phrases", [], {"rows_in": 1})
+    (old / "train" / "part-00000.parquet").rename(old / "part-00000.parquet")
+    (old / "train").rmdir()
+    assert [p.name for p in list_shards(old)] == ["part-00000.parquet"]
+    assert read_shard(list_shards(old)[0]).to_pylist() == [PHRASE_ROW]
+    with pytest.raises(FgdataError, match="written by fgdata 0.1"):
+        claim_output(old, "phrases", "h", overwrite=False)
+    assert (old / "part-00000.parquet").exists()  # the refusal deleted nothing
+    claim_output(old, "phrases", "h", overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == ["_run.json"]
