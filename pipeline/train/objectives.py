@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.storage import Location, location
 from pipeline.datasets.fggrn_rows import FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources
 from pipeline.datasets.hierarcaps_csv import TIERS, read_chains, usable_chains
 from pipeline.errors import FgdataError
@@ -46,7 +47,7 @@ class FgclipObjective:
 
     name = "fgclip"
 
-    def __init__(self, sources: list[Path], settings, images: Path | None, device: str, rank: int = 0, world: int = 1):
+    def __init__(self, sources: list[Location], settings, images: Location | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
         self.pairs = fgclip_sources(sources, images)
         # before the model loads: a set with no usable row would otherwise stream nothing forever
@@ -75,7 +76,7 @@ class FgclipObjective:
         stream = FgclipStream(self.pairs, self.settings, self.parts.mean, self.parts.std, skip_batches, self.rank, self.world)
         return iter(torch.utils.data.DataLoader(
             stream, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers, collate_fn=collate_fgclip,
-            persistent_workers=self.settings.num_workers > 0,
+            persistent_workers=self.settings.num_workers > 0, worker_init_fn=_own_store_clients,
         ))
 
     def _hard_boxes(self, batch: dict) -> list[int]:
@@ -176,6 +177,14 @@ class FgclipObjective:
         save_file({"region_logit_scale": module.region_logit_scale.detach().cpu().reshape(1), "hard_negative_logit_scale": module.hard_negative_logit_scale.detach().cpu().reshape(1)}, str(Path(out_dir) / "fgclip_heads.safetensors"))
 
 
+def _own_store_clients(_worker: int) -> None:
+    """A data-loader worker is a fork of the trainer, and an object store's client made before the fork
+    (s3fs, gcsfs: an event loop on a thread of the parent) refuses to run in it: the worker's copy of
+    the stream reaches its shards through locations, and so clients, of its own."""
+    stream = torch.utils.data.get_worker_info().dataset
+    stream.pairs = [(location(str(rows)), location(str(images))) for rows, images in stream.pairs]
+
+
 def _joined(outputs: list[dict]) -> dict:
     """The pieces' embeddings concatenated name by name, in piece order."""
     names = dict.fromkeys(name for output in outputs for name in output)
@@ -187,7 +196,7 @@ class RadialObjective:
 
     name = "re"
 
-    def __init__(self, sources: list[Path], settings, images: Path | None, device: str, rank: int = 0, world: int = 1):
+    def __init__(self, sources: list[Location], settings, images: Location | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
         # checked before the model loads: one chain of another shape fails a whole batch
         self.data = Counter()
