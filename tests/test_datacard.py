@@ -45,7 +45,7 @@ def _lineage(tmp_path: Path, licensed: bool) -> Path:
 def test_card_has_every_datasheet_section(tmp_path):
     captions = _lineage(tmp_path, licensed=True)
     card = render_datacard(captions, _manifest(inputs=[{"path": str(tmp_path / "images"), "stage": "ingest"}], audit={"valid_rate": 0.97, "n": 200}))
-    for heading in ("Random weights", "Composition", "Sources and licences", "Lineage", "Models (with revisions)", "Prompts (with hashes)", "Sampling", "Counts and reject reasons", "Audit", "Known limitations"):
+    for heading in ("Random weights", "Composition", "Sources and licences", "Lineage", "Models (with revisions)", "Prompts (with hashes)", "Sampling", "Counts and reject reasons", "Opening it", "Audit", "Known limitations"):
         assert f"## {heading}" in card
     assert f"licence see {tmp_path / 'photos' / 'LICENSE'}" in card
     assert "Qwen/Qwen2.5-VL-7B-Instruct@abc123 (vllm)" in card and "revision=abc123" in card
