@@ -23,6 +23,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import torch  # noqa: E402
 from records import write_result  # noqa: E402
 from synthetic import synthetic_chains  # noqa: E402
 
@@ -106,6 +107,9 @@ def main() -> None:
             rows[step] = {key: ours[key] for key in ("rows_in", "rows_out", "rows_rejected")} | {"shards": len(ours["shards"])}
             if any(ours[key] != theirs[key] for key in ("rows_in", "rows_out", "rows_rejected")):
                 raise SystemExit(f"{step}: the recipe wrote {ours['rows_out']} rows, the stages {theirs['rows_out']}")
+        # the training loop alone (distill.json): the command trains on torch's default threads, the
+        # recipe's distill task on the one thread Ray gives it
+        distill_seconds = {side: read_json(work / side / "distilled" / "distill.json")["seconds"] for side in ("stages", "recipe")}
     stages_total = sum(stage_seconds.values())
     write_result(
         "recipe_vs_stages_hierarcaps",
@@ -122,6 +126,8 @@ def main() -> None:
             "recipe_seconds": round(recipe_seconds, 2),
             "speedup": round(stages_total / recipe_seconds, 3),
             "rows": rows,
+            "distill_training_seconds": distill_seconds,
+            "torch_threads": {"stages": torch.get_num_threads(), "recipe": 1},
         },
         file_name="recipe_vs_stages_hierarcaps",
     )

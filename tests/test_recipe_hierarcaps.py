@@ -89,7 +89,9 @@ def test_distill_keeps_the_first_inputs_chain_of_a_key_and_counts_the_rest(tmp_p
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("hierarcaps-recipe")
     captions, settings = write_world(root / "world")
-    return {"root": root, "captions": captions, "settings": settings, "env": fake_llm_env()}
+    # torch on one thread, as Ray runs the recipe's distill task: on a busy 2-core machine the distill
+    # command's two threads made it ~30x slower (bench/results/recipe_vs_stages_hierarcaps.json)
+    return {"root": root, "captions": captions, "settings": settings, "env": {**fake_llm_env(), "OMP_NUM_THREADS": "1"}}
 
 
 @pytest.fixture(scope="module")
