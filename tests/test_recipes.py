@@ -165,7 +165,7 @@ def assert_same_datasets(out: Path, reference: Path) -> None:
         shards = sorted(p.name for p in (reference / step / "train").glob("part-*.parquet"))
         assert len(shards) >= 4 and sorted(p.name for p in (out / step / "train").glob("part-*.parquet")) == shards
         for name in shards:
-            assert pq.read_table(out / step / name).to_pylist() == pq.read_table(reference / step / name).to_pylist(), f"{step}/{name}"
+            assert pq.read_table(out / step / "train" / name).to_pylist() == pq.read_table(reference / step / "train" / name).to_pylist(), f"{step}/{name}"
             assert pq.read_table(out / step / "_rejects" / name).to_pylist() == pq.read_table(reference / step / "_rejects" / name).to_pylist()
         assert_dataset_invariants(out / step)
         manifest = read_json(out / step / "_manifest.json")
