@@ -553,7 +553,7 @@ def train(
     out: Annotated[str, typer.Option("--out", "-o", help="Local directory for the trained model, its checkpoints and train.json; copy it to a store when done.")],
     objective: Annotated[str, typer.Option(help="fgclip (FG-CLIP stage 2) or re (Radial Embedding on HierarCaps).")] = "fgclip",
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="CLIP to start from, hub id or local directory (fgclip.model / radial.model).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="fgclip: image shards; default: found through the FgGRN lineage.")] = None,
+    images: Annotated[Optional[str], typer.Option(help="fgclip: image shards (a path or a URI); default: found through the FgGRN lineage.")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
@@ -606,9 +606,9 @@ def evaluate(
     from collections import Counter
 
     from pipeline.core.shards import write_json
+    from pipeline.core.storage import is_uri, location
     from pipeline.eval import evaluate as ev
 
-    from pipeline.core.storage import is_uri, location
     with _user_errors():
         settings = _setup(config, set_)
         if not (fggrn or hierarcaps or fg_ovd):
