@@ -361,7 +361,7 @@ def image_in_root(root: Location, img_path: str) -> tuple[Location | None, tuple
     benchmark file must not read what lies outside its image root (absolute paths, `..`, links).
     `root` may be a folder in an object store."""
     try:
-        path = _object_inside(root, img_path) if is_uri(root) else path_inside(root, img_path)
+        path = path_inside(root, img_path)  # a local path or a key under a store root
         if not path.exists():
             return None, ("image_not_found", f"{shown(str(path))} not found (pass --image-root)")
         if not path.is_file():
@@ -371,14 +371,6 @@ def image_in_root(root: Location, img_path: str) -> tuple[Location | None, tuple
     except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL, a link loop
         return None, ("bad_img_path", f"img_path {shown(img_path)} ({shown(first_line(exc))})")
     return path, None
-
-
-def _object_inside(root: Location, relative: str) -> Location:
-    """path_inside for a store: no links there, so a relative key without `..` stays inside."""
-    parts = relative.split("/")
-    if relative.startswith("/") or is_uri(relative) or ".." in parts:
-        raise OutsideRoot(f"{relative!r} leads outside {root}")
-    return root / "/".join(part for part in parts if part not in ("", "."))
 
 
 def _read_image(path: Location) -> tuple[tuple[bytes, int, int] | None, tuple[str, str] | None]:
