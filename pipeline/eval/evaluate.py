@@ -31,7 +31,7 @@ from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.shards import find_ancestor, list_shards, read_shard
 from pipeline.core.sources import OutsideRoot, path_inside
-from pipeline.core.storage import Location, is_uri, location, resolved
+from pipeline.core.storage import Location, location, resolved
 from pipeline.datasets.fggrn_rows import fgclip_rows, fgclip_sources, pixels
 from pipeline.datasets.hierarcaps_csv import read_chains, read_official_csv, usable_chains
 from pipeline.errors import FgdataError, first_line
