@@ -1,43 +1,26 @@
 """Datasets on Google Cloud Storage (`gs://`), against GCS's JSON API served by gcp-storage-emulator
 on 127.0.0.1 and reached through gcsfs, as test_object_storage.py does for s3:// against moto. GCS
 differs from S3 where it matters here: no rename, no folders (a "directory" is a shared prefix),
-content tags are md5Hash/etag plus a generation number. The shard contract, --overwrite safety,
-input fingerprints and a CLI run (subprocess, Ray workers) hold there as on a local disk."""
+content tags are md5Hash/etag plus a generation number. A CLI run (subprocess, Ray workers) holds
+there as on a local disk; the shard contract, --overwrite safety and input fingerprints are checked
+on gs:// and s3:// alike in test_store_contract.py."""
 
 from __future__ import annotations
 
-import uuid
-
-import pyarrow as pa
 import pytest
 from conftest import SAMPLE_IMAGES, run_cli
 from gcs_store import gcs_bucket, gcs_server  # noqa: F401 (fixtures)
-from object_store import all_objects, assert_s3_invariants, put_object, s3_rows
+from object_store import all_objects, assert_s3_invariants, s3_rows
 
 from pipeline.core import storage
-from pipeline.core.schemas import conform
 from pipeline.core.shards import (
     DONE_DIR,
     MANIFEST_FILE,
-    REJECTS_DIR,
-    RUN_FILE,
-    STATS_DIR,
-    claim_output,
-    finished_shards,
     list_shards,
     read_json,
     read_rejects,
     read_shard,
-    shard_path,
-    unit_fingerprint,
-    write_shard,
 )
-from pipeline.errors import FgdataError
-
-
-def phrase_table(*keys: str) -> pa.Table:
-    rows = [{"key": k, "short_caption": "a red car", "long_caption": None, "phrase_source": "short_caption", "phrases": [], "spacy_model": "x"} for k in keys]
-    return conform(rows, "phrases")
 
 
 def test_gs_uris_reach_the_emulator_through_gcsfs(gcs_bucket):
@@ -50,95 +33,7 @@ def test_gs_uris_reach_the_emulator_through_gcsfs(gcs_bucket):
     assert all_objects(gcs_bucket) == {f"{gcs_bucket}/a/b.txt".removeprefix("gs://"): b"hello"}
 
 
-# --- the shard contract ---------------------------------------------------------------------
-
-
-def test_shard_is_written_data_first_marker_last_and_leaves_no_temporary_objects(gcs_bucket, monkeypatch):
-    out = f"{gcs_bucket}/phrases"
-    written = []
-    real = storage.write_whole
-    monkeypatch.setattr(storage, "write_whole", lambda final, write, *a: (written.append(str(final)), real(final, write, *a)))
-    table = phrase_table("a")
-    rejects = [{"key": "b", "reason": "empty_caption", "detail": "no text", "source": "x"}]
-    stats = write_shard(out, "part-00001.parquet", table, "phrases", rejects, {"rows_in": 2}, marker="fingerprint-1")
-    data = str(shard_path(out, "part-00001.parquet"))
-    assert written == [data, f"{out}/{REJECTS_DIR}/part-00001.parquet", f"{out}/{STATS_DIR}/part-00001.json", f"{out}/{DONE_DIR}/part-00001.parquet.done"]
-    assert stats == {"rows_in": 2} and finished_shards(out) == {"part-00001.parquet"}
-    assert [str(p) for p in list_shards(out)] == [data]
-    assert read_shard(data).to_pylist() == table.to_pylist()
-    assert read_rejects(out).column("reason").to_pylist() == ["empty_caption"]
-    assert read_json(f"{out}/{STATS_DIR}/part-00001.json") == {"rows_in": 2}
-    assert storage.location(f"{out}/{DONE_DIR}/part-00001.parquet.done").read_text() == "fingerprint-1"
-    assert not [key for key in all_objects(out) if storage.TMP_TAG in key]
-
-
-def test_a_shard_without_its_marker_is_not_done(gcs_bucket):
-    out = f"{gcs_bucket}/phrases"
-    claim_output(out, "phrases", "h", overwrite=False)
-    put_object(str(shard_path(out, "part-00000.parquet")), b"half a shard a killed worker left")
-    assert finished_shards(out) == set()
-    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
-    assert finished_shards(out) == {"part-00000.parquet"}
-    assert read_shard(shard_path(out, "part-00000.parquet")).column("key").to_pylist() == ["a"]  # the half shard was replaced
-
-
-def test_fingerprint_follows_the_object_not_its_name(gcs_bucket):
-    uri = f"{gcs_bucket}/captions/part-00000.parquet"
-    put_object(uri, b"one")
-    first = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
-    assert unit_fingerprint("h", "part-00000.parquet", {"path": uri}) == first
-    put_object(uri, b"two")  # same size, other content: GCS's etag/md5Hash differs
-    changed = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
-    storage.location(uri).unlink()
-    assert len({first, changed, unit_fingerprint("h", "part-00000.parquet", {"path": uri})}) == 3
-
-
-# --- --overwrite and the run record on GCS --------------------------------------------------
-
-
-def test_overwrite_refuses_a_prefix_fgdata_did_not_write(gcs_bucket):
-    put_object(f"{gcs_bucket}/thesis/chapter1.tex", b"years of work")
-    before = all_objects(gcs_bucket)
-    with pytest.raises(FgdataError, match="not written by fgdata"):
-        claim_output(f"{gcs_bucket}/thesis", "ingest", "h", overwrite=True)
-    with pytest.raises(FgdataError, match="is not empty and was not written by fgdata"):
-        claim_output(f"{gcs_bucket}/thesis", "ingest", "h", overwrite=False)
-    assert all_objects(gcs_bucket) == before
-
-
-def test_overwrite_deletes_only_what_fgdata_wrote_under_its_own_prefix(gcs_bucket):
-    out = f"{gcs_bucket}/out"
-    claim_output(out, "phrases", "h", overwrite=False)
-    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
-    put_object(f"{out}/notes.md", b"mine")
-    with pytest.raises(FgdataError, match=r"holds files fgdata did not write \(notes.md\)"):
-        claim_output(out, "phrases", "h", overwrite=True)
-    assert f"{out}/notes.md".removeprefix("gs://") in all_objects(out)
-    storage.location(f"{out}/notes.md").unlink()
-    put_object(f"{gcs_bucket}/out2/keep.txt", b"a neighbour whose name starts like OUT")
-    put_object(f"{gcs_bucket}/keep.txt", b"beside OUT")
-    with pytest.raises(FgdataError, match="already holds output of stage 'phrases'"):
-        claim_output(out, "phrases", "other-settings", overwrite=False)
-    claim_output(out, "phrases", "other-settings", overwrite=True)
-    left = all_objects(gcs_bucket)
-    assert sorted(left) == sorted(k.removeprefix("gs://") for k in (f"{gcs_bucket}/keep.txt", f"{gcs_bucket}/out2/keep.txt", f"{out}/{RUN_FILE}"))
-    assert read_json(f"{out}/{RUN_FILE}")["settings_hash"] == "other-settings"
-
-
-def test_output_that_is_an_object_or_overlaps_the_input_is_refused(gcs_bucket):
-    source = f"{gcs_bucket}/images"
-    for out, why in [(source, "is the input itself"), (f"{source}/phrases", "is inside the input"), (gcs_bucket, "holds the input")]:
-        with pytest.raises(FgdataError, match=why):
-            claim_output(out, "phrases", "h", overwrite=True, inputs=[storage.location(source)])
-    put_object(f"{gcs_bucket}/a-file", b"x")
-    with pytest.raises(FgdataError, match="is a file"):
-        claim_output(f"{gcs_bucket}/a-file", "phrases", "h", overwrite=False)
-
-
-def test_missing_bucket_is_a_one_line_error(gcs_server):
-    with pytest.raises(FgdataError, match="cannot write to gs://no-such-bucket-") as error:
-        claim_output(f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/out", "phrases", "h", overwrite=False)
-    assert "\n" not in str(error.value)
+# The shard contract, fingerprints and --overwrite on gs://: tests/test_store_contract.py.
 
 
 # --- the CLI on GCS -------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,29 +19,18 @@ from object_store import all_objects, assert_s3_invariants, bucket, put_object, 
 from pipeline.core import storage
 from pipeline.core.schemas import conform
 from pipeline.core.shards import (
-    DONE_DIR,
     MANIFEST_FILE,
-    REJECTS_DIR,
-    RUN_FILE,
     STATS_DIR,
-    claim_output,
     finished_shards,
     list_shards,
     read_json,
     read_rejects,
     read_shard,
-    unit_fingerprint,
-    write_shard,
 )
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.ingest import IngestStage
 from pipeline.stages.fggrn.phrases import PhrasesStage
-
-
-def phrase_table(*keys: str) -> pa.Table:
-    rows = [{"key": k, "short_caption": "a red car", "long_caption": None, "phrase_source": "short_caption", "phrases": [], "spacy_model": "x"} for k in keys]
-    return conform(rows, "phrases")
 
 
 # --- locations ------------------------------------------------------------------------------
@@ -64,94 +52,7 @@ def test_local_paths_stay_paths_and_uris_become_store_paths(tmp_path):
         storage.location("nosuchstore://bucket/x")
 
 
-# --- the shard contract ---------------------------------------------------------------------
-
-
-def test_shard_is_written_data_first_marker_last_and_leaves_no_temporary_objects(bucket, monkeypatch):
-    out = f"{bucket}/phrases"
-    written = []
-    real = storage.write_whole
-    monkeypatch.setattr(storage, "write_whole", lambda final, write, *a: (written.append(str(final)), real(final, write, *a)))
-    table = phrase_table("a")
-    rejects = [{"key": "b", "reason": "empty_caption", "detail": "no text", "source": "x"}]
-    write_shard(out, "part-00000.parquet", phrase_table(), "phrases", [], {"rows_in": 0}, marker="m0")
-    assert written[-1] == f"{out}/{DONE_DIR}/part-00000.parquet.done"
-    written.clear()
-    stats = write_shard(out, "part-00001.parquet", table, "phrases", rejects, {"rows_in": 2}, marker="fingerprint-1")
-    assert written == [f"{out}/train/part-00001.parquet", f"{out}/{REJECTS_DIR}/part-00001.parquet", f"{out}/{STATS_DIR}/part-00001.json", f"{out}/{DONE_DIR}/part-00001.parquet.done"]
-    assert stats == {"rows_in": 2} and finished_shards(out) == {"part-00000.parquet", "part-00001.parquet"}
-    assert read_shard(f"{out}/train/part-00001.parquet").to_pylist() == table.to_pylist()
-    assert read_shard(f"{out}/train/part-00000.parquet").num_rows == 0
-    assert read_rejects(out).column("reason").to_pylist() == ["empty_caption"]
-    assert storage.location(f"{out}/{DONE_DIR}/part-00001.parquet.done").read_text() == "fingerprint-1"
-    assert not [key for key in all_objects(out) if storage.TMP_TAG in key]
-
-
-def test_a_shard_without_its_marker_is_not_done(bucket):
-    out = f"{bucket}/phrases"
-    claim_output(out, "phrases", "h", overwrite=False)
-    put_object(f"{out}/train/part-00000.parquet", b"half a shard a killed worker left")
-    assert finished_shards(out) == set()
-    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
-    assert finished_shards(out) == {"part-00000.parquet"}
-
-
-def test_fingerprint_follows_the_object_not_its_name(bucket):
-    uri = f"{bucket}/captions/part-00000.parquet"
-    put_object(uri, b"one")
-    first = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
-    assert unit_fingerprint("h", "part-00000.parquet", {"path": uri}) == first
-    put_object(uri, b"two")  # same size, other content: the ETag differs
-    changed = unit_fingerprint("h", "part-00000.parquet", {"path": uri})
-    storage.location(uri).unlink()
-    assert len({first, changed, unit_fingerprint("h", "part-00000.parquet", {"path": uri})}) == 3
-
-
-# --- --overwrite and the run record on a store ----------------------------------------------
-
-
-def test_overwrite_refuses_a_prefix_fgdata_did_not_write(bucket):
-    put_object(f"{bucket}/thesis/chapter1.tex", b"years of work")
-    before = all_objects(bucket)
-    with pytest.raises(FgdataError, match="not written by fgdata"):
-        claim_output(f"{bucket}/thesis", "ingest", "h", overwrite=True)
-    with pytest.raises(FgdataError, match="is not empty and was not written by fgdata"):
-        claim_output(f"{bucket}/thesis", "ingest", "h", overwrite=False)
-    assert all_objects(bucket) == before
-
-
-def test_overwrite_deletes_only_what_fgdata_wrote_under_its_own_prefix(bucket):
-    out = f"{bucket}/out"
-    claim_output(out, "phrases", "h", overwrite=False)
-    write_shard(out, "part-00000.parquet", phrase_table("a"), "phrases", [], {}, marker="m")
-    put_object(f"{out}/notes.md", b"mine")
-    with pytest.raises(FgdataError, match=r"holds files fgdata did not write \(notes.md\)"):
-        claim_output(out, "phrases", "h", overwrite=True)
-    assert f"{out}/notes.md".removeprefix("s3://") in all_objects(out)
-    storage.location(f"{out}/notes.md").unlink()
-    put_object(f"{bucket}/out2/keep.txt", b"a neighbour whose name starts like OUT")
-    put_object(f"{bucket}/keep.txt", b"beside OUT")
-    with pytest.raises(FgdataError, match="already holds output of stage 'phrases'"):
-        claim_output(out, "phrases", "other-settings", overwrite=False)
-    claim_output(out, "phrases", "other-settings", overwrite=True)
-    left = all_objects(bucket)
-    assert sorted(left) == sorted(k.removeprefix("s3://") for k in (f"{bucket}/keep.txt", f"{bucket}/out2/keep.txt", f"{out}/{RUN_FILE}"))
-    assert read_json(f"{out}/{RUN_FILE}")["settings_hash"] == "other-settings"
-
-
-def test_output_and_input_prefixes_never_overlap(bucket):
-    source = f"{bucket}/images"
-    for out, why in [(source, "is the input itself"), (f"{source}/phrases", "is inside the input"), (bucket, "holds the input")]:
-        with pytest.raises(FgdataError, match=why):
-            claim_output(out, "phrases", "h", overwrite=True, inputs=[storage.location(source)])
-    put_object(f"{bucket}/a-file", b"x")
-    with pytest.raises(FgdataError, match="is a file"):
-        claim_output(f"{bucket}/a-file", "phrases", "h", overwrite=False)
-
-
-def test_missing_bucket_is_a_one_line_error(s3_server):
-    with pytest.raises(FgdataError, match="cannot write to s3://no-such-bucket-"):
-        claim_output(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out", "phrases", "h", overwrite=False)
+# The shard contract, fingerprints and --overwrite on a store: tests/test_store_contract.py (s3 and gs).
 
 
 # --- stages on a store ----------------------------------------------------------------------
