@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps run-fggrn train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-recipe bench-gpu clean
+.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps run-fggrn train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-recipe bench-recipe-hierarcaps bench-gpu clean
 
 # Every version make installs is pinned in constraints.txt; upgrade deliberately by editing it
 # (or regenerating it from a venv that passed the tests), never by accident.
@@ -186,6 +186,11 @@ bench: setup
 # `fgdata run` against the stage-by-stage commands on the sample x20 (minutes; not in `make test`)
 bench-recipe: setup
 	$(BIN)/python bench/recipe_bench.py
+
+# `fgdata run hierarcaps` against its eight commands (a test-only fake LLM answers seed and augment:
+# this measures scheduling, not generation; minutes; not in `make test`)
+bench-recipe-hierarcaps: setup
+	$(BIN)/python bench/recipe_hierarcaps.py
 
 # one GPU, no set-up: a GPU machine may have torch + transformers but neither this venv nor a network
 # (bench/gpu.py --help; --tiny checks the harness on CPU)
