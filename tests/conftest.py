@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,3 +101,12 @@ def shard_worker_pids(title: str = "ray::fgdata-phrases") -> list[int]:
     """Ray names a worker process after the task (or actor method) it is running."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in ps.splitlines() if title in line and "ps -eo" not in line]
+
+
+def kill_run_when(run: subprocess.Popen, condition, timeout: float, what: str) -> None:
+    """SIGKILLs a CLI run started in its own session (its whole process group) once `condition`
+    holds, then waits until no Ray task or actor worker of it is left, so a rerun starts clean."""
+    wait_for(condition, timeout=timeout, what=what)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=30)
+    wait_for(lambda: not shard_worker_pids("ray::fgdata-") and not shard_worker_pids("ray::ModelWorker"), timeout=60, what="the killed run's workers")

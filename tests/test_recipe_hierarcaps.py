@@ -7,8 +7,6 @@ caption); NLI is a tiny random model with its thresholds at 0; Flan-T5 is a tiny
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FGDATA, REPO, assert_dataset_invariants, make_config, run_cli, shard_worker_pids, wait_for
+from conftest import FGDATA, REPO, assert_dataset_invariants, kill_run_when, make_config, run_cli
 from recipe_hierarcaps import STEPS, fake_llm_env, stage_commands, write_world
 
 from pipeline.core.schemas import conform
@@ -155,10 +153,7 @@ def test_hierarcaps_recipe_writes_the_stage_by_stage_datasets(world, stage_by_st
 def test_killed_hierarcaps_recipe_resumes_per_step_and_shard(world, stage_by_stage, tmp_path):
     out = tmp_path / "out"
     run = start_recipe(world, out, "--set", "run.max_shards_in_flight=1")
-    wait_for(lambda: finished_shards(out / "seed-valid"), timeout=300, what="a filtered seed shard")
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait(timeout=30)
-    wait_for(lambda: not shard_worker_pids("ray::fgdata-") and not shard_worker_pids("ray::ModelWorker"), timeout=60, what="the killed run's workers")
+    kill_run_when(run, lambda: finished_shards(out / "seed-valid"), timeout=300, what="a filtered seed shard")
     before = {step: finished_shards(out / step) for step in STEPS}
     assert before["seed"] and before["seed-valid"] and not (out / "final" / "_manifest.json").exists()
     stamps = {(step, name): (out / step / DONE_DIR / f"{name}.done").stat().st_mtime_ns for step, names in before.items() for name in names}

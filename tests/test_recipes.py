@@ -4,14 +4,13 @@ same datasets as the single-stage commands, and a killed run resumes per (step, 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FGDATA, SAMPLE_IMAGES, assert_dataset_invariants, run_cli, shard_worker_pids, wait_for
+from conftest import FGDATA, SAMPLE_IMAGES, assert_dataset_invariants, kill_run_when, run_cli
 
 from pipeline.config import MAX_CONFIG_BYTES, load_config
 from pipeline.core.shards import finished_shards, read_json
@@ -207,10 +206,7 @@ def test_a_shard_moves_on_as_soon_as_it_is_done(setup, tmp_path):
 def test_killed_recipe_resumes_per_step_and_shard(setup, stage_by_stage, tmp_path):
     out = tmp_path / "out"
     run = start_recipe(setup, out, "--set", "run.max_shards_in_flight=1")
-    wait_for(lambda: finished_shards(out / "regions"), timeout=240, what="a grounded shard")
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait(timeout=30)
-    wait_for(lambda: not shard_worker_pids("ray::fgdata-") and not shard_worker_pids("ray::ModelWorker"), timeout=60, what="the killed run's workers")
+    kill_run_when(run, lambda: finished_shards(out / "regions"), timeout=240, what="a grounded shard")
     before = {step: finished_shards(out / step) for step in ("images", "phrases", "regions", "fggrn")}
     total = len(list((stage_by_stage / "images" / "train").glob("part-*.parquet")))
     assert before["regions"] and len(before["fggrn"]) < total and not (out / "fggrn" / "_manifest.json").exists()
