@@ -340,7 +340,7 @@ def _object_items(folder, config: IngestConfig, key_of) -> list[SourceItem]:
                     path=f"{folder}/{relative}",
                     caption=caption,
                     problem=problem,
-                    signature=f"{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('LastModified')}",
+                    signature=storage.object_signature(info),
                 )
             )
     return items

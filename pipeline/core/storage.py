@@ -109,6 +109,12 @@ def signature(path: str) -> str:
         raise
     except Exception as exc:  # noqa: BLE001 - a store's client errors are not OSErrors
         raise OSError(f"{path}: {first_line(exc)}") from None
+    return object_signature(info)
+
+
+def object_signature(info: dict) -> str:
+    """`signature` of an object from its store's listing entry (`fs.info`, `fs.find(detail=True)`):
+    its size and content tag, so a listing gives every object's signature without a request each."""
     # S3: ETag; GCS: etag/md5Hash; the Hub: blob_id (the git object id); else a modification time
     tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "updated") if info.get(k)), None)
     return f"{info.get('size')}:{tag}"

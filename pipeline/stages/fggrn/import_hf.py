@@ -147,7 +147,7 @@ class ImportHfStage(Stage):
         if storage.is_uri(self.source):
             # a prefix has no size or time of its own: its objects' sizes and ETags stand for it
             listing = _guarded(self.source, lambda: self.source.fs.find(self.source.path, detail=True))
-            self.objects = hashlib.sha256(repr(sorted((k, v.get("size"), v.get("ETag") or v.get("etag")) for k, v in listing.items())).encode()).hexdigest()
+            self.objects = hashlib.sha256(repr(sorted((k, storage.object_signature(v)) for k, v in listing.items())).encode()).hexdigest()
         size = config.ingest.rows_per_shard
         # the unit names rows by position; the fingerprint adds the source's size and time
         return [WorkUnit(shard_name(i), {"path": str(self.source), "start": s, "stop": min(s + size, rows)}) for i, s in enumerate(range(0, max(rows, 1), size))]
