@@ -484,9 +484,7 @@ def _cell_text(value) -> str | None:
 
 
 def _read_table(source) -> pd.DataFrame:
-    if not storage.is_uri(source):
-        return pd.read_csv(source, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(source)
-    with source.fs.open(source.path, "rb") as handle:  # one object, read as the local file would be
+    with source.open("rb") as handle:  # a local file or one object on a store, read the same way
         return pd.read_csv(handle, dtype=str, keep_default_na=False) if source.suffix.lower() == ".csv" else pd.read_parquet(handle)
 
 
