@@ -31,11 +31,10 @@ import time
 import warnings
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.core import storage
-from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, read_json, write_json
+from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, open_shard, read_json, write_json
 from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import write_datacard, write_text_atomic
 from pipeline.errors import FgdataError, first_line
@@ -144,16 +143,6 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 # --- sampling --------------------------------------------------------------------------------
 
 
-def _parquet(path: Location) -> pq.ParquetFile:
-    """A shard opened for its footer, row groups and batches: a local file, or an object read by
-    exact range requests. Not the store's default read-ahead: s3fs fetches 50 MB past every read,
-    so a footer or one row group would pull a whole shard, and a sample every shard."""
-    place = location(path)
-    if not is_uri(place):
-        return pq.ParquetFile(place)
-    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"))
-
-
 def _candidates(kind: str, row: dict, shard: str):
     """(stratum, item) for every candidate negative of one row; malformed parts are skipped."""
     key = str(row.get("key"))
@@ -213,7 +202,7 @@ def draw_sample(dataset_dir: str | Location, n: int, seed: int = 0) -> tuple[str
     seen: dict[str, int] = {}
     for shard in list_shards(dataset_dir):
         try:
-            parquet = _parquet(shard)
+            parquet = open_shard(shard)
             missing = [c for c in _COLUMNS[kind] if c not in parquet.schema_arrow.names]
             if missing:
                 raise FgdataError(f"{shard}: missing required column(s) {', '.join(missing)} of a {kind} shard")
@@ -305,7 +294,7 @@ def _image_bytes(images_dir: Location | None, items: list[dict]) -> dict[str, by
         if not left:
             break
         try:
-            for batch in _parquet(shard).iter_batches(batch_size=256, columns=["key", "image"]):
+            for batch in open_shard(shard).iter_batches(batch_size=256, columns=["key", "image"]):
                 keys = batch.column(0).to_pylist()
                 for index in (i for i, key in enumerate(keys) if key in left):
                     found[keys[index]] = batch.column(1)[index].as_py()

@@ -30,11 +30,10 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, read_json, shard_path, shard_rows
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, open_shard, read_json, shard_path, shard_rows
 from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
@@ -102,17 +101,6 @@ def _fmt(value, digits: int = 2) -> str:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _parquet(path: Location, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
-    """A shard opened for its footer, row groups and batches (given its `metadata`, the footer is
-    not read again): a local file, or an object read by exact range requests. Not the store's
-    default read-ahead: s3fs fetches 50 MB past every read, so a footer or one row group would pull
-    a whole shard, and a sample every shard."""
-    place = location(path)
-    if not is_uri(place):
-        return pq.ParquetFile(place, metadata=metadata)
-    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"), metadata=metadata)
-
-
 def _columns_to_read(shard: Location, kind: str, file_schema: pa.Schema) -> list[str]:
     required, optional = _COLUMNS[kind]
     schema = load_schema(kind).arrow
@@ -127,7 +115,7 @@ def sample_rows(shards: list[Location], kind: str, limit: int, seed: int) -> tup
     for shard in shards:
         try:
             # kept: reading a chosen group reuses it, so each footer is fetched once (a request on a store)
-            metadata = footers[shard] = _parquet(shard).metadata
+            metadata = footers[shard] = open_shard(shard).metadata
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: not a readable Parquet file ({exc})") from None
         for index in range(metadata.num_row_groups):
@@ -142,7 +130,7 @@ def sample_rows(shards: list[Location], kind: str, limit: int, seed: int) -> tup
             break
         columns = _columns_to_read(shard, kind, footers[shard].schema.to_arrow_schema())
         try:
-            table = _parquet(shard, footers[shard]).read_row_group(index, columns=columns)
+            table = open_shard(shard, footers[shard]).read_row_group(index, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{shard}: cannot read shard ({exc})") from None
         if table.num_rows > limit - len(rows):
@@ -166,7 +154,7 @@ def _thumbnails(images_dir: Location | None, wanted: dict[str, set[str]]) -> dic
         left = set(keys)
         try:
             # in batches, stopping once every wanted key is found: an image shard can hold gigabytes
-            for batch in _parquet(path).iter_batches(batch_size=256, columns=["key", "image"]):
+            for batch in open_shard(path).iter_batches(batch_size=256, columns=["key", "image"]):
                 batch_keys = batch.column(0).to_pylist()
                 for index in (i for i, key in enumerate(batch_keys) if key in left):
                     left.discard(batch_keys[index])
@@ -220,7 +208,7 @@ def _reject_summary(dataset_dir: Location) -> tuple[Counter, list[Location]]:
     counts: Counter = Counter()
     for path in files:
         try:
-            column = _parquet(path).read(columns=["reason"]).column("reason")
+            column = open_shard(path).read(columns=["reason"]).column("reason")
         except (pa.ArrowException, OSError) as exc:
             raise FgdataError(f"{path}: cannot read rejects ({exc})") from None
         for item in pc.value_counts(column).to_pylist():
@@ -234,7 +222,7 @@ def _reject_examples(files: list[Location], reasons: Counter, per_reason: int) -
     for path in files:
         if all(len(v) >= per_reason for v in examples.values()):
             break
-        table = _parquet(path).read(columns=["key", "reason", "detail"])
+        table = open_shard(path).read(columns=["key", "reason", "detail"])
         for row in table.to_pylist():
             bucket = examples.setdefault(row["reason"], [])
             if len(bucket) < per_reason:
