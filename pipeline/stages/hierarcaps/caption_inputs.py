@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.core.schemas import check_input_columns
 from pipeline.core.shards import list_shards, read_shard, read_shard_schema, shard_name, shard_rows
-from pipeline.core.storage import is_uri, resolved
+from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
 from pipeline.stages.base import WorkUnit, reject
 
@@ -76,11 +76,8 @@ def _read_caption_file(path: Path, caption_fields: list[str]) -> list[dict]:
     if suffix not in TABLE_SUFFIXES:
         raise FgdataError(f"{path}: captions must come as shards, .txt, .csv, .tsv or .parquet")
     try:
-        if is_uri(path):  # an object is read through its store's filesystem, as an open file
-            with path.open("rb") as handle:
-                frame = _read_table(handle, suffix)
-        else:
-            frame = _read_table(path, suffix)
+        with path.open("rb") as handle:  # a local file or one object on a store, read the same way
+            frame = _read_table(handle, suffix)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise FgdataError(f"{path}: cannot read the table ({exc})") from None
     column = next((name for name in caption_fields if name in frame.columns), None)
