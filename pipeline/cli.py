@@ -104,8 +104,16 @@ def _run_stage(stage, out: str | Path, config_file: Path | None, overrides: list
         _report_run(run_stage(stage, out, settings, overwrite=overwrite))
 
 
-def _check_out_file(out: Path, overwrite: bool) -> None:
-    """A results file named by --out, checked before any work: never a folder, never replaced unless asked."""
+def _check_out_file(out: Path | str, overwrite: bool) -> None:
+    """A results file named by --out, checked before any work: never a folder, never replaced unless
+    asked. On a store (a URI) it is one object, uploaded whole: only the replacing is checked."""
+    from pipeline.core.storage import is_uri, location
+
+    if is_uri(out):
+        if location(out).exists() and not overwrite:
+            raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
+        return
+    out = Path(out)
     if out.is_dir():
         raise FgdataError(f"--out {out} is a folder; give a file name")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
@@ -606,18 +614,15 @@ def evaluate(
     from collections import Counter
 
     from pipeline.core.shards import write_json
-    from pipeline.core.storage import is_uri, location
+    from pipeline.core.storage import location
     from pipeline.eval import evaluate as ev
 
     with _user_errors():
         settings = _setup(config, set_)
         if not (fggrn or hierarcaps or fg_ovd):
             raise FgdataError("nothing to evaluate: give --fggrn, --hierarcaps and/or --fg-ovd")
-        if out and is_uri(out):  # an object in a store: one upload, whole; replaced only when asked
-            if location(out).exists() and not overwrite:
-                raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
-        elif out:
-            _check_out_file(Path(out), overwrite)
+        if out:
+            _check_out_file(out, overwrite)
         encoder = ev.Encoder(model)
         results: dict = {"model": model}
         if fggrn:
