@@ -217,11 +217,12 @@ def write_datacard(out_dir: Path, manifest: dict) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, make_parents: bool = False) -> None:
     """shards.write_text (a temporary file named as fgdata names them, so --overwrite knows a
-    leftover one as its own), into a folder that must exist; a failure is a one-line error."""
+    leftover one as its own), into a folder that must exist unless `make_parents` (a store has no
+    folders to make); a failure is a one-line error."""
     try:
-        write_text(path, text, make_parents=False)
+        write_text(path, text, make_parents=make_parents)
     except OSError as exc:
         raise FgdataError(f"cannot write {path}: {first_line(exc)}") from None
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.core import storage
 from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, open_shard, read_json, write_json
-from pipeline.core.storage import Location, is_uri, location
+from pipeline.core.storage import Location, location
 from pipeline.datasets.datacard import write_datacard, write_text_atomic
 from pipeline.errors import FgdataError, first_line
 
@@ -373,9 +373,7 @@ def write_audit_page(dataset_dir: str | Location, out: str | Location, n: int = 
         raise FgdataError(f"--n must be between 1 and {MAX_ITEMS:,} (a page of n inline images; 200 judged at a 95% valid rate already give +-3 points)")
     page, summary = render_audit_page(dataset_dir, n, seed)
     out = location(out)
-    if not is_uri(out):  # a store has no folders to make
-        out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, page)
+    write_text_atomic(out, page, make_parents=True)
     return summary
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, open_shard, read_json, shard_path, shard_rows
-from pipeline.core.storage import Location, is_uri, location
+from pipeline.core.storage import Location, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
@@ -537,7 +537,5 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
 def write_report(dataset_dir: str | Location, out: str | Location, **options) -> dict:
     page, summary = render_report(dataset_dir, **options)
     out = location(out)
-    if not is_uri(out):  # a store has no folders to make
-        out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, page)
+    write_text_atomic(out, page, make_parents=True)
     return {**summary, "out": str(out), "bytes": len(page.encode())}
