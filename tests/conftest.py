@@ -47,6 +47,11 @@ def image_bytes(size=(64, 48), fmt="JPEG", color=(200, 30, 30)) -> bytes:
     return buffer.getvalue()
 
 
+def png_bytes(side: int = 16) -> bytes:
+    """A small square PNG (an image cell of a Hugging Face dataset)."""
+    return image_bytes((side, side), "PNG", (0, 128, 255))
+
+
 def write_caption_shard(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = schema or pa.schema([("key", pa.string()), ("short_caption", pa.string())])

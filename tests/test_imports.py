@@ -3,7 +3,6 @@ every output readable by `datasets.load_dataset("parquet", ...)`."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -11,8 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_dataset_invariants, image_bytes, make_config, read_rows
-from PIL import Image
+from conftest import assert_dataset_invariants, image_bytes, make_config, png_bytes, read_rows
 from test_hf_load import load_like_the_readme
 
 from pipeline.core.shards import find_ancestor, read_rejects
@@ -170,18 +168,12 @@ def test_grit_keys_join_download_keys(tmp_path):
     assert [p["key"] for u in planned for p in u.payload] == [r["key"] for r in plan_url_records(path)]
 
 
-def _png(side: int = 16) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side), (0, 128, 255)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_hf_save_to_disk_and_parquet_layouts(tmp_path, ray_session):
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "id": datasets.Value("string")})
     records = {
-        "image": [{"bytes": _png(), "path": None}, {"bytes": b"not an image", "path": None}, {"bytes": _png(2), "path": None}],
+        "image": [{"bytes": png_bytes(), "path": None}, {"bytes": b"not an image", "path": None}, {"bytes": png_bytes(2), "path": None}],
         "caption": ["a blue square", "junk", "tiny"],
         "id": ["a", "b", "c"],
     }
@@ -197,8 +189,8 @@ def test_hf_save_to_disk_and_parquet_layouts(tmp_path, ray_session):
     # Image cells that name a file: read inside the dataset folder only
     paths = tmp_path / "by-path"
     paths.mkdir()
-    (paths / "pic.png").write_bytes(_png())
-    (tmp_path / "secret.png").write_bytes(_png())
+    (paths / "pic.png").write_bytes(png_bytes())
+    (tmp_path / "secret.png").write_bytes(png_bytes())
     cells = [{"bytes": None, "path": p} for p in ("pic.png", "../secret.png", str(tmp_path / "secret.png"), "gone.png", "nul\u0000.png")]
     pq.write_table(pa.table({"image": cells, "key": ["in", "up", "absolute", "gone", "nul"]}), paths / "train.parquet")
     by_path = tmp_path / "by-path-images"

@@ -10,9 +10,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, make_config
+from conftest import image_bytes, make_config, png_bytes
 from object_store import bucket, put_object, s3_server  # noqa: F401 (fixtures)
-from PIL import Image
 from test_download import server  # noqa: F401 (the local HTTP server fixture)
 
 from pipeline.core import storage
@@ -162,27 +161,21 @@ def test_import_grit_parquet_on_s3_equals_the_local_file(bucket, tmp_path):
 # --- import hf ----------------------------------------------------------------------------------
 
 
-def _png(side: int = 16) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side), (0, 128, 255)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_import_hf_hub_parquet_layout_on_s3_equals_the_local_folder(bucket, tmp_path):
     """Two files of the train split (small row groups, so a shard reads only some), a test split
     left out, Image cells holding bytes or naming files: inside the folder, outside, missing."""
     hub = tmp_path / "hub"
     (hub / "data").mkdir(parents=True)
-    (hub / "pic.png").write_bytes(_png(20))
-    cells = [{"bytes": _png(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": None, "path": "pic.png"}, {"bytes": None, "path": "../secret.png"}]
-    cells += [{"bytes": None, "path": "/etc/passwd"}, {"bytes": None, "path": "gone.png"}, {"bytes": _png(2), "path": None}]
+    (hub / "pic.png").write_bytes(png_bytes(20))
+    cells = [{"bytes": png_bytes(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": None, "path": "pic.png"}, {"bytes": None, "path": "../secret.png"}]
+    cells += [{"bytes": None, "path": "/etc/passwd"}, {"bytes": None, "path": "gone.png"}, {"bytes": png_bytes(2), "path": None}]
     first = pa.table({"image": cells[:4], "caption": ["a", "b", "c", "d"], "key": ["bytes", "junk", "named", "up"]})
     second = pa.table({"image": cells[4:], "caption": ["e", "f", "g"], "key": ["absolute", "gone", "tiny"]})
     pq.write_table(first, hub / "data" / "train-00000-of-00002.parquet", row_group_size=2)
     pq.write_table(second, hub / "data" / "train-00001-of-00002.parquet", row_group_size=2)
-    pq.write_table(pa.table({"image": [{"bytes": _png(), "path": None}], "caption": ["test"], "key": ["test-row"]}), hub / "data" / "test-00000-of-00001.parquet")
+    pq.write_table(pa.table({"image": [{"bytes": png_bytes(), "path": None}], "caption": ["test"], "key": ["test-row"]}), hub / "data" / "test-00000-of-00001.parquet")
     upload(hub, f"{bucket}/hub")
-    put_object(f"{bucket}/secret.png", _png())
+    put_object(f"{bucket}/secret.png", png_bytes())
     config = make_config("ingest.rows_per_shard=3")
     run_stage(ImportHfStage(hub, "images"), tmp_path / "images", config)
     result = cli("import", "hf", f"{bucket}/hub", f"{bucket}/images", "-s", "ingest.rows_per_shard=3")
@@ -209,7 +202,7 @@ def test_import_hf_save_to_disk_folder_on_s3_equals_the_local_folder(bucket, tmp
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "id": datasets.Value("string")})
-    records = {"image": [{"bytes": _png(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": _png(24), "path": None}], "caption": ["x", "y", "z"], "id": ["a", "b", "c"]}
+    records = {"image": [{"bytes": png_bytes(), "path": None}, {"bytes": b"junk", "path": None}, {"bytes": png_bytes(24), "path": None}], "caption": ["x", "y", "z"], "id": ["a", "b", "c"]}
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(records, features=features)}).save_to_disk(str(saved))
     upload(saved, f"{bucket}/saved")
