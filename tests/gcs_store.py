@@ -63,6 +63,7 @@ def gcs_server():
     finally:
         server.stop()  # its thread is not a daemon: pytest would never exit
 
+
 @pytest.fixture
 def gcs_bucket(gcs_server) -> str:
     name = f"fgdata-{uuid.uuid4().hex[:10]}"
