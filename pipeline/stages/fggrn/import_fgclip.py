@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from collections import Counter
 from pathlib import Path
 
@@ -47,19 +48,38 @@ def _units(items: list, size: int) -> list[WorkUnit]:
     return [WorkUnit(shard_name(i), items[start : start + size]) for i, start in enumerate(range(0, max(len(items), 1), size))]
 
 
+def f_path_key(f_path: str) -> tuple[str | None, tuple[str, str] | None]:
+    """(the key of the image `f_path` names, None) or (None, ("unsafe_path", detail)). One lexical (posix)
+    rule on disk and on a store: `./a.jpg`, `sub/../a.jpg` and `a.jpg/` are the image `a.jpg`; an
+    absolute path (even one inside the folder), a URI, `.` or a path that climbs out is refused."""
+    if f_path.startswith("/") or storage.is_uri(f_path):
+        return None, ("unsafe_path", f"f_path {shown(f_path)} is absolute; FG-CLIP's f_path is relative to the image folder")
+    key = posixpath.normpath(f_path)
+    if key == "." or key == ".." or key.startswith("../"):
+        return None, ("unsafe_path", f"f_path {shown(f_path)} names {'the image folder itself' if key == '.' else 'a file outside the image folder'}")
+    return key, None
+
+
 def plan_items(path: storage.Location) -> list[dict]:
-    """(index, key, item, problem) per JSON item, in file order; problem for no f_path or a key used before."""
-    planned, seen = [], set()
+    """(index, key, item, problem) per JSON item, in file order. The key is the normalised f_path; a
+    problem for no f_path, an unsafe one (keyed as written) or a second item naming the same image."""
+    planned, first_item = [], {}
     for index, item in enumerate(read_records(path)):
         f_path = item.get("f_path")
-        key, problem = f_path if isinstance(f_path, str) and f_path.strip() else f"{path.stem}-{index:09d}", None
+        key, problem = f"{path.stem}-{index:09d}", None
         if "_not_an_object" in item:
             problem = ("bad_record", f"item {index} is a {item['_not_an_object']}, not an object")
-        elif key != f_path:
+        elif not isinstance(f_path, str) or not f_path.strip():
             problem = ("missing_f_path", f"item {index} has no f_path text")
-        elif key in seen:
-            problem = ("duplicate_key", f"item {index}: f_path {key!r} is used by an earlier item")
-        seen.add(key)
+        else:
+            key, problem = f_path_key(f_path)
+            if key in first_item:  # FineHARD has one item per image
+                earlier = first_item[key]
+                key, problem = f_path, ("duplicate_key", f"item {index}: f_path {f_path!r} names the image {earlier[1]!r} of item {earlier[0]}")
+            elif problem:
+                key = f_path
+            else:
+                first_item[key] = (index, f_path)
         planned.append({"index": index, "key": key, "item": item, "problem": problem})
     return planned
 
@@ -133,7 +153,7 @@ class FgclipImagesStage(IngestStage):
             if problem is None:
                 try:
                     target = path_inside(self.source, planned["key"])
-                except OutsideRoot:  # "../x" or an absolute f_path
+                except OutsideRoot:  # the key stays inside lexically: a link on disk leads out
                     problem = ("unsafe_path", f"f_path {planned['key']!r} points outside {self.source}")
                 except (OSError, ValueError, RuntimeError) as exc:  # a NUL, a name too long, a link loop
                     problem = ("unsafe_path", f"f_path {shown(planned['key'])} cannot be resolved: {shown(first_line(exc))}")
