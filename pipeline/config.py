@@ -51,12 +51,16 @@ class IngestConfig:
 
 @dataclass
 class DownloadConfig:
-    """How `fgdata download` fetches URLs (img2dataset). Never changes what a downloaded image's row
-    holds, so a rerun may raise the timeout for the URLs that failed without being refused."""
+    """How `fgdata download` fetches URLs. Never changes what a downloaded image's row holds, so a
+    rerun may raise the timeout or max_bytes for the URLs that failed without being refused."""
 
-    timeout: float = 10.0  # seconds per socket operation; a slower server is a `timeout` reject
+    timeout: float = 10.0  # seconds for one URL in all (connection, redirects, body); longer is a `timeout` reject
     threads: int = 16  # concurrent requests per shard task
-    retries: int = 0  # extra tries per URL within one run (a rerun retries every failure anyway)
+    retries: int = 0  # extra tries per URL within one run (a rerun retries the network failures anyway)
+    max_bytes: int = 32 * 2**20  # a longer body is a `too_large` reject, stopped as soon as it is known
+    # loopback, private, link-local, multicast ... addresses (the machine's own services, a cloud's
+    # metadata endpoint) are `blocked_address` rejects unless this is true
+    allow_private_addresses: bool = False
 
 
 @dataclass
@@ -434,7 +438,7 @@ RANGES: dict[str, Range] = {
     "run.num_cpus": Range(1, meaning=" (or null for all cores)"), "run.cpus_per_task": POSITIVE,
     "run.max_shards_in_flight": Range(0, meaning=" (0 = twice the cluster's CPUs)"), "run.max_retries": ZERO_OR_MORE,
     "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT,
-    "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE,
+    "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE, "download.max_bytes": COUNT,
     "phrases.max_phrase_words": COUNT, "phrases.english_check_min_words": ZERO_OR_MORE,
     "recaption.max_image_side": COUNT, "recaption.max_aspect_ratio": Range(1),
     "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,

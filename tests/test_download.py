@@ -18,7 +18,7 @@ from conftest import assert_dataset_invariants, image_bytes, make_config, read_r
 from pipeline.core.shards import read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
-from pipeline.stages.fggrn.download import DownloadStage, network_reason, plan_url_records, reopen_failed_shards
+from pipeline.stages.fggrn.download import DownloadStage, plan_url_records, reopen_failed_shards
 
 GOOD = image_bytes((64, 48))
 
@@ -92,7 +92,7 @@ def test_download_rejects_by_reason_and_a_rerun_retries_only_the_failures(tmp_pa
     base, requests = server
     urls, expected = _url_list(tmp_path, base)
     out = tmp_path / "images"
-    config = make_config("download.timeout=0.5", "download.threads=8", "ingest.rows_per_shard=5")
+    config = make_config("download.timeout=0.5", "download.threads=8", "ingest.rows_per_shard=5", "download.allow_private_addresses=true")
     started = time.perf_counter()
     summary = run_stage(DownloadStage(urls, out), out, config)
     seconds = time.perf_counter() - started
@@ -132,7 +132,7 @@ def test_fgclip_json_keys_are_f_path(tmp_path, server, ray_session):
     path = tmp_path / "finehard.json"
     path.write_text(json.dumps(items))
     out = tmp_path / "images"
-    run_stage(DownloadStage(path, out), out, make_config("download.timeout=2"))
+    run_stage(DownloadStage(path, out), out, make_config("download.timeout=2", "download.allow_private_addresses=true"))
     rows = read_rows(out)
     assert [(r["key"], r["short_caption"]) for r in rows] == [("grit-20m/00000/000000001.jpg", "a red cup")]
     reasons = {r["key"]: r["reason"] for r in read_rejects(out).to_pylist()}
@@ -155,19 +155,3 @@ def test_url_list_planning(tmp_path):
     with pytest.raises(FgdataError, match="cannot read"):
         (tmp_path / "bad.json").write_text("{not json")
         plan_url_records(tmp_path / "bad.json")
-
-
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [
-        ("HTTP Error 404: Not Found", "http_404"),
-        ("<urlopen error timed out>", "timeout"),
-        ("The read operation timed out", "timeout"),
-        ("IncompleteRead(100 bytes read, 1531 more expected)", "incomplete_download"),
-        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
-        ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_site"),
-        ("something new", "download_error"),
-    ],
-)
-def test_network_reasons(message, reason):
-    assert network_reason(message) == reason

@@ -105,12 +105,12 @@ def test_img2dataset_import_is_scoped(monkeypatch, tmp_path):
     class Stop(Exception):
         pass
 
-    def downloader(**_):  # the imports are done when the downloader is built
+    def writer(*_, **__):  # the imports are done when the writer is built
         raise Stop
 
-    import img2dataset.downloader
+    import img2dataset.writer
 
-    monkeypatch.setattr(img2dataset.downloader, "Downloader", downloader)
+    monkeypatch.setattr(img2dataset.writer, "FilesSampleWriter", writer)
     with pytest.raises(Stop):
         download._download([{"key": "a", "url": "http://127.0.0.1:9/a.jpg", "caption": "c"}], tmp_path / "attempt-0", make_config())
     assert "NO_ALBUMENTATIONS_UPDATE" not in os.environ

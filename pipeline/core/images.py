@@ -61,6 +61,18 @@ def inspect_image(data: bytes, *, min_side: int, max_pixels: int, formats: list[
         raise ImageRejected("decode_error", f"the image does not decode: {_quote(exc)}") from None
 
 
+def image_format(data: bytes) -> str:
+    """The format the header of `data` names, the pixels not decoded; ImageRejected('not_an_image')
+    for bytes that no decoder recognises (a downloaded HTML page, say), 'decode_error' for a header
+    cut short."""
+    try:
+        return _format(_open(data))
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in inspect_image: one image's failure is its reject
+        raise ImageRejected("decode_error", f"the image header does not decode: {_quote(exc)}") from None
+
+
 def _inspect(data: bytes, min_side: int, max_pixels: int, formats: list[str]) -> ImageInfo:
     image = _open(data)
     width, height = image.size

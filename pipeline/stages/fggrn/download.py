@@ -1,4 +1,4 @@
-"""`fgdata download`: a URL list → image shards, through img2dataset's own downloader.
+"""`fgdata download`: a URL list → image shards, fetched by fetch.py, staged in img2dataset's layout.
 
 URL lists: GRIT / COYO / CC-style .parquet, .csv or .tsv (url + caption columns) and FineHARD /
 FG-CLIP .json or .jsonl (a list of objects with `url`, whose `f_path` becomes the key, so the rows
@@ -8,12 +8,13 @@ f_path no longer matched the renamed download).
 Keys: the record's `key`, else its `f_path`, else its `id`, else `<file stem>-<row index>`; the
 same rule as `fgdata import grit`, so regions and images imported from one GRIT file join.
 
-Each shard downloads into OUT/_download/part-N/attempt-K/ (img2dataset's "files" layout), then the
-ingest checks judge the bytes. A URL that failed to download is a reject whose reason says why
-(http_404, timeout, incomplete_download, ...); a body that is not an image, is cut short or too
-small is rejected by the image checks (decode_error, image_too_small, ...). A rerun reopens only the
-shards with download failures and requests only their failed URLs again; what was downloaded is
-kept in the staging folder and judged again without a request.
+Each shard downloads into OUT/_download/part-N/attempt-K/ (img2dataset's "files" layout, written by
+its writer), then the ingest checks judge the bytes. A URL that failed to download is a reject whose
+reason says why (http_404, timeout, blocked_address, too_large, ...); a body that is not an image is
+never staged (not_an_image); one cut short or too small is rejected by the image checks
+(decode_error, image_too_small, ...). A rerun reopens only the shards with failures that may pass
+(fetch.RETRIED) and requests only those URLs again; what was downloaded is kept in the staging
+folder and judged again without a request, and a final failure stays a reject without a request.
 
 The URL list and OUT may be local or on an object store (s3://, gs://, hf://). With OUT on a store
 the staging folder is there too (img2dataset writes through fsspec), so a rerun on any node finds
@@ -24,22 +25,22 @@ once its `_complete` object, written last, exists (locally the finished attempt 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
 from pipeline.core import storage
+from pipeline.core.images import ImageRejected, image_format
 from pipeline.core.scoped import environment
 from pipeline.core.shards import DONE_DIR, RUN_FILE, STATS_DIR, read_json, shard_name
 from pipeline.core.sources import SourceItem
 from pipeline.errors import FgdataError
 from pipeline.stages.base import ShardResult, WorkUnit
+from pipeline.stages.fggrn.fetch import Refused, fetch, request_url, retried
 from pipeline.stages.fggrn.ingest import IngestStage
 from pipeline.stages.fggrn.records import KEY_FIELDS, read_records, record_key
 
@@ -47,10 +48,9 @@ STAGING_DIR = "_download"
 URL_FIELDS = ("url", "URL", "image_url")
 # FG-CLIP JSON holds both captions: the image shard keeps the alt-text one
 CAPTION_FIELDS = ("short_caption", "caption", "text", "alt", "TEXT")
-# reasons a rerun requests again: the network's, never the image checks' (those bytes are kept)
-NETWORK_REASONS = ("timeout", "connection_error", "incomplete_download", "disallowed_by_site", "download_error", "download_lost")
-_HTTP = re.compile(r"HTTP Error (\d{3})")
 COMPLETE = "_complete"  # an attempt on an object store is finished when this object exists
+# the staging table of an attempt: img2dataset's columns, plus the record's own key and the reason
+STAGED_SCHEMA = pa.schema([(name, pa.string()) for name in ("key", "url", "caption", "status", "error_message", "reason", "fgdata_key")])
 
 
 def plan_url_records(path: storage.Location) -> list[dict]:
@@ -69,9 +69,9 @@ def plan_url_records(path: storage.Location) -> list[dict]:
             problem = ("bad_record", f"item {index} is a {record['_not_an_object']}, not an object")
         elif url is None:
             problem = ("missing_url", f"record {index} has no url")
-        elif not isinstance(url, str) or urlsplit(url.strip()).scheme.lower() not in ("http", "https") or not urlsplit(url.strip()).netloc:
-            # urllib also opens file:// and ftp://: a URL list must never read this machine's files
-            problem = ("bad_url", f"record {index}: {str(url)[:200]!r} is not an http(s) URL")
+        elif (why := _unrequestable(url)) is not None:
+            # never requested, so never requested again: a rerun finds nothing to retry here
+            problem = ("bad_url", f"record {index}: {str(url)[:200]!r} is not a URL to request: {why}")
         elif key in seen:
             problem = ("duplicate_key", f"record {index}: key {key!r} is already used by an earlier record")
         seen.add(key)
@@ -79,19 +79,15 @@ def plan_url_records(path: storage.Location) -> list[dict]:
     return planned
 
 
-def network_reason(message: str) -> str:
-    """A reject reason for img2dataset's error message (urllib's exception text)."""
-    code = _HTTP.search(message)
-    if code:
-        return f"http_{code.group(1)}"
-    lower = message.lower()
-    for needle, reason in (
-        ("timed out", "timeout"), ("incompleteread", "incomplete_download"), ("x-robots-tag", "disallowed_by_site"),
-        ("connection", "connection_error"), ("urlopen error", "connection_error"), ("remote end closed", "connection_error"),
-    ):
-        if needle in lower:
-            return reason
-    return "download_error"
+def _unrequestable(url) -> str | None:
+    """Why `url` cannot be requested (not text, not http(s): no file://, a host no IDNA encodes, ...), or None."""
+    if not isinstance(url, str):
+        return f"a {type(url).__name__}, not text"
+    try:
+        request_url(url)
+    except ValueError as exc:
+        return str(exc)[:200]
+    return None
 
 
 def _attempts(staging: storage.Location) -> list[storage.Location]:
@@ -111,7 +107,7 @@ def _file_names(folder: storage.Location) -> set[str]:
 
 
 def _staged_results(staging: storage.Location) -> dict[str, dict]:
-    """The latest result per key over the finished attempts: status, error, the file if downloaded."""
+    """The latest result per key over the finished attempts: its problem (None: downloaded) and file."""
     results: dict[str, dict] = {}
     for attempt in _attempts(staging):
         table_path = attempt / "00000.parquet"
@@ -119,21 +115,45 @@ def _staged_results(staging: storage.Location) -> dict[str, dict]:
             continue
         where, filesystem = storage.arrow_target(table_path)
         downloaded = _file_names(attempt / "00000")
-        for row in pq.read_table(where, columns=["fgdata_key", "key", "status", "error_message"], filesystem=filesystem).to_pylist():
+        for row in pq.read_table(where, filesystem=filesystem).to_pylist():
             image = attempt / "00000" / f"{row['key']}.img"
-            results[row["fgdata_key"]] = {"ok": row["status"] == "success" and image.name in downloaded, "error": row["error_message"], "file": str(image)}
+            ok = row["status"] == "success" and image.name in downloaded
+            # an attempt staged by img2dataset's own downloader has no reason: its failures are retried
+            problem = None if ok else (row.get("reason") or "download_error", row["error_message"] or "no file was written")
+            results[row["fgdata_key"]] = {"problem": problem, "file": str(image)}
     return results
 
 
+def _wanted(record: dict, result: dict | None) -> bool:
+    """Whether `record` is requested now: never tried, or failed for a reason that may pass."""
+    return record["problem"] is None and (result is None or (result["problem"] is not None and retried(result["problem"][0])))
+
+
+def _fetch_image(url: str, config: Config) -> tuple[bytes | None, tuple[str, str] | None]:
+    """(body, None), or (None, (reason, detail)); a body that is no image is never kept."""
+    for _ in range(config.download.retries + 1):
+        try:
+            body = fetch(url, config.download)
+        except Refused as refused:
+            problem = (refused.reason, refused.detail)
+            if not retried(refused.reason):
+                break
+            continue
+        try:
+            image_format(body)
+        except ImageRejected as rejected:
+            return None, (rejected.reason, f"{url[:300]}: {rejected.detail}")
+        return body, None
+    return None, problem
+
+
 def _download(records: list[dict], attempt: storage.Location, config: Config) -> None:
-    """Runs img2dataset's downloader on `records` (key, url, caption) into `attempt`, written under
-    a temporary name first (on a store: in place, then its `_complete` object) so a killed worker
-    never leaves a half attempt that counts."""
+    """Fetches `records` (key, url, caption) into `attempt` with img2dataset's files writer, written
+    under a temporary name first (on a store: in place, then its `_complete` object) so a killed
+    worker never leaves a half attempt that counts."""
     # albumentations (which img2dataset imports) asks PyPI for updates when first imported unless
     # this is set; set for that import only, so the caller's environment is left as it was
     with environment(NO_ALBUMENTATIONS_UPDATE="1"):
-        from img2dataset.downloader import Downloader
-        from img2dataset.resizer import Resizer
         from img2dataset.writer import FilesSampleWriter
 
     on_store = storage.is_uri(attempt)
@@ -142,39 +162,19 @@ def _download(records: list[dict], attempt: storage.Location, config: Config) ->
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-    # img2dataset reads its input shard, then deletes it: a local file, also when OUT is on a store
-    inputs = tempfile.mkdtemp(prefix="fgdata-download-") if on_store else str(partial)
-    columns = ["url", "caption", "fgdata_key"]
-    table = pa.table({"url": [r["url"] for r in records], "caption": [r["caption"] for r in records], "fgdata_key": [r["key"] for r in records]})
-    shard_file = Path(inputs) / "input.arrow"
-    with pa.ipc.new_file(shard_file, table.schema) as writer:
-        writer.write_table(table)
-    downloader = Downloader(
-        sample_writer_class=FilesSampleWriter,
-        # the bytes are kept as served: ingest's checks decide, and normalise, every image
-        resizer=Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True),
-        thread_count=config.download.threads,
-        save_caption=True,
-        extract_exif=False,
-        output_folder=str(partial),
-        column_list=columns,
-        timeout=config.download.timeout,
-        number_sample_per_shard=max(len(records), 10),
-        oom_shard_count=5,
-        compute_hash=None,
-        verify_hash_type=None,
-        encode_format="img",  # the file name says nothing of the format: ingest reads it from the bytes
-        retries=config.download.retries,
-        user_agent_token=None,
-        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
-    )
-    try:
-        ok, _ = downloader((0, str(shard_file)))
-    finally:
-        if on_store:
-            shutil.rmtree(inputs, ignore_errors=True)
-    if not ok:
-        raise RuntimeError(f"img2dataset failed on {attempt}")  # the shard task is retried by the runner
+    # the bytes are kept as served (ingest's checks decide, and normalise, every image); the file
+    # name says nothing of the format, so "img": ingest reads the format from the bytes
+    writer = FilesSampleWriter(0, str(partial), save_caption=True, oom_shard_count=5, schema=STAGED_SCHEMA, encode_format="img")
+    with ThreadPoolExecutor(config.download.threads) as pool:
+        # each body is written as soon as it is in: memory holds about `threads` bodies, not the shard's
+        fetching = {pool.submit(_fetch_image, record["url"], config): (index, record) for index, record in enumerate(records)}
+        for done in as_completed(fetching):
+            (index, record), (body, problem) = fetching.pop(done), done.result()
+            meta = {"key": f"{index:09d}", "url": record["url"], "caption": record["caption"], "fgdata_key": record["key"],
+                    "status": "success" if problem is None else "failed_to_download",
+                    "reason": problem and problem[0], "error_message": problem and problem[1]}
+            writer.write(body, meta["key"], record["caption"], meta)
+    writer.close()
     if on_store:
         (attempt / COMPLETE).write_bytes(b"")  # last: what makes the attempt count
     else:
@@ -195,7 +195,7 @@ class DownloadStage(IngestStage):
     def plan(self, config: Config) -> list[WorkUnit]:
         import importlib.util
 
-        if importlib.util.find_spec("img2dataset") is None:
+        if importlib.util.find_spec("img2dataset") is None:  # its files writer stages the downloads
             raise FgdataError(
                 "fgdata download needs img2dataset, which `make setup` installs without its pins on pandas and "
                 "opencv (see the Makefile's DOWNLOAD_PACKAGES); install it the same way"
@@ -214,21 +214,15 @@ class DownloadStage(IngestStage):
         if not storage.is_uri(staging):  # a store has no folders to make
             staging.mkdir(parents=True, exist_ok=True)
         results = _staged_results(staging)
-        wanted = [r for r in unit.payload if r["problem"] is None and not results.get(r["key"], {}).get("ok")]
+        wanted = [r for r in unit.payload if _wanted(r, results.get(r["key"]))]
         if wanted:
             attempts = [int(p.name.split("-")[1]) for p in _attempts(staging)]
             _download(wanted, staging / f"attempt-{max(attempts, default=-1) + 1}", config)
             results = _staged_results(staging)
         items = []
         for record in unit.payload:
-            result = results.get(record["key"])
-            problem = record["problem"]
-            if problem is None and result is None:  # img2dataset dropped the row (an error inside its writer)
-                problem = ("download_lost", "img2dataset returned no result for this URL")
-            elif problem is None and not result["ok"]:
-                message = result["error"] or "no file was written"
-                problem = (network_reason(message), f"{record['url'][:300]}: {message[:300]}")
-            path = result["file"] if problem is None else str(self.url_list)
+            problem = record["problem"] or results[record["key"]]["problem"]
+            path = results[record["key"]]["file"] if problem is None else str(self.url_list)
             items.append(SourceItem(key=record["key"], path=path, caption=record["caption"], problem=problem))
         shard = super().process(WorkUnit(unit.name, items), config)
         # `source` names the URL, not the staging file it was read from
@@ -245,8 +239,8 @@ class DownloadStage(IngestStage):
 
 
 def reopen_failed_shards(out_dir: Path | str) -> list[str]:
-    """Removes the completion marker of every finished download shard that has network failures,
-    so the next run redoes those shards (requesting only their failed URLs). Only in a folder
+    """Removes the completion marker of every finished download shard with failures that may pass
+    (fetch.RETRIED), so the next run redoes those shards (requesting only those URLs). Only in a folder
     `fgdata download` owns (local or on a store); returns the reopened shard names."""
     out_dir = storage.location(out_dir)
     owner = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).is_file() else None
@@ -257,7 +251,7 @@ def reopen_failed_shards(out_dir: Path | str) -> list[str]:
         name = marker.name.removesuffix(".done")
         stats = read_json(out_dir / STATS_DIR / name.replace(".parquet", ".json")) or {}
         counters = stats.get("counters", {})
-        if any(count and (key.removeprefix("rejected_") in NETWORK_REASONS or key.startswith("rejected_http_")) for key, count in counters.items()):
+        if any(count and key.startswith("rejected_") and retried(key.removeprefix("rejected_")) for key, count in counters.items()):
             marker.unlink()
             reopened.append(name)
     return reopened
