@@ -38,6 +38,10 @@ from pipeline.core.storage import Location, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
+# A text longer than this is cut on the page, with its full length beside it: Chromium's layout time
+# grows with a text's length (a 40k-char cluster of combining marks, as Zalgo alt-text has, took it
+# 45 s), and no one reads a caption past it. Long captions of the reference sets stay well under.
+SHOWN_CHARS = 2000
 BOX_COLOUR = "#ff00ff"  # one colour no sample image uses, so a screenshot test can find the boxes
 THUMB_SIDE = 320
 # the columns each kind's page reads: required ones are checked against the schema, optional ones
@@ -90,6 +94,14 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 
 def esc(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def page_text(value) -> str:
+    """A text from the data for the page's HTML: escaped, and cut to SHOWN_CHARS with "…" and its length."""
+    text = "" if value is None else str(value)
+    if len(text) <= SHOWN_CHARS:
+        return esc(text)
+    return f"{esc(text[:SHOWN_CHARS])}… <span class='note'>({len(text):,} chars)</span>"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -280,15 +292,28 @@ def _histogram(title: str, values: list[float], bins: int = 20, log_note: str = 
     dropped = len(values) - len(numbers)
     if not len(numbers):
         return f"<figure><figcaption>{esc(title)}</figcaption><div class='note'>no values</div></figure>"
-    low, high = float(numbers.min()), float(numbers.max())
-    if low == high:
-        high = low + 1
-    integer = np.all(numbers == np.round(numbers)) and high - low <= 40
-    edges = np.arange(low, high + 2) - 0.5 if integer else np.linspace(low, high, bins + 1)
-    counts, edges = np.histogram(numbers, bins=edges)
-    labels = [f"{(a + b) / 2:.0f}" if integer else f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
     note = f"n={len(numbers)}" + (f", {dropped} not finite" if dropped else "") + (f", {log_note}" if log_note else "")
-    return _bars(title, labels, [int(c) for c in counts], note, low_high=(f"{edges[0]:.3g}", f"{edges[-1]:.3g}"))
+    low, high = float(numbers.min()), float(numbers.max())
+    if low == high:  # one bar: numpy cannot cut an empty range, and past 2**53 low + 0.5 is low itself
+        return _bars(title, [f"{low:.3g}"], [len(numbers)], note, ticks=[(0.5, f"{low:.3g}")])
+    if np.all(numbers == np.round(numbers)) and high - low <= 40 and max(-low, high) < 2**52:
+        # a few integers (boxes per image, words): a bar per value, ticks under the bars
+        counts, edges = np.histogram(numbers, bins=np.arange(low - 0.5, high + 1))
+        labels = [f"{(a + b) / 2:.0f}" for a, b in zip(edges[:-1], edges[1:])]
+        ticks = [((i + 0.5) / len(labels), labels[i]) for i in _spread(len(labels))]
+    else:
+        # halves first, as high - low overflows past 1e308; the ends exact, so every value has a bin
+        edges = np.linspace(low / 2, high / 2, bins + 1) * 2
+        edges[0], edges[-1] = low, high
+        counts, edges = np.histogram(numbers, bins=edges)
+        labels = [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
+        ticks = [(i / bins, f"{edges[i]:.3g}") for i in _spread(bins + 1)]
+    return _bars(title, labels, [int(c) for c in counts], note, ticks=ticks)
+
+
+def _spread(count: int, ticks: int = 5) -> list[int]:
+    """Up to `ticks` indices from 0 to count - 1, evenly apart, both ends included."""
+    return sorted({round(i * (count - 1) / (ticks - 1)) for i in range(ticks)})
 
 
 def _categories(title: str, counts: Counter, top: int = 15) -> str:
@@ -299,7 +324,8 @@ def _categories(title: str, counts: Counter, top: int = 15) -> str:
     return _bars(title, [str(k) for k, _ in items], [c for _, c in items], f"n={sum(counts.values())}" + (f", {rest} in other kinds" if rest else ""), vertical_labels=True)
 
 
-def _bars(title: str, labels: list[str], counts: list[int], note: str, low_high=None, vertical_labels: bool = False) -> str:
+def _bars(title: str, labels: list[str], counts: list[int], note: str, ticks: list[tuple[float, str]] = (), vertical_labels: bool = False) -> str:
+    """Bars with an axis: `ticks` are (where along it, 0 to 1; label)."""
     width, height, pad = 300, 150, 20
     bar = (width - 2 * pad) / max(len(counts), 1)
     peak = max(counts) or 1
@@ -308,13 +334,14 @@ def _bars(title: str, labels: list[str], counts: list[int], note: str, low_high=
     for i, (label, count) in enumerate(zip(labels, counts)):
         h = (height - pad) * count / peak
         x = pad + i * bar
-        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" fill="#4a7ab5"><title>{esc(label)}: {count}</title></rect>')
+        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" fill="#4a7ab5"><title>{esc(label[:SHOWN_CHARS])}: {count}</title></rect>')
         if vertical_labels:
             parts.append(f'<text transform="translate({x + bar / 2 + 3:.1f},{height + 4}) rotate(60)" font-size="10">{esc(label[:24])}</text>')
     parts.append(f'<text x="{pad}" y="12" font-size="10">max {peak}</text>')
-    if low_high:
-        parts.append(f'<text x="{pad}" y="{height + 14}" font-size="10">{esc(low_high[0])}</text>'
-                     f'<text x="{width - pad}" y="{height + 14}" font-size="10" text-anchor="end">{esc(low_high[1])}</text>')
+    for where, label in ticks:
+        x = pad + where * (width - 2 * pad)
+        parts.append(f'<line x1="{x:.1f}" y1="{height}" x2="{x:.1f}" y2="{height + 4}" stroke="#555"/>'
+                     f'<text class="tick" x="{x:.1f}" y="{height + 14}" font-size="10" text-anchor="middle">{esc(label)}</text>')
     parts.append("</svg></figure>")
     return "".join(parts)
 
@@ -340,12 +367,12 @@ def _funnel(steps: list[dict]) -> str:
         reasons = ""
         if here:
             counts, _ = _reject_summary(place)
-            reasons = ", ".join(f"{esc(r)} {c}" for r, c in counts.most_common())
+            reasons = ", ".join(f"{page_text(r)} {c}" for r, c in counts.most_common())
         stage = str(step["stage"] or "source")
         if step["error"]:
             stage += f" (unreadable manifest: {step['error']})"
         out.append(
-            f"<tr><td>{esc(stage)}</td><td>{esc(step['kind'] or step['format'] or '')}</td><td>{esc(step['path'])}</td>"
+            f"<tr><td>{page_text(stage)}</td><td>{page_text(step['kind'] or step['format'] or '')}</td><td>{page_text(step['path'])}</td>"
             f"<td class='num'>{esc(rows_in if rows_in is not None else '?')}</td><td class='num'>{esc(rows_out if rows_out is not None else '?')}</td>"
             f"<td class='num'>{esc(rejected if rejected is not None else '?')}</td><td class='num'>{drop}</td><td>{reasons}</td></tr>"
         )
@@ -369,8 +396,8 @@ def _rejects_section(dataset_dir: Location, images_dir: Location | None, per_rea
         for row in examples.get(reason, []):
             thumb = thumbs.get((row["_shard"], row["key"]))
             image = f'<img class="thumb" alt="" src="{thumb[0]}"> ' if thumb else ""
-            cells.append(f"<div>{image}<b>{esc(row['key'])}</b>: {esc(row['detail'])}</div>")
-        out.append(f"<tr><td>{esc(reason)}</td><td class='num'>{count}</td><td>{''.join(cells)}</td></tr>")
+            cells.append(f"<div>{image}<b>{page_text(row['key'])}</b>: {page_text(row['detail'])}</div>")
+        out.append(f"<tr><td>{page_text(reason)}</td><td class='num'>{count}</td><td>{''.join(cells)}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -378,11 +405,11 @@ def _rejects_section(dataset_dir: Location, images_dir: Location | None, per_rea
 def _negatives_table(region: dict) -> str:
     negatives = region.get("negatives") or []
     if not negatives:
-        return f"<div class='note'>no negatives ({esc(region.get('negatives_flag', ''))})</div>"
+        return f"<div class='note'>no negatives ({page_text(region.get('negatives_flag', ''))})</div>"
     out = ["<table><tr><th>negative</th><th>attribute</th><th>ent</th><th>con</th><th>neu</th></tr>"]
     for n in negatives:
         out.append(
-            f"<tr><td>{esc(n.get('text'))}</td><td>{esc(n.get('attribute'))}</td><td class='num'>{_fmt(n.get('entailment'))}</td>"
+            f"<tr><td>{page_text(n.get('text'))}</td><td>{page_text(n.get('attribute'))}</td><td class='num'>{_fmt(n.get('entailment'))}</td>"
             f"<td class='num'>{_fmt(n.get('contradiction'))}</td><td class='num'>{_fmt(n.get('neutral'))}</td></tr>"
         )
     out.append("</table>")
@@ -393,21 +420,21 @@ def _gallery(kind: str, rows: list[dict], thumbs: dict) -> str:
     cards = []
     for row in rows:
         thumb = thumbs.get((row["_shard"], row["key"]))
-        parts = [f"<div class='card'><div><b>{esc(row['key'])}</b></div>"]
+        parts = [f"<div class='card'><div><b>{page_text(row['key'])}</b></div>"]
         if kind in ("regions", "fggrn"):
             regions = row.get("regions") or []
             parts.append(boxes_svg(thumb, row.get("width"), row.get("height"), regions))
             for number, region in enumerate(regions, 1):
-                parts.append(f"<div><b>{number}. {esc(region.get('phrase'))}</b> <span class='note'>score {_fmt(region.get('score'))}</span></div>")
+                parts.append(f"<div><b>{number}. {page_text(region.get('phrase'))}</b> <span class='note'>score {_fmt(region.get('score'))}</span></div>")
                 if kind == "fggrn":
                     parts.append(_negatives_table(region))
         elif thumb:
             parts.append(f'<img alt="" src="{thumb[0]}" style="max-width:320px">')
-        parts.append(f"<div><span class='note'>short:</span> {esc(row.get('short_caption'))}</div>")
+        parts.append(f"<div><span class='note'>short:</span> {page_text(row.get('short_caption'))}</div>")
         if row.get("long_caption"):
-            parts.append(f"<div><span class='note'>long:</span> {esc(row['long_caption'])}</div>")
+            parts.append(f"<div><span class='note'>long:</span> {page_text(row['long_caption'])}</div>")
         if kind == "phrases":
-            parts.append("<div><span class='note'>phrases:</span> " + "; ".join(esc(p.get("text")) for p in row.get("phrases") or []) + "</div>")
+            parts.append("<div><span class='note'>phrases:</span> " + "; ".join(page_text(p.get("text")) for p in row.get("phrases") or []) + "</div>")
         parts.append("</div>")
         cards.append("".join(parts))
     return "<div class='gallery'>" + "".join(cards) + "</div>"
@@ -418,11 +445,11 @@ def _chains(rows: list[dict]) -> str:
     for row in rows:
         tiers, negatives = row.get("tiers") or [], row.get("negative_tiers") or []
         scores, nli = row.get("entailment") or [], row.get("negative_nli") or []
-        cells = ["<table class='chain'><tr><th>" + esc(row["key"]) + "</th>" + "".join(f"<th>tier {i + 1}</th>" for i in range(len(tiers))) + "</tr>"]
-        cells.append("<tr><td>positive</td>" + "".join(f"<td>{esc(t)}</td>" for t in tiers) + "</tr>")
+        cells = ["<table class='chain'><tr><th>" + page_text(row["key"]) + "</th>" + "".join(f"<th>tier {i + 1}</th>" for i in range(len(tiers))) + "</tr>"]
+        cells.append("<tr><td>positive</td>" + "".join(f"<td>{page_text(t)}</td>" for t in tiers) + "</tr>")
         if scores:
             cells.append("<tr><td class='note'>P(entailed by next)</td>" + "".join(f"<td class='num'>{_fmt(s)}</td>" for s in scores) + "</tr>")
-        cells.append("<tr><td>negative</td>" + ("".join(f"<td>{esc(t)}</td>" for t in negatives) if negatives else f"<td colspan='{max(len(tiers), 1)}' class='note'>none</td>") + "</tr>")
+        cells.append("<tr><td>negative</td>" + ("".join(f"<td>{page_text(t)}</td>" for t in negatives) if negatives else f"<td colspan='{max(len(tiers), 1)}' class='note'>none</td>") + "</tr>")
         if nli:
             cells.append("<tr><td class='note'>negative NLI (con / ent / parent ent)</td>" + "".join(
                 f"<td class='num'>{_fmt(s.get('contradiction'))} / {_fmt(s.get('entailment'))} / {_fmt(s.get('parent_entailment'))}</td>" if isinstance(s, dict) else "<td></td>" for s in nli) + "</tr>")
@@ -500,7 +527,7 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
     banner = ""
     if randoms or random_rows:
         what = [f"step {s}" for s in randoms] + [f"{count} sampled rows with {name}" for name, count in random_rows.items()]
-        banner = f"<div class='banner' id='random-banner'>RANDOM WEIGHTS: {esc('; '.join(what))}. This output is noise (an offline demo or test): do not train on it.</div>"
+        banner = f"<div class='banner' id='random-banner'>RANDOM WEIGHTS: {page_text('; '.join(what))}. This output is noise (an offline demo or test): do not train on it.</div>"
 
     if sampled["sampled"] < sampled["total"]:
         sample_note = (f"Sampled: histograms and examples come from {sampled['sampled']:,} of {sampled['total']:,} rows "
@@ -510,7 +537,7 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
     body = [
         f"<h1>fgdata report: {esc(dataset_dir.name)}</h1>",
         banner,
-        f"<p>{esc(kind)} dataset written by <code>fgdata {esc(manifest.get('stage'))}</code> on {esc(manifest.get('created_at', 'an unknown date'))}; "
+        f"<p>{esc(kind)} dataset written by <code>fgdata {page_text(manifest.get('stage'))}</code> on {page_text(manifest.get('created_at', 'an unknown date'))}; "
         f"path <code>{esc(dataset_dir)}</code>.</p>",
         f"<p class='note' id='sample-note'>{esc(sample_note)}</p>",
         "<pre class='errors' id='page-errors' hidden></pre>",
