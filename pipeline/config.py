@@ -36,6 +36,8 @@ class RunConfig:
     max_shards_in_flight: int = 0  # 0 = twice the cluster's CPUs
     max_retries: int = 2  # per shard, for worker crashes and exceptions
     progress: bool = True
+    # a run's lock on OUT is taken over after this long without a refresh (its run is dead)
+    lock_stale_s: float = 600.0
 
 
 @dataclass
@@ -444,6 +446,7 @@ RANGES: dict[str, Range] = {
     "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,
     "min_english_fraction": FRACTION, "recaption.min_distinct_trigrams": FRACTION,
     # 1 would call every caption a loop: each word "repeats" once
+    "run.lock_stale_s": POSITIVE,
     "recaption.max_ngram_repeats": Range(2),
     "ground.image_size": Range(32, meaning=" (the detector's stride)"), "ground.score_threshold": FRACTION,
     "ground.nms_iou": FRACTION, "ground.cross_phrase_iou": FRACTION, "ground.min_box_area": FRACTION,

@@ -25,8 +25,11 @@ from pipeline.core.shards import (
     DONE_DIR,
     MANIFEST_FILE,
     STATS_DIR,
+    check_output_path,
     claim_output,
+    hold_output,
     read_json,
+    record_planned,
     shard_markers,
     unfinished_reason,
     unit_fingerprint,
@@ -105,7 +108,15 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
         if reason:
             raise FgdataError(f"{source} is not finished: {reason}; rerun the command that writes it before {stage.name}")
     settings_hash = config.sections_hash(stage.config_sections)
-    out_dir = claim_output(out_dir, stage.name, settings_hash, overwrite, inputs=inputs)
+    out_dir = check_output_path(out_dir, inputs)  # before the lock, which must never land in an input
+    with hold_output(out_dir, config.run.lock_stale_s):
+        out_dir = claim_output(out_dir, stage.name, settings_hash, overwrite, inputs=inputs)
+        return _run_claimed(stage, units, out_dir, config, settings_hash, started=started, lineage=lineage)
+
+
+def _run_claimed(stage: Stage, units, out_dir: Path, config: Config, settings_hash: str, *, started: float, lineage: list[dict]) -> RunSummary:
+    """run_stage once OUT is held and claimed: the pending shards on an executor, then the manifest."""
+    record_planned(out_dir, len(units))
     shared = stage.plan_fingerprint()
     fingerprints = {u.name: unit_fingerprint(settings_hash, u.name, u.payload, shared) for u in units}
     done = finished_for_this_input(out_dir, fingerprints)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -189,17 +190,18 @@ def test_a_shard_moves_on_as_soon_as_it_is_done(setup, tmp_path):
     from pipeline.recipes.run import _Scheduler, plan_steps
 
     recipe = load_recipe(str(setup["recipe"]))
-    runs = plan_steps(recipe, SAMPLE_IMAGES, tmp_path / "out", setup["config"], ["run.executor=local"], overwrite=False)
-    images, phrases, regions = runs[0], runs[1], runs[2]
-    run_stage(images.stage, images.out_dir, images.config)  # all image shards written, as if the job had done them
-    scheduler = _Scheduler(runs)
-    scheduler._advance(images)
-    images.done, images.finished = {"part-00001.parquet"}, False
-    scheduler._advance(phrases)
-    assert phrases.names == images.names and [u.name for u in phrases.queue] == ["part-00001.parquet"]
-    scheduler._advance(regions)  # phrases has no shard done yet: nothing for ground
-    assert regions.names == images.names and not regions.queue
-    assert not phrases.finished and not regions.finished
+    with ExitStack() as held:  # the folders the recipe holds while it runs
+        runs = plan_steps(recipe, SAMPLE_IMAGES, tmp_path / "out", setup["config"], ["run.executor=local"], overwrite=False, held=held)
+        images, phrases, regions = runs[0], runs[1], runs[2]
+        run_stage(images.stage, images.out_dir, images.config)  # all image shards written, as if the job had done them
+        scheduler = _Scheduler(runs)
+        scheduler._advance(images)
+        images.done, images.finished = {"part-00001.parquet"}, False
+        scheduler._advance(phrases)
+        assert phrases.names == images.names and [u.name for u in phrases.queue] == ["part-00001.parquet"]
+        scheduler._advance(regions)  # phrases has no shard done yet: nothing for ground
+        assert regions.names == images.names and not regions.queue
+        assert not phrases.finished and not regions.finished
 
 
 @pytest.mark.slow

@@ -21,9 +21,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
+import platform
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,17 +40,32 @@ from pipeline.core.schemas import conform, validate_table
 from pipeline.core.storage import Location, location
 from pipeline.errors import FgdataError, first_line
 
+log = logging.getLogger(__name__)
+
 DATA_DIR = "train"
 REJECTS_DIR = "_rejects"
 STATS_DIR = "_stats"
 DONE_DIR = "_done"
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
+LOCK_FILE = "_run.lock"
 _TMP_TAG = storage.TMP_TAG
+_TMP_FILE = f".*{_TMP_TAG}*"
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
-DATASET_ENTRIES = (DATA_DIR, "part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", f".*{_TMP_TAG}*", "_download")
+DATASET_ENTRIES = (DATA_DIR, "part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", _TMP_FILE, "_download")
 # What `train` and `hierarcaps distill` write: the model (save_pretrained), checkpoints and the report.
-MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt", "*.model", f".*{_TMP_TAG}*")
+MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt", "*.model", _TMP_FILE)
+# What fgdata writes inside its own folders (paths relative to the folder; `*` spans subfolders):
+# --overwrite proves every file under them is one of these before it deletes anything.
+_SHARD = "part-[0-9][0-9][0-9][0-9][0-9]"
+FOLDER_CONTENTS = {
+    DATA_DIR: (f"{_SHARD}.parquet", _TMP_FILE),
+    REJECTS_DIR: (f"{_SHARD}.parquet", _TMP_FILE),
+    STATS_DIR: (f"{_SHARD}.json", _TMP_FILE),
+    DONE_DIR: (f"{_SHARD}.parquet.done", _TMP_FILE),
+    "_download": (f"{_SHARD}/attempt-[0-9]*/*",),  # img2dataset's files of one attempt, named by it
+    "checkpoints": ("step-[0-9]*/*",),  # a checkpoint's files, and a `.partial` one a kill left
+}
 
 
 def shard_name(index: int) -> str:
@@ -201,10 +223,11 @@ def claim_output(
     refused unless --overwrite replaces the directory. --overwrite deletes only a directory
     fgdata provably wrote (its `_run.json`, and nothing but the entries in `owned`), never an
     input or a folder holding one, never through a symlink. On an object store the same holds for
-    the prefix: `_run.json` under it, nothing else under it, apart from every input.
+    the prefix: `_run.json` under it, nothing else under it, apart from every input. A run claims
+    OUT while it holds it (`hold_output`), so the lock there is its own.
     """
     out_dir = check_output_path(out_dir, inputs)
-    if overwrite and out_dir.exists():
+    if overwrite and _holds_anything(out_dir):
         remove_owned_output(out_dir, owned)
     owner = read_json(out_dir / RUN_FILE)
     if owner is not None and any(out_dir.glob("part-*.parquet")):
@@ -217,7 +240,7 @@ def claim_output(
             f"{out_dir} already holds output of stage {owner.get('stage')!r} with other settings "
             f"(hash {owner.get('settings_hash')}, now {settings_hash}); use a new output directory, or --overwrite to replace it"
         )
-    if owner is None and out_dir.is_dir() and any(out_dir.iterdir()):
+    if owner is None and _holds_anything(out_dir):
         raise FgdataError(f"{out_dir} is not empty and was not written by fgdata; choose a new or empty output directory")
     if storage.is_uri(out_dir):
         # a store has no folders to make, and fgdata leaves no temporary objects there to sweep
@@ -233,12 +256,17 @@ def claim_output(
     return out_dir
 
 
+def _holds_anything(out_dir: Location) -> bool:
+    """Whether OUT holds more than the lock of the run claiming it."""
+    return out_dir.is_dir() and any(entry.name != LOCK_FILE for entry in out_dir.iterdir())
+
+
 def check_output_path(out_dir: Location, inputs: list[Location] = ()) -> Location:
     """OUT must be a directory (or not exist yet), not a symlink, and apart from every input:
     neither inside one nor holding one. Returns it resolved."""
     if storage.is_uri(out_dir):
         return _check_output_uri(location(out_dir), inputs)
-    given = Path(os.path.abspath(out_dir))  # absolute, symlinks not followed
+    given = Path(os.path.abspath(location(out_dir)))  # absolute (file:///abs as /abs), symlinks not followed
     if given.is_symlink():
         raise FgdataError(f"{out_dir} is a symlink; give the real directory it points to ({given.resolve()})")
     resolved = given.resolve()
@@ -249,7 +277,7 @@ def check_output_path(out_dir: Location, inputs: list[Location] = ()) -> Locatio
     for source in inputs:
         if storage.is_uri(source):  # an object in a store is never inside a local folder
             continue
-        source = Path(source).resolve()
+        source = storage.resolved(source)
         if resolved == source:
             raise FgdataError(f"{out_dir} is the input itself; write the output to another directory")
         if resolved.is_relative_to(source):
@@ -261,7 +289,10 @@ def check_output_path(out_dir: Location, inputs: list[Location] = ()) -> Locatio
 
 def _check_output_uri(out_dir: Location, inputs: list[Location]) -> Location:
     """check_output_path on an object store: there are no symlinks, but a key may be an object
-    and a prefix at once, so OUT must not be an object, and prefixes decide what is inside what."""
+    and a prefix at once, so OUT must not be an object, and prefixes decide what is inside what.
+    A whole bucket is never OUT: --overwrite would empty it."""
+    if storage.is_bucket(out_dir):
+        raise FgdataError(f"{out_dir} is a whole bucket; give a folder in it ({out_dir}/NAME)")
     try:
         is_object = out_dir.is_file()
     except Exception as exc:  # noqa: BLE001 - a store's client errors (no endpoint, bad credentials) are not all OSErrors
@@ -279,14 +310,19 @@ def _check_output_uri(out_dir: Location, inputs: list[Location]) -> Location:
 
 
 def remove_owned_output(out_dir: Location, owned: tuple[str, ...] = DATASET_ENTRIES) -> None:
-    """Deletes what fgdata wrote in `out_dir` (for --overwrite), after proving it wrote all of it."""
+    """Deletes what fgdata wrote in `out_dir` (for --overwrite), after proving it wrote all of it:
+    every entry is one of `owned`, and every file inside fgdata's folders is one fgdata writes
+    there. The run's own lock stays: the run deleting the rest holds it."""
     if read_json(out_dir / RUN_FILE) is None:
         raise FgdataError(
             f"{out_dir} was not written by fgdata (it has no {RUN_FILE}), so --overwrite will not delete it; "
             "choose a new output directory"
         )
-    entries = sorted(out_dir.iterdir())
-    foreign = [e.name for e in entries if not any(fnmatch.fnmatchcase(e.name, pattern) for pattern in owned)]
+    entries = sorted(e for e in out_dir.iterdir() if e.name != LOCK_FILE)
+    foreign = [e.name for e in entries if not _is_owned(e, owned)]
+    for entry in entries:
+        if entry.name in FOLDER_CONTENTS and entry.name not in foreign:
+            foreign += [f"{entry.name}/{name}" for name in _files_under(entry) if not any(fnmatch.fnmatchcase(name, p) for p in FOLDER_CONTENTS[entry.name])]
     if foreign:
         raise FgdataError(
             f"{out_dir} holds files fgdata did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
@@ -297,6 +333,160 @@ def remove_owned_output(out_dir: Location, owned: tuple[str, ...] = DATASET_ENTR
             storage.remove_tree(entry)
         else:
             entry.unlink()
+
+
+def _is_owned(entry: Location, owned: tuple[str, ...]) -> bool:
+    """A folder only under one of fgdata's folder names (a folder called `x.json` is not a model
+    file), anything else under one of `owned`'s names."""
+    if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in owned):
+        return False
+    return entry.name in FOLDER_CONTENTS or not entry.is_dir() or entry.is_symlink()
+
+
+def _files_under(folder: Location) -> list[str]:
+    """Every file under `folder` as a path relative to it, sorted; a symlink is a file (never followed)."""
+    if storage.is_uri(folder):
+        prefix = folder.path.rstrip("/") + "/"
+        return sorted(key.removeprefix(prefix) for key in folder.fs.find(folder.path))
+    files = []
+    for root, dirs, names in os.walk(folder):
+        names += [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        files += [os.path.relpath(os.path.join(root, name), folder) for name in names]
+    return sorted(files)
+
+
+# A run's lock on OUT is taken over when its run is dead: its pid gone on this host, or no refresh
+# for this long (a run on another host, or a store, where no pid can be asked).
+LOCK_STALE_SECONDS = 600.0
+_HELD: set[str] = set()  # the outputs this process holds, so a recipe's step runs inside the recipe's hold
+
+
+@contextmanager
+def hold_output(out_dir: Location, stale_after: float = LOCK_STALE_SECONDS) -> Iterator[None]:
+    """Holds `out_dir` for one run, from before its claim (so --overwrite never deletes under a
+    live run) to its end, error or Ctrl-C included. Another run holding it is a one-line error."""
+    key = str(out_dir)
+    if key in _HELD:
+        yield
+        return
+    if not storage.is_uri(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(location(out_dir) / LOCK_FILE, stale_after)
+    lock.acquire()
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        lock.release()
+
+
+class OutputLock:
+    """`_run.lock`: the host, pid and start of the run holding an output, and when it last said it
+    is alive. Created only where none exists (a hard link on disk, a conditional PUT on a store;
+    a store without one is written and read back), refreshed by a thread every quarter of
+    `stale_after`, removed at the end if it is still this run's."""
+
+    def __init__(self, path: Location, stale_after: float = LOCK_STALE_SECONDS):
+        self.path, self.stale_after = path, stale_after
+        self.record = {
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex,
+        }
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        if not self._create():
+            holder = self._read()
+            if holder is not None and not self._is_stale(holder):
+                raise FgdataError(self._refusal(holder))
+            if holder is not None:
+                log.warning("%s: taking over the lock of a dead run (host %s, pid %s, since %s)", self.path.parent, holder.get("host"), holder.get("pid"), holder.get("since"))
+            # The stale lock goes only if it is still the one judged stale: a run that took it over
+            # meanwhile keeps it (two runs reaching this line in the same instant remain a race).
+            if holder is not None and self._read() == holder:
+                self.path.unlink(missing_ok=True)
+            if not self._create():
+                raise FgdataError(self._refusal(self._read() or {}))
+        self._heartbeat = threading.Thread(target=self._refresh, name="fgdata-lock", daemon=True)
+        self._heartbeat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        holder = self._read()
+        if holder is not None and holder.get("token") == self.record["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def _payload(self) -> bytes:
+        return json.dumps({**self.record, "refreshed": time.time()}, sort_keys=True).encode()
+
+    def _create(self) -> bool:
+        """Writes the lock where there is none; whether this run now holds it."""
+        if storage.is_uri(self.path):
+            try:
+                self.path.fs.pipe_file(self.path.path, self._payload(), mode="create")
+            except FileExistsError:
+                return False
+            except Exception as exc:  # noqa: BLE001 - a store's client errors (no bucket, no permission) are not all OSErrors
+                raise FgdataError(f"cannot write to {self.path.parent}: {first_line(exc)}") from None
+            return (self._read() or {}).get("token") == self.record["token"]
+        tmp = self.path.with_name(f".{self.path.name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(self._payload())
+        try:
+            os.link(tmp, self.path)  # fails when a lock exists; never shows a half-written one
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+    def _read(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # a lock cut short: as good as none once it is old
+            holder = {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _is_stale(self, holder: dict) -> bool:
+        if holder.get("host") == platform.node() and isinstance(holder.get("pid"), int) and holder["pid"] > 0 and not _pid_alive(holder["pid"]):
+            return True
+        refreshed = holder.get("refreshed")
+        return not isinstance(refreshed, (int, float)) or time.time() - refreshed > self.stale_after
+
+    def _refusal(self, holder: dict) -> str:
+        return (
+            f"{self.path.parent} is in use by another fgdata run (host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"since {holder.get('since')}); wait for it to end. A killed run's lock is taken over once its pid is gone "
+            f"(same host) or {self.stale_after:g}s after its last refresh"
+        )
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.stale_after / 4):
+            try:
+                if (self._read() or {}).get("token") != self.record["token"]:
+                    log.error("%s: this run's lock was taken over by another run; stop one of them", self.path.parent)
+                    return
+                payload = self._payload()
+                storage.write_whole(self.path, lambda tmp: tmp.write_bytes(payload))
+            except Exception as exc:  # noqa: BLE001 - a refresh that failed once is tried again next time
+                log.warning("%s: could not refresh this run's lock: %s", self.path.parent, first_line(exc))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def unit_fingerprint(settings_hash: str, name: str, payload, shared: str = "") -> str:
@@ -313,6 +503,25 @@ def unit_fingerprint(settings_hash: str, name: str, payload, shared: str = "") -
                 except OSError:
                     digest.update(f"\0{field}:missing".encode())
     return digest.hexdigest()[:24]
+
+
+def record_planned(out_dir: Location, shards: int) -> None:
+    """Notes in the run record how many shards the run writes, so an unfinished output can say how
+    far it got (`incomplete_note`)."""
+    record = read_json(location(out_dir) / RUN_FILE) or {}
+    if record.get("shards") != shards:
+        write_json(location(out_dir) / RUN_FILE, {**record, "shards": shards})
+
+
+def incomplete_note(dataset_dir: Location) -> str:
+    """What `fgdata info` says of a dataset without its manifest: a run that has not finished, whose
+    `train/` (what `datasets.load_dataset` reads) holds part of the rows or none."""
+    planned = (read_json(location(dataset_dir) / RUN_FILE) or {}).get("shards")
+    of = f" of {planned}" if isinstance(planned, int) else ""
+    return (
+        f"{dataset_dir}: INCOMPLETE: {len(finished_shards(dataset_dir))}{of} shards done, no {MANIFEST_FILE}; "
+        "do not load it (its train/ holds only part of the rows): rerun the command that writes it to finish it"
+    )
 
 
 def unfinished_reason(dataset_dir: Location) -> str | None:

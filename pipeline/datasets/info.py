@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.core.schemas import check_input_columns, load_schema
-from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, finished_shards, list_shards, read_json, read_shard, read_shard_schema
+from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, incomplete_note, list_shards, read_json, read_shard, read_shard_schema
 from pipeline.core.storage import location
 from pipeline.errors import FgdataError
 
@@ -24,10 +24,9 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
     dataset_dir = location(dataset_dir)  # a local path or a URI
     manifest_path = dataset_dir / MANIFEST_FILE
     manifest = read_json(manifest_path)
+    if manifest is None and dataset_dir.is_dir():  # a missing folder is list_shards' error
+        raise FgdataError(incomplete_note(dataset_dir))
     shards = list_shards(dataset_dir)
-    if manifest is None:
-        done = len(finished_shards(dataset_dir))
-        raise FgdataError(f"{dataset_dir} is incomplete ({done} shard(s) finished, no manifest); rerun its stage to finish it")
     damaged = f"it is damaged: rerun the stage that wrote {dataset_dir} to rewrite it"
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:

@@ -13,13 +13,15 @@ import importlib
 import logging
 import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from pipeline.config import Config, load_config
-from pipeline.core.shards import claim_output, shard_markers, shard_path, unit_fingerprint
+from pipeline.core import storage
+from pipeline.core.shards import check_output_path, claim_output, hold_output, record_planned, shard_markers, shard_path, unit_fingerprint
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.recipes import SOURCE, STEP_KINDS, Recipe, Step
 from pipeline.runner import RunSummary, finished_for_this_input, short_error, ensure_ray, finish_stage, ray_submitter, run_stage
@@ -83,17 +85,26 @@ class StepRun:
     finished: bool = False
 
 
-def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None, overrides: list[str], overwrite: bool) -> list[StepRun]:
-    """Builds every step, checks its settings and claims its folder, before any work."""
-    out = Path(out).resolve()
+def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None, overrides: list[str], overwrite: bool, held: ExitStack) -> list[StepRun]:
+    """Builds every step, checks its settings, holds its folder (until `held` closes) and claims it,
+    before any work."""
+    # SOURCE apart from all of OUT, not only from the steps that read it: another step's
+    # --overwrite would otherwise delete it
+    try:
+        out = check_output_path(out, [source])
+    except FgdataError as exc:
+        raise FgdataError(f"SOURCE and the recipe's output overlap: {exc}") from None
     runs: list[StepRun] = []
     for step in recipe.steps:
-        paths = {key: [Path(source).resolve() if ref == SOURCE else out / ref for ref in refs] for key, refs in step.inputs.items()}
+        paths = {key: [storage.resolved(source) if ref == SOURCE else out / ref for ref in refs] for key, refs in step.inputs.items()}
         implied = [f"{setting}={paths[key][0]}" for key, setting in STEP_KINDS[step.stage].settings.items()]
         try:
             config = load_config(config_file, [*implied, *step.overrides, *overrides])
         except FgdataError as exc:
             raise FgdataError(f"step {step.name!r}: {exc}") from None
+        # every folder held before any is claimed: a step another run holds stops the recipe before
+        # --overwrite deletes anything
+        held.enter_context(hold_output(out / step.name, config.run.lock_stale_s))
         stage = make_stage(step, paths)
         run = StepRun(step=step, stage=stage, config=config, out_dir=out / step.name, input_dirs=paths)
         if stage is not None:
@@ -103,20 +114,23 @@ def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None
             if run.streams:
                 stage.check(run.config)
             run.settings_hash = run.config.sections_hash(stage.config_sections)
-            inputs = [p for value in paths.values() for p in value]
-            run.out_dir = claim_output(run.out_dir, stage.name, run.settings_hash, overwrite, inputs=inputs)
         runs.append(run)
+    for run in runs:
+        if run.stage is not None:
+            inputs = [p for value in run.input_dirs.values() for p in value]
+            run.out_dir = claim_output(run.out_dir, run.stage.name, run.settings_hash, overwrite, inputs=inputs)
     return runs
 
 
 def run_recipe(recipe: Recipe, source: Path, out: Path, config_file: Path | None = None, overrides: list[str] | None = None, overwrite: bool = False) -> list[RunSummary]:
     started = time.perf_counter()
-    runs = plan_steps(recipe, source, out, config_file, list(overrides or []), overwrite)
-    executor = runs[0].config.run.executor
-    if executor == "local":
-        summaries = [s for s in map(_run_whole, runs) if s]
-    else:
-        summaries = _Scheduler(runs).run()
+    with ExitStack() as held:
+        runs = plan_steps(recipe, source, out, config_file, list(overrides or []), overwrite, held)
+        executor = runs[0].config.run.executor
+        if executor == "local":
+            summaries = [s for s in map(_run_whole, runs) if s]
+        else:
+            summaries = _Scheduler(runs).run()
     log.info("recipe %s: %d steps in %.1fs", recipe.name, len(runs), time.perf_counter() - started)
     return summaries
 
@@ -196,6 +210,7 @@ class _Scheduler:
         run.fingerprints = {u.name: unit_fingerprint(run.settings_hash, u.name, u.payload, shared) for u in units}
         run.done = finished_for_this_input(run.out_dir, run.fingerprints)
         run.names, run.planned, run.started = [u.name for u in units], {u.name for u in units}, time.perf_counter()
+        record_planned(run.out_dir, len(units))
         run.queue.extend(u for u in units if u.name not in run.done)
 
     def _plan_ready_shards(self, run: StepRun, names: list[str]) -> None:
@@ -204,6 +219,7 @@ class _Scheduler:
         first = run.names is None
         if first:
             run.names, run.started = list(names), time.perf_counter()
+            record_planned(run.out_dir, len(names))
             stale = sorted(set(shard_markers(run.out_dir)) - set(names))
             if stale:
                 raise FgdataError(f"{run.out_dir} holds a finished shard {stale[0]} that the input no longer has; rerun with --overwrite to redo it")
