@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import yaml
 
-from pipeline.errors import FgdataError, first_line
+from pipeline.errors import FgdataError, first_line, shown
 
 T = TypeVar("T")
 
@@ -506,12 +506,12 @@ def validate(config: Config) -> None:
     for section, name, value in numeric_settings(config):
         allowed = range_of(section, name)
         if value is not None and allowed is not None and value not in allowed:
-            raise FgdataError(f"setting {section}.{name}={_shown(value)} is out of range: it must be {allowed}")
+            raise FgdataError(f"setting {section}.{name}={shown(value)} is out of range: it must be {allowed}")
     for section_field in dataclasses.fields(config):
         for name, allowed in CHOICES.items():
             value = getattr(getattr(config, section_field.name), name, None)
             if value is not None and value not in allowed:
-                raise FgdataError(f"setting {section_field.name}.{name}={_shown(value)} must be one of {', '.join(allowed)}")
+                raise FgdataError(f"setting {section_field.name}.{name}={shown(value)} must be one of {', '.join(allowed)}")
     for section, smaller, larger, strictly in ORDERED:
         low, high = getattr(getattr(config, section), smaller), getattr(getattr(config, section), larger)
         if low > high or (strictly and low == high):
@@ -531,31 +531,69 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise FgdataError(f"--set expects key=value (for example phrases.batch_size=128), got {item!r}")
-        _set_key(config, key.strip(), _parse_scalar(raw), source="--set")
+            raise FgdataError(f"--set expects key=value (for example phrases.batch_size=128), got {shown(item)}")
+        _set_key(config, key.strip(), _parse_scalar(key.strip(), raw), source="--set")
     validate(config)
     return config
 
 
-# A settings file is a few KiB; anything this large is the wrong file.
+# A settings file is a few KiB; anything this large is the wrong file. libyaml parses the worst
+# 1 MiB (a flat list of 300,000 one-letter items) in about a second; PyYAML's Python parser took 10.
 MAX_CONFIG_BYTES = 1 << 20
+
+
+class RefusedYaml(yaml.constructor.ConstructorError):
+    """YAML that parses, but that settings and recipes refuse: an alias, a key given twice."""
+
+
+class _SettingsLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml where PyYAML has it
+    """PyYAML's safe loader without aliases and repeated keys. Settings never need an alias, while
+    nine nested lists of ten aliases each (a few hundred bytes) stand for 10**9 items to whatever
+    walks or prints the result; a repeated key silently replaced the first (a second `ingest:`
+    section dropped the first one whole)."""
+
+    def construct_object(self, node, deep=False):
+        # the composer hands an alias over as the very node it names, so a node met twice is one
+        if node in self.constructed_objects or node in self.recursive_objects:
+            raise RefusedYaml(None, None, f"an alias (*name) repeats the value at line {node.start_mark.line + 1}; "
+                              "settings and recipes take no anchors or aliases: write the value out", node.start_mark)
+        return super().construct_object(node, deep)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise RefusedYaml(None, None, f"key {shown(key.value)} appears twice (again at line {key.start_mark.line + 1})", key.start_mark)
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """YAML text that a user wrote (settings, a recipe, a --set value) as plain data: PyYAML's safe
+    types only (no tag builds an object), no aliases, no repeated keys; else a YAMLError."""
+    return yaml.load(text, Loader=_SettingsLoader)
 
 
 def read_yaml(path: Path, what: str = "config file") -> dict:
     """A YAML mapping from a small regular file (settings, a recipe); anything else is a one-line error."""
     path = Path(path)
-    if not path.exists():
-        raise FgdataError(f"{what} {path} does not exist")
-    if not path.is_file():  # a directory, or a FIFO or device that would block the read forever
-        raise FgdataError(f"{what} {path} is not a regular file; give the path of a YAML file")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        if not path.exists():
+            raise FgdataError(f"{what} {path} does not exist")
+        if not path.is_file():  # a directory, or a FIFO or device that would block the read forever
+            raise FgdataError(f"{what} {path} is not a regular file; give the path of a YAML file")
+        with path.open("rb") as file:  # one byte past the limit at most: /proc files report size 0
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise FgdataError(f"{what} {path} is over {MAX_CONFIG_BYTES >> 20} MiB; give the path of a YAML settings file")
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = parse_yaml(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise FgdataError(f"{what} {path} is not UTF-8 text (byte {exc.start}); give the path of a YAML file") from None
-    except OSError as exc:
+    except OSError as exc:  # a name too long, a file where a folder should be, a read error
         raise FgdataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except RefusedYaml as exc:
+        raise FgdataError(f"{what} {path}: {first_line(exc)}") from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         # deep nesting exhausts PyYAML's recursive composer; an int of 4,300+ digits makes int() raise
         raise FgdataError(f"{what} {path} is not valid YAML: {first_line(exc)[:300]}") from None
@@ -566,9 +604,12 @@ def read_yaml(path: Path, what: str = "config file") -> dict:
     return data
 
 
-def _parse_scalar(raw: str):
+def _parse_scalar(key: str, raw: str):
+    """A --set value as YAML, or as the text typed where it is no YAML (`*.bin`, `a: b: c`)."""
     try:
-        return yaml.safe_load(raw)
+        return parse_yaml(raw)
+    except RefusedYaml as exc:
+        raise FgdataError(f"--set {shown(key)}: {first_line(exc)}") from None
     except (yaml.YAMLError, RecursionError, ValueError):
         return raw
 
@@ -584,20 +625,20 @@ def _apply_mapping(config: Config, data: dict, source: str, prefix: str = "") ->
 
 def _set_key(config: Config, dotted: str, value, source: str) -> None:
     section_name, _, field_name = dotted.partition(".")
-    section = getattr(config, section_name, None)
-    if not dataclasses.is_dataclass(section) or not field_name:
-        sections = ", ".join(f.name for f in dataclasses.fields(config))
-        raise FgdataError(f"{source}: unknown config key {dotted!r} (sections: {sections})")
+    sections = [f.name for f in dataclasses.fields(config)]
+    if section_name not in sections or not field_name:  # not getattr alone: `__class__` is a dataclass too
+        raise FgdataError(f"{source}: unknown config key {shown(dotted)} (sections: {', '.join(sections)})")
+    section = getattr(config, section_name)
     hints = typing.get_type_hints(type(section))
     if field_name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(section))
-        raise FgdataError(f"{source}: unknown config key {dotted!r} (known in {section_name}: {known})")
+        raise FgdataError(f"{source}: unknown config key {shown(dotted)} (known in {section_name}: {known})")
     setattr(section, field_name, _coerce(dotted, value, hints[field_name], source))
 
 
 def _coerce(key: str, value, expected, source: str):
     def wrong() -> FgdataError:
-        return FgdataError(f"{source}: {key} must be {_type_name(expected)}, got {_shown(value)}")
+        return FgdataError(f"{source}: {key} must be {_type_name(expected)}, got {shown(value)}")
 
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
@@ -639,12 +680,6 @@ def _coerce(key: str, value, expected, source: str):
             return value
         raise wrong()
     raise wrong()
-
-
-def _shown(value) -> str:
-    """A value as an error message quotes it: one short line, even for a megabyte of text."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _type_name(expected) -> str:

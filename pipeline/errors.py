@@ -19,3 +19,10 @@ class StageFailed(FgdataError):
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: what a one-line user error quotes of a library's."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr cut to `limit` characters: a user's value in a one-line message (repr escapes control
+    characters, so a value never spans lines or drives the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+from pipeline.errors import shown
+
 # Clamping a box that pokes a little past the border (detector rounding) keeps what it meant;
 # a box that lies mostly off the image is a wrong box, not a region of this image.
 MIN_SHARE_INSIDE = 0.5
@@ -42,9 +44,3 @@ def check_box(box, width: float = 1.0, height: float = 1.0) -> tuple[list[float]
     if kept <= 0.0 or kept < MIN_SHARE_INSIDE * area:
         return None, ("box_outside_image", f"box {shown(box)} lies mostly outside the {width:g} x {height:g} image")
     return inside, None
-
-
-def shown(value, limit: int = 80) -> str:
-    """repr cut to `limit` characters: untrusted values go into one-line messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
