@@ -335,6 +335,13 @@ class FgclipTrainConfig(TrainConfig):
     # contrastive batch larger; on a smaller device keep the batch and set grad_cache_chunk instead
     batch_size: int = 512
     grad_cache_chunk: int = 0  # > 0: GradCache, embed with gradients this many images/texts at a time
+    # > 0: the images contrasted per step over all processes (the reference's: 512 x 8 = 4096), each
+    # process taking its share; where a share exceeds batch_size, GradCache chunks of batch_size
+    # (or grad_cache_chunk) reach it on fewer devices. 0 = batch_size per process
+    global_batch_size: int = 0
+    # FG-CLIP's trainer restarts the regional and hard-negative temperatures at logit_scale on every
+    # start (train_fgclip.py:386-387), an FG-CLIP checkpoint's own too; true keeps a checkpoint's
+    keep_logit_scales: bool = False
 
 
 @dataclass
@@ -469,6 +476,7 @@ RANGES: dict[str, Range] = {
     "fgclip.keep_positions": COUNT, "fgclip.max_boxes": COUNT, "fgclip.hard_negatives": ZERO_OR_MORE,
     "fgclip.long_weight": ZERO_OR_MORE, "fgclip.short_weight": ZERO_OR_MORE, "fgclip.regional_weight": ZERO_OR_MORE,
     "fgclip.hard_negative_weight": ZERO_OR_MORE, "fgclip.grad_cache_chunk": Range(0, meaning=" (0 = off)"),
+    "fgclip.global_batch_size": Range(0, meaning=" (0 = batch_size per process)"),
     "max_grad_norm": Range(0, meaning=" (0 = no clipping)"),
     "radial.cosine_clip": Range(0, 1, open_low=True, meaning=" (cosines lie in [-1, 1])"),
     "radial.lambda_e": ZERO_OR_MORE, "radial.lambda_m": ZERO_OR_MORE, "radial.lambda_p": ZERO_OR_MORE,

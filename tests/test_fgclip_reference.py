@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import FgclipTrainConfig
+from pipeline.errors import FgdataError
 from pipeline.datasets.fggrn_rows import collate_fgclip, fgclip_rows, pixels, region_long_text, region_texts
 from pipeline.models.clip_model import (
     LONG_PROJECTION,
@@ -321,6 +322,49 @@ def test_grad_cache_gives_the_unchunked_losss_gradients(clip_dir, chunk):
         assert (a.grad - b.grad).norm() <= 1e-5 * a.grad.norm() + 1e-6, f"{name}: {(a.grad - b.grad).norm() / a.grad.norm()}"
         compared += 1
     assert compared > 40
+
+
+def test_a_global_batch_on_one_process_is_reached_by_chunks_with_the_full_batchs_loss_and_gradients(clip_dir):
+    """train.sh: per_device_train_batch_size 512 on 8 GPUs contrasts 4096 images per step. With
+    global_batch_size one process takes the whole batch and embeds it batch_size at a time."""
+    batch = make_batch(seed=6, images=6)
+    full = objective_for(clip_dir, batch_size=6)
+    total, parts = full.loss(batch, full.module)
+    total.backward()
+    global_batch = objective_for(clip_dir, batch_size=2, global_batch_size=6)
+    assert (global_batch.batch_size, global_batch.chunk, global_batch.grad_cache) == (6, 2, True)
+    chunked_total, chunked_parts = global_batch.cached_step(batch, global_batch.module, 1.0, autocast=False)
+    assert chunked_total.item() == pytest.approx(total.item(), rel=1e-6) and chunked_parts == pytest.approx(parts, rel=1e-6)
+    for (name, a), (_, b) in zip(full.module.named_parameters(), global_batch.module.named_parameters()):
+        if a.grad is not None:
+            assert (a.grad - b.grad).norm() <= 1e-5 * a.grad.norm() + 1e-6, name
+
+
+def test_the_reference_batch_is_shared_by_any_number_of_processes():
+    from pipeline.train.objectives import contrastive_batch
+
+    reference = FgclipTrainConfig(global_batch_size=4096)  # 512 x 8 (train.sh)
+    assert contrastive_batch(reference, 8) == (512, 0)  # the reference's own layout: no chunks
+    assert contrastive_batch(reference, 2) == (2048, 512)
+    assert contrastive_batch(reference, 1) == (4096, 512)
+    assert contrastive_batch(FgclipTrainConfig(global_batch_size=4096, grad_cache_chunk=128), 1) == (4096, 128)
+    assert contrastive_batch(FgclipTrainConfig(), 4) == (512, 0)  # unset: batch_size per process, as before
+    with pytest.raises(FgdataError, match="multiple of the 3 training processes"):
+        contrastive_batch(reference, 3)
+
+
+def test_a_global_batch_streams_whole_batches_and_counts_steps_by_it(tmp_path):
+    """The data loader gives the process its whole share, and an epoch has rows // global steps,
+    the reference's step count."""
+    from pipeline.datasets.synthetic_world import write_world
+    from pipeline.models.tiny import build_tiny_clip
+
+    world = write_world(tmp_path / "world", 13, seed=0)
+    clip = build_tiny_clip(tmp_path / "clip", [" ".join(WORDS)] * 20)
+    settings = FgclipTrainConfig(model=str(clip), batch_size=2, global_batch_size=6, num_workers=0, shuffle_buffer=4)
+    objective = FgclipObjective([world["fggrn"]], settings, None, "cpu")
+    assert objective.steps_per_epoch() == 13 // 6 and objective.grad_cache
+    assert next(objective.batches(skip_batches=0))["pixels"].shape[0] == 6
 
 
 def test_grad_cache_in_the_loop_trains_like_the_plain_loop(tmp_path):

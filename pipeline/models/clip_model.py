@@ -7,14 +7,27 @@ which long captions use. Both parts stay trainable, as in FG-CLIP (fgclip.py:84-
 
 Long captions also get their own projection, `text_filip_projection` (FG-CLIP fgclip.py:69,
 227-230, 358-360), copied from `text_projection` when the table is extended (fgclip.py:124-126).
-The model is a `CLIPModel` subclass that only adds that projection when its config records the
-extended layout, so `save_pretrained`/`load_clip` keep both; a plain `CLIPModel` loading our
-output reads every other weight and drops the long projection.
+In memory the model is a `CLIPModel` subclass that only adds that projection when its config
+records the extended layout.
+
+On disk a model is read in one of three layouts, told apart by its weight names:
+- OpenAI's CLIP (77 positions, no long projection): the table is extended on first training;
+- fgdata's earlier outputs: one 77 + 248 row table, the layout recorded in the text config;
+- FG-CLIP's (`FGCLIPModel`, fgclip.py:62-74, modeling_clip.py:257-265): `position_embedding` (77),
+  `position_embedding_res` and `position_embedding_ori` (248 each; a long caption's position i
+  takes `_ori` below 20 and `_res` from 20 on, modeling_clip.py:262-265, 293-294),
+  `text_filip_projection`, and the regional and hard-negative temperatures
+  `logit_scale_finegraind` and `logit_scale_hardneg`.
+Anything else is refused. `save_clip` writes FG-CLIP's layout, which FG-CLIP's own class loads and
+a plain `CLIPModel` reads as an OpenAI CLIP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +36,13 @@ from pipeline.errors import FgdataError, first_line
 
 LONG_TEXT_KEY = "fgdata_long_text"  # in the text config: {"short": 77, "long": 248}
 LONG_PROJECTION = "text_filip_projection"  # FG-CLIP's name for the long-caption projection
+_POSITIONS = "text_model.embeddings.position_embedding.weight"
+# FG-CLIP's long-caption tables and where its mask switches from the first to the second
+# (modeling_clip.py:260-265: fixed at 20, whatever the config says)
+FGCLIP_ORI, FGCLIP_RES, FGCLIP_MASK_SPLIT = "text_model.embeddings.position_embedding_ori.weight", "text_model.embeddings.position_embedding_res.weight", 20
+# FG-CLIP's names for the regional and hard-negative temperatures (fgclip.py:73-74)
+REGION_SCALE, HARD_NEGATIVE_SCALE = "logit_scale_finegraind", "logit_scale_hardneg"
+_FGCLIP_EXTRAS = {FGCLIP_ORI, FGCLIP_RES, f"{LONG_PROJECTION}.weight", REGION_SCALE, HARD_NEGATIVE_SCALE}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _INTERPOLATION = 4  # Long-CLIP stretches every position after the kept ones 4 times
 
@@ -33,6 +53,7 @@ class ClipParts:
     tokenizer: object
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    logit_scales: dict = field(default_factory=dict)  # REGION_SCALE / HARD_NEGATIVE_SCALE: floats an FG-CLIP layout holds
 
 
 _MODEL_CLASS = None
@@ -61,9 +82,16 @@ def load_clip(reference: str, revision: str | None = None) -> ClipParts:
     try:
         model, info = clip_class().from_pretrained(reference, revision=revision, use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(reference, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a weight of another shape
         raise FgdataError(f"cannot load CLIP model {reference!r}: {first_line(exc)}") from None
-    if hasattr(model, LONG_PROJECTION) and f"{LONG_PROJECTION}.weight" in info.get("missing_keys", ()):
+    scales = {}
+    if _layout(reference, model, info) == "fgclip":
+        stored = _stored_tensors(reference, revision, _FGCLIP_EXTRAS & set(info["unexpected_keys"]))
+        ori, res = stored[FGCLIP_ORI], stored[FGCLIP_RES]
+        long_table = torch.where(torch.arange(res.shape[0]).unsqueeze(1) < FGCLIP_MASK_SPLIT, ori, res)
+        _add_long_text(model, long_table, stored[f"{LONG_PROJECTION}.weight"])
+        scales = {name: float(stored[name]) for name in (REGION_SCALE, HARD_NEGATIVE_SCALE) if name in stored}
+    elif hasattr(model, LONG_PROJECTION) and f"{LONG_PROJECTION}.weight" in info["missing_keys"]:
         # saved before the long projection existed: long captions went through text_projection
         _copy_projection(model)
     try:
@@ -71,7 +99,46 @@ def load_clip(reference: str, revision: str | None = None) -> ClipParts:
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError, AttributeError):
         mean, std = CLIP_MEAN, CLIP_STD
-    return ClipParts(model, tokenizer, mean, std)
+    return ClipParts(model, tokenizer, mean, std, scales)
+
+
+def _layout(reference: str, model, info: dict) -> str:
+    """"clip" (OpenAI's, or fgdata's one-table layout) or "fgclip" by the weights the checkpoint
+    holds beside those the model expects; FgdataError when they match neither: a weight left
+    random or one thrown away must never pass unnoticed."""
+    missing = set(info["missing_keys"])
+    unexpected = {k for k in info["unexpected_keys"] if not k.endswith("position_ids")}  # buffers older checkpoints saved
+    if is_extended(model):
+        missing.discard(f"{LONG_PROJECTION}.weight")  # fgdata's outputs before the long projection
+    if not missing and not unexpected:
+        return "clip"
+    needed = {FGCLIP_ORI, FGCLIP_RES, f"{LONG_PROJECTION}.weight"}
+    if not missing and not is_extended(model) and needed <= unexpected <= _FGCLIP_EXTRAS:
+        return "fgclip"
+    shown = ", ".join(f"{kind} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    raise FgdataError(f"cannot load CLIP model {reference!r}: its weights match neither a CLIP's nor FG-CLIP's layout ({shown})")
+
+
+def _stored_tensors(reference: str, revision: str | None, names: set[str]) -> dict:
+    """The tensors `names` as a checkpoint (a folder or a hub id; one safetensors file or shards)
+    stores them: the weights `from_pretrained` set aside as unexpected."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def path(name: str) -> str | None:
+        return cached_file(reference, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+
+    single = path("model.safetensors")
+    if single:
+        files = {name: single for name in names}
+    else:
+        index = json.loads(Path(path("model.safetensors.index.json")).read_text())["weight_map"]
+        files = {name: path(index[name]) for name in names}
+    found = {}
+    for name, file in files.items():
+        with safe_open(file, framework="pt") as opened:
+            found[name] = opened.get_tensor(name)
+    return found
 
 
 def _copy_projection(model) -> None:
@@ -111,20 +178,47 @@ def extend_text_positions(model, long_tokens: int = 248, keep: int = 20) -> None
     """Adds the Long-CLIP table after the original positions and the long-caption projection,
     a copy of `text_projection` (FG-CLIP's `from_openai` start, train_fgclip.py:389-393).
     A no-op if already extended."""
-    config = model.config.text_config
-    if getattr(config, LONG_TEXT_KEY, None):
+    if is_extended(model):
         return
-    embeddings = model.text_model.embeddings
+    original = model.text_model.embeddings.position_embedding.weight.data
+    _add_long_text(model, long_clip_positions(original, long_tokens, keep), model.text_projection.weight.data)
+
+
+def _add_long_text(model, long_table: torch.Tensor, projection: torch.Tensor) -> None:
+    """The long-caption rows after the original positions, and the long-caption projection."""
+    config, embeddings = model.config.text_config, model.text_model.embeddings
     original = embeddings.position_embedding.weight.data
-    short = original.shape[0]
-    table = torch.cat([original, long_clip_positions(original, long_tokens, keep)])
+    table = torch.cat([original, long_table.to(original.device, original.dtype)])
     embeddings.position_embedding = torch.nn.Embedding.from_pretrained(table, freeze=False)
     embeddings.register_buffer("position_ids", torch.arange(table.shape[0], device=table.device).unsqueeze(0), persistent=False)
     config.max_position_embeddings = table.shape[0]
-    setattr(config, LONG_TEXT_KEY, {"short": short, "long": long_tokens})
-    projection = model.text_projection.weight
-    model.add_module(LONG_PROJECTION, torch.nn.Linear(projection.shape[1], projection.shape[0], bias=False).to(projection.device, projection.dtype))
-    _copy_projection(model)
+    setattr(config, LONG_TEXT_KEY, {"short": original.shape[0], "long": long_table.shape[0]})
+    own = model.text_projection.weight
+    model.add_module(LONG_PROJECTION, torch.nn.Linear(own.shape[1], own.shape[0], bias=False).to(own.device, own.dtype))
+    with torch.no_grad():
+        getattr(model, LONG_PROJECTION).weight.copy_(projection)
+
+
+def save_clip(model, tokenizer, out_dir: Path, logit_scales: dict | None = None) -> None:
+    """`model`, its tokenizer and `logit_scales` ({REGION_SCALE: tensor, ...}) in FG-CLIP's layout:
+    the short table as `position_embedding`, the long rows as both `position_embedding_res` and
+    `_ori` (FG-CLIP's mask reads each row from one of them, the same row either way), and a config
+    of 77 positions, so `FGCLIPModel.from_pretrained` and `load_clip` read the same weights."""
+    from safetensors.torch import save_file
+
+    # cloned: safetensors refuses tensors that share memory
+    state = {name: value.detach().clone().contiguous().cpu() for name, value in model.state_dict().items()}
+    config = copy.deepcopy(model.config)
+    if is_extended(model):
+        short, table = short_positions(model), state[_POSITIONS]
+        state[_POSITIONS], state[FGCLIP_ORI], state[FGCLIP_RES] = table[:short].clone(), table[short:].clone(), table[short:].clone()
+        config.text_config.max_position_embeddings = short
+        delattr(config.text_config, LONG_TEXT_KEY)
+    state.update({name: value.detach().clone().reshape(()).cpu() for name, value in (logit_scales or {}).items()})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def is_extended(model) -> bool:

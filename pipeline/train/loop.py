@@ -254,7 +254,8 @@ def _train_objective(objective, settings, out_dir: Path, total_steps: int, devic
     autocast = device != "cpu" and settings.bf16
     if device != "cpu":  # what --tf32 sets in FG-CLIP's train.sh: fp32 matmuls and convolutions on TF32 cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
-    log.info("training %s (%s) on %s: %d steps of %d x %d x %d samples", objective.name, settings.model, device, total_steps, settings.batch_size, settings.gradient_accumulation, world)
+    per_process = getattr(objective, "batch_size", settings.batch_size)  # fgclip's global_batch_size shares it out
+    log.info("training %s (%s) on %s: %d steps of %d x %d x %d samples", objective.name, settings.model, device, total_steps, per_process, settings.gradient_accumulation, world)
 
     def step(batch) -> dict:
         if getattr(objective, "grad_cache", False):  # GradCache: the objective runs its own chunked backward

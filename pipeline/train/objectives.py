@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -16,7 +17,16 @@ from pipeline.core.storage import Location, location
 from pipeline.datasets.fggrn_rows import FgclipStream, collate_fgclip, count_fgclip_rows, fgclip_sources
 from pipeline.datasets.hierarcaps_csv import TIERS, read_chains, usable_chains
 from pipeline.errors import FgdataError
-from pipeline.models.clip_model import box_features, encode_text, extend_text_positions, image_and_patch_features, load_clip
+from pipeline.models.clip_model import (
+    HARD_NEGATIVE_SCALE,
+    REGION_SCALE,
+    box_features,
+    encode_text,
+    extend_text_positions,
+    image_and_patch_features,
+    load_clip,
+    save_clip,
+)
 from pipeline.train.losses import gather, hard_negative_loss, info_nce, radial_embedding_loss
 
 log = logging.getLogger(__name__)
@@ -24,15 +34,17 @@ log = logging.getLogger(__name__)
 
 class FgclipModule(torch.nn.Module):
     """CLIP plus the learnable temperatures of the regional and hard-negative logits, both started
-    at CLIP's own (train_fgclip.py:386-387). No scale is clamped: the reference has no clamp
-    (fgclip.py:497-502, 526, 538), and a clamp at ln 100 under OpenAI's 4.6052 start froze all three."""
+    at CLIP's own (train_fgclip.py:386-387, on every start, an FG-CLIP checkpoint's too) unless
+    `scales` gives theirs ({REGION_SCALE: value, HARD_NEGATIVE_SCALE: value}). No scale is clamped:
+    the reference has no clamp (fgclip.py:497-502, 526, 538), and a clamp at ln 100 under OpenAI's
+    4.6052 start froze all three."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, scales: dict | None = None):
         super().__init__()
         self.clip = clip
-        start = float(clip.logit_scale.detach())
-        self.region_logit_scale = torch.nn.Parameter(torch.tensor(start))
-        self.hard_negative_logit_scale = torch.nn.Parameter(torch.tensor(start))
+        start, scales = float(clip.logit_scale.detach()), scales or {}
+        self.region_logit_scale = torch.nn.Parameter(torch.tensor(scales.get(REGION_SCALE, start)))
+        self.hard_negative_logit_scale = torch.nn.Parameter(torch.tensor(scales.get(HARD_NEGATIVE_SCALE, start)))
 
 
 class FgclipObjective:
@@ -42,13 +54,15 @@ class FgclipObjective:
     across processes (fgclip.py:479-518); box <-> region text InfoNCE on this process's boxes only
     (fgclip.py:452, 523-532); per box with hard negatives an (1 + K)-way cross-entropy, region to
     text only, positive = the short phrase (fgclip.py:534-539, train_fgclip.py:264-277).
-    With `grad_cache_chunk` > 0 the batch's loss is the same but its backward runs chunk by chunk
-    (`cached_step`), so a large contrastive batch fits a small device."""
+    With a GradCache chunk (`grad_cache_chunk`, or set by `global_batch_size`) the batch's loss is the
+    same but its backward runs chunk by chunk (`cached_step`), so a large contrastive batch fits a
+    small device: one GPU trains on the reference's 512 x 8 images per step."""
 
     name = "fgclip"
 
     def __init__(self, sources: list[Location], settings, images: Location | None, device: str, rank: int = 0, world: int = 1):
         self.settings, self.device, self.rank, self.world = settings, device, rank, world
+        contrastive_batch(settings, world)  # a global batch the processes cannot share stops here, before any work
         self.pairs = fgclip_sources(sources, images)
         # before the model loads: a set with no usable row would otherwise stream nothing forever
         self.data = count_fgclip_rows(self.pairs, settings.max_boxes)
@@ -62,20 +76,33 @@ class FgclipObjective:
             raise FgdataError(f"fgclip.image_size={settings.image_size}, but {settings.model} takes {own_size} px images; set 0 to use its own")
         settings.image_size = own_size
         self.parts = parts
-        self.module = FgclipModule(parts.model).to(device)
+        if parts.logit_scales:
+            log.info("%s holds FG-CLIP's regional and hard-negative temperatures: %s", settings.model, "kept" if settings.keep_logit_scales else "restarted at logit_scale, as FG-CLIP's trainer does (fgclip.keep_logit_scales=true keeps them)")
+        self.module = FgclipModule(parts.model, parts.logit_scales if settings.keep_logit_scales else None).to(device)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples this process contrasts per step."""
+        return contrastive_batch(self.settings, self.world)[0]
+
+    @property
+    def chunk(self) -> int:
+        """GradCache's chunk; 0: one plain forward and backward."""
+        return contrastive_batch(self.settings, self.world)[1]
 
     @property
     def grad_cache(self) -> bool:
         """Whether the loop calls `cached_step` instead of `loss` + backward."""
-        return self.settings.grad_cache_chunk > 0
+        return self.chunk > 0
 
     def steps_per_epoch(self) -> int:
-        return max(1, self.rows // (self.settings.batch_size * self.world * self.settings.gradient_accumulation))
+        return max(1, self.rows // (self.batch_size * self.world * self.settings.gradient_accumulation))
 
     def batches(self, skip_batches: int):
-        stream = FgclipStream(self.pairs, self.settings, self.parts.mean, self.parts.std, skip_batches, self.rank, self.world)
+        settings = dataclasses.replace(self.settings, batch_size=self.batch_size)
+        stream = FgclipStream(self.pairs, settings, self.parts.mean, self.parts.std, skip_batches, self.rank, self.world)
         return iter(torch.utils.data.DataLoader(
-            stream, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers, collate_fn=collate_fgclip,
+            stream, batch_size=self.batch_size, num_workers=self.settings.num_workers, collate_fn=collate_fgclip,
             persistent_workers=self.settings.num_workers > 0, worker_init_fn=_own_store_clients,
         ))
 
@@ -147,7 +174,7 @@ class FgclipObjective:
         gradients and back-propagates those cached gradients. The parameters' gradients are the
         unchunked loss's (times `factor`); activations are held for one chunk at a time. CLIP has no
         dropout, so the re-forward reproduces the first one exactly. Returns the detached loss."""
-        pieces = self._pieces(batch, self.settings.grad_cache_chunk)
+        pieces = self._pieces(batch, self.chunk)
         context = partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16, enabled=autocast)
         with torch.no_grad(), context():
             outputs = [piece(module.clip) for piece in pieces]
@@ -170,11 +197,20 @@ class FgclipObjective:
         return total.detach(), parts
 
     def save(self, out_dir: Path, module) -> None:
-        from safetensors.torch import save_file
+        """In FG-CLIP's layout, temperatures included: FG-CLIP's own code continues from it."""
+        save_clip(module.clip, self.parts.tokenizer, out_dir, {REGION_SCALE: module.region_logit_scale, HARD_NEGATIVE_SCALE: module.hard_negative_logit_scale})
 
-        module.clip.save_pretrained(out_dir)
-        self.parts.tokenizer.save_pretrained(out_dir)
-        save_file({"region_logit_scale": module.region_logit_scale.detach().cpu().reshape(1), "hard_negative_logit_scale": module.hard_negative_logit_scale.detach().cpu().reshape(1)}, str(Path(out_dir) / "fgclip_heads.safetensors"))
+
+def contrastive_batch(settings, world: int) -> tuple[int, int]:
+    """(samples per process per step, GradCache chunk or 0): batch_size and grad_cache_chunk; with
+    global_batch_size, each process's share of it, cut into chunks of batch_size where the share
+    is larger (the size a device holds at once) unless grad_cache_chunk names another."""
+    if not settings.global_batch_size:
+        return settings.batch_size, settings.grad_cache_chunk
+    share, left = divmod(settings.global_batch_size, world)
+    if left or not share:
+        raise FgdataError(f"fgclip.global_batch_size={settings.global_batch_size} must be a multiple of the {world} training processes")
+    return share, settings.grad_cache_chunk or (settings.batch_size if share > settings.batch_size else 0)
 
 
 def _own_store_clients(_worker: int) -> None:
@@ -255,8 +291,7 @@ class RadialObjective:
         return radial_embedding_loss(positives, negatives, root, current, self._frozen_text(texts), s.lambda_e, s.lambda_m, s.lambda_p, s.cosine_clip)
 
     def save(self, out_dir: Path, module) -> None:
-        module.save_pretrained(out_dir)
-        self.parts.tokenizer.save_pretrained(out_dir)
+        save_clip(module, self.parts.tokenizer, out_dir)
 
 
 def _summary(counts: Counter) -> str:
