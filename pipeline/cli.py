@@ -11,8 +11,10 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
+from pipeline.core.storage import s3_endpoint_problem
+from pipeline.core.terminal import printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
 app = typer.Typer(
@@ -81,10 +83,21 @@ def _user_errors():
     try:
         yield
     except StageFailed as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {printable_lines(exc)}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
-    except FgdataError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    except FgdataError as exc:  # messages quote paths, keys and values from data: escaped for the terminal
+        # a wrong S3 endpoint shows as "does not exist" or "is a file": named as the cause instead
+        typer.secho(f"error: {s3_endpoint_problem() or printable_lines(exc)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except Exception:
+        # a store client's own error (a refused connection): one line when a wrong S3 endpoint is
+        # the cause; anything else is a bug and keeps its traceback
+        problem = s3_endpoint_problem()
+        if problem is None:
+            raise
+        typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
 
 
@@ -107,13 +120,15 @@ def _run_stage(stage, out: str | Path, config_file: Path | None, overrides: list
 def _check_out_file(out: Path | str, overwrite: bool) -> None:
     """A results file named by --out, checked before any work: never a folder, never replaced unless
     asked. On a store (a URI) it is one object, uploaded whole: only the replacing is checked."""
-    from pipeline.core.storage import is_uri, location
+    from pipeline.core.storage import is_bucket, is_uri, location
 
+    out = location(out)  # a URI checked and spelled one way; file:///abs as /abs
     if is_uri(out):
-        if location(out).exists() and not overwrite:
+        if is_bucket(out):
+            raise FgdataError(f"--out {out} is a whole bucket; give a file name in it")
+        if out.exists() and not overwrite:
             raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
         return
-    out = Path(out)
     if out.is_dir():
         raise FgdataError(f"--out {out} is a folder; give a file name")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
@@ -355,20 +370,29 @@ def export_fgclip_command(
     allow_missing_long_captions: Annotated[
         bool, typer.Option("--allow-missing-long-captions", help="Export images without a long caption (their caption repeats short_caption, counted) instead of refusing.")
     ] = False,
+    require_negatives: Annotated[
+        bool, typer.Option("--require-negatives", help="Leave out images with no box that has hard negatives among their first 4 (FG-CLIP 1's collator fails on a batch of only such images).")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Per-device batch FG-CLIP will train with (train.sh: 512): the export warns when such a batch may hold no hard negative at all.")
+    ] = FgclipTrainConfig.batch_size,
 ):
     """Write FgGRN as FG-CLIP's stage-2 trainer reads it: a JSON list with the images beside it.
 
     Each item: f_path, caption (long caption), short_caption, and bbox_info, one box per phrase
     (best score), boxes with hard negatives first: bbox (x1, y1, x2, y2 normalised to 0-1),
     short_expr (the phrase), long_expr (the phrase with its modifiers from the long caption),
-    flag_short_neg and short_expr_negs (the hard negatives keyed "0".."9"). An image with no box
-    that has hard negatives is left out and counted. fgclip.json is the only .json file in OUT.
+    flag_short_neg and short_expr_negs (the hard negatives keyed "0".."9"). Rows `fgdata import
+    fgclip` wrote go out as released. Images without hard negatives are kept (as in FineHARD), with
+    a warning when a batch may hold none; --require-negatives leaves them out. fgclip.json is the
+    only .json file in OUT.
     """
-    from pipeline.datasets.fgclip_export import export_fgclip
+    from pipeline.datasets.fgclip_export import LEFT_OUT_REASONS, NEGATIVE_FREE_BATCH_WARNING, SUMMARY_FILE, export_fgclip
 
     with _user_errors():
         summary = export_fgclip(
-            fggrn, out, images, negatives_needed=negatives, overwrite=overwrite, lowercase=lowercase, allow_missing_long_captions=allow_missing_long_captions
+            fggrn, out, images, negatives_needed=negatives, overwrite=overwrite, lowercase=lowercase, allow_missing_long_captions=allow_missing_long_captions,
+            require_negatives=require_negatives, batch_size=batch_size,
         )
         left_out = ", ".join(f"{n} {reason}" for reason, n in summary["left_out"].items() if n) or "none"
         typer.echo(
@@ -379,6 +403,16 @@ def export_fgclip_command(
         )
         if summary["missing_long_captions"]:
             typer.echo(f"warning: {summary['missing_long_captions']} image(s) have no long caption: their caption repeats short_caption", err=True)
+        if any(summary["left_out"].values()):
+            why = ", ".join(f"{n} {reason} ({LEFT_OUT_REASONS[reason]})" for reason, n in summary["left_out"].items() if n)
+            typer.echo(f"note: {sum(summary['left_out'].values())} image(s) left out: {why}; their keys are in {Path(out) / SUMMARY_FILE}", err=True)
+        if summary["chance_batch_without_negatives"] > NEGATIVE_FREE_BATCH_WARNING:
+            typer.echo(
+                f"warning: {summary['without_negatives']} of {summary['items']} images have no hard negatives among their first 4 boxes: "
+                f"a batch of {batch_size} holds none with chance {summary['chance_batch_without_negatives']:.3g}, and FG-CLIP 1's collator "
+                "fails on such a batch; pass --require-negatives to leave those images out",
+                err=True,
+            )
         if summary["other_data_files"]:
             names = ", ".join(summary["other_data_files"])
             typer.echo(f"warning: {out} also holds {names}; FG-CLIP's loaders read every *.json and *.jsonl there as data", err=True)
@@ -543,7 +577,7 @@ def hierarcaps_filter(
 @hierarcaps_app.command("export")
 def hierarcaps_export(
     dataset: Annotated[str, typer.Argument(help="Hierarcaps shards (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    out: Annotated[str, typer.Argument(help="CSV file to write (a path or a URI).")],
     layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
 ):
@@ -712,13 +746,13 @@ def info(
     from pipeline.datasets.info import describe_dataset
 
     with _user_errors():
-        typer.echo(describe_dataset(dataset, top=top))
+        typer.echo(printable_lines(describe_dataset(dataset, top=top)))
 
 
 @app.command()
 def report(
     dataset: Annotated[str, typer.Argument(help="A dataset directory written by an fgdata stage (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Option("--out", help="The HTML file to write (self-contained: images inline).")],
+    out: Annotated[str, typer.Option("--out", help="The HTML file to write (self-contained: images inline); a path or a URI.")],
     sample: Annotated[int, typer.Option(help="At most this many rows feed the histograms and examples (chosen at random).")] = 20_000,
     gallery: Annotated[int, typer.Option(help="How many images (or chains) to show.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -734,13 +768,13 @@ def report(
         _check_out_file(out, overwrite)
         summary = write_report(dataset, out, sample=sample, gallery=gallery, seed=seed)
         sampled = f", {summary['sampled']:,} sampled" if summary["sampled"] < summary["rows"] else ""
-        typer.echo(f"wrote {out}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
+        typer.echo(f"wrote {summary['out']}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
 
 
 @audit_app.command("sample")
 def audit_sample(
     dataset: Annotated[str, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network).")],
+    out: Annotated[str, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network); a path or a URI.")],
     n: Annotated[int, typer.Option("--n", help="How many candidate negatives to sample, shared equally among the strata.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
@@ -748,12 +782,13 @@ def audit_sample(
     """Draw a stratified sample of candidate negatives (fggrn: by attribute kind and backend;
     hierarcaps: by tier) into one page: the image crop with its box, the positive and the candidate.
     Keys v / i / u judge valid / invalid / unsure; the verdicts download as JSON."""
+    from pipeline.core.storage import location
     from pipeline.reports.audit import write_audit_page
 
     with _user_errors():
         _check_out_file(out, overwrite)
         summary = write_audit_page(dataset, out, n=n, seed=seed)
-        typer.echo(f"wrote {out}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
+        typer.echo(f"wrote {location(out)}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
                    f"({summary['images']} with an image), {summary['seconds']:.1f}s; open it in a browser")
 
 
@@ -764,12 +799,16 @@ def audit_score(
 ):
     """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
     dataset's manifest under "audit" (and in its data card)."""
-    from pipeline.reports.audit import format_scores, score_audit
+    from pipeline.reports.audit import audited_dataset, format_scores, read_verdicts, record_audit
 
     with _user_errors():
-        audit, dataset_dir = score_audit(verdicts, dataset)
+        payload = read_verdicts(verdicts)
+        dataset_dir = audited_dataset(verdicts, payload, dataset)
+        # the verdicts file may name the dataset: say which one is written before writing it
+        typer.echo(f"recording the audit in {printable(dataset_dir)}{'' if dataset else ' (named by the verdicts file; --dataset to choose)'}")
+        audit = record_audit(verdicts, payload, dataset_dir)
         typer.echo(format_scores(audit))
-        typer.echo(f"recorded in {dataset_dir / '_manifest.json'} under \"audit\"")
+        typer.echo(f"recorded in {printable(dataset_dir / '_manifest.json')} under \"audit\"")
 
 
 @app.command()
@@ -804,14 +843,14 @@ def plan(
         measures = load_runs(from_runs or []) + measures
         chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
-        typer.echo(json.dumps(bill, indent=2) if as_json else format_plan(bill))
+        typer.echo(json.dumps(bill, indent=2, allow_nan=False) if as_json else format_plan(bill))
 
 
 @app.command("run")
 def run_recipe_command(
     recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps (bundled), or the path of your own recipe .yaml.")],
-    source: Annotated[Path, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps.")],
-    out: Annotated[Path, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset.")],
+    source: Annotated[str, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps; a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset; a path or an s3://, gs://, hf:// URI.")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,

@@ -153,32 +153,84 @@ def test_an_old_export_folder_is_taken_over_and_its_json_records_removed(tmp_pat
     assert len(load_like_fgclip(out, out)) == 3
 
 
-# --- hard negatives: every item has a hard set among the 4 boxes kept ----------------------------
+# --- hard negatives: kept without them, warned when a batch may hold none -------------------------
 
 
-def test_images_without_a_box_with_negatives_are_left_out_and_negatives_come_first(tmp_path):
+def _some_without_negatives(rows):
     caption = "a red circle, a blue square, a green square, a cyan square and a white circle"
     phrases = ["a red circle", "a blue square", "a green square", "a cyan square", "a white circle"]
+    # row 0: the only box with 10 negatives is the 5th, beyond what the loader keeps
+    rows[0]["regions"] = [region(p, [0.1 * i, 0.1, 0.1 * i + 0.1, 0.5], negatives=[] if i < 4 else None, caption=caption) for i, p in enumerate(phrases)]
+    rows[0]["short_caption"] = caption
+    rows[1]["regions"] = [{**r, "negatives": r["negatives"][:9]} for r in rows[1]["regions"]]  # 9 < 10: no box qualifies
+    rows[2]["regions"] = []
 
+
+def test_images_without_negatives_are_kept_and_negatives_come_first(tmp_path):
+    """FineHARD keeps images whose boxes have no hard negatives (flag_short_neg 0): they still train the
+    long/short and regional losses. FG-CLIP 1's collator fails only on a batch where no image has any."""
+    world = world_with(tmp_path, 6, _some_without_negatives)
+    out = tmp_path / "fgclip"
+    result = invoke("export", "fgclip", world["fggrn"], out, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert "images left out: 1 no_usable_box" in result.stdout
+    assert "note: 1 image(s) left out: 1 no_usable_box (no box passed the box checks)" in result.stderr
+    summary = json.loads((out / "_export.fgdata").read_text())
+    assert summary["left_out_keys"] == {"no_usable_box": ["world-000002"], "no_box_with_negatives": []}
+    instances = load_like_fgclip(out, out)
+    assert len(instances) == 5 and summary["without_negatives"] == 1
+    assert [b["short_expr"] for b in instances[0]["item"]["bbox_info"]][0] == "a white circle"
+    assert instances[1]["item"]["bbox_info"] and not any(b["flag_short_neg"] for b in instances[1]["item"]["bbox_info"])
+    with pytest.raises(RuntimeError, match="non-empty list"):  # the one image without negatives, alone in a batch
+        collate([instances[1]])
+    collate(instances[:4])
+    # a batch of 4 of these 5 images always holds a negative: no warning
+    assert summary["chance_batch_without_negatives"] == 0.0 and "--require-negatives" not in result.stderr
+
+
+def test_a_likely_batch_without_negatives_is_warned_about_and_require_negatives_leaves_them_out(tmp_path):
     def change(rows):
-        # row 0: the only box with 10 negatives is the 5th, beyond what the loader keeps
-        rows[0]["regions"] = [region(p, [0.1 * i, 0.1, 0.1 * i + 0.1, 0.5], negatives=[] if i < 4 else None, caption=caption) for i, p in enumerate(phrases)]
-        rows[0]["short_caption"] = caption
-        rows[1]["regions"] = [{**r, "negatives": r["negatives"][:9]} for r in rows[1]["regions"]]  # 9 < 10: no box qualifies
-        rows[2]["regions"] = []
+        for row in rows[1:]:
+            row["regions"] = [{**r, "negatives": []} for r in row["regions"]]
 
     world = world_with(tmp_path, 6, change)
-    out = tmp_path / "fgclip"
-    result = invoke("export", "fgclip", world["fggrn"], out)
+    result = invoke("export", "fgclip", world["fggrn"], tmp_path / "all", "--batch-size", "2")
     assert result.exit_code == 0, result.output
-    assert "images left out: 1 no_usable_box, 1 no_box_with_negatives" in result.stdout
-    summary = json.loads((out / "_export.fgdata").read_text())
-    assert summary["left_out_keys"] == {"no_usable_box": ["world-000002"], "no_box_with_negatives": ["world-000001"]}
-    instances = load_like_fgclip(out, out)
-    assert len(instances) == 4
-    assert [b["short_expr"] for b in instances[0]["item"]["bbox_info"]][0] == "a white circle"
-    for instance in instances:
+    summary = json.loads((tmp_path / "all" / "_export.fgdata").read_text())
+    # 5 of 6 images without negatives, 2 drawn: C(5, 2) / C(6, 2)
+    assert summary["items"] == 6 and summary["without_negatives"] == 5
+    assert summary["chance_batch_without_negatives"] == pytest.approx(10 / 15)
+    (warning,) = [line for line in result.stderr.splitlines() if "--require-negatives" in line]
+    assert "5 of 6 images" in warning and "a batch of 2 holds none with chance 0.667" in warning
+    # the reference batch (512) is larger than the set: every batch holds the one image with negatives
+    quiet = invoke("export", "fgclip", world["fggrn"], tmp_path / "reference")
+    assert quiet.exit_code == 0 and "--require-negatives" not in quiet.stderr
+
+    result = invoke("export", "fgclip", world["fggrn"], tmp_path / "required", "--require-negatives", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "required" / "_export.fgdata").read_text())
+    assert (summary["items"], summary["left_out"]["no_box_with_negatives"], summary["chance_batch_without_negatives"]) == (1, 5, 0.0)
+    (note,) = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert note == (
+        f"note: 5 image(s) left out: 5 no_box_with_negatives (no box with hard negatives among the first 4 (--require-negatives)); "
+        f"their keys are in {tmp_path / 'required' / '_export.fgdata'}"
+    )
+    for instance in load_like_fgclip(tmp_path / "required", tmp_path / "required"):
         collate([instance])
+
+
+@pytest.mark.parametrize(
+    "items, without, batch, chance",
+    [(10, 0, 4, 0.0), (10, 10, 4, 1.0), (10, 9, 4, 6 / 10), (10, 3, 4, 0.0), (4, 3, 512, 0.0), (1000, 900, 3, 900 * 899 * 898 / (1000 * 999 * 998))],
+)
+def test_chance_of_a_batch_without_negatives_is_hypergeometric(items, without, batch, chance):
+    from math import comb
+
+    from pipeline.datasets.fgclip_export import chance_of_batch_without_negatives
+
+    drawn = min(batch, items)
+    assert comb(without, drawn) / comb(items, drawn) == pytest.approx(chance)
+    assert chance_of_batch_without_negatives(items, without, batch) == pytest.approx(chance)
 
 
 # --- one box per phrase -------------------------------------------------------------------------
@@ -281,5 +333,5 @@ def test_nothing_exportable_is_a_one_line_error(tmp_path):
 
     world = world_with(tmp_path, 3, change)
     with pytest.raises(FgdataError, match="3 no_box_with_negatives"):
-        export_fgclip(world["fggrn"], tmp_path / "fgclip", progress=False)
+        export_fgclip(world["fggrn"], tmp_path / "fgclip", progress=False, require_negatives=True)
     assert not (tmp_path / "fgclip").exists()

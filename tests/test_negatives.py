@@ -262,10 +262,10 @@ def test_export_fgclip_layout(tiny_nli, regions_dir, tmp_path):
     out = tmp_path / "export"
     # these rows have no long caption: refused before anything is written, unless allowed
     with pytest.raises(FgdataError, match="1 of 1 images .* have no long caption.*--allow-missing-long-captions"):
-        export_fgclip(fggrn, out, images, negatives_needed=10, progress=False)
+        export_fgclip(fggrn, out, images, negatives_needed=10, progress=False, require_negatives=True)
     assert not out.exists()
-    summary = export_fgclip(fggrn, out, images, negatives_needed=10, progress=False, allow_missing_long_captions=True)
-    # "b" (a man, a dog) has no box with 10 negatives: FG-CLIP 1's collator cannot take it
+    summary = export_fgclip(fggrn, out, images, negatives_needed=10, progress=False, allow_missing_long_captions=True, require_negatives=True)
+    # "b" (a man, a dog) has no box with 10 negatives: --require-negatives leaves it out
     assert (summary["items"], summary["missing_images"], summary["missing_long_captions"]) == (1, ["c"], 1)
     assert summary["left_out_keys"] == {"no_usable_box": [], "no_box_with_negatives": ["b"]}
     items = json.loads((out / "fgclip.json").read_text())

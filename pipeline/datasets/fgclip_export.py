@@ -7,10 +7,18 @@ Field mapping (one item per image):
   bbox_info       one entry per phrase (its best-scored box), boxes with hard negatives first:
     bbox            [x1, y1, x2, y2] normalised to 0-1 by the image width and height (our box_norm)
     short_expr      the region phrase
-    long_expr       the phrase with its modifiers from the long caption (see region_description)
+    long_expr       the region's released long_expr, else the phrase with its modifiers from the long
+                    caption (see region_description)
     flag_short_neg  1 when the region has `negatives_needed` hard negatives, else 0
     short_expr_negs {"0": negative, "1": ...} (empty when flag_short_neg is 0)
 Region texts are lowercased by default (FG-CLIP 2 lowercases the negatives it reads, not the positive).
+Rows `fgdata import fgclip` wrote (negatives_backend IMPORTED_FGCLIP) go out as released: every box in
+its order, texts in their case, negatives and flag_short_neg as they were.
+
+Images whose boxes have no hard negatives are kept, as FineHARD keeps them (flag_short_neg 0: they still
+train the long/short and regional losses); FG-CLIP 1's collator fails only on a batch where no image has
+any, so the summary gives that chance for a batch of `batch_size`, and `require_negatives` leaves such
+images out instead.
 
 FG-CLIP's loaders are given a folder (`scripts/train.sh --data_path`) and read every `*.json` and
 `*.jsonl` in it as a list of items, so fgclip.json is the only `.json` fgdata writes there: its own
@@ -31,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from pipeline.config import FgclipTrainConfig
 from pipeline.core.box_checks import check_box
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, RUN_FILE, check_output_path, find_ancestor, list_shards, read_json, read_shard, read_shard_schema, shard_path, write_json
@@ -45,9 +54,18 @@ SUMMARY_FILE = "_export.fgdata"
 # what exports wrote before FG-CLIP's loaders were found to read them as data: removed by the next export
 LEGACY_SUMMARY_FILE = "_export.json"
 DATA_GLOBS = ("*.json", "*.jsonl")  # what FG-CLIP 1 and 2 read from a --data_path folder
-# why an item is left out: FG-CLIP 1's collator fails on a batch with no hard-negative box at all
-LEFT_OUT_REASONS = ("no_usable_box", "no_box_with_negatives")
+# why an item is left out; no_box_with_negatives only with require_negatives (--require-negatives)
+LEFT_OUT_REASONS = {
+    "no_usable_box": "no box passed the box checks",
+    "no_box_with_negatives": "no box with hard negatives among the first 4 (--require-negatives)",
+}
+# the detector and negatives_backend of rows `fgdata import fgclip` wrote: exported as released
+IMPORTED_FGCLIP = "imported:fgclip-json"
+LOADER_BOXES = 4  # FG-CLIP's loaders keep an item's first 4 boxes (max_anns)
+# FG-CLIP 1's collator fails on a batch without any hard-negative set: warn above this chance per batch
+NEGATIVE_FREE_BATCH_WARNING = 1e-3
 _FGGRN_COLUMNS = ["key", "short_caption", "long_caption", "phrase_source", "regions"]
+_OPTIONAL_FGGRN_COLUMNS = ["negatives_backend", "long_exprs"]  # read where a shard has them (long_exprs is newer)
 _IMAGE_COLUMNS = ["key", "image", "format"]
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -127,26 +145,51 @@ def _score(region: dict) -> float:
     return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
 
 
-def fgclip_item(row: dict, f_path: str, negatives_needed: int, lowercase: bool = True) -> tuple[dict, str | None, Counter]:
-    """(item, why it is left out or None, counts). One box per phrase (its best score): the region
-    loss takes identical texts in one image for each other's negatives. Boxes with hard negatives
-    come first, so the first 4 that FG-CLIP's loaders keep (max_anns) hold one whenever the image has one."""
-    counts: Counter = Counter()
+def released_long_exprs(row: dict) -> list[str | None]:
+    """Each region's long_expr as released (`fgdata import fgclip`), None where there is none."""
+    regions, texts = row["regions"] or [], row.get("long_exprs") or []
+    return texts if len(texts) == len(regions) else [None] * len(regions)
+
+
+def _long_expr(row: dict, region: dict, released: str | None, counts: Counter) -> str:
+    if released is not None:
+        counts["long_expr_from_released"] += 1
+        return released
+    text, source = long_expression(row, region)
+    counts[f"long_expr_from_{source}"] += 1
+    return text
+
+
+def _released_boxes(row: dict, usable: list[tuple], counts: Counter) -> list[dict]:
+    """A released item's boxes as they were: every one, in its order (the loaders keep the first 4), its
+    texts in their case, its negatives and its flag."""
+    return [
+        {
+            "bbox": [round(v, 6) for v in bbox],
+            "short_expr": region["phrase"],
+            "long_expr": _long_expr(row, region, long_expr, counts),
+            "flag_short_neg": int(region["negatives_flag"] == "ok"),
+            "short_expr_negs": {str(i): negative["text"] for i, negative in enumerate(region["negatives"])},
+        }
+        for _, region, bbox, long_expr in usable
+    ]
+
+
+def _made_boxes(row: dict, usable: list[tuple], negatives_needed: int, lowercase: bool, counts: Counter) -> list[dict]:
+    """One box per phrase (its best score): the region loss takes identical texts in one image for each
+    other's negatives. Boxes with hard negatives come first, so the first 4 that FG-CLIP's loaders keep
+    (max_anns) hold one whenever the image has one."""
     best: dict[str, tuple] = {}
-    for order, region in enumerate(row["regions"]):
-        bbox, bad = check_box(region["box_norm"])
-        if bad:  # FG-CLIP's loader would take NaN or an inverted box for a real region
-            counts["bad_boxes"] += 1
-            continue
-        phrase = text_key(region["phrase"])
+    for entry in usable:
+        phrase = text_key(entry[1]["phrase"])
         if phrase in best:
             counts["duplicate_phrase_boxes"] += 1
-            if _score(region) <= _score(best[phrase][1]):
+            if _score(entry[1]) <= _score(best[phrase][1]):
                 continue
-        best[phrase] = (order, region, bbox)
+        best[phrase] = entry
     cased = str.lower if lowercase else (lambda text: " ".join(text.split()))
     ranked = []
-    for order, region, bbox in best.values():
+    for order, region, bbox, long_expr in best.values():
         short_expr = cased(region["phrase"])
         # a negative the tokenizer cannot tell from the positive or from another is no negative
         seen, negatives = {text_key(short_expr)}, []
@@ -155,29 +198,63 @@ def fgclip_item(row: dict, f_path: str, negatives_needed: int, lowercase: bool =
                 seen.add(text_key(negative["text"]))
                 negatives.append(cased(negative["text"]))
         counts["negatives_same_text"] += len(region["negatives"]) - len(negatives)
-        long_expr, source = long_expression(row, region)
-        counts[f"long_expr_from_{source}"] += 1
         complete = len(negatives) >= negatives_needed
         box = {
             "bbox": [round(v, 6) for v in bbox],
             "short_expr": short_expr,
-            "long_expr": cased(long_expr),
+            "long_expr": cased(_long_expr(row, region, long_expr, counts)),
             "flag_short_neg": int(complete),
             "short_expr_negs": {str(i): text for i, text in enumerate(negatives[:negatives_needed])} if complete else {},
         }
         ranked.append((not complete, -_score(region), order, box))
-    boxes = [box for *_, box in sorted(ranked, key=lambda entry: entry[:3])]
+    return [box for *_, box in sorted(ranked, key=lambda entry: entry[:3])]
+
+
+def loader_sees_negatives(item: dict) -> bool:
+    """Whether FG-CLIP's loaders find a hard-negative set in the item: a flagged box among the first 4."""
+    return any(box["flag_short_neg"] == 1 for box in item["bbox_info"][:LOADER_BOXES])
+
+
+def fgclip_item(row: dict, f_path: str, negatives_needed: int, lowercase: bool = True, require_negatives: bool = False) -> tuple[dict, str | None, Counter]:
+    """(item, why it is left out or None, counts). A row `fgdata import fgclip` wrote goes out as released;
+    the others by the rules of `_made_boxes`. Boxes that are not finite, inverted or off the image are
+    left out: FG-CLIP's loader would take NaN or an inverted box for a real region."""
+    counts: Counter = Counter()
+    usable = []
+    for order, (region, long_expr) in enumerate(zip(row["regions"], released_long_exprs(row))):
+        bbox, bad = check_box(region["box_norm"])
+        if bad:
+            counts["bad_boxes"] += 1
+            continue
+        usable.append((order, region, bbox, long_expr))
+    if row.get("negatives_backend") == IMPORTED_FGCLIP:
+        boxes = _released_boxes(row, usable, counts)
+    else:
+        boxes = _made_boxes(row, usable, negatives_needed, lowercase, counts)
     has_long = has_long_caption(row)
     item = {"f_path": f_path, "caption": row["long_caption"] if has_long else row["short_caption"] or "", "short_caption": row["short_caption"] or "", "bbox_info": boxes}
     if not boxes:
         return item, "no_usable_box", counts
-    if not boxes[0]["flag_short_neg"]:  # the first box has negatives whenever any box has
+    if require_negatives and not loader_sees_negatives(item):
         return item, "no_box_with_negatives", counts
     return item, None, counts
 
 
-def _check_kind(dataset_dir: Path, kind: str, columns: list[str], shards: list[Path]) -> None:
-    """Stops before anything is written when `dataset_dir` is not a dataset of `kind`."""
+def chance_of_batch_without_negatives(items: int, without: int, batch: int) -> float:
+    """The chance that one batch of `batch` items drawn without replacement from `items`, `without` of
+    which hold no hard-negative set, holds none (hypergeometric: C(without, b) / C(items, b), b the batch
+    or the whole set when smaller). FG-CLIP 1's collator fails on such a batch."""
+    chance = 1.0
+    for drawn in range(min(batch, items)):
+        chance *= max(without - drawn, 0) / (items - drawn)
+        if chance == 0.0:
+            break
+    return chance
+
+
+def _check_kind(dataset_dir: Path, kind: str, columns: list[str], shards: list[Path], optional: list[str] = ()) -> dict[Path, list[str]]:
+    """The columns to read from each shard (`columns` and those of `optional` it has); stops before
+    anything is written when `dataset_dir` is not a dataset of `kind`."""
     manifest = read_json(dataset_dir / MANIFEST_FILE)
     if manifest is not None and "kind" not in manifest:
         raise FgdataError(f"{dataset_dir / MANIFEST_FILE}: no 'kind'; it is damaged: rerun the stage that wrote {dataset_dir} to rewrite it")
@@ -187,8 +264,12 @@ def _check_kind(dataset_dir: Path, kind: str, columns: list[str], shards: list[P
             f"export fgclip reads the fggrn output of `fgdata negatives` and its image shards"
         )
     schema = load_schema(kind).arrow
+    wanted = {}
     for shard in shards:
-        check_input_columns(read_shard_schema(shard), {name: schema.field(name).type for name in columns}, where=str(shard))
+        shard_schema = read_shard_schema(shard)
+        wanted[shard] = columns + [name for name in optional if name in shard_schema.names]
+        check_input_columns(shard_schema, {name: schema.field(name).type for name in wanted[shard]}, where=str(shard))
+    return wanted
 
 
 def _recorded_files(out_dir: Path) -> tuple[list[str], bool]:
@@ -258,10 +339,12 @@ def export_fgclip(
     overwrite: bool = False,
     lowercase: bool = True,
     allow_missing_long_captions: bool = False,
+    require_negatives: bool = False,
+    batch_size: int = FgclipTrainConfig.batch_size,
 ) -> dict:
     fggrn_dir = resolved(fggrn_dir)  # the inputs may be URIs; OUT is a local folder
     shards = list_shards(fggrn_dir)
-    _check_kind(fggrn_dir, "fggrn", _FGGRN_COLUMNS, shards)
+    columns = _check_kind(fggrn_dir, "fggrn", _FGGRN_COLUMNS, shards, _OPTIONAL_FGGRN_COLUMNS)
     images_dir = resolved(images_dir) if images_dir else find_ancestor(fggrn_dir, "images")
     if images_dir is None or not images_dir.is_dir():
         raise FgdataError(f"cannot find the image shards {fggrn_dir} descends from; pass --images DIR")
@@ -282,12 +365,12 @@ def export_fgclip(
         if image_shard.exists():
             table = read_shard(image_shard, columns=["key", "format"])
             formats = dict(zip(table.column("key").to_pylist(), table.column("format").to_pylist()))
-        for row in read_shard(shard, columns=_FGGRN_COLUMNS).to_pylist():
+        for row in read_shard(shard, columns=columns[shard]).to_pylist():
             if row["key"] not in formats:
                 missing.append(row["key"])
                 continue
             name = image_file_name(row["key"], formats[row["key"]])
-            item, reason, item_counts = fgclip_item(row, f"images/{name}", negatives_needed, lowercase)
+            item, reason, item_counts = fgclip_item(row, f"images/{name}", negatives_needed, lowercase, require_negatives)
             counts.update(item_counts)
             if reason is not None:
                 left_out[reason].append(row["key"])
@@ -301,7 +384,7 @@ def export_fgclip(
         why = ", ".join(f"{len(keys)} {reason}" for reason, keys in left_out.items() if keys)
         raise FgdataError(
             f"nothing to export from {fggrn_dir}: {len(missing)} image(s) not found in {images_dir}"
-            + (f", the rest left out ({why}; FG-CLIP needs a box with {negatives_needed} hard negatives per image)" if why else "")
+            + (f", the rest left out ({why})" if why else "")
         )
     if no_long_caption and not allow_missing_long_captions:
         raise FgdataError(
@@ -330,6 +413,7 @@ def export_fgclip(
             if row["key"] in names:
                 written += _write_if_changed(out_dir / "images" / names[row["key"]], row["image"])
 
+    without_negatives = sum(not loader_sees_negatives(item) for item in items)
     json_path = out_dir / JSON_FILE
     # strict JSON (no NaN), written whole and last: a reader never sees half a list
     _write_if_changed(json_path, (json.dumps(items, ensure_ascii=False, allow_nan=False) + "\n").encode())
@@ -344,6 +428,10 @@ def export_fgclip(
         "missing_long_captions": no_long_caption,
         "left_out": {reason: len(keys) for reason, keys in left_out.items()},
         "left_out_keys": left_out,
+        # images kept though FG-CLIP's loaders find no hard-negative set in them (`loader_sees_negatives`)
+        "without_negatives": without_negatives,
+        "batch_size": batch_size,
+        "chance_batch_without_negatives": chance_of_batch_without_negatives(len(items), without_negatives, batch_size),
         "images_written": written,
         "missing_images": missing,
         "lowercase": lowercase,

@@ -21,7 +21,7 @@ from pipeline.core.box_checks import check_box, shown
 from pipeline.core.images import decode_rgb
 from pipeline.core.shards import find_ancestor, list_shards, read_shard, shard_path
 from pipeline.core.storage import location
-from pipeline.datasets.fgclip_export import long_expression
+from pipeline.datasets.fgclip_export import long_expression, released_long_exprs
 from pipeline.errors import FgdataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def pixels(image_bytes: bytes, size: int, mean, std) -> torch.Tensor:
 
 def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: Counter | None = None, with_images: bool = True):
     """Rows with their image bytes and (box, phrase, negatives) per usable region, the first
-    `max_boxes` (None: all), in shard order, and each kept region's `long_exprs` (`region_long_text`). A row without an image is skipped and a region that
+    `max_boxes` (None: all), in shard order, and each kept region's `long_exprs` (its released one,
+    else `region_long_text`). A row without an image is skipped and a region that
     fails `check_region` dropped, each counted by reason in `counts` (callers log the summary
     once: a stream reads the rows again every epoch). `with_images=False` reads only the image
     keys and yields rows without bytes: the trainer's cheap pass that counts usable rows."""
@@ -68,13 +69,13 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
                 counts["skipped_no_image"] += 1
                 continue
             boxes, long_exprs = [], []
-            for region in row["regions"] or []:
+            for region, released in zip(row["regions"] or [], released_long_exprs(row)):
                 usable, problem = check_region(region)
                 if problem:
                     counts[f"dropped_{problem[0]}"] += 1
                 elif max_boxes is None or len(boxes) < max_boxes:
                     boxes.append(usable)
-                    long_exprs.append(region_long_text(row, region))
+                    long_exprs.append(released or region_long_text(row, region))
             counts["rows_usable"] += 1
             yield {
                 "key": row["key"],
@@ -87,9 +88,9 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
 
 
 def region_long_text(row: dict, region: dict) -> str:
-    """FG-CLIP's `long_expr` for a region: the phrase with its modifiers from the long caption, as
-    `fgdata export fgclip` writes it (export_fgclip.long_expression), or the phrase itself where
-    the row lacks what that needs (caption spans, phrase_source)."""
+    """FG-CLIP's `long_expr` for a region without a released one: the phrase with its modifiers from
+    the long caption, as `fgdata export fgclip` writes it (export_fgclip.long_expression), or the
+    phrase itself where the row lacks what that needs (caption spans, phrase_source)."""
     try:
         text, _ = long_expression(row, region)
     except (KeyError, TypeError, AttributeError):  # a row without spans or captions of the usual types

@@ -2,7 +2,10 @@
 image shards), so released data can go through grounding checks, `fgdata negatives` or the trainer.
 
 Mapping (the reverse of `fgdata export fgclip`), one row per item:
-  key            f_path as written in the JSON: `fgdata download` keys the same item's image by it
+  key            f_path normalised lexically (posix): `./a.jpg`, `sub/../a.jpg` and `a.jpg/` are the image
+                 `a.jpg`, on disk and on a store alike; an absolute f_path or one that climbs out of the
+                 folder is an unsafe_path reject, a second item naming an image a duplicate_key reject
+                 (`fgdata download` keys an item's image by its f_path as written: the same for FineHARD's)
   long_caption   caption;  short_caption  short_caption (null when blank);  phrase_source long_caption
   width, height  from the image shards built with --images; 0 (unknown) without them
   regions        one per bbox_info entry: phrase = short_expr, start/end = its first whole-word
@@ -10,8 +13,10 @@ Mapping (the reverse of `fgdata export fgclip`), one row per item:
                  box_norm = bbox (checked and clamped by check_box), box = bbox in pixels ([] when
                  the size is unknown), score 1.0 (released boxes have none), negatives =
                  short_expr_negs in key order (NLI scores NaN: not scored here), negatives_flag
-                 ok when flag_short_neg is 1, else too_few_valid
-long_expr has no FgGRN column: `fgdata export fgclip` derives it from the caption again.
+                 ok when flag_short_neg is 1 (and there are negatives), else too_few_valid
+  long_exprs     each box's long_expr, in box order (null when the file has none)
+  detector, negatives_backend  IMPORTED_FGCLIP: `fgdata export fgclip` writes these rows back as released
+Fields outside FG-CLIP's layout are counted (`fields_not_kept`), not kept.
 An item that is not an object, has no f_path or caption, a malformed bbox_info entry, a bad box or
 negatives that are not text is a reject with its reason; so is a key used twice or, with --images,
 an item whose image was rejected.
@@ -33,14 +38,16 @@ from pipeline.core.box_checks import check_box, shown
 from pipeline.core.schemas import conform
 from pipeline.core.shards import lineage_entry, read_shard, shard_name, shard_path
 from pipeline.core.sources import OutsideRoot, SourceItem, path_inside
-from pipeline.datasets.fgclip_export import find_phrase
+from pipeline.datasets.fgclip_export import IMPORTED_FGCLIP, find_phrase
 from pipeline.errors import first_line
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
 from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 from pipeline.stages.fggrn.ingest import IngestStage
 from pipeline.stages.fggrn.records import read_records
 
-SOURCE = "imported:fgclip-json"
+# what FG-CLIP's loaders read (FG-CLIP 1 train_fgclip.py at 0fcea59, FG-CLIP 2 train_fgclip2.py)
+ITEM_FIELDS = {"f_path", "caption", "short_caption", "bbox_info"}
+BOX_FIELDS = {"bbox", "short_expr", "long_expr", "flag_short_neg", "short_expr_negs"}
 
 
 def _units(items: list, size: int) -> list[WorkUnit]:
@@ -99,7 +106,8 @@ def _negatives(value) -> list[str] | None:
 
 
 def item_regions(item: dict, width: int, height: int, counters: Counter) -> tuple[list[dict] | None, tuple[str, str] | None]:
-    """(regions without heads, None) or (None, (reason, detail)) for one FG-CLIP item."""
+    """(regions without heads, each with its released `long_expr` (None when it has none), None) or
+    (None, (reason, detail)) for one FG-CLIP item."""
     caption = item.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         return None, ("missing_caption", f"caption is {shown(caption)}, not text")
@@ -118,11 +126,17 @@ def item_regions(item: dict, width: int, height: int, counters: Counter) -> tupl
         phrase = entry.get("short_expr")
         if not isinstance(phrase, str) or not phrase.strip():
             return None, ("missing_short_expr", f"bbox_info[{number}].short_expr is {shown(phrase)}, not text")
+        long_expr = entry.get("long_expr")
+        if long_expr is not None and not isinstance(long_expr, str):
+            return None, ("bad_long_expr", f"bbox_info[{number}].long_expr is {shown(long_expr)}, not text")
         negatives = _negatives(entry.get("short_expr_negs"))
         if negatives is None:
             return None, ("bad_negatives", f"bbox_info[{number}].short_expr_negs is {shown(entry.get('short_expr_negs'))}, not texts")
         span = find_phrase(caption, phrase)
         counters["phrases_not_in_caption"] += span is None
+        counters["fields_not_kept"] += len(entry.keys() - BOX_FIELDS)
+        flagged = entry.get("flag_short_neg") in (1, True)
+        counters["flagged_without_negatives"] += flagged and not negatives  # FG-CLIP's hard loss needs them: exported as 0
         start, end = span or (-1, -1)
         nan = math.nan  # not scored by an NLI model here
         regions.append(
@@ -131,7 +145,8 @@ def item_regions(item: dict, width: int, height: int, counters: Counter) -> tupl
                 "box": [box_norm[0] * width, box_norm[1] * height, box_norm[2] * width, box_norm[3] * height] if width else [],
                 "score": 1.0,
                 "negatives": [{"text": t, "attribute": "unspecified", "entailment": nan, "contradiction": nan, "neutral": nan} for t in negatives],
-                "negatives_flag": "ok" if entry.get("flag_short_neg") in (1, True) and negatives else "too_few_valid",
+                "negatives_flag": "ok" if flagged and negatives else "too_few_valid",
+                "long_expr": long_expr if long_expr and long_expr.strip() else None,  # blank: derived again at export
             }
         )
     return regions, None
@@ -202,6 +217,8 @@ class ImportFgclipStage(Stage):
                 continue
             for region, doc in zip(regions, nlp.pipe([r["phrase"] for r in regions])):
                 region["head"] = doc[:].root.lemma_.lower()
+            long_exprs = [region.pop("long_expr") for region in regions]
+            counters["fields_not_kept"] += len(item.keys() - ITEM_FIELDS)
             counters["regions"] += len(regions)
             counters["negatives"] += sum(len(r["negatives"]) for r in regions)
             provenance = json.dumps({"imported_from": str(self.json_path)})
@@ -210,8 +227,9 @@ class ImportFgclipStage(Stage):
                 {
                     "key": key, "short_caption": (item.get("short_caption") or "").strip() or None, "long_caption": item["caption"],
                     "phrase_source": "long_caption", "width": width, "height": height, "regions": regions,
-                    "detector": SOURCE, "detector_is_random": False, "grounding": provenance,
-                    "negatives_backend": SOURCE, "nli_model": "none", "nli_is_random": False, "negatives_settings": provenance,
+                    "long_exprs": long_exprs if any(t is not None for t in long_exprs) else None,
+                    "detector": IMPORTED_FGCLIP, "detector_is_random": False, "grounding": provenance,
+                    "negatives_backend": IMPORTED_FGCLIP, "nli_model": "none", "nli_is_random": False, "negatives_settings": provenance,
                 }
             )
         return ShardResult(
