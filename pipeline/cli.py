@@ -13,8 +13,6 @@ import yaml
 
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
-from pipeline.core.storage import s3_endpoint_problem
-from pipeline.core.terminal import printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
 app = typer.Typer(
@@ -83,21 +81,10 @@ def _user_errors():
     try:
         yield
     except StageFailed as exc:
-        typer.secho(f"error: {printable_lines(exc)}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
-    except FgdataError as exc:  # messages quote paths, keys and values from data: escaped for the terminal
-        # a wrong S3 endpoint shows as "does not exist" or "is a file": named as the cause instead
-        typer.secho(f"error: {s3_endpoint_problem() or printable_lines(exc)}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
-    except typer.Exit:
-        raise
-    except Exception:
-        # a store client's own error (a refused connection): one line when a wrong S3 endpoint is
-        # the cause; anything else is a bug and keeps its traceback
-        problem = s3_endpoint_problem()
-        if problem is None:
-            raise
-        typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
+    except FgdataError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
 
 
@@ -120,15 +107,13 @@ def _run_stage(stage, out: str | Path, config_file: Path | None, overrides: list
 def _check_out_file(out: Path | str, overwrite: bool) -> None:
     """A results file named by --out, checked before any work: never a folder, never replaced unless
     asked. On a store (a URI) it is one object, uploaded whole: only the replacing is checked."""
-    from pipeline.core.storage import is_bucket, is_uri, location
+    from pipeline.core.storage import is_uri, location
 
-    out = location(out)  # a URI checked and spelled one way; file:///abs as /abs
     if is_uri(out):
-        if is_bucket(out):
-            raise FgdataError(f"--out {out} is a whole bucket; give a file name in it")
-        if out.exists() and not overwrite:
+        if location(out).exists() and not overwrite:
             raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
         return
+    out = Path(out)
     if out.is_dir():
         raise FgdataError(f"--out {out} is a folder; give a file name")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
@@ -577,7 +562,7 @@ def hierarcaps_filter(
 @hierarcaps_app.command("export")
 def hierarcaps_export(
     dataset: Annotated[str, typer.Argument(help="Hierarcaps shards (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[str, typer.Argument(help="CSV file to write (a path or a URI).")],
+    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
     layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
 ):
@@ -746,13 +731,13 @@ def info(
     from pipeline.datasets.info import describe_dataset
 
     with _user_errors():
-        typer.echo(printable_lines(describe_dataset(dataset, top=top)))
+        typer.echo(describe_dataset(dataset, top=top))
 
 
 @app.command()
 def report(
     dataset: Annotated[str, typer.Argument(help="A dataset directory written by an fgdata stage (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[str, typer.Option("--out", help="The HTML file to write (self-contained: images inline); a path or a URI.")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write (self-contained: images inline).")],
     sample: Annotated[int, typer.Option(help="At most this many rows feed the histograms and examples (chosen at random).")] = 20_000,
     gallery: Annotated[int, typer.Option(help="How many images (or chains) to show.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -768,13 +753,13 @@ def report(
         _check_out_file(out, overwrite)
         summary = write_report(dataset, out, sample=sample, gallery=gallery, seed=seed)
         sampled = f", {summary['sampled']:,} sampled" if summary["sampled"] < summary["rows"] else ""
-        typer.echo(f"wrote {summary['out']}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
+        typer.echo(f"wrote {out}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
 
 
 @audit_app.command("sample")
 def audit_sample(
     dataset: Annotated[str, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[str, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network); a path or a URI.")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network).")],
     n: Annotated[int, typer.Option("--n", help="How many candidate negatives to sample, shared equally among the strata.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
@@ -782,13 +767,12 @@ def audit_sample(
     """Draw a stratified sample of candidate negatives (fggrn: by attribute kind and backend;
     hierarcaps: by tier) into one page: the image crop with its box, the positive and the candidate.
     Keys v / i / u judge valid / invalid / unsure; the verdicts download as JSON."""
-    from pipeline.core.storage import location
     from pipeline.reports.audit import write_audit_page
 
     with _user_errors():
         _check_out_file(out, overwrite)
         summary = write_audit_page(dataset, out, n=n, seed=seed)
-        typer.echo(f"wrote {location(out)}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
+        typer.echo(f"wrote {out}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
                    f"({summary['images']} with an image), {summary['seconds']:.1f}s; open it in a browser")
 
 
@@ -799,16 +783,12 @@ def audit_score(
 ):
     """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
     dataset's manifest under "audit" (and in its data card)."""
-    from pipeline.reports.audit import audited_dataset, format_scores, read_verdicts, record_audit
+    from pipeline.reports.audit import format_scores, score_audit
 
     with _user_errors():
-        payload = read_verdicts(verdicts)
-        dataset_dir = audited_dataset(verdicts, payload, dataset)
-        # the verdicts file may name the dataset: say which one is written before writing it
-        typer.echo(f"recording the audit in {printable(dataset_dir)}{'' if dataset else ' (named by the verdicts file; --dataset to choose)'}")
-        audit = record_audit(verdicts, payload, dataset_dir)
+        audit, dataset_dir = score_audit(verdicts, dataset)
         typer.echo(format_scores(audit))
-        typer.echo(f"recorded in {printable(dataset_dir / '_manifest.json')} under \"audit\"")
+        typer.echo(f"recorded in {dataset_dir / '_manifest.json'} under \"audit\"")
 
 
 @app.command()
@@ -843,14 +823,14 @@ def plan(
         measures = load_runs(from_runs or []) + measures
         chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
-        typer.echo(json.dumps(bill, indent=2, allow_nan=False) if as_json else format_plan(bill))
+        typer.echo(json.dumps(bill, indent=2) if as_json else format_plan(bill))
 
 
 @app.command("run")
 def run_recipe_command(
     recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps (bundled), or the path of your own recipe .yaml.")],
-    source: Annotated[str, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps; a path or an s3://, gs://, hf:// URI.")],
-    out: Annotated[str, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset; a path or an s3://, gs://, hf:// URI.")],
+    source: Annotated[Path, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset.")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
