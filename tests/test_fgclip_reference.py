@@ -69,7 +69,7 @@ def make_batch(seed: int = 0, images: int = 5, negatives: int = 10) -> dict:
             count = negatives if rng.random() < 0.6 else rng.randrange(0, negatives)
             boxes.append((box, phrase(rng), [phrase(rng) for _ in range(count)]))
             longs.append(phrase(rng, 8))
-        row = {"key": f"k{index}", "boxes": boxes, "long_exprs": longs}
+        row = {"key": f"k{index}", "boxes": boxes, "long_exprs": longs, "flagged": [True] * len(boxes)}
         samples.append({**row, "region_texts": region_texts(row, seed, 0), "pixels": torch.randn(3, 64, 64),
                         "long": phrase(rng, 40), "short": phrase(rng, 4)})
     return collate_fgclip(samples)
@@ -217,7 +217,7 @@ def reference_total(objective, batch) -> torch.Tensor:
     labels = torch.eye(len(regions))
     region_scale = objective.module.region_logit_scale.exp()
     loss = loss + 0.1 * (F.cross_entropy(region_scale * box_text @ regions.T, labels) + F.cross_entropy(region_scale * regions @ box_text.T, labels)) / 2
-    hard = [i for i, negs in enumerate(batch["negatives"]) if len(negs) == 10]  # flag_short_neg
+    hard = [i for i, (negs, flag) in enumerate(zip(batch["negatives"], batch["flagged"])) if flag and len(negs) == 10]  # flag_short_neg
     hard_texts = encode_text(model, tokenizer, [t for i in hard for t in [batch["phrases"][i], *batch["negatives"][i]]], False, "cpu")
     predict = objective.module.hard_negative_logit_scale.exp() * torch.einsum("bp,bdp->bd", regions[hard], hard_texts.reshape(len(hard), 11, -1))
     return loss + 0.5 * F.cross_entropy(predict, torch.zeros(len(hard), dtype=torch.long))
@@ -270,6 +270,43 @@ def test_hard_negative_loss_is_region_to_text_only_and_skips_boxes_without_all_n
         logits = objective.module.hard_negative_logit_scale.exp() * (regions.unsqueeze(1) * texts).sum(-1)
     assert logits.shape == (len(hard), 11)
     assert parts["hard_negative"] == pytest.approx(F.cross_entropy(logits, torch.zeros(len(hard), dtype=torch.long)).item(), rel=1e-5)
+
+
+def test_hard_negatives_follow_the_flag(clip_dir):
+    """train_fgclip.py:271: a box is in the hard-negative loss when flag_short_neg is 1, whatever
+    negatives it lists; fgdata's flag is negatives_flag "ok" (import sets it from flag_short_neg)."""
+    batch = make_batch(seed=1)
+    complete = [i for i, negatives in enumerate(batch["negatives"]) if len(negatives) == 10]
+    batch["flagged"][complete[0]] = False  # ten negatives listed, flag 0
+    objective = objective_for(clip_dir)
+    assert objective._hard_boxes(batch) == complete[1:]
+    with torch.no_grad():
+        assert objective.loss(batch, objective.module)[0].item() == pytest.approx(reference_total(objective, batch).item(), rel=1e-5)
+
+
+def test_boxes_left_out_of_the_hard_negative_loss_are_counted_and_logged(tmp_path, caplog):
+    """A flagged box with 1-9 negatives has no place in FG-CLIP's 11-way loss (fgclip.py:536 reshapes
+    every box's texts to 1 + 10; such a batch fails there): left out, counted, and said."""
+    import pyarrow.parquet as pq
+
+    from pipeline.core.shards import list_shards, read_shard
+    from pipeline.datasets.fggrn_rows import count_fgclip_rows, fgclip_sources
+    from pipeline.datasets.synthetic_world import write_world
+
+    world = write_world(tmp_path / "world", 6, seed=0)
+    (shard,) = list_shards(world["fggrn"])
+    table = read_shard(shard)
+    rows = table.to_pylist()
+    first, second = rows[0]["regions"][0], rows[1]["regions"][0]
+    first["negatives"] = first["negatives"][:4]  # flagged ok, 4 negatives
+    second["negatives_flag"] = "too_few_valid"  # not flagged
+    pq.write_table(table.from_pylist(rows, schema=table.schema), shard)
+    boxes = sum(len(r["regions"]) for r in rows)
+    with caplog.at_level("INFO", logger="pipeline.datasets.fggrn_rows"):
+        counts = count_fgclip_rows(fgclip_sources([world["fggrn"]], None), 4, hard_negatives=10)
+    assert (counts["hard_negative_boxes"], counts["hard_negative_boxes_too_few"], counts["hard_negative_boxes_not_flagged"]) == (boxes - 2, 1, 1)
+    assert "1 flagged but with fewer than 10 negatives left out, 1 not flagged left out" in caplog.text
+    assert any(r.levelname == "WARNING" and "hard negatives" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------- logit scales (fgclip.py:497-502, 526, 538)
@@ -397,7 +434,7 @@ def test_grad_cache_in_the_loop_trains_like_the_plain_loop(tmp_path):
 # ---------------------------------------------------------------- region text (train_fgclip.py:230, 264)
 
 def test_each_box_trains_on_its_short_or_long_expression_and_hard_negatives_on_the_short():
-    row = {"key": "k", "boxes": [([0, 0, 1, 1], f"phrase {i}", ["n"] * 10) for i in range(4)], "long_exprs": [f"long {i}" for i in range(4)]}
+    row = {"key": "k", "boxes": [([0, 0, 1, 1], f"phrase {i}", ["n"] * 10) for i in range(4)], "long_exprs": [f"long {i}" for i in range(4)], "flagged": [True] * 4}
     draws = [region_texts(row, seed=0, epoch=e) for e in range(40)]
     for i in range(4):
         seen = {d[i] for d in draws}

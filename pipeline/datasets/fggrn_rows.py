@@ -68,13 +68,16 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
             if row["key"] not in images:
                 counts["skipped_no_image"] += 1
                 continue
-            boxes, long_exprs = [], []
+            boxes, long_exprs, flagged = [], [], []
             for region, released in zip(row["regions"] or [], released_long_exprs(row)):
                 usable, problem = check_region(region)
                 if problem:
                     counts[f"dropped_{problem[0]}"] += 1
                 elif max_boxes is None or len(boxes) < max_boxes:
                     boxes.append(usable)
+                    # FgGRN's flag_short_neg: FG-CLIP's loader puts a box in the hard-negative loss
+                    # only when its flag says so (train_fgclip.py:271), whatever negatives it lists
+                    flagged.append(region.get("negatives_flag") in (None, "ok"))
                     long_exprs.append(released or region_long_text(row, region))
             counts["rows_usable"] += 1
             yield {
@@ -84,6 +87,7 @@ def fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, counts: C
                 "short": row["short_caption"] or "",
                 "boxes": boxes,
                 "long_exprs": long_exprs,
+                "flagged": flagged,
             }
 
 
@@ -110,15 +114,25 @@ def check_region(region) -> tuple[tuple[list[float], str, list[str]] | None, tup
     return (box, region["phrase"], negatives), None
 
 
-def count_fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None) -> Counter:
-    """Rows, usable rows and skips by reason over every pair, without reading image bytes;
-    logged once here, so the stream that reads the rows every epoch stays quiet."""
+def count_fgclip_rows(pairs: list[tuple[Path, Path]], max_boxes: int | None, hard_negatives: int = 0) -> Counter:
+    """Rows, usable rows and skips by reason over every pair, without reading image bytes; with
+    `hard_negatives` (K), the kept boxes by their part in the hard-negative loss: in it (flagged,
+    K negatives or more), flagged with fewer than K, or not flagged. Logged once here, so the
+    stream that reads the rows every epoch stays quiet."""
     counts = Counter(rows=0, rows_usable=0)
-    for _ in fgclip_rows(pairs, max_boxes, counts, with_images=False):
-        pass
+    for row in fgclip_rows(pairs, max_boxes, counts, with_images=False):
+        for (_, _, negatives), flagged in zip(row["boxes"], row["flagged"]) if hard_negatives else ():
+            counts["hard_negative_boxes" if flagged and len(negatives) >= hard_negatives else "hard_negative_boxes_too_few" if flagged else "hard_negative_boxes_not_flagged"] += 1
     skipped = {k: v for k, v in sorted(counts.items()) if k.startswith(("skipped_", "dropped_"))}
     if skipped:
         log.warning("fgclip data: %d of %d rows usable; %s", counts["rows_usable"], counts["rows"], ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if hard_negatives:
+        # said on every run: boxes left out of a loss must never go unseen
+        log.log(
+            logging.WARNING if counts["hard_negative_boxes_too_few"] else logging.INFO,
+            "fgclip hard negatives: %d boxes in the loss, %d flagged but with fewer than %d negatives left out, %d not flagged left out",
+            counts["hard_negative_boxes"], counts["hard_negative_boxes_too_few"], hard_negatives, counts["hard_negative_boxes_not_flagged"],
+        )
     return counts
 
 
@@ -179,14 +193,16 @@ def region_texts(row: dict, seed: int, epoch: int) -> list[str]:
 
 def collate_fgclip(samples: list[dict]) -> dict:
     """One batch; per box (in image order): its box, its phrase (short_expr, the hard-negative
-    positive), its region text (short_expr or long_expr, the regional loss's) and its negatives."""
-    boxes, phrases, texts, negatives = [], [], [], []
+    positive), its region text (short_expr or long_expr, the regional loss's), its negatives and
+    whether it is flagged for the hard-negative loss."""
+    boxes, phrases, texts, negatives, flagged = [], [], [], [], []
     for index, sample in enumerate(samples):
-        for (box, phrase, negs), text in zip(sample["boxes"], sample["region_texts"]):
+        for (box, phrase, negs), text, flag in zip(sample["boxes"], sample["region_texts"], sample["flagged"]):
             boxes.append([float(index), *box])
             phrases.append(phrase)
             texts.append(text)
             negatives.append(negs)
+            flagged.append(flag)
     return {
         "pixels": torch.stack([s["pixels"] for s in samples]),
         "long": [s["long"] for s in samples],
@@ -195,4 +211,5 @@ def collate_fgclip(samples: list[dict]) -> dict:
         "phrases": phrases,
         "region_texts": texts,
         "negatives": negatives,
+        "flagged": flagged,
     }

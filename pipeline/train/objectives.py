@@ -65,7 +65,7 @@ class FgclipObjective:
         contrastive_batch(settings, world)  # a global batch the processes cannot share stops here, before any work
         self.pairs = fgclip_sources(sources, images)
         # before the model loads: a set with no usable row would otherwise stream nothing forever
-        self.data = count_fgclip_rows(self.pairs, settings.max_boxes)
+        self.data = count_fgclip_rows(self.pairs, settings.max_boxes, settings.hard_negatives if settings.hard_negative_weight else 0)
         self.rows = self.data["rows_usable"]
         if not self.rows:
             raise FgdataError(f"no usable FgGRN row in {', '.join(map(str, sources))} ({_summary(self.data)}); check that the image shards hold these keys")
@@ -107,11 +107,14 @@ class FgclipObjective:
         ))
 
     def _hard_boxes(self, batch: dict) -> list[int]:
-        """The boxes in the hard-negative loss: those with K negatives (FG-CLIP's flag_short_neg)."""
+        """The boxes in the hard-negative loss: flagged (FG-CLIP's flag_short_neg, train_fgclip.py:271)
+        and with K negatives. The reference has no rule for a flagged box with fewer: its loss
+        reshapes every box's texts to 1 + 10 (fgclip.py:536), which fails on such a batch, so they
+        are left out here, counted and logged (count_fgclip_rows)."""
         k = self.settings.hard_negatives
         if not (k and self.settings.hard_negative_weight):
             return []
-        return [i for i, negatives in enumerate(batch["negatives"]) if len(negatives) >= k]
+        return [i for i, (negatives, flagged) in enumerate(zip(batch["negatives"], batch["flagged"])) if flagged and len(negatives) >= k]
 
     def _pieces(self, batch: dict, chunk: int) -> list:
         """The batch's forwards, each a function of the CLIP returning {name: embeddings}: the images
