@@ -160,3 +160,19 @@ def test_the_trainer_reads_the_released_long_expr(tmp_path):
     assert invoke("import", "fgclip", source / "finehard.json", tmp_path / "fggrn", "--images", source, *settings).exit_code == 0
     rows = {row["key"]: row for row in fgclip_rows(fgclip_sources([tmp_path / "fggrn"], None), max_boxes=4, with_images=False)}
     assert {key: row["long_exprs"] for key, row in rows.items()} == {item["f_path"]: [b["long_expr"] for b in item["bbox_info"][:4]] for item in ITEMS}
+
+
+def test_fields_outside_the_layout_are_counted_not_lost_silently(tmp_path):
+    from conftest import make_config
+
+    from pipeline.core.shards import read_json
+    from pipeline.runner import run_stage
+    from pipeline.stages.fggrn.import_fgclip import ImportFgclipStage
+
+    first, *rest = ITEMS
+    extra = {**first, "url": "http://example.com/1.jpg", "bbox_info": [{**first["bbox_info"][0], "score": 0.9}, {**first["bbox_info"][1], "short_expr_negs": {}}]}
+    (tmp_path / "finehard.json").write_text(json.dumps([extra, *rest]))
+    run_stage(ImportFgclipStage(tmp_path / "finehard.json"), tmp_path / "fggrn", make_config())
+    counters = read_json(tmp_path / "fggrn" / "_manifest.json")["counters"]
+    assert counters["fields_not_kept"] == 2  # url, score
+    assert counters["flagged_without_negatives"] == 1  # flag_short_neg 1 and no negatives: exported as 0
