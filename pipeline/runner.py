@@ -28,6 +28,8 @@ from pipeline.core.shards import (
     check_output_path,
     claim_output,
     hold_output,
+    mark_finished,
+    mark_unfinished,
     read_json,
     record_planned,
     shard_markers,
@@ -117,6 +119,7 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
 def _run_claimed(stage: Stage, units, out_dir: Path, config: Config, settings_hash: str, *, started: float, lineage: list[dict]) -> RunSummary:
     """run_stage once OUT is held and claimed: the pending shards on an executor, then the manifest."""
     record_planned(out_dir, len(units))
+    mark_unfinished(out_dir)
     shared = stage.plan_fingerprint()
     fingerprints = {u.name: unit_fingerprint(settings_hash, u.name, u.payload, shared) for u in units}
     done = finished_for_this_input(out_dir, fingerprints)
@@ -152,6 +155,7 @@ def finish_stage(
     manifest = _manifest(stage, config, settings_hash, stats, time.perf_counter() - started, lineage, executor)
     write_json(out_dir / MANIFEST_FILE, manifest)
     write_datacard(out_dir, manifest)  # the datasheet a person reads, next to the manifest
+    mark_finished(out_dir)
     return RunSummary(
         out_dir=out_dir,
         shards_total=len(fingerprints),

@@ -253,3 +253,29 @@ def test_info_names_an_unfinished_output_incomplete(tmp_path, monkeypatch):
     result = run_cli("info", str(out), timeout=120)
     assert result.returncode == 2
     assert "INCOMPLETE: 2 of 3 shards done" in result.stderr and "load" in result.stderr
+
+
+def test_load_dataset_fails_on_an_unfinished_output_and_reads_it_whole_once_finished(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow
+
+    source = captions(tmp_path / "captions", shards=3)
+    out = tmp_path / "phrases"
+    from pipeline.runner import run_shard
+
+    def fail_second(stage, unit, *args, **kwargs):
+        if unit.name == "part-00001.parquet":
+            raise RuntimeError("killed")
+        return run_shard(stage, unit, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.runner.run_shard", fail_second)
+        with pytest.raises(FgdataError):
+            run_stage(PhrasesStage(source), out, make_config("run.max_retries=0"))
+    with pytest.raises(pyarrow.ArrowInvalid):  # not 6 of the 9 rows as if they were the dataset
+        datasets.load_dataset("parquet", data_dir=str(out), cache_dir=str(tmp_path / "cache"))
+    summary = run_stage(PhrasesStage(source), out, make_config())
+    assert (summary.shards_run, summary.shards_skipped) == (1, 2)
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), cache_dir=str(tmp_path / "cache"))
+    assert sorted(loaded["train"]["key"]) == sorted(f"{s}-{i}" for s in range(3) for i in range(3))
+    assert sorted(p.name for p in (out / "train").iterdir()) == [f"part-0000{s}.parquet" for s in range(3)]

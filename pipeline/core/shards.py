@@ -49,6 +49,9 @@ DONE_DIR = "_done"
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
 LOCK_FILE = "_run.lock"
+# In `train/` while a run is unfinished: not Parquet, so `datasets.load_dataset` (and any reader of
+# train/*.parquet) fails on it rather than return the rows of the shards done so far as the dataset.
+INCOMPLETE_FILE = "_INCOMPLETE-fgdata-run-not-finished.parquet"
 _TMP_TAG = storage.TMP_TAG
 _TMP_FILE = f".*{_TMP_TAG}*"
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
@@ -59,7 +62,7 @@ MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt"
 # --overwrite proves every file under them is one of these before it deletes anything.
 _SHARD = "part-[0-9][0-9][0-9][0-9][0-9]"
 FOLDER_CONTENTS = {
-    DATA_DIR: (f"{_SHARD}.parquet", _TMP_FILE),
+    DATA_DIR: (f"{_SHARD}.parquet", INCOMPLETE_FILE, _TMP_FILE),
     REJECTS_DIR: (f"{_SHARD}.parquet", _TMP_FILE),
     STATS_DIR: (f"{_SHARD}.json", _TMP_FILE),
     DONE_DIR: (f"{_SHARD}.parquet.done", _TMP_FILE),
@@ -511,6 +514,19 @@ def record_planned(out_dir: Location, shards: int) -> None:
     record = read_json(location(out_dir) / RUN_FILE) or {}
     if record.get("shards") != shards:
         write_json(location(out_dir) / RUN_FILE, {**record, "shards": shards})
+
+
+def mark_unfinished(out_dir: Location) -> None:
+    """Makes `out_dir` fail to load until `mark_finished`: a run starts (or resumes) writing it."""
+    write_text(
+        location(out_dir) / DATA_DIR / INCOMPLETE_FILE,
+        f"Not Parquet: the fgdata run writing {out_dir} has not finished, so its train/ holds only part of the rows.\n"
+        f"`fgdata info {out_dir}` says how far it got; rerun the command that writes it to finish it.\n",
+    )
+
+
+def mark_finished(out_dir: Location) -> None:
+    (location(out_dir) / DATA_DIR / INCOMPLETE_FILE).unlink(missing_ok=True)
 
 
 def incomplete_note(dataset_dir: Location) -> str:

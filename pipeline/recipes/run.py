@@ -21,7 +21,7 @@ import ray
 
 from pipeline.config import Config, load_config
 from pipeline.core import storage
-from pipeline.core.shards import check_output_path, claim_output, hold_output, record_planned, shard_markers, shard_path, unit_fingerprint
+from pipeline.core.shards import check_output_path, claim_output, hold_output, mark_unfinished, record_planned, shard_markers, shard_path, unit_fingerprint
 from pipeline.errors import FgdataError, StageFailed
 from pipeline.recipes import SOURCE, STEP_KINDS, Recipe, Step
 from pipeline.runner import RunSummary, finished_for_this_input, short_error, ensure_ray, finish_stage, ray_submitter, run_stage
@@ -119,6 +119,7 @@ def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None
         if run.stage is not None:
             inputs = [p for value in run.input_dirs.values() for p in value]
             run.out_dir = claim_output(run.out_dir, run.stage.name, run.settings_hash, overwrite, inputs=inputs)
+            mark_unfinished(run.out_dir)
     return runs
 
 
