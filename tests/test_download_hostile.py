@@ -50,7 +50,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.write(data)
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+        except OSError:  # the client gave up (a broken pipe, a reset, a TLS EOF), as it should
             return False
         self.sent[self.path] += len(data)
         return True
@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:
                     break
                 time.sleep(1)
             self.close_connection = True
@@ -255,7 +255,10 @@ def test_allow_private_addresses_reaches_the_local_server(tmp_path, servers):
 @pytest.mark.parametrize(
     ("address", "public"),
     [("8.8.8.8", True), ("2606:4700::1111", True), ("::ffff:8.8.8.8", True), ("127.0.0.1", False), ("::ffff:192.168.0.1", False),
-     ("100.64.0.1", False), ("224.0.0.1", False), ("ff02::1", False), ("fe80::1%1", False), ("::", False), ("2001:db8::1", False)],
+     ("100.64.0.1", False), ("224.0.0.1", False), ("ff02::1", False), ("fe80::1%1", False), ("::", False), ("2001:db8::1", False),
+     # IPv6 addresses that carry an IPv4 one: IPv4-compatible, NAT64, 6to4
+     ("::127.0.0.1", False), ("64:ff9b::7f00:1", False), ("64:ff9b::808:808", True), ("64:ff9b:1::808:808", False),
+     ("2002:7f00:1::1", False), ("2002:808:808::1", True)],
 )
 def test_public_address(address, public):
     import ipaddress
@@ -316,14 +319,29 @@ def test_bodies_over_max_bytes_are_refused_while_streaming(tmp_path, servers):
 # --- 5. a total deadline ------------------------------------------------------------------------
 
 
+def _fetch_seconds(url: str, *settings: str) -> tuple[float, str | None]:
+    """(seconds, reason or None) of one fetch, without the stage around it."""
+    started = time.perf_counter()
+    try:
+        fetch.fetch(url, make_config(*settings).download)
+        reason = None
+    except fetch.Refused as refused:
+        reason = refused.reason
+    return time.perf_counter() - started, reason
+
+
 def test_a_trickling_server_is_cut_off_at_the_deadline(tmp_path, servers):
     base, _ = servers()
     urls = {"body": f"{base}/trickle.jpg", "head": f"{base}/trickle-head.jpg"}
+    settings = ("download.allow_private_addresses=true", "download.timeout=2")
+    for url in urls.values():  # 12 s of body, 45 s of status line, if nothing cut them off
+        seconds, reason = _fetch_seconds(url, *settings)
+        assert reason == "timeout" and seconds < 2 + 1, f"{url}: {reason} after {seconds:.1f}s"
     started = time.perf_counter()
-    rows, rejects, _ = _download(tmp_path, urls, "download.allow_private_addresses=true", "download.timeout=2")
-    seconds = time.perf_counter() - started
+    rows, rejects, _ = _download(tmp_path, urls, *settings)
     assert rows == {} and {key: reason for key, (reason, _) in rejects.items()} == {"body": "timeout", "head": "timeout"}
-    assert seconds < 2 + 4, f"{seconds:.1f}s"  # the deadline plus a margin, not 12 s of trickle
+    # the stage ends too (its start, importing img2dataset's writer, takes seconds on a busy machine)
+    assert time.perf_counter() - started < 30
 
 
 # --- 6. URLs that are not ASCII -----------------------------------------------------------------
@@ -382,3 +400,59 @@ def test_request_url_is_ascii_and_stable_or_refused(host, path, query):
         return
     assert encoded.isascii() and not any(ch <= " " or ch == "\x7f" for ch in encoded), encoded
     assert fetch.request_url(encoded) == encoded
+
+
+# --- https: SNI and certificate checks for the name, the connection to the checked address ------
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """An https server on 127.0.0.1 with a certificate for img.example that the fetcher trusts;
+    img.example resolves to 127.0.0.1. Yields (base URL, handler class, names the client sent in SNI)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "img.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("img.example")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    sni = []
+    server_side.sni_callback = lambda _sock, server_name, _context: sni.append(server_name)
+    httpd, handler = _serve()
+    httpd.socket = server_side.wrap_socket(httpd.socket, server_side=True)
+    monkeypatch.setattr(fetch, "_TLS", ssl.create_default_context(cafile=str(tmp_path / "cert.pem")))
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: resolve("127.0.0.1" if host == "img.example" else host, *a, **k))
+    yield f"https://img.example:{httpd.server_address[1]}", handler, sni
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_checks_the_name_on_the_checked_address_and_keeps_the_deadline(tmp_path, tls_server):
+    base, handler, sni = tls_server
+    port = base.rsplit(":", 1)[1]
+    urls = {"good": f"{base}/good/1.jpg", "trickle": f"{base}/trickle.jpg", "wrong-name": f"https://127.0.0.1:{port}/good/2.jpg"}
+    settings = ("download.allow_private_addresses=true", "download.timeout=2")
+    seconds, reason = _fetch_seconds(urls["trickle"], *settings)
+    assert reason == "timeout" and seconds < 2 + 1, f"{reason} after {seconds:.1f}s"  # the watchdog ends a TLS read too
+    rows, rejects, _ = _download(tmp_path, urls, *settings)
+    assert set(rows) == {"good"} and rows["good"]["image"] == GOOD and f"img.example:{port}" in handler.hosts
+    assert "img.example" in sni
+    assert rejects["trickle"][0] == "timeout"
+    assert rejects["wrong-name"][0] == "connection_error" and "certificate" in rejects["wrong-name"][1].lower()
+    assert handler.requests["/good/2.jpg"] == 0  # the certificate names img.example, not 127.0.0.1

@@ -40,6 +40,10 @@ _HOST = re.compile(r"[a-z0-9._-]+")
 # already there are kept (which also makes encoding twice the same as once)
 _KEPT = "!$&'()*+,/:;=?@~%"
 _TLS = ssl.create_default_context()
+# IPv6 prefixes whose last 32 bits are an IPv4 address (IPv4-compatible, NAT64's well-known prefix),
+# which Python 3.11 calls global; and NAT64's local-use prefix, whose IPv4 side is the operator's
+_CARRY_IPV4 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b::/96"))
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 _CHUNK = 64 * 1024
 
 
@@ -82,30 +86,31 @@ def request_url(url: str) -> str:
 
 def public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether `ip` is on the public internet: not loopback, private, link-local, shared (CGNAT),
-    reserved, multicast or unspecified; an IPv4-mapped IPv6 address is judged by its IPv4 one."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    reserved, multicast or unspecified. An IPv6 address that carries an IPv4 one (IPv4-mapped,
+    IPv4-compatible, NAT64, 6to4) reaches that address, so it is judged by it."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        carried = next((ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) for net in _CARRY_IPV4 if ip in net), None)
+        ip = ip.ipv4_mapped or ip.sixtofour or carried or ip
     return ip.is_global and not ip.is_multicast
 
 
 def fetch(url: str, config: DownloadConfig) -> bytes:
     """The body of `url` after its redirects, or Refused(reason, detail)."""
     deadline = time.monotonic() + config.timeout
-    came_from = None  # the URL that redirected to `url`
+    try:
+        url = request_url(url)
+    except ValueError as exc:
+        raise Refused("bad_url", f"{url[:300]!r}: {exc}") from None
     for _ in range(MAX_REDIRECTS + 1):
         try:
-            target = request_url(url)
-        except ValueError as exc:
-            if came_from is None:
-                raise Refused("bad_url", f"{url[:300]!r}: {exc}") from None
-            raise Refused("bad_redirect", f"{came_from[:300]} redirects to {url[:300]!r}: {exc}") from None
-        try:
-            status, headers, body = _get(target, config, deadline)
+            status, headers, body = _get(url, config, deadline)
         except Refused as refused:
             refused.detail = f"{url[:300]}: {refused.detail}"
             raise
         if status in REDIRECTS and headers.get("Location"):
-            came_from, url = url, urljoin(url, _header_text(headers["Location"]))
+            url = _redirect_target(url, headers["Location"])
             continue
         if status != 200:
             raise Refused(f"http_{status}", f"{url[:300]}: HTTP {status}")
@@ -113,6 +118,20 @@ def fetch(url: str, config: DownloadConfig) -> bytes:
             raise Refused("disallowed_by_site", f"{url[:300]}: X-Robots-Tag {headers.get('X-Robots-Tag')!r}")
         return body
     raise Refused("bad_redirect", f"{url[:300]}: more than {MAX_REDIRECTS} redirects")
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """The encoded URL a redirect from `url` leads to, or Refused('bad_redirect'): not http(s) (ftp:,
+    file:, data: ...), or no URL at all."""
+    try:
+        # http.client reads header bytes as Latin-1; a server's raw UTF-8 Location means UTF-8
+        try:
+            location = location.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass
+        return request_url(urljoin(url, location))
+    except ValueError as exc:
+        raise Refused("bad_redirect", f"{url[:300]} redirects to {location[:300]!r}: {exc}") from None
 
 
 def _get(url: str, config: DownloadConfig, deadline: float) -> tuple[int, http.client.HTTPMessage, bytes]:
@@ -198,15 +217,6 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:  # already closed
         pass
-
-
-def _header_text(value: str) -> str:
-    # http.client reads header bytes as Latin-1; a server's raw UTF-8 Location means UTF-8
-    raw = value.encode("latin-1")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return value
 
 
 def _disallowed(headers: http.client.HTTPMessage) -> bool:
