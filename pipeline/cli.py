@@ -163,12 +163,14 @@ def download(
     overwrite: OverwriteOption = False,
     executor: ExecutorOption = None,
 ):
-    """Download the images of a URL list with img2dataset straight into image shards.
+    """Download the images of a URL list straight into image shards.
 
-    Keys: the key, f_path or id field, else <file stem>-<row>. Failed downloads (http_404, timeout,
-    incomplete_download, ...) and bodies that are not usable images go to OUT/_rejects/ with a reason;
-    rerunning the same command requests only the URLs that failed. Settings: download.timeout,
-    download.threads, download.retries; shard size: ingest.rows_per_shard.
+    Keys: the key, f_path or id field, else <file stem>-<row>. Only public addresses are requested
+    (blocked_address otherwise, redirects included). Failed downloads (http_404, timeout, too_large,
+    ...) and bodies that are not usable images go to OUT/_rejects/ with a reason; rerunning the same
+    command requests again only the URLs whose failure may pass. Settings: download.timeout (per URL,
+    in all), download.max_bytes, download.allow_private_addresses, download.threads,
+    download.retries; shard size: ingest.rows_per_shard.
     """
     from pipeline.stages.fggrn.download import DownloadStage, reopen_failed_shards
 
