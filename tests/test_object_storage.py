@@ -48,7 +48,7 @@ def test_local_paths_stay_paths_and_uris_become_store_paths(tmp_path):
     # a prefix of the name is not a folder above it
     assert not storage.is_inside(storage.location("s3://b/out2"), storage.location("s3://b/out"))
     assert not storage.is_inside(storage.location("s3://b/out"), tmp_path)
-    with pytest.raises(FgdataError, match="no filesystem for this URI"):
+    with pytest.raises(FgdataError, match="s3://, gs://, hf:// URIs, not nosuchstore://"):
         storage.location("nosuchstore://bucket/x")
 
 

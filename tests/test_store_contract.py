@@ -129,8 +129,8 @@ def test_overwrite_deletes_only_what_fgdata_wrote_under_its_own_prefix(store):
 
 
 def test_output_and_input_prefixes_never_overlap(store):
-    source = f"{store}/images"
-    for out, why in [(source, "is the input itself"), (f"{source}/phrases", "is inside the input"), (store, "holds the input")]:
+    source = f"{store}/data/images"
+    for out, why in [(source, "is the input itself"), (f"{source}/phrases", "is inside the input"), (f"{store}/data", "holds the input"), (store, "is a whole bucket")]:
         with pytest.raises(FgdataError, match=why):
             claim_output(out, "phrases", "h", overwrite=True, inputs=[storage.location(source)])
     put_object(f"{store}/a-file", b"x")

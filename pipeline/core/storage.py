@@ -8,6 +8,12 @@ MinIO; GOOGLE_APPLICATION_CREDENTIALS; HF_TOKEN), read by the filesystems themse
 
 Local behaviour is exactly what it was before URIs: every function here returns the `Path` the
 old code built, and takes a local branch that does what the old code did.
+
+One rule for the text of a location, wherever it comes from (an argument, a setting, a manifest's
+lineage, a table cell): `file:///abs/path` is that local path; `s3://`, `gs://` and `hf://` are
+stores, spelled one way (scheme in lower case, no trailing `/`) and refused when they name no
+bucket or hold an empty, `.` or `..` part; any other scheme is refused, since fsspec would read
+or write `memory://`, `http://`, ... somewhere the user does not expect.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Callable, Union
@@ -29,27 +36,108 @@ TMP_TAG = ".tmp-"  # in the names of the temporary files of local writes
 Location = Union[Path, UPath]
 
 
+# The stores fgdata reads and writes (README, "Object storage"), and how a refusal names them.
+STORES = ("s3", "gs", "hf")
+SUPPORTED = "local paths (file:///abs/path too) and s3://, gs://, hf:// URIs"
+_S3_BUCKETS: set[str] = set()  # the buckets this process named: what s3_endpoint_problem asks about
+
+
 def is_uri(value) -> bool:
     """An object-store location (`s3://...`), as a string or a UPath; `file://` counts as local."""
     if isinstance(value, UPath) and not isinstance(value, Path):  # a local UPath is a Path
         return True
-    return isinstance(value, str) and bool(_URI.match(value)) and not value.startswith("file://")
+    return isinstance(value, str) and bool(_URI.match(value)) and not _is_file_uri(value)
+
+
+def _is_file_uri(value: str) -> bool:
+    return value[:7].lower() == "file://"
 
 
 def location(value) -> Location:
-    """`value` (a str, Path or UPath) as a location: `Path(value)` when local, a UPath for a URI."""
+    """`value` (a str, Path or UPath) as a location: `Path(value)` when local, a UPath for a URI.
+    A URI that breaks the rule above is a one-line FgdataError."""
     if is_uri(value):
         if not isinstance(value, str):
             return value
+        uri = store_uri(value)
+        options = {}
+        if uri.startswith("s3://"):
+            _S3_BUCKETS.add(uri[5:].partition("/")[0])
+            options = _s3_options()
         try:
             # No listings cache: Ray workers write markers the driver lists, and a cached listing
             # would hide them (or show deleted ones) for the rest of the run.
-            return UPath(value.rstrip("/"), use_listings_cache=False)
-        except (ImportError, ValueError) as exc:  # an unknown protocol, or its filesystem not installed
+            return UPath(uri, use_listings_cache=False, **options)
+        except (ImportError, ValueError) as exc:  # its filesystem not installed
             raise FgdataError(f"{value}: no filesystem for this URI ({first_line(exc)}); s3:// needs s3fs, gs:// gcsfs") from None
-    if isinstance(value, str) and value.startswith("file://"):
-        return Path(value.removeprefix("file://"))
+    if isinstance(value, str) and _is_file_uri(value):
+        return _file_uri_path(value)
     return Path(value)
+
+
+def store_uri(value: str) -> str:
+    """The store URI `value` in fgdata's one spelling; FgdataError when it breaks the rule. A store
+    keeps `.` and `..` in a key literally (`s3://b/a/../x` is not `s3://b/x`, though every tool that
+    prints it suggests so), and `s3://b//x` names the key `/x`: both are refused, not guessed at."""
+    scheme, _, rest = value.partition("://")
+    scheme, rest = scheme.lower(), rest.rstrip("/")
+    if scheme not in STORES:
+        raise FgdataError(f"{value}: fgdata reads and writes {SUPPORTED}, not {scheme}://")
+    parts = rest.split("/")
+    if not parts[0]:
+        raise FgdataError(f"{value} names no bucket; write {scheme}://BUCKET/path")
+    if any(part in ("", ".", "..") for part in parts):
+        raise FgdataError(f"{value} has an empty, '.' or '..' part, which a store keeps as part of the key; name the object by its plain path")
+    return f"{scheme}://{rest}"
+
+
+def _file_uri_path(value: str) -> Path:
+    """The absolute path a `file://` URI names (RFC 8089): `file:///abs/path` or
+    `file://localhost/abs/path`, percent-decoded. `file://data/x` names the host `data`, and is
+    refused rather than read as the relative path `data/x`."""
+    host, slash, path = value[len("file://") :].partition("/")
+    if host.lower() not in ("", "localhost") or not slash:
+        raise FgdataError(f"{value}: a file URI names an absolute path, file:///abs/path (here {host!r} would be a host)")
+    return Path(urllib.parse.unquote("/" + path))
+
+
+def _s3_options() -> dict:
+    # A wrong endpoint must fail in seconds: botocore's default ("legacy") retry mode tries a refused
+    # connection 5 times with backoff, its standard mode 3 times (AWS_MAX_ATTEMPTS and AWS_RETRY_MODE
+    # still decide when set). A new dict each time: botocore writes into the one it is given.
+    return {"config_kwargs": {"retries": {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}}}
+
+
+def _s3_endpoint() -> str:
+    """The S3 endpoint as the user set it, for messages."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f"{endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3"
+
+
+def s3_endpoint_problem() -> str | None:
+    """Why the S3 endpoint cannot serve the buckets this process named, or None. Asked after a
+    command failed, so that a refused connection or a server that is not S3 (a web page for every
+    request, an HTTP error without S3's error code) is reported as that, in one line naming the
+    endpoint, and not as a traceback or a misleading "does not exist" / "is a file". One listing of
+    at most one key per bucket; an answer in S3's own words (a missing bucket, a denied listing)
+    is no endpoint problem: the command's own message stands."""
+    if not _S3_BUCKETS:
+        return None
+    from s3fs import S3FileSystem
+
+    fs = S3FileSystem(**_s3_options())
+    for bucket in sorted(_S3_BUCKETS):
+        try:
+            if "Name" in fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1):
+                continue
+            problem = "it does not answer as S3 does (is it a web server?)"
+        except Exception as exc:  # noqa: BLE001 - a client's errors are not all OSErrors
+            code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code", "")
+            if code and not code.isdigit():  # S3 names its errors (NoSuchBucket, AccessDenied)
+                continue
+            problem = first_line(exc.__cause__ or exc)
+        return f"cannot use the S3 endpoint {_s3_endpoint()} for s3://{bucket}: {problem}"
+    return None
 
 
 def resolved(value) -> Location:
@@ -118,6 +206,11 @@ def object_signature(info: dict) -> str:
     # S3: ETag; GCS: etag/md5Hash; the Hub: blob_id (the git object id); else a modification time
     tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "blob_id", "LastModified", "mtime", "updated") if info.get(k)), None)
     return f"{info.get('size')}:{tag}"
+
+
+def is_bucket(place: Location) -> bool:
+    """Whether `place` is a store's bucket itself (`s3://b`), not a key or a prefix in one."""
+    return is_uri(place) and "/" not in place.path.strip("/")
 
 
 def is_inside(inner: Location, outer: Location) -> bool:

@@ -19,9 +19,7 @@ import csv
 import gzip
 import io
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -192,13 +190,14 @@ def _read_text(path: Path) -> str:
 _EXPORT_COLUMNS = {"train": ["tiers", "negative_tiers"], "test": ["key", "tiers", "image_url"]}
 
 
-def write_official_csv(dataset_dir: str | Location, out: Path, layout: str, overwrite: bool = False) -> dict:
-    """Writes OUT whole or not at all (a temporary file renamed at the end); an existing OUT is
-    the user's file and is replaced only with `overwrite`. The dataset may be a local path or an
-    `s3://`, `gs://`, `hf://` URI: shards are read one at a time, only the layout's columns."""
+def write_official_csv(dataset_dir: str | Location, out: str | Location, layout: str, overwrite: bool = False) -> dict:
+    """Writes OUT whole or not at all (a temporary file renamed at the end; on a store, one upload);
+    an existing OUT is the user's file and is replaced only with `overwrite`. The dataset and OUT
+    may each be a local path or an `s3://`, `gs://`, `hf://` URI: shards are read one at a time,
+    only the layout's columns, and the CSV is built in memory (at most ~100K chains)."""
     if layout not in LAYOUTS:
         raise FgdataError(f"layout must be train or test, got {layout!r}")
-    out = Path(out)
+    out = location(out)
     if out.is_dir():
         raise FgdataError(f"{out} is a directory; give the path of the CSV file to write")
     card = out.with_name(f"{out.name}.{DATACARD_FILE}")  # the data card ships beside the CSV
@@ -207,27 +206,21 @@ def write_official_csv(dataset_dir: str | Location, out: Path, layout: str, over
             raise FgdataError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
     shards = list_shards(dataset_dir)
     written = skipped = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", suffix=".partial", delete=False, newline="", encoding="utf-8")
-    try:
-        with handle:
-            writer = csv.writer(handle)
-            writer.writerow(LAYOUTS[layout])
-            for shard in shards:
-                where, filesystem = arrow_target(shard)  # a local path, or the store's path and filesystem
-                for row in pq.read_table(where, columns=_EXPORT_COLUMNS[layout], filesystem=filesystem).to_pylist():
-                    if layout == "train" and not row["negative_tiers"]:
-                        skipped += 1  # the train layout has no place for an item without negatives
-                        continue
-                    if layout == "train":
-                        writer.writerow([SEPARATOR.join(row["tiers"]), SEPARATOR.join(row["negative_tiers"])])
-                    else:
-                        writer.writerow([row["key"], SEPARATOR.join(row["tiers"]), row["image_url"] or ""])
-                    written += 1
-        os.replace(handle.name, out)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(LAYOUTS[layout])
+    for shard in shards:
+        where, filesystem = arrow_target(shard)  # a local path, or the store's path and filesystem
+        for row in pq.read_table(where, columns=_EXPORT_COLUMNS[layout], filesystem=filesystem).to_pylist():
+            if layout == "train" and not row["negative_tiers"]:
+                skipped += 1  # the train layout has no place for an item without negatives
+                continue
+            if layout == "train":
+                writer.writerow([SEPARATOR.join(row["tiers"]), SEPARATOR.join(row["negative_tiers"])])
+            else:
+                writer.writerow([row["key"], SEPARATOR.join(row["tiers"]), row["image_url"] or ""])
+            written += 1
+    write_text_atomic(out, text.getvalue(), make_parents=True)
     note = f"Exported by `fgdata hierarcaps export` ({layout} layout) from {dataset_dir}: {written} rows in {out.name}, {skipped} left out without negatives."
     write_text_atomic(card, export_datacard(dataset_dir, note))
     return {"written": written, "skipped_without_negatives": skipped, "path": str(out), "datacard": str(card)}
