@@ -13,9 +13,20 @@ import yaml
 
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
+from pipeline.core.storage import s3_endpoint_problem
 from pipeline.errors import FgdataError, StageFailed
 
+class _Commands(typer.core.TyperGroup):
+    """Runs every command inside `_user_errors`, its arguments' handling included: a stage checks
+    its input's location when it is built, before the command's own `with _user_errors()`."""
+
+    def invoke(self, ctx):
+        with _user_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help=(
         "Build FgGRN and HierarCaps training data as Parquet shards, stage by stage.\n\n"
         "Every stage reads a dataset directory and writes one; rerunning a stage resumes it. "
@@ -84,7 +95,18 @@ def _user_errors():
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
     except FgdataError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        # a wrong S3 endpoint shows as "does not exist" or "is a file": named as the cause instead
+        typer.secho(f"error: {s3_endpoint_problem() or exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except Exception:
+        # a store client's own error (a refused connection): one line when a wrong S3 endpoint is
+        # the cause; anything else is a bug and keeps its traceback
+        problem = s3_endpoint_problem()
+        if problem is None:
+            raise
+        typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
 
 
@@ -107,13 +129,15 @@ def _run_stage(stage, out: str | Path, config_file: Path | None, overrides: list
 def _check_out_file(out: Path | str, overwrite: bool) -> None:
     """A results file named by --out, checked before any work: never a folder, never replaced unless
     asked. On a store (a URI) it is one object, uploaded whole: only the replacing is checked."""
-    from pipeline.core.storage import is_uri, location
+    from pipeline.core.storage import is_bucket, is_uri, location
 
+    out = location(out)  # a URI checked and spelled one way; file:///abs as /abs
     if is_uri(out):
-        if location(out).exists() and not overwrite:
+        if is_bucket(out):
+            raise FgdataError(f"--out {out} is a whole bucket; give a file name in it")
+        if out.exists() and not overwrite:
             raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
         return
-    out = Path(out)
     if out.is_dir():
         raise FgdataError(f"--out {out} is a folder; give a file name")
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
@@ -564,7 +588,7 @@ def hierarcaps_filter(
 @hierarcaps_app.command("export")
 def hierarcaps_export(
     dataset: Annotated[str, typer.Argument(help="Hierarcaps shards (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    out: Annotated[str, typer.Argument(help="CSV file to write (a path or a URI).")],
     layout: Annotated[str, typer.Option(help="train (positive,negative) or test (id,captions,image_url).")] = "train",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (otherwise an existing file is refused).")] = False,
 ):
@@ -739,7 +763,7 @@ def info(
 @app.command()
 def report(
     dataset: Annotated[str, typer.Argument(help="A dataset directory written by an fgdata stage (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Option("--out", help="The HTML file to write (self-contained: images inline).")],
+    out: Annotated[str, typer.Option("--out", help="The HTML file to write (self-contained: images inline); a path or a URI.")],
     sample: Annotated[int, typer.Option(help="At most this many rows feed the histograms and examples (chosen at random).")] = 20_000,
     gallery: Annotated[int, typer.Option(help="How many images (or chains) to show.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -755,13 +779,13 @@ def report(
         _check_out_file(out, overwrite)
         summary = write_report(dataset, out, sample=sample, gallery=gallery, seed=seed)
         sampled = f", {summary['sampled']:,} sampled" if summary["sampled"] < summary["rows"] else ""
-        typer.echo(f"wrote {out}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
+        typer.echo(f"wrote {summary['out']}: {summary['kind']}, {summary['rows']:,} rows{sampled}, {summary['seconds']:.1f}s; open it in a browser")
 
 
 @audit_app.command("sample")
 def audit_sample(
     dataset: Annotated[str, typer.Argument(help="An fggrn or hierarcaps dataset written by fgdata (a path or an s3://, gs://, hf:// URI).")],
-    out: Annotated[Path, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network).")],
+    out: Annotated[str, typer.Option("--out", help="The HTML page to write (self-contained: images inline, no network); a path or a URI.")],
     n: Annotated[int, typer.Option("--n", help="How many candidate negatives to sample, shared equally among the strata.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
@@ -769,12 +793,13 @@ def audit_sample(
     """Draw a stratified sample of candidate negatives (fggrn: by attribute kind and backend;
     hierarcaps: by tier) into one page: the image crop with its box, the positive and the candidate.
     Keys v / i / u judge valid / invalid / unsure; the verdicts download as JSON."""
+    from pipeline.core.storage import location
     from pipeline.reports.audit import write_audit_page
 
     with _user_errors():
         _check_out_file(out, overwrite)
         summary = write_audit_page(dataset, out, n=n, seed=seed)
-        typer.echo(f"wrote {out}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
+        typer.echo(f"wrote {location(out)}: {summary['items']} {summary['kind']} candidates from {len(summary['strata'])} strata "
                    f"({summary['images']} with an image), {summary['seconds']:.1f}s; open it in a browser")
 
 
@@ -831,8 +856,8 @@ def plan(
 @app.command("run")
 def run_recipe_command(
     recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps (bundled), or the path of your own recipe .yaml.")],
-    source: Annotated[Path, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps.")],
-    out: Annotated[Path, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset.")],
+    source: Annotated[str, typer.Argument(help="What the recipe starts from: images for fggrn (as `fgdata ingest` reads), captions for hierarcaps; a path or an s3://, gs://, hf:// URI.")],
+    out: Annotated[str, typer.Argument(help="Output folder: each step writes OUT/<step name>/, a normal fgdata dataset; a path or an s3://, gs://, hf:// URI.")],
     config: ConfigOption = None,
     set_: SetOption = None,
     overwrite: OverwriteOption = False,
