@@ -212,7 +212,7 @@ def test_a_likely_batch_without_negatives_is_warned_about_and_require_negatives_
     assert (summary["items"], summary["left_out"]["no_box_with_negatives"], summary["chance_batch_without_negatives"]) == (1, 5, 0.0)
     (note,) = [line for line in result.stderr.splitlines() if line.startswith("note:")]
     assert note == (
-        f"note: 5 image(s) left out: 5 no_box_with_negatives (no box with hard negatives among the first 4 (--require-negatives)); "
+        f"note: 5 image(s) left out: 5 no_box_with_negatives (no box with hard negatives among the first 4, --require-negatives); "
         f"their keys are in {tmp_path / 'required' / '_export.fgdata'}"
     )
     for instance in load_like_fgclip(tmp_path / "required", tmp_path / "required"):

@@ -57,7 +57,7 @@ DATA_GLOBS = ("*.json", "*.jsonl")  # what FG-CLIP 1 and 2 read from a --data_pa
 # why an item is left out; no_box_with_negatives only with require_negatives (--require-negatives)
 LEFT_OUT_REASONS = {
     "no_usable_box": "no box passed the box checks",
-    "no_box_with_negatives": "no box with hard negatives among the first 4 (--require-negatives)",
+    "no_box_with_negatives": "no box with hard negatives among the first 4, --require-negatives",
 }
 # the detector and negatives_backend of rows `fgdata import fgclip` wrote: exported as released
 IMPORTED_FGCLIP = "imported:fgclip-json"
