@@ -176,3 +176,20 @@ def test_fields_outside_the_layout_are_counted_not_lost_silently(tmp_path):
     counters = read_json(tmp_path / "fggrn" / "_manifest.json")["counters"]
     assert counters["fields_not_kept"] == 2  # url, score
     assert counters["flagged_without_negatives"] == 1  # flag_short_neg 1 and no negatives: exported as 0
+
+
+def test_a_long_expr_that_is_not_text_is_a_reject_and_a_blank_one_is_derived(tmp_path):
+    from conftest import make_config, read_rows
+
+    from pipeline.core.shards import read_rejects
+    from pipeline.runner import run_stage
+    from pipeline.stages.fggrn.import_fgclip import ImportFgclipStage
+
+    first, second, *_ = ITEMS
+    bad = {**first, "bbox_info": [{**first["bbox_info"][0], "long_expr": 5}]}
+    blank = {**second, "bbox_info": [{**second["bbox_info"][0], "long_expr": "  "}, second["bbox_info"][1]]}
+    (tmp_path / "finehard.json").write_text(json.dumps([bad, blank]))
+    run_stage(ImportFgclipStage(tmp_path / "finehard.json"), tmp_path / "fggrn", make_config())
+    assert [(r["key"], r["reason"]) for r in read_rejects(tmp_path / "fggrn").to_pylist()] == [(first["f_path"], "bad_long_expr")]
+    (row,) = read_rows(tmp_path / "fggrn")
+    assert row["long_exprs"] == [None, "Brightly lit shop windows on the right."]
