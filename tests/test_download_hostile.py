@@ -64,6 +64,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif path.startswith("/good") or path.startswith("/caf%C3%A9"):
             self._headers(200, len(GOOD))
             self._write(GOOD)
+        elif path in ("/noai.jpg", "/noai-for-another-robot.jpg"):  # X-Robots-Tag opt-outs
+            robots = "noimageai, nofollow" if path == "/noai.jpg" else "otherbot: noai"
+            self._headers(200, len(GOOD), **{"X-Robots-Tag": robots})
+            self._write(GOOD)
         elif path == "/page.html":
             self._headers(200, len(PAGE), "text/html")
             self._write(PAGE)
@@ -278,6 +282,13 @@ def test_a_body_that_is_not_an_image_is_not_kept(tmp_path, servers):
     assert not any(PAGE in p.read_bytes() for p in out.rglob("*") if p.is_file())
 
 
+def test_an_x_robots_tag_opt_out_is_honoured(tmp_path, servers):
+    base, _ = servers()
+    urls = {"noai": f"{base}/noai.jpg", "other": f"{base}/noai-for-another-robot.jpg"}
+    rows, rejects, _ = _download(tmp_path, urls, "download.allow_private_addresses=true", "download.timeout=2")
+    assert set(rows) == {"other"} and rejects["noai"][0] == "disallowed_by_site"
+
+
 # --- 3. redirects to other schemes --------------------------------------------------------------
 
 
@@ -389,6 +400,29 @@ def test_a_rerun_asks_again_only_for_failures_that_may_pass(tmp_path, servers):
     assert reopen_failed_shards(tmp_path / "images")
     _download(tmp_path, urls, *settings)
     assert {path for path in handler.requests if handler.requests[path] > before[path]} == {"/missing.jpg", "/declared-huge.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("url", "encoded"),
+    [
+        ("http://Bücher.example/a b", "http://xn--bcher-kva.example/a%20b"),  # IDNA host, a space in the path
+        ("http://faß.de/", "http://xn--fa-hia.de/"),  # IDNA 2008 keeps ß, as browsers do (IDNA 2003 made it fass.de)
+        ("http://i❤.ws/", "http://xn--i-7iq.ws/"),  # a symbol IDNA 2008 refuses: IDNA 2003, as browsers open it
+        ("http://例え.テスト/パス", "http://xn--r8jz45g.xn--zckzah/%E3%83%91%E3%82%B9"),
+        ("http://[::1]:8080/p?q=é", "http://[::1]:8080/p?q=%C3%A9"),
+        ("HTTP://user:pw@EXAMPLE.com#frag", "http://example.com/"),  # credentials and fragment are never sent
+        ("http://ex.com/%7Efoo/%zz?a=%41", "http://ex.com/%7Efoo/%zz?a=%41"),  # escapes already there are kept
+        ('http://a.com/"<>`{}|\\^', "http://a.com/%22%3C%3E%60%7B%7D%7C%5C%5E"),
+    ],
+)
+def test_request_url_encodes_as_a_browser(url, encoded):
+    assert fetch.request_url(url) == encoded
+
+
+@pytest.mark.parametrize("url", ["ftp://x/", "http:///x", "http://a:99999/", "http://a b/", "http://[zz]/", f"http://{'☃' * 70}.com/", "http://a\udcff.com/", "http://x.com/\udcff"])
+def test_request_url_refuses_what_cannot_be_encoded(url):
+    with pytest.raises(ValueError):
+        fetch.request_url(url)
 
 
 @given(st.text(max_size=40), st.text(max_size=40), st.text(max_size=20))

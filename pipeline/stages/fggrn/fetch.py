@@ -223,7 +223,7 @@ def _disallowed(headers: http.client.HTTPMessage) -> bool:
     """An X-Robots-Tag opt-out for every robot (`noai`) or addressed to none in particular, as
     img2dataset reads it with no user-agent token of its own."""
     for value in headers.get_all("X-Robots-Tag", []):
-        robot, _, directives = value.rpartition(":") if ":" in value else ("", "", value)
+        robot, _, directives = value.partition(":") if ":" in value else ("", "", value)
         if not robot.strip() and DISALLOWED_DIRECTIVES & {d.strip().lower() for d in directives.split(",")}:
             return True
     return False
