@@ -850,7 +850,7 @@ def plan(
         measures = load_runs(from_runs or []) + measures
         chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
-        typer.echo(json.dumps(bill, indent=2) if as_json else format_plan(bill))
+        typer.echo(json.dumps(bill, indent=2, allow_nan=False) if as_json else format_plan(bill))
 
 
 @app.command("run")

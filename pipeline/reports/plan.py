@@ -11,21 +11,32 @@ start-up is added once. Stages are summed as if run one after another; a recipe 
 between stages overlaps them, so the total wall time is an upper bound.
 
 A figure is never silently borrowed from another device: a GPU stage on a GPU target uses a record
-from that GPU, or from another GPU scaled by memory bandwidth (decode-bound generation scales with
-it) and flagged as extrapolated; a CPU record of a model stage never stands in for a GPU. Records
-made with random weights or tiny models are labelled so per stage.
+from that GPU (the same chip: names are compared without case, vendor, memory size or form factor,
+so an A100 is not an A10), or from another GPU scaled by memory bandwidth (decode-bound generation
+scales with it) and flagged as an estimate; a CPU record of a model stage never stands in for a GPU.
+Records made with random weights or tiny models are labelled so per stage.
+
+Records and manifests are untrusted files. One that is not a JSON object (not JSON, not a file,
+nested past Python's limit) stops the plan with a one-line error naming it; a run manifest that is
+one but holds no usable measurement (rows_in and timings.shard_seconds missing, of the wrong type,
+NaN, infinite, not positive or past MAX_COUNT) is skipped with a warning naming it and why. Every
+figure of a plan is a finite number, so `--json` is always valid JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import FgdataError
+from pipeline.errors import FgdataError, first_line, shown
+
+log = logging.getLogger(__name__)
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 MANIFEST_FILE = "_manifest.json"
@@ -43,6 +54,12 @@ GPU_BANDWIDTH_TBS = {
     "t4": 0.32,
 }
 CPU_CORES_PER_GPU = 16  # assumed for CPU stages on GPU machines unless --cpus says otherwise
+# the most rows, GPUs or cores a plan takes: far past any real run (the reference set is 1.6B
+# images), and under 2**53, so every count is exact as a float
+MAX_COUNT = 10**15
+# words of a GPU's name that are not its chip: vendor, product line, memory size and type, form
+# factor, and a count ("nvidia-h100-x1")
+_NOT_THE_CHIP = re.compile(r"nvidia|tesla|geforce|\d+gb|hbm\d*e?|sxm\d*|pcie|x\d+")
 
 NO_MODEL = "no model"
 REAL = "real weights"
@@ -110,20 +127,44 @@ class StagePlan:
 
 
 def _read_json(path: Path) -> dict:
+    if not path.is_file():  # a folder, or a FIFO whose read would wait forever
+        raise FgdataError(f"{path} is not a file; remove it or pass the folder of a finished run")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FgdataError(f"{path} is not a readable JSON record ({exc}); fix or remove it") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, an int of over 4300 digits
+        raise FgdataError(f"{path} is not a readable JSON record ({first_line(exc)}); fix or remove it") from None
     if not isinstance(data, dict):
         raise FgdataError(f"{path} is not a JSON object; fix or remove it")
     return data
 
 
+def _real(value) -> float | None:
+    """`value` as a float when it is a finite number; None for NaN, infinities, JSON's true and false,
+    integers past a float's range and anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _positive(value) -> float | None:
+    number = _real(value)
+    return number if number is not None and number > 0 else None
+
+
 def _number(record: dict, key: str, path: Path) -> float:
+    value = _positive(record.get(key))
+    if value is None:
+        raise FgdataError(f"{path}: '{key}' is {shown(record.get(key))}, not a positive number; rerun its benchmark")
+    return value
+
+
+def _dict(record: dict, key: str) -> dict:
     value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise FgdataError(f"{path}: '{key}' is {value!r}, not a positive number; rerun its benchmark")
-    return float(value)
+    return value if isinstance(value, dict) else {}
 
 
 def _weights(record: dict, model: str) -> str:
@@ -135,7 +176,8 @@ def _weights(record: dict, model: str) -> str:
 
 def _settings(record: dict) -> dict:
     keys = ("batch_size", "max_new_tokens", "num_beams", "negative_candidates_per_tier", "dtype", "precision")
-    return {k: record[k] for k in keys if k in record}
+    # copied into the plan, whose JSON holds no NaN
+    return {k: record[k] for k in keys if isinstance(record.get(k), str) or _real(record.get(k)) is not None}
 
 
 def _model_stage(record: dict, path: Path, stage: str, unit: str, busy_key: str, wall_key: str, count_key: str, rows_key: str | None = None) -> Measure:
@@ -144,7 +186,7 @@ def _model_stage(record: dict, path: Path, stage: str, unit: str, busy_key: str,
     busy, wall = _number(record, busy_key, path), _number(record, wall_key, path)
     rows = _number(record, rows_key, path) if rows_key else count
     model = str(record.get("model", "unknown model"))
-    device = str(record.get("device") or (record.get("machine") or {}).get("gpu") or "cpu")
+    device = str(record.get("device") or _dict(record, "machine").get("gpu") or "cpu")
     return Measure(
         stage, busy, count / rows, unit, device, _weights(record, model), model, _settings(record), str(path),
         fixed_seconds=max(0.0, count / wall - count / busy),
@@ -160,7 +202,7 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
     for path in sorted(results.glob("*.json")):
         record = _read_json(path)
         name = record.get("benchmark")
-        cpus = (record.get("machine") or {}).get("cpus") or 1
+        cpus = _positive(_dict(record, "machine").get("cpus")) or 1.0
         if name == "startup":
             startup = record
         elif name == "ingest":
@@ -170,8 +212,7 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         elif name == "phrases":
             rate = _number(record, "stage_captions_per_s", path) / cpus
             model = f"spaCy {record.get('spacy_model', 'pipeline (the phrases.spacy_model default)')}"
-            chars = record.get("mean_caption_chars")
-            chars = float(chars) if isinstance(chars, (int, float)) and chars > 0 else None
+            chars = _positive(record.get("mean_caption_chars"))
             measures.append(Measure("phrases", rate, 1.0, "captions", "cpu", REAL, model, {}, str(path), None, mean_caption_chars=chars))
         elif name == "recaption":
             measures.append(_model_stage(record, path, "recaption", "images", "stage_actor_busy_images_per_s", "stage_images_per_s", "images"))
@@ -182,10 +223,11 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         elif name == "hierarcaps":
             measures.append(_model_stage(record, path, "hierarcaps-generate", "hierarchies", "stage_actor_busy_hierarchies_per_s", "stage_hierarchies_per_s", "captions"))
             measures.append(_model_stage(record, path, "hierarcaps-filter", "NLI pairs", "filter_actor_busy_nli_pairs_per_s", "filter_stage_nli_pairs_per_s", "nli_pairs", "captions"))
-    fixed = startup.get("stage_fixed_seconds") or {}
+    fixed = _dict(startup, "stage_fixed_seconds")
     for measure in measures:
-        if measure.fixed_seconds is None and isinstance(fixed.get(measure.stage), (int, float)):
-            measure.fixed_seconds = float(fixed[measure.stage])
+        seconds = _real(fixed.get(measure.stage))
+        if measure.fixed_seconds is None and seconds is not None and seconds >= 0:
+            measure.fixed_seconds = seconds
     return measures, startup
 
 
@@ -198,38 +240,48 @@ def load_runs(folders: list[Path]) -> list[Measure]:
             raise FgdataError(f"--from-runs {folder}: no {MANIFEST_FILE} in it or its subfolders; give a dataset folder a finished stage wrote")
         for path in manifests:
             manifest = _read_json(path)
-            timings = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
-            busy, rows = timings.get("shard_seconds"), manifest.get("rows_in")
-            if not isinstance(busy, (int, float)) or not isinstance(rows, int) or busy <= 0 or rows <= 0:
-                continue  # an empty or fully resumed run measured nothing
-            machine = manifest.get("machine") if isinstance(manifest.get("machine"), dict) else {}
-            gpu_types = machine.get("gpu_types") or []
-            device = gpu_types[0] if machine.get("ray_gpus") and gpu_types else "cpu" if machine else "unknown machine"
-            provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+            busy, rows = _dict(manifest, "timings").get("shard_seconds"), manifest.get("rows_in")
+            rate = rows / busy if isinstance(rows, int) and 0 < rows <= MAX_COUNT and _positive(busy) else None
+            if not _positive(rate):  # an empty or fully resumed run measured nothing; anything else is a broken manifest
+                log.warning("--from-runs: skipped %s: rows_in %s and timings.shard_seconds %s measure no throughput", path, shown(rows), shown(busy))
+                continue
+            machine = _dict(manifest, "machine")
+            gpu_types = machine.get("gpu_types")
+            if machine.get("ray_gpus"):
+                device = gpu_types[0] if isinstance(gpu_types, list) and gpu_types and isinstance(gpu_types[0], str) else "unknown machine"
+            else:
+                device = "cpu" if machine else "unknown machine"
             # provenance values are lists of what the shards reported; anything else is ignored
-            values = {k: v for k, v in provenance.items() if isinstance(v, list)}
+            values = {k: v for k, v in _dict(manifest, "provenance").items() if isinstance(v, list)}
             models = [str(v) for key in ("model", "detector", "llm_model", "nli_model") for v in values.get(key, [])]
             random = True in values.get("random_weights", [])
             weights = "random weights" if random else REAL if models else NO_MODEL
-            versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+            version, host = _dict(manifest, "versions").get("fgdata"), machine.get("hostname")
             measures.append(
                 Measure(
-                    str(manifest.get("stage")), rows / busy, 1.0, "rows", device, weights, ", ".join(models) or "no model",
-                    {"fgdata": versions.get("fgdata"), "host": machine.get("hostname")}, str(path), None, from_run=True,
+                    str(manifest.get("stage")), rate, 1.0, "rows", device, weights, ", ".join(models) or "no model",
+                    # copied into the plan, whose JSON holds no NaN
+                    {"fgdata": version if isinstance(version, str) else None, "host": host if isinstance(host, str) else None},
+                    str(path), None, from_run=True,
                 )
             )
     return measures
 
 
+def gpu_chip(name: str) -> str:
+    """The chip a GPU's name names, in one lower-case word: "NVIDIA A100-SXM4-80GB" (as
+    `torch.cuda.get_device_name` says), "nvidia-a100" and "A100 40GB" are all "a100"; "A10" is "a10"."""
+    words = re.split(r"[\s_-]+", name.lower())
+    return "".join(word for word in words if word and not _NOT_THE_CHIP.fullmatch(word))
+
+
 def gpu_bandwidth_tbs(device: str) -> float | None:
     """Peak memory bandwidth of a GPU named like `torch.cuda.get_device_name` or `--gpu` says, if known."""
-    name = device.lower()
-    # longest key first: "a100" must not match as "a10"
-    return next((GPU_BANDWIDTH_TBS[k] for k in sorted(GPU_BANDWIDTH_TBS, key=len, reverse=True) if k in name), None)
+    return GPU_BANDWIDTH_TBS.get(gpu_chip(device))
 
 
 def _same_gpu(device: str, target: str) -> bool:
-    return device != "cpu" and target.lower() in device.lower()
+    return device != "cpu" and gpu_chip(device) == gpu_chip(target)
 
 
 def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measure | None, float, str]:
@@ -246,7 +298,7 @@ def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measu
     for m in mine:
         source_bw = gpu_bandwidth_tbs(m.device) if m.device != "cpu" else None
         if source_bw and target_bw:
-            return m, target_bw / source_bw, f"extrapolated from {m.device} by memory bandwidth ({source_bw:g} -> {target_bw:g} TB/s)"
+            return m, target_bw / source_bw, f"estimate from another GPU: extrapolated from {m.device} by memory bandwidth ({source_bw:g} -> {target_bw:g} TB/s)"
     cpu_only = [m for m in mine if m.device == "cpu"]
     if cpu_only:
         m = cpu_only[0]
@@ -284,18 +336,22 @@ def plan(
         raise FgdataError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
     if rows < 1:
         raise FgdataError(f"the number of rows to plan for must be at least 1, not {rows}")
-    if gpu is not None and gpus < 1:
-        raise FgdataError(f"--gpus must be at least 1, not {gpus}")
+    if rows > MAX_COUNT:
+        raise FgdataError(f"the number of rows to plan for must be at most 10^15, not {shown(rows)}")
+    if gpu is not None and gpu_chip(gpu) in ("", "cpu"):
+        raise FgdataError(f"--gpu {gpu!r} names no GPU; give its type, e.g. h100, or leave --gpu out for CPU only")
+    if gpu is not None and not 1 <= gpus <= MAX_COUNT:
+        raise FgdataError(f"--gpus must be between 1 and 10^15, not {shown(gpus)}")
     steps = RECIPES[recipe]
     unknown = sorted(set(stages or []) - {s.name for s in steps})
     if unknown:
         raise FgdataError(f"--stages: {', '.join(unknown)} not in {recipe}; its stages are {', '.join(s.name for s in steps)}")
     if cpus is None:
         cpus = gpus * CPU_CORES_PER_GPU if gpu else config.run.num_cpus or os.cpu_count() or 1
-    if cpus < 1:
-        raise FgdataError(f"--cpus must be at least 1, not {cpus}")
-    if caption_chars is not None and not caption_chars > 0:
-        raise FgdataError(f"--caption-chars must be more than 0, not {caption_chars}")
+    if not 1 <= cpus <= MAX_COUNT:
+        raise FgdataError(f"--cpus must be between 1 and 10^15, not {shown(cpus)}")
+    if caption_chars is not None and _positive(caption_chars) is None:
+        raise FgdataError(f"--caption-chars must be a finite number above 0, not {caption_chars}")
     measures, startup = measures or [], startup or {}
     shards = math.ceil(rows / config.ingest.rows_per_shard)  # every later stage keeps ingest's shards
     planned = []
@@ -317,9 +373,11 @@ def plan(
                 why = f"assumes captions of ~{measure.mean_caption_chars:g} chars, as the record's (--caption-chars to change)"
         rate = measure.per_worker_per_s * factor
         units = rows * measure.units_per_row
-        worker_seconds = units / rate
+        worker_seconds = units / rate if rate > 0 else math.inf  # a rate scaled down past a float's range
         busy = min(workers, shards)
         wall = (measure.fixed_seconds or 0.0) + worker_seconds / busy
+        if not all(map(math.isfinite, (rate, units, wall))):  # records of extreme values; NaN and inf are no JSON
+            raise FgdataError(f"{step.name}: {measure.source} gives no finite figure for {rows:,} rows (rate {rate:g} {measure.unit}/s); check that record")
         basis = "; ".join(part for part in (_trust(measure), why) if part)
         if measure.fixed_seconds is None:
             basis += "; start-up not measured"
@@ -330,7 +388,7 @@ def plan(
                 measure.fixed_seconds, wall, basis, measure.model, measure.settings, measure.source,
             )
         )
-    ray_start = startup.get("ray_start_seconds") if not os.environ.get("RAY_ADDRESS") else 0.0
+    ray_start = _positive(startup.get("ray_start_seconds")) if not os.environ.get("RAY_ADDRESS") else 0.0
     missing = [p.stage for p in planned if p.wall_seconds is None]
     total = {
         "gpu_hours": sum(p.gpu_hours or 0 for p in planned) if gpu else None,
@@ -340,6 +398,8 @@ def plan(
         "complete": not missing,
         "stages_without_a_figure": missing,
     }
+    if not all(map(math.isfinite, (total["cpu_core_hours"], total["wall_seconds"], total["gpu_hours"] or 0.0))):
+        raise FgdataError(f"the stages' figures add up past a float's range for {rows:,} rows; check the records they come from")
     gpu_records = sorted({m.device for m in measures if m.device not in ("cpu", "unknown machine")})
     return {
         "recipe": recipe,
