@@ -13,6 +13,7 @@ import time
 import pytest
 import yaml
 from conftest import assert_dataset_invariants, make_config, run_cli, write_caption_shard
+from gcs_store import gcs_bucket, gcs_server  # noqa: F401 (fixtures)
 from object_store import all_objects, bucket, put_object, s3_server  # noqa: F401 (fixtures)
 
 from pipeline.core import storage
@@ -212,8 +213,9 @@ def test_recipe_holds_every_step_output(tmp_path):
     assert snapshot(out) == before
 
 
-def test_one_lease_on_a_store_and_a_stale_one_taken_over(bucket):
-    out = storage.location(f"{bucket}/out")
+@pytest.mark.parametrize("store", ["bucket", "gcs_bucket"])
+def test_one_lease_on_a_store_and_a_stale_one_taken_over(request, store):
+    out = storage.location(f"{request.getfixturevalue(store)}/out")
     first = OutputLock(out / LOCK_FILE)
     first.acquire()
     second = OutputLock(out / LOCK_FILE)
@@ -228,7 +230,7 @@ def test_one_lease_on_a_store_and_a_stale_one_taken_over(bucket):
     with hold_output(out):
         assert json.loads((out / LOCK_FILE).read_text())["host"] == platform.node()
         claim_output(out, "phrases", "h", overwrite=True)
-    assert sorted(all_objects(str(out))) == [f"{str(out).removeprefix('s3://')}/{RUN_FILE}"]
+    assert sorted(all_objects(str(out))) == [f"{str(out).split('://', 1)[1]}/{RUN_FILE}"]
 
 
 # --- 4. an unfinished output says so ---------------------------------------------------------

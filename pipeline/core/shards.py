@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import RunConfig
 from pipeline.core import storage
 from pipeline.core.schemas import conform, validate_table
 from pipeline.core.storage import Location, location
@@ -360,7 +361,7 @@ def _files_under(folder: Location) -> list[str]:
 
 # A run's lock on OUT is taken over when its run is dead: its pid gone on this host, or no refresh
 # for this long (a run on another host, or a store, where no pid can be asked).
-LOCK_STALE_SECONDS = 600.0
+LOCK_STALE_SECONDS = RunConfig.lock_stale_s
 _HELD: set[str] = set()  # the outputs this process holds, so a recipe's step runs inside the recipe's hold
 
 
@@ -373,7 +374,10 @@ def hold_output(out_dir: Location, stale_after: float = LOCK_STALE_SECONDS) -> I
         yield
         return
     if not storage.is_uri(out_dir):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # no permission, a read-only disk
+            raise FgdataError(f"cannot write to {out_dir}: {first_line(exc)}") from None
     lock = OutputLock(location(out_dir) / LOCK_FILE, stale_after)
     lock.acquire()
     _HELD.add(key)
@@ -387,8 +391,8 @@ def hold_output(out_dir: Location, stale_after: float = LOCK_STALE_SECONDS) -> I
 class OutputLock:
     """`_run.lock`: the host, pid and start of the run holding an output, and when it last said it
     is alive. Created only where none exists (a hard link on disk, a conditional PUT on a store;
-    a store without one is written and read back), refreshed by a thread every quarter of
-    `stale_after`, removed at the end if it is still this run's."""
+    where a store ignores the condition, looked for first and read back after), refreshed by a
+    thread every quarter of `stale_after`, removed at the end if it is still this run's."""
 
     def __init__(self, path: Location, stale_after: float = LOCK_STALE_SECONDS):
         self.path, self.stale_after = path, stale_after
@@ -432,6 +436,9 @@ class OutputLock:
         """Writes the lock where there is none; whether this run now holds it."""
         if storage.is_uri(self.path):
             try:
+                # the look first, for a store that ignores the PUT's condition (an emulator)
+                if self.path.exists():
+                    return False
                 self.path.fs.pipe_file(self.path.path, self._payload(), mode="create")
             except FileExistsError:
                 return False
@@ -439,21 +446,23 @@ class OutputLock:
                 raise FgdataError(f"cannot write to {self.path.parent}: {first_line(exc)}") from None
             return (self._read() or {}).get("token") == self.record["token"]
         tmp = self.path.with_name(f".{self.path.name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(self._payload())
         try:
+            tmp.write_bytes(self._payload())
             os.link(tmp, self.path)  # fails when a lock exists; never shows a half-written one
             return True
         except FileExistsError:
             return False
+        except OSError as exc:  # no permission, a read-only disk, a filesystem without hard links
+            raise FgdataError(f"cannot write to {self.path.parent}: {first_line(exc)}") from None
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
 
     def _read(self) -> dict | None:
         try:
             holder = json.loads(self.path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # a lock cut short: as good as none once it is old
+        except (OSError, ValueError):  # not JSON (a lock is written whole, so a damaged one): stale
             holder = {}
         return holder if isinstance(holder, dict) else {}
 
