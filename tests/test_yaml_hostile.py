@@ -21,9 +21,10 @@ from pipeline.errors import FgdataError
 from pipeline.recipes import MAX_STEPS, STEP_KINDS, load_recipe, parse_recipe
 
 runner = CliRunner()
-# Parsing a 1 MiB file with PyYAML's pure-Python loader takes about a second on a busy machine.
-SECONDS = 5.0
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# A generous bound for two shared CPUs: the worst 1 MiB file parses in about a second (libyaml);
+# an alias bomb or a runaway recursion takes minutes or never ends.
+SECONDS = 10.0
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def billion_laughs(levels: int, width: int = 10) -> str:
@@ -263,7 +264,7 @@ HOSTILE = {
     "a line separator": "ingest:\n  rows_per_shard: 5\u2028\n",
     "CR line ends": "ingest:\r  rows_per_shard: 5\r",
     "a very long line": "ingest:\n  spacy_model: " + "a" * 900_000 + "\n",
-    "a 100,000-item list": "ingest:\n  formats: [" + "a," * 100_000 + "]\n",
+    "a 30,000-item list": "ingest:\n  formats: [" + "a," * 30_000 + "]\n",
     "deep flow value": "ingest:\n  formats: " + "[" * 5000 + "]" * 5000 + "\n",
 }
 RECIPE_HOSTILE = {
@@ -358,7 +359,7 @@ set_items = st.builds(
     st.one_of(st.text(max_size=200), yamlish_text, structures.map(lambda v: yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip())),
 )
 step_like = st.fixed_dictionaries(
-    {"name": st.one_of(st.sampled_from(["a", "b", "c"]), scalars), "stage": st.one_of(st.sampled_from(list(STEP_KINDS)), scalars)},
+    {"name": st.one_of(st.sampled_from(["a", "b", "c"]), scalars), "stage": st.one_of(st.sampled_from(list(STEP_KINDS)), structures)},
     optional={
         "input": st.one_of(st.sampled_from(["SOURCE", "a", "b", "c"]), structures),
         "images": st.sampled_from(["SOURCE", "a", "b"]),
@@ -366,7 +367,15 @@ step_like = st.fixed_dictionaries(
         "extra": structures,
     },
 )
-recipe_like = st.fixed_dictionaries({"steps": st.one_of(st.lists(step_like, max_size=4), structures)}, optional={"description": structures})
+# keys of mixed types (a number, null, text) beside the known ones
+odd_keys = st.dictionaries(st.one_of(st.integers(), st.none(), st.booleans(), st.text(max_size=5)), structures, max_size=3)
+recipe_like = st.builds(
+    lambda known, odd: {**odd, **known},
+    st.fixed_dictionaries({"steps": st.one_of(st.lists(st.builds(lambda step, odd: {**odd, **step}, step_like, odd_keys), max_size=4), structures)},
+                          optional={"description": structures}),
+    st.one_of(st.just({}), odd_keys),
+)
+chains = st.integers(1, 1000).map(lambda length: {"steps": chain(length)})
 any_text = st.one_of(st.text(max_size=2000), yamlish_text)
 
 
@@ -387,10 +396,19 @@ def test_any_set_items_end_in_a_value_or_one_line(items):
 
 
 @PROPERTY
-@given(st.one_of(any_text, recipe_like.map(dumped)))
+@given(st.one_of(any_text, recipe_like.map(dumped), chains.map(dumped)))
 def test_any_recipe_file_ends_in_a_plan_or_one_line(text):
     assert_clean_ending(*run_recipe_text(text))
 
 
 def test_the_bundled_recipes_still_load():
     assert [s.name for s in load_recipe("fggrn").steps][0] == "images"
+
+
+def test_a_detector_architecture_file_is_read_as_settings_are(tmp_path):
+    from pipeline.models.yolo_world import vet_detector
+
+    architecture = tmp_path / "bomb.yaml"
+    architecture.write_text(f"nc: 80\nbackbone: {billion_laughs(9)}\nhead: []\n")
+    with pytest.raises(FgdataError, match=r"cannot read YOLO-World architecture .*an alias \(\*name\)"):
+        vet_detector(str(architecture), trust=True, fetch=False)

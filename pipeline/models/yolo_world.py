@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.config import parse_yaml
 from pipeline.core.images import to_rgb
 from pipeline.core.scoped import environment, torch_seed
 from pipeline.errors import FgdataError, first_line
@@ -157,8 +158,8 @@ def vet_detector(detector: str, trust: bool, *, fetch: bool) -> tuple[str, objec
         if not path.is_file():
             raise FgdataError(f"YOLO-World architecture {detector!r} is neither a file nor one bundled with ultralytics")
         try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            cfg = parse_yaml(path.read_text(encoding="utf-8"))  # as settings: no aliases that expand
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 4,300+ digits
             raise FgdataError(f"cannot read YOLO-World architecture {path}: {first_line(exc)}") from None
         if not bundled and not trust:
             problem = architecture_problem(cfg)
