@@ -206,7 +206,7 @@ def test_a_gpu_record_is_measured_only_for_the_same_gpu(tmp_path, record_gpu, ta
         assert recaption["per_worker_per_s"] == pytest.approx(10.0) and "estimate" not in recaption["basis"]
     else:
         assert recaption["per_worker_per_s"] == pytest.approx(10.0 * measured_ratio)
-        assert f"estimate from another GPU: extrapolated from {record_gpu}" in recaption["basis"]
+        assert f"an estimate for {target}, from another GPU: extrapolated from {record_gpu}" in recaption["basis"]
 
 
 # ---------------------------------------------------------------- plan --from-runs: hostile manifests
@@ -274,7 +274,7 @@ def test_a_run_on_an_a100_is_an_estimate_for_an_a10(tmp_path):
     result = _invoke("fggrn", "--images", "5000", "--gpu", "a10", "--from-runs", str(tmp_path), "--json")
     recaption = _strict_json(result.stdout)["stages"][1]
     assert recaption["per_worker_per_s"] == pytest.approx(1000 / 4.0 * 0.6 / 2.0)
-    assert recaption["basis"].startswith("your run") and "estimate from another GPU" in recaption["basis"]
+    assert recaption["basis"].startswith("your run") and "an estimate for a10, from another GPU" in recaption["basis"]
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo"])

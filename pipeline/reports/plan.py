@@ -298,7 +298,7 @@ def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measu
     for m in mine:
         source_bw = gpu_bandwidth_tbs(m.device) if m.device != "cpu" else None
         if source_bw and target_bw:
-            return m, target_bw / source_bw, f"estimate from another GPU: extrapolated from {m.device} by memory bandwidth ({source_bw:g} -> {target_bw:g} TB/s)"
+            return m, target_bw / source_bw, f"an estimate for {gpu}, from another GPU: extrapolated from {m.device} by memory bandwidth ({source_bw:g} -> {target_bw:g} TB/s)"
     cpu_only = [m for m in mine if m.device == "cpu"]
     if cpu_only:
         m = cpu_only[0]
