@@ -39,8 +39,8 @@ from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_
 from pipeline.errors import FgdataError
 
 # A text longer than this is cut on the page, with its full length beside it: Chromium's layout time
-# grows with a text's length (a 40k-char cluster of combining marks, as Zalgo alt-text has, took it
-# 45 s), and no one reads a caption past it. Long captions of the reference sets stay well under.
+# grows with a text's length, with its square for one cluster of combining marks as Zalgo alt-text
+# has (a page of 30 cards with fifteen 40k-char tokens took 45 s to load, the same page cut 2 s).
 SHOWN_CHARS = 2000
 BOX_COLOUR = "#ff00ff"  # one colour no sample image uses, so a screenshot test can find the boxes
 THUMB_SIDE = 320
