@@ -62,8 +62,20 @@ app.add_typer(audit_app, name="audit")
 
 log = logging.getLogger("fgdata")
 
+
+
+def _local_path(value: str) -> Path:
+    """An argument that must be on this machine's disk, as its path (`file:///abs` as /abs); a store
+    URI is refused (typer's own Path would turn s3://b/x into the local folder s3:/b/x)."""
+    from pipeline.core.storage import is_uri, location
+
+    if is_uri(value):
+        raise FgdataError(f"{value}: a path on this machine is needed here, not a store URI (copy the result to the store afterwards)")
+    return location(value)
+
+
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML file with settings, by section (see `fgdata config`).")
+    Optional[Path], typer.Option("--config", "-c", parser=_local_path, help="YAML file with settings, by section (see `fgdata config`).")
 ]
 SetOption = Annotated[
     Optional[list[str]],
@@ -369,7 +381,7 @@ def negatives(
 @export_app.command("fgclip")
 def export_fgclip_command(
     fggrn: Annotated[str, typer.Argument(help="FgGRN shards (from `fgdata negatives`); a path or an s3://, gs://, hf:// URI.")],
-    out: Annotated[Path, typer.Argument(help="Directory for fgclip.json and images/ (FG-CLIP's --data_path and --image_folder).")],
+    out: Annotated[Path, typer.Argument(parser=_local_path, help="Local directory for fgclip.json and images/ (FG-CLIP's --data_path and --image_folder).")],
     images: Annotated[Optional[str], typer.Option(help="Image shards (a path or a URI); default: found through FGGRN's lineage.")] = None,
     negatives: Annotated[int, typer.Option(help="Hard negatives a box needs for flag_short_neg=1 (FG-CLIP's hard-negative loss takes exactly 10).")] = 10,
     overwrite: Annotated[
@@ -699,7 +711,7 @@ def evaluate(
 
 @app.command("synthetic-world")
 def synthetic_world(
-    out: Annotated[Path, typer.Argument(help="Directory for images/, fggrn/ and hierarcaps/.")],
+    out: Annotated[Path, typer.Argument(parser=_local_path, help="Local directory for images/, fggrn/ and hierarcaps/.")],
     count: Annotated[int, typer.Option(help="How many images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same world.")] = 0,
     side: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
@@ -715,7 +727,7 @@ def synthetic_world(
 
 @app.command("tiny-model")
 def tiny_model(
-    out: Annotated[Path, typer.Argument(help="Directory to write the model and its processor to.")],
+    out: Annotated[Path, typer.Argument(parser=_local_path, help="Local directory to write the model and its processor to.")],
     kind: Annotated[
         str,
         typer.Option(
