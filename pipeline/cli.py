@@ -662,6 +662,7 @@ def evaluate(
     images: Annotated[Optional[str], typer.Option(help="Image shards for --fggrn (a path or a URI); default: found through its lineage.")] = None,
     hard_negatives: Annotated[Optional[int], typer.Option(help="Cap on the negatives per box for the fg-ovd accuracy; default: all of them, as FG-CLIP's evaluator scores (chance = mean 1/(k+1)).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many images / chains per set.")] = 5000,
+    exif_rotate: Annotated[bool, typer.Option("--exif-rotate", help="FG-OVD and HierarCaps: turn images upright by their EXIF orientation (FG-OVD boxes with them); default: the stored pixels, as both reference evaluators read them.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results as JSON here too (a path or a URI).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file when it already exists.")] = False,
     config: ConfigOption = None,
@@ -671,7 +672,6 @@ def evaluate(
     from collections import Counter
 
     from pipeline.core.shards import write_json
-    from pipeline.core.storage import location
     from pipeline.eval import evaluate as ev
 
     with _user_errors():
@@ -696,13 +696,11 @@ def evaluate(
                 "skipped": dict(fggrn_skipped),
             }
         if fg_ovd:
-            fg_ovd_skipped = Counter()
-            fg_ovd_items = ev.fgovd_items(fg_ovd, image_root, fg_ovd_skipped)
-            results["fg_ovd_benchmark"] = {"file": str(location(fg_ovd)), **ev.fgovd_accuracy(encoder, fg_ovd_items, hard_negatives), "skipped": dict(fg_ovd_skipped)}
+            results["fg_ovd_benchmark"] = ev.fgovd_benchmark(encoder, fg_ovd, image_root, hard_negatives, exif_rotate)
         if hierarcaps:
             chains_skipped = Counter()
             chains, chain_images = ev.hierarcaps_items(hierarcaps, limit, chains_skipped, image_root)
-            results["hierarcaps"] = {**ev.hierarchy_metrics(encoder, chains, chain_images), "skipped": dict(chains_skipped)}
+            results["hierarcaps"] = {**ev.hierarchy_metrics(encoder, chains, chain_images, exif_rotate), "skipped": dict(chains_skipped)}
         typer.echo(ev.format_table(results))
         if out:
             write_json(out, results)  # atomic: a reader never sees half a file

@@ -68,7 +68,7 @@ class StubEncoder:
                 row[0], row[1 + TEXTS.index(text)] = math.cos(angle), math.sin(angle)
         return rows
 
-    def views(self, images: list[Path]) -> torch.Tensor:
+    def views(self, images: list[Path], upright: bool = True) -> torch.Tensor:
         rows = torch.zeros(len(images), self.dim)
         for row, image in zip(rows, images):
             for text, weight in WEIGHTS[coco_id_of_file(Path(image).name)].items():
@@ -185,5 +185,5 @@ def test_eval_cli_names_the_fg_ovd_file_it_scored_and_defaults_to_every_negative
     result = run_cli("eval", "--model", str(clip), "--fg-ovd", str(tmp_path / "fg.jsonl"), "--out", str(tmp_path / "eval.json"), timeout=180)
     assert result.returncode == 0, result.stderr[-1500:]
     report = json.loads((tmp_path / "eval.json").read_text())["fg_ovd_benchmark"]
-    assert report["file"] == str(tmp_path / "fg.jsonl") and report["boxes"] == 2 and report["negatives_cap"] is None
+    assert report["file"] == str(tmp_path / "fg.jsonl") and report["boxes"] == report["lines"] == 2 and report["negatives_cap"] is None
     assert report["negatives_per_box"] == {"min": 2, "max": 13, "mean": 7.5}

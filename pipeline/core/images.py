@@ -88,7 +88,7 @@ def _inspect(data: bytes, min_side: int, max_pixels: int, formats: list[str]) ->
         image.load()
     rgb = to_rgb(image)
     normalise = []
-    if _orientation(image) != 1:
+    if orientation(image) != 1:
         normalise.append("exif_orientation")
     if image.mode in _HIGH_BIT_DEPTH:
         normalise.append("high_bit_depth")
@@ -134,25 +134,27 @@ def _normalised(data: bytes) -> tuple[bytes, str]:
     return out.getvalue(), "PNG"
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """The RGB pixels of encoded image bytes (see `to_rgb`), or ImageRejected('decode_error')."""
+def decode_rgb(data: bytes, upright: bool = True) -> Image.Image:
+    """The RGB pixels of encoded image bytes (see `to_rgb`), or ImageRejected('decode_error').
+    `upright=False` keeps the stored pixel frame, EXIF orientation ignored, as evaluators that open
+    images with PIL alone see them (FG-CLIP's fgovd_eval.py:86, HierarCaps')."""
     try:
         image = _open(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-        return to_rgb(image)
+        return to_rgb(image, upright)
     except (ImageRejected, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - one image's failure is its reject
         raise ImageRejected("decode_error", f"the image does not decode: {_quote(exc)}") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, upright: bool = True) -> Image.Image:
     """The pixels every stage, the detector and the trainer see, as an 8-bit RGB image.
 
     - EXIF orientation is applied (a phone photo comes out upright; an unreadable EXIF block
-      counts as no orientation, the same at ingest and everywhere after).
+      counts as no orientation, the same at ingest and everywhere after), unless `upright` is False.
     - 16-bit modes map by their full range, value / 257 (65535 → 255), the faithful mapping;
       mode I does the same when its values fit 16 bits (Pillow's container for 16-bit PNG/TIFF),
       else stretches its actual range; mode F keeps 0..1 floats as 0..255, else stretches its
@@ -162,7 +164,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Only frame 0 of an animated or multi-frame image is used, as every loader does.
     Raises ImageRejected('unsupported_mode') for a mode Pillow cannot convert.
     """
-    if _orientation(image) != 1:
+    if upright and orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_BIT_DEPTH:
         image = _to_8bit(image)
@@ -193,7 +195,8 @@ def _format(image: Image.Image) -> str:
     return "JPEG" if image.format == "MPO" else str(image.format)
 
 
-def _orientation(image: Image.Image) -> int:
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) `to_rgb` applies; 1 for none, an unreadable block or a bad value."""
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # noqa: BLE001 - a corrupt EXIF block must not cost the image

@@ -42,9 +42,10 @@ def fgclip_sources(fggrn_dirs: list[Path], images_dir: Path | None) -> list[tupl
     return pairs
 
 
-def pixels(image_bytes: bytes, size: int, mean, std) -> torch.Tensor:
-    """Decoded, squashed to size x size (so normalised boxes stay where they were), normalised."""
-    image = decode_rgb(image_bytes).resize((size, size), Image.BICUBIC)
+def pixels(image_bytes: bytes, size: int, mean, std, upright: bool = True) -> torch.Tensor:
+    """Decoded (EXIF orientation applied unless not `upright`), squashed to size x size (so
+    normalised boxes stay where they were), normalised."""
+    image = decode_rgb(image_bytes, upright).resize((size, size), Image.BICUBIC)
     array = (np.asarray(image, dtype=np.float32) / 255.0 - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1)
 

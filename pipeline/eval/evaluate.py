@@ -3,6 +3,11 @@
 - fg-ovd: per box, the RoIAlign region feature against its positive phrase and ALL its
   negatives, as FG-CLIP's fgovd_eval.py scores the benchmark; accuracy = share of boxes whose
   positive scores highest, ties included (chance: the mean of 1/(k+1)). --hard-negatives caps k.
+  On the benchmark file the headline is the reference's figure: right boxes over every line of
+  the file; the share among the boxes scored and the skips stand beside it.
+- EXIF: benchmark images (FG-OVD, HierarCaps) are read in their stored pixel frame, as both
+  reference evaluators open them with PIL alone; `exif_rotate` turns them upright, FG-OVD boxes
+  with them. FgGRN rows are upright throughout fgdata (ingest measured them so), and stay so.
 - regional retrieval: each box against every distinct phrase of the set; top-1 accuracy.
 - retrieval: image <-> long caption and image <-> short caption, R@1 and R@5 both ways.
 - hierarcaps: d_corr, hierarchical precision and recall exactly as the HierarCaps reference
@@ -28,7 +33,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.box_checks import check_box, shown
-from pipeline.core.images import ImageRejected, decode_rgb
+from pipeline.core.images import ImageRejected, decode_rgb, orientation
 from pipeline.core.shards import find_ancestor, list_shards, read_shard
 from pipeline.core.sources import OutsideRoot, path_inside
 from pipeline.core.storage import Location, location, resolved
@@ -59,12 +64,13 @@ class Encoder:
         return torch.cat(chunks) if chunks else torch.zeros((0, self.model.config.projection_dim))
 
     @torch.no_grad()
-    def images(self, images: list[bytes], boxes: list[list[list[float]]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image embeddings, and per image the features of its boxes (0-1 x1, y1, x2, y2)."""
+    def images(self, images: list[bytes], boxes: list[list[list[float]]] | None = None, upright: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image embeddings, and per image the features of its boxes (0-1 x1, y1, x2, y2 in the
+        frame `upright` picks: EXIF orientation applied, or the stored pixels)."""
         embedded, regions = [], []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            batch = torch.stack([pixels(b, self.image_size, self.parts.mean, self.parts.std) for b in chunk]).to(self.device)
+            batch = torch.stack([pixels(b, self.image_size, self.parts.mean, self.parts.std, upright) for b in chunk]).to(self.device)
             pooled, grid = image_and_patch_features(self.model, batch)
             embedded.append(pooled)
             for offset in range(len(chunk)):
@@ -74,7 +80,7 @@ class Encoder:
         return torch.cat(embedded), regions
 
     @torch.no_grad()
-    def views(self, images: list[bytes | Location]) -> torch.Tensor:
+    def views(self, images: list[bytes | Location], upright: bool = True) -> torch.Tensor:
         """Image embeddings of pictures prepared by the model's own processor (`ProcessorView`), as
         whole-image evaluators show them; `images` squashes to a square instead, so boxes keep
         their place for the region features."""
@@ -82,7 +88,7 @@ class Encoder:
             self._view = processor_view(self.reference, self.image_size, self.parts.mean, self.parts.std)
         embedded = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([view_pixels(image, self._view) for image in images[start : start + self.batch_size]]).to(self.device)
+            batch = torch.stack([view_pixels(image, self._view, upright) for image in images[start : start + self.batch_size]]).to(self.device)
             embedded.append(image_and_patch_features(self.model, batch)[0])
         return torch.cat(embedded)
 
@@ -129,11 +135,12 @@ def processor_view(model: str, image_size: int, mean, std) -> ProcessorView:
     )
 
 
-def view_pixels(image: bytes | Location, view: ProcessorView) -> torch.Tensor:
+def view_pixels(image: bytes | Location, view: ProcessorView, upright: bool = True) -> torch.Tensor:
     """(3, H, W) pixels of `image` as `view` prepares them, with PIL as the reference's
     transformers 4.x processor does: the shorter side to shortest_edge, the longer one scaled and
-    truncated to an integer, then the centre crop (offsets rounded down)."""
-    picture = decode_rgb(image if isinstance(image, bytes) else image.read_bytes())  # bytes, or a file (local or in a store)
+    truncated to an integer, then the centre crop (offsets rounded down). EXIF orientation is
+    applied when `upright`."""
+    picture = decode_rgb(image if isinstance(image, bytes) else image.read_bytes(), upright)  # bytes, or a file (local or in a store)
     width, height = picture.size
     if view.shortest_edge:
         short, long = min(width, height), max(width, height)
@@ -151,20 +158,21 @@ def view_pixels(image: bytes | Location, view: ProcessorView) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def encode_items(encoder: Encoder, items: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def encode_items(encoder: Encoder, items: list[dict], upright: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Image embeddings and per-image box features of `items`, computed once for every metric."""
-    return encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items])
+    return encoder.images([i["image"] for i in items], [[b for b, _, _ in i["boxes"]] for i in items], upright)
 
 
-def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int | None = None, regions: list[torch.Tensor] | None = None) -> dict:
+def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int | None = None, regions: list[torch.Tensor] | None = None, upright: bool = True) -> dict:
     """items: {image (bytes), boxes: [[box, positive, [negatives]]]}. As FG-CLIP's own
     `fgovd_eval.py` scores it, each box is ranked against its positive and ALL its negatives
     (however many it has) and is right when the positive scores highest, ties included;
     `hard_negatives` caps the negatives at the first k (None: all). A box without any negative
-    tests nothing and is left out, counted. `regions`: the items' box features, if already encoded."""
+    tests nothing and is left out, counted. `regions`: the items' box features, if already encoded;
+    else the images are read upright or in their stored frame (`upright`)."""
     if hard_negatives is not None and hard_negatives < 1:
         raise FgdataError(f"--hard-negatives must be at least 1 (or left out for all), got {hard_negatives}")
-    regions = regions if regions is not None else encode_items(encoder, items)[1]
+    regions = regions if regions is not None else encode_items(encoder, items, upright)[1]
     features, candidates, left_out = [], [], 0
     for item, boxes in zip(items, regions):
         for feature, (_, positive, negatives) in zip(boxes, item["boxes"]):
@@ -176,7 +184,7 @@ def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int | No
                 left_out += 1
     counts = [len(c) - 1 for c in candidates]
     result = {
-        "boxes": len(features), "accuracy": None, "chance": None, "negatives_cap": hard_negatives,
+        "boxes": len(features), "right": 0, "accuracy": None, "chance": None, "negatives_cap": hard_negatives,
         "negatives_per_box": {"min": min(counts), "max": max(counts), "mean": float(np.mean(counts))} if counts else None,
         "left_out_no_negatives": left_out,
     }
@@ -189,7 +197,25 @@ def fgovd_accuracy(encoder: Encoder, items: list[dict], hard_negatives: int | No
         start += len(group)
         right += int(scores[0] >= scores.max())  # the reference's torch.equal(max, score[0]): a tie counts
     # chance: a random ranking is right 1/(k+1) of the time for a box with k negatives
-    return {**result, "accuracy": right / len(features), "chance": float(np.mean([1 / (k + 1) for k in counts]))}
+    return {**result, "right": right, "accuracy": right / len(features), "chance": float(np.mean([1 / (k + 1) for k in counts]))}
+
+
+def fgovd_benchmark(encoder: Encoder, jsonl: Location | str, image_root: Location | str | None, hard_negatives: int | None = None, exif_rotate: bool = False) -> dict:
+    """An FG-OVD file scored, its headline `accuracy` as FG-CLIP's fgovd_eval.py reports it: boxes
+    right over every line of the file (itemnum = len(readlines()), fgovd_eval.py:65-66, 129), where
+    a line skipped here counts as wrong and a box without negatives as right (alone in its softmax,
+    it is the maximum). Beside it: `accuracy_scored` over the boxes ranked here, and the skips.
+    Blank lines are not counted: the reference cannot read one (json.loads fails)."""
+    skipped: Counter = Counter()
+    items = fgovd_items(jsonl, image_root, skipped, exif_rotate)
+    scored = fgovd_accuracy(encoder, items, hard_negatives, upright=exif_rotate)
+    lines = sum(len(item["boxes"]) for item in items) + sum(skipped.values())  # every record line is one or the other
+    right = scored["right"] + scored["left_out_no_negatives"]
+    return {
+        "file": str(location(jsonl)), "accuracy": right / lines, "lines": lines, "lines_right": right,
+        "accuracy_scored": scored.pop("accuracy"), **scored,  # boxes, right: of the boxes scored
+        "lines_skipped": sum(skipped.values()), "skipped": dict(skipped), "exif_rotate": exif_rotate,
+    }
 
 
 def regional_retrieval(encoder: Encoder, items: list[dict], regions: list[torch.Tensor] | None = None) -> dict:
@@ -229,9 +255,10 @@ def kendall_tau(values: list[float]) -> float:
     return float(concordant) / (n * (n - 1) / 2)
 
 
-def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location] | None = None) -> dict:
+def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location] | None = None, exif_rotate: bool = False) -> dict:
     """d_corr, and with `images` (one per chain) hierarchical precision and recall, computed as the
-    HierarCaps reference evaluator (code/evaluation/hierarchical_retrieval.py) computes them.
+    HierarCaps reference evaluator (code/evaluation/hierarchical_retrieval.py) computes them; its
+    images in their stored frame as there (Image.open, no EXIF turn) unless `exif_rotate`.
 
     The root is the normalised embedding of the empty text; a tier's radius is the distance from it
     to the tier's normalised embedding. d_corr: per chain, Kendall's tau between the tier order the
@@ -248,11 +275,11 @@ def hierarchy_metrics(encoder: Encoder, chains: list[list[str]], images: list[by
         "ordered_chains": float((radii[:, 1:] > radii[:, :-1]).all(dim=1).float().mean()),
     }
     if images:
-        result.update(_hierarchical_retrieval(encoder, chains, images, tiers, radii))
+        result.update(_hierarchical_retrieval(encoder, chains, images, tiers, radii, exif_rotate))
     return result
 
 
-def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location], tiers: torch.Tensor, radii: torch.Tensor) -> dict:
+def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: list[bytes | Location], tiers: torch.Tensor, radii: torch.Tensor, exif_rotate: bool) -> dict:
     """Per distinct image (its chains are its references): a radius sweeps RADIUS_LEVELS levels from
     the smallest to the largest radius of all the chains' tiers; at each level the image retrieves
     its most similar tier text among those inside the radius (every tier of every chain is a
@@ -267,7 +294,7 @@ def _hierarchical_retrieval(encoder: Encoder, chains: list[list[str]], images: l
     groups: dict[tuple, tuple[bytes | Location, list[int]]] = {}  # distinct images, first seen first
     for number, image in enumerate(images):
         groups.setdefault(_image_identity(image), (image, []))[1].append(number)
-    similarity = encoder.views([image for image, _ in groups.values()]) @ flat.T  # (images, texts)
+    similarity = encoder.views([image for image, _ in groups.values()], exif_rotate) @ flat.T  # (images, texts)
     picks = torch.stack([candidates[similarity[:, candidates].argmax(dim=1)] for candidates in inside], dim=1)
     precision, recall = [], []
     for (_, members), row in zip(groups.values(), picks.tolist()):
@@ -373,21 +400,24 @@ def image_in_root(root: Location, img_path: str) -> tuple[Location | None, tuple
     return path, None
 
 
-def _read_image(path: Location) -> tuple[tuple[bytes, int, int] | None, tuple[str, str] | None]:
+def _read_image(path: Location) -> tuple[tuple[bytes, int, int, int] | None, tuple[str, str] | None]:
+    """(bytes, stored width, stored height, EXIF orientation), or the problem."""
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decoded in full once: a truncated file fails here, not mid-batch
-            return (data, *image.size), None
+            return (data, *image.size, orientation(image)), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, ("image_undecodable", f"{path}: {first_line(exc)}")
 
 
-def fgovd_items(jsonl: Location | str, image_root: Location | str | None, skipped: Counter | None = None) -> list[dict]:
+def fgovd_items(jsonl: Location | str, image_root: Location | str | None, skipped: Counter | None = None, exif_rotate: bool = False) -> list[dict]:
     """FG-OVD's published layout: one box per line with img_path, bbox (COCO x, y, w, h in pixels),
     pos_expression and neg_expression; grouped by image. A line that fails `parse_fgovd_record`,
     names no readable image inside the root or has a bad box is counted by reason in `skipped`;
-    with no usable line at all, a one-line error says why. The file and the root may be URIs."""
+    with no usable line at all, a one-line error says why. The file and the root may be URIs.
+    Boxes are made relative to the stored image size, as fgovd_eval.py:86-93 does; with
+    `exif_rotate` they are turned with the image's EXIF orientation, as its pixels will be."""
     jsonl = location(jsonl)
     root = resolved(image_root or jsonl.parent)
     try:
@@ -401,7 +431,7 @@ def fgovd_items(jsonl: Location | str, image_root: Location | str | None, skippe
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        item, problem = _fgovd_box(line, root, grouped, bad_images)
+        item, problem = _fgovd_box(line, root, grouped, bad_images, exif_rotate)
         if problem:
             counts[problem[0]] += 1
             first_skip = first_skip or f"line {number}: {problem[1]}"
@@ -418,7 +448,7 @@ def fgovd_items(jsonl: Location | str, image_root: Location | str | None, skippe
     return items
 
 
-def _fgovd_box(line: bytes, root: Location, grouped: dict, bad_images: dict):
+def _fgovd_box(line: bytes, root: Location, grouped: dict, bad_images: dict, exif_rotate: bool):
     """((image path, (normalised box, positive, negatives)), None) for one line, or (None, problem);
     each image is read once and kept in `grouped` (or its problem in `bad_images`)."""
     record, problem = parse_fgovd_record(line)
@@ -432,7 +462,7 @@ def _fgovd_box(line: bytes, root: Location, grouped: dict, bad_images: dict):
         if problem:
             bad_images[path] = problem
         else:
-            grouped[path] = {"image": image[0], "size": image[1:], "boxes": []}
+            grouped[path] = {"image": image[0], "size": image[1:3], "orientation": image[3], "boxes": []}
     if path in bad_images:
         return None, bad_images[path]
     width, height = grouped[path]["size"]
@@ -441,7 +471,23 @@ def _fgovd_box(line: bytes, root: Location, grouped: dict, bad_images: dict):
     if problem:
         return None, problem
     normalised = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+    if exif_rotate:
+        normalised = oriented_box(normalised, grouped[path]["orientation"])
     return (path, (normalised, record.positive, list(record.negatives))), None
+
+
+# Where a point (x, y) of the stored image, in 0-1 units, lands once PIL's exif_transpose has applied
+# EXIF orientation 1-8 (mirrors, turns by 180, transposes, quarter turns clockwise and back)
+_ORIENTED_POINT = {
+    1: lambda x, y: (x, y), 2: lambda x, y: (1 - x, y), 3: lambda x, y: (1 - x, 1 - y), 4: lambda x, y: (x, 1 - y),
+    5: lambda x, y: (y, x), 6: lambda x, y: (1 - y, x), 7: lambda x, y: (1 - y, 1 - x), 8: lambda x, y: (y, 1 - x),
+}
+
+
+def oriented_box(box: list[float], orientation_tag: int) -> list[float]:
+    """A 0-1 x1, y1, x2, y2 box of the stored image, in the frame EXIF orientation turns it to."""
+    (ax, ay), (bx, by) = (_ORIENTED_POINT[orientation_tag](x, y) for x, y in ((box[0], box[1]), (box[2], box[3])))
+    return [min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)]
 
 
 def hierarcaps_items(sources: list[Location | str], limit: int, skipped: Counter | None = None, image_root: Location | str | None = None) -> tuple[list[list[str]], list[bytes | Location] | None]:
