@@ -76,6 +76,15 @@ def test_file_uri_is_an_absolute_local_path(tmp_path):
         storage.location("file://data/out")  # "data" would be a host name
 
 
+def test_local_only_folders_read_a_file_uri_as_its_path(tmp_path):
+    """Where a stage or the trainer makes a folder path itself, `file:///abs` is /abs too."""
+    from pipeline.stages.fggrn.download import DownloadStage
+    from pipeline.train.checkpoints import local_model_dir
+
+    assert DownloadStage(str(SAMPLE_CSV), f"file://{tmp_path}/images").out_dir == tmp_path / "images"
+    assert local_model_dir(f"file://{tmp_path}/model") == tmp_path / "model"
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     scheme=st.sampled_from(["s3", "gs", "hf", "S3", "memory", "http", "file", "x"]),

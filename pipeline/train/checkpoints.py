@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core.storage import is_uri
+from pipeline.core.storage import is_uri, location
 from pipeline.errors import FgdataError, first_line
 
 CHECKPOINTS = "checkpoints"
@@ -26,7 +26,7 @@ def local_model_dir(out_dir) -> Path:
             f"--out {out_dir}: a model is trained into a local folder; give a local path, then copy the finished "
             "folder to the store (e.g. `aws s3 cp --recursive DIR s3://...`, `gsutil cp -r`, `huggingface-cli upload`)"
         )
-    return Path(out_dir)
+    return location(out_dir)  # file:///abs as /abs
 
 
 def save_checkpoint(out_dir: Path, step: int, write_weights: Callable[[Path], None], state: dict, keep: int) -> Path:

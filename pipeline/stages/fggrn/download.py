@@ -190,7 +190,7 @@ class DownloadStage(IngestStage):
 
     def __init__(self, url_list: Path | str, out_dir: Path | str):
         self.url_list = storage.resolved(url_list)
-        self.out_dir = storage.location(out_dir) if storage.is_uri(out_dir) else Path(os.path.abspath(out_dir))
+        self.out_dir = storage.location(out_dir) if storage.is_uri(out_dir) else Path(os.path.abspath(storage.location(out_dir)))  # file:///abs as /abs
 
     def plan(self, config: Config) -> list[WorkUnit]:
         import importlib.util
