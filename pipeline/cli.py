@@ -14,6 +14,7 @@ import yaml
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
 from pipeline.core.storage import s3_endpoint_problem
+from pipeline.core.terminal import printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
 class _Commands(typer.core.TyperGroup):
@@ -104,11 +105,11 @@ def _user_errors():
     try:
         yield
     except StageFailed as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {printable_lines(exc)}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
-    except FgdataError as exc:
+    except FgdataError as exc:  # messages quote paths, keys and values from data: escaped for the terminal
         # a wrong S3 endpoint shows as "does not exist" or "is a file": named as the cause instead
-        typer.secho(f"error: {s3_endpoint_problem() or exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {s3_endpoint_problem() or printable_lines(exc)}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
     except typer.Exit:
         raise
@@ -767,7 +768,7 @@ def info(
     from pipeline.datasets.info import describe_dataset
 
     with _user_errors():
-        typer.echo(describe_dataset(dataset, top=top))
+        typer.echo(printable_lines(describe_dataset(dataset, top=top)))
 
 
 @app.command()
@@ -820,12 +821,16 @@ def audit_score(
 ):
     """Print the valid rate with a Wilson 95% interval per stratum and overall, and record it in the
     dataset's manifest under "audit" (and in its data card)."""
-    from pipeline.reports.audit import format_scores, score_audit
+    from pipeline.reports.audit import audited_dataset, format_scores, read_verdicts, record_audit
 
     with _user_errors():
-        audit, dataset_dir = score_audit(verdicts, dataset)
+        payload = read_verdicts(verdicts)
+        dataset_dir = audited_dataset(verdicts, payload, dataset)
+        # the verdicts file may name the dataset: say which one is written before writing it
+        typer.echo(f"recording the audit in {printable(dataset_dir)}{'' if dataset else ' (named by the verdicts file; --dataset to choose)'}")
+        audit = record_audit(verdicts, payload, dataset_dir)
         typer.echo(format_scores(audit))
-        typer.echo(f"recorded in {dataset_dir / '_manifest.json'} under \"audit\"")
+        typer.echo(f"recorded in {printable(dataset_dir / '_manifest.json')} under \"audit\"")
 
 
 @app.command()

@@ -13,7 +13,11 @@ records them in the dataset's manifest (and data card).
 - Streaming: one reservoir per stratum while the shards are read, so memory is strata x n.
 - The page is static: items are rendered here with every text html-escaped (captions are hostile
   input); its one script is constant and allowed by hash in a Content-Security-Policy that also
-  forbids every network fetch.
+  forbids every network fetch. An item's id on the page is a hex digest, never data: HTML rewrites
+  CR, LF and NUL in an attribute, so keys differing only there would become one item.
+- The verdicts file is hostile input too: `audit score` redraws the sample from the dataset, seed
+  and n and takes strata and populations from it, so the file's ids must all be in that sample and
+  nothing else in it is believed. It names a dataset only on a local path or a supported store.
 - The dataset, its images ancestor and the verdicts file may be local paths or `s3://`, `gs://`,
   `hf://` URIs (core/storage); shards are read in batches there too, never downloaded whole.
 """
@@ -35,14 +39,18 @@ from PIL import Image, ImageDraw
 
 from pipeline.core import storage
 from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, open_shard, read_json, write_json
+from pipeline.core.sources import read_regular_file
 from pipeline.core.storage import Location, location
+from pipeline.core.terminal import printable
 from pipeline.datasets.datacard import write_datacard, write_text_atomic
-from pipeline.errors import FgdataError, first_line
+from pipeline.errors import FgdataError, first_line, shown
 
 VERDICTS_FORMAT = 1
 VERDICTS = ("valid", "invalid", "unsure")
 Z95 = 1.959963984540054  # the normal quantile of 0.975
 MAX_ITEMS = 5000  # ~100 MB of page: more is no longer a hand check
+# A page's download is ~100 bytes an item plus its strata names: far below this even at MAX_ITEMS.
+MAX_VERDICTS_BYTES = 64 << 20
 CROP_SIDE = 360  # the longest side an item's picture is shown at
 BOX_COLOUR = (255, 0, 255)
 _COLUMNS = {
@@ -69,7 +77,7 @@ _SCRIPT = """(function () {
     } catch (e) { /* no storage (private mode): the download still works */ }
     function payload() {
       return {fgdata_audit: meta.format, sample_id: meta.sample_id, dataset: meta.dataset, kind: meta.kind,
-              seed: meta.seed, strata: meta.strata,
+              seed: meta.seed, n: meta.n, strata: meta.strata,
               items: items.map(function (el) { return {id: el.dataset.id, stratum: el.dataset.stratum, verdict: verdicts[el.dataset.id] || null}; })};
     }
     function refresh() {
@@ -143,6 +151,12 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 # --- sampling --------------------------------------------------------------------------------
 
 
+def _item_id(*parts) -> str:
+    """An item's id: a digest of where it is and of the texts judged, so it survives HTML (hex
+    only) and a verdict never carries over to a regenerated negative of the same position."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]  # repr: one line of printable text, any value
+
+
 def _candidates(kind: str, row: dict, shard: str):
     """(stratum, item) for every candidate negative of one row; malformed parts are skipped."""
     key = str(row.get("key"))
@@ -156,7 +170,7 @@ def _candidates(kind: str, row: dict, shard: str):
                 attribute = str(negative.get("attribute") or "unknown")
                 stratum = f"{attribute} | {backend}"
                 yield stratum, {
-                    "id": f"{shard}/{key}/r{r}/n{n}", "stratum": stratum, "shard": shard, "key": key, "attribute": attribute,
+                    "id": _item_id(shard, key, r, n, region.get("phrase"), negative["text"]), "stratum": stratum, "shard": shard, "key": key, "attribute": attribute,
                     "positive": region.get("phrase"), "candidate": negative["text"], "context": caption, "box": region.get("box"),
                     "scores": {name: negative.get(name) for name in ("contradiction", "entailment", "neutral")},
                 }
@@ -166,7 +180,7 @@ def _candidates(kind: str, row: dict, shard: str):
             if not negative:
                 continue
             yield f"tier {t + 1}", {
-                "id": f"{shard}/{key}/t{t + 1}", "stratum": f"tier {t + 1}", "shard": shard, "key": key, "tier": t + 1,
+                "id": _item_id(shard, key, t, positive, negative), "stratum": f"tier {t + 1}", "shard": shard, "key": key, "tier": t + 1,
                 "positive": positive, "candidate": negative, "parent": tiers[t - 1] if t else None, "chain": list(tiers),
             }
 
@@ -342,7 +356,7 @@ def render_audit_page(dataset_dir: str | Location, n: int = 200, seed: int = 0) 
     images_dir = find_ancestor(dataset_dir, "images")
     pictures = _image_bytes(images_dir, items)
     sample_id = hashlib.sha256(f"{dataset_dir}\0{seed}\0".encode() + "\0".join(i["id"] for i in items).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    meta = {"format": VERDICTS_FORMAT, "sample_id": sample_id, "dataset": str(dataset_dir), "kind": kind, "seed": seed, "strata": strata}
+    meta = {"format": VERDICTS_FORMAT, "sample_id": sample_id, "dataset": str(dataset_dir), "kind": kind, "seed": seed, "n": n, "strata": strata}
     sections = [_item_html(kind, item, picture_uri(pictures.get(item["key"]), item.get("box"))) for item in items]
     strata_rows = "".join(f"<tr><td>{esc(s)}</td><td>{v['population']}</td><td>{v['sampled']}</td></tr>" for s, v in strata.items())
     buttons = ("<button data-verdict='valid'><kbd>v</kbd> valid</button><button data-verdict='invalid'><kbd>i</kbd> invalid</button>"
@@ -382,23 +396,29 @@ def write_audit_page(dataset_dir: str | Location, out: str | Location, n: int = 
 
 def read_verdicts(path: str | Location) -> dict:
     """The page's download, checked: anything else is a one-line error that says what is wrong."""
-    path = location(path)
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        payload = json.loads(read_regular_file(str(path), MAX_VERDICTS_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python recurses
         raise FgdataError(f"{path}: not a readable verdicts file ({first_line(exc)}); give the JSON the audit page downloads") from None
-    if not isinstance(payload, dict) or payload.get("fgdata_audit") != VERDICTS_FORMAT or not isinstance(payload.get("items"), list):
+    # type(...) is int: JSON's true and 1.0 equal 1 in Python but are no format number
+    if not isinstance(payload, dict) or type(payload.get("fgdata_audit")) is not int or payload["fgdata_audit"] != VERDICTS_FORMAT \
+            or not isinstance(payload.get("items"), list):
         raise FgdataError(f"{path}: not an fgdata audit verdicts file (format {VERDICTS_FORMAT}); give the JSON the audit page downloads")
     seen = set()
     for index, item in enumerate(payload["items"]):
-        if not (isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("stratum"), str)):
-            raise FgdataError(f"{path}: item {index} lacks a string id and stratum")
+        if not (isinstance(item, dict) and isinstance(item.get("id"), str)):
+            raise FgdataError(f"{path}: item {index} lacks a string id")
         if item.get("verdict") not in (*VERDICTS, None):
-            raise FgdataError(f"{path}: item {index} has verdict {item.get('verdict')!r}; expected one of {', '.join(VERDICTS)} or null")
+            raise FgdataError(f"{path}: item {index} has verdict {shown(item.get('verdict'))}; expected one of {', '.join(VERDICTS)} or null")
         if item["id"] in seen:
-            raise FgdataError(f"{path}: item {item['id']!r} appears twice")
+            raise FgdataError(f"{path}: item {shown(item['id'])} appears twice")
         seen.add(item["id"])
     return payload
+
+
+def _page_text(value) -> str | None:
+    """A text the page put in the verdicts file, recorded as given when it is one a page writes."""
+    return value if isinstance(value, str) and len(value) <= 4096 else None
 
 
 def _rate(counts: dict) -> dict:
@@ -428,29 +448,59 @@ def score_verdicts(payload: dict) -> dict:
     return result
 
 
-def score_audit(verdicts_path: str | Location, dataset_dir: str | Location | None = None) -> tuple[dict, Location]:
-    """Scores the verdicts and records them under manifest["audit"] (and in the data card)."""
-    payload = read_verdicts(verdicts_path)
+def audited_dataset(verdicts_path: str | Location, payload: dict, dataset_dir: str | Location | None = None) -> Location:
+    """Where the audit is recorded: --dataset, else the dataset the verdicts file names, which must
+    be a local path or on a supported store (any other fsspec URL would be fetched, or written)."""
     if dataset_dir is None:
-        if not isinstance(payload.get("dataset"), str):
+        dataset_dir = payload.get("dataset")
+        if not isinstance(dataset_dir, str) or not dataset_dir:
             raise FgdataError(f"{verdicts_path}: names no dataset; give --dataset")
-        dataset_dir = payload["dataset"]  # a local path, or the URI the page was sampled from
-    dataset_dir = location(dataset_dir)
-    manifest = read_json(dataset_dir / MANIFEST_FILE) if dataset_dir.is_dir() else None
+    try:
+        dataset_dir = location(dataset_dir)  # refuses any scheme but s3, gs and hf: fsspec would fetch http://, ftp://, ...
+        manifest = read_json(dataset_dir / MANIFEST_FILE) if dataset_dir.is_dir() else None
+    except (OSError, ValueError) as exc:  # a name with NUL, or too long for the file system
+        raise FgdataError(f"{shown(str(dataset_dir), 200)}: not a dataset path ({shown(first_line(exc))}); give the audited dataset with --dataset") from None
     if manifest is None:
-        raise FgdataError(f"{dataset_dir}: no {MANIFEST_FILE} to record the audit in; give the audited dataset with --dataset")
+        raise FgdataError(f"{shown(str(dataset_dir), 200)}: no {MANIFEST_FILE} to record the audit in; give the audited dataset with --dataset")
     if payload.get("kind") not in (None, manifest.get("kind")):
-        raise FgdataError(f"{verdicts_path} audits a {payload.get('kind')!r} dataset but {dataset_dir} is {manifest.get('kind')!r}; give the audited dataset with --dataset")
-    scores = score_verdicts(payload)
+        raise FgdataError(f"{verdicts_path} audits a {shown(payload.get('kind'))} dataset but {shown(str(dataset_dir), 200)} is {manifest.get('kind')!r}; "
+                          "give the audited dataset with --dataset")
+    return dataset_dir
+
+
+def record_audit(verdicts_path: str | Location, payload: dict, dataset_dir: Location) -> dict:
+    """Scores the verdicts against the sample redrawn from `dataset_dir` and records them under
+    manifest["audit"] (and in the data card). Every id must be in that sample: ids from another
+    dataset, seed or n, or made up, are refused rather than scored or written anywhere."""
+    seed, n = payload.get("seed"), payload.get("n", len(payload["items"]))  # pages before "n" sampled len(items)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, n)) or not 1 <= n <= MAX_ITEMS:
+        raise FgdataError(f"{verdicts_path}: no whole-number seed and n (1 to {MAX_ITEMS:,}) to redraw its sample with; give the JSON the audit page downloads")
+    _, items, strata = draw_sample(dataset_dir, n, seed)
+    sample = {item["id"]: item for item in items}
+    bad = next((item["id"] for item in payload["items"] if item["id"] not in sample), None)
+    if bad is not None:
+        raise FgdataError(f"{verdicts_path}: item {shown(bad)} is not in the sample of {shown(str(dataset_dir), 200)} drawn with the file's seed and n; "
+                          "give the dataset the page was drawn from, unchanged since, with --dataset")
+    # the strata come from the redrawn sample: names and populations as the data has them
+    judged = [{"stratum": sample[item["id"]]["stratum"], "verdict": item["verdict"]} for item in payload["items"]]
+    scores = score_verdicts({"items": judged, "strata": strata})
     audit = {
         **scores["overall"], "n": scores["overall"]["judged"], "strata": scores["strata"], "interval": "Wilson 95% (z 1.96) on valid / (valid + invalid)",
-        "sample_id": payload.get("sample_id"), "sampled_from": payload.get("dataset"), "verdicts_file": str(storage.resolved(verdicts_path)),
-        "scored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sample_id": _page_text(payload.get("sample_id")), "sampled_from": _page_text(payload.get("dataset")), "seed": seed, "sample_size": n,
+        "verdicts_file": str(storage.resolved(verdicts_path)), "scored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    manifest = read_json(dataset_dir / MANIFEST_FILE)
     manifest["audit"] = audit
     write_json(dataset_dir / MANIFEST_FILE, manifest)
     write_datacard(dataset_dir, manifest)
-    return audit, dataset_dir
+    return audit
+
+
+def score_audit(verdicts_path: str | Location, dataset_dir: str | Location | None = None) -> tuple[dict, Location]:
+    """`record_audit` of the verdicts file in the dataset it names, or in `dataset_dir`."""
+    payload = read_verdicts(verdicts_path)
+    dataset_dir = audited_dataset(verdicts_path, payload, dataset_dir)
+    return record_audit(verdicts_path, payload, dataset_dir), dataset_dir
 
 
 def format_scores(audit: dict) -> str:
@@ -460,7 +510,7 @@ def format_scores(audit: dict) -> str:
         else:
             low, high = rate["wilson95"]
             value = f"{rate['valid_rate']:.3f} [{low:.3f}, {high:.3f}]"
-        return f"{name[:40]:<40} {rate['valid']:>6} {rate['invalid']:>8} {rate['unsure']:>7} {rate['unjudged']:>9}  {value}"
+        return f"{printable(name)[:40]:<40} {rate['valid']:>6} {rate['invalid']:>8} {rate['unsure']:>7} {rate['unjudged']:>9}  {value}"
 
     lines = [f"{'stratum':<40} {'valid':>6} {'invalid':>8} {'unsure':>7} {'unjudged':>9}  valid rate [Wilson 95%]"]
     lines += [line(name, rate) for name, rate in audit["strata"].items()]
