@@ -545,8 +545,8 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     return config
 
 
-# A settings file is a few KiB; anything this large is the wrong file. libyaml parses the worst
-# 1 MiB (a flat list of 300,000 one-letter items) in about a second; PyYAML's Python parser took 10.
+# A settings file is a few KiB; anything this large is the wrong file. The worst 1 MiB (half a
+# million one-letter list items) takes libyaml's parser seconds, PyYAML's Python one five times that.
 MAX_CONFIG_BYTES = 1 << 20
 
 
