@@ -16,9 +16,10 @@ PYTEST_ARGS ?=
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 # What img2dataset imports besides the packages it caps (pandas<3, opencv-python-headless): those
 # two would downgrade pandas and overwrite ultralytics' cv2, so it and its image libraries are
-# installed without their declared dependencies (used by `fgdata download`).
+# installed without their declared dependencies (used by `fgdata download`); so is nudenet
+# (`fgdata screen`), which would add opencv-python-headless.
 DOWNLOAD_PACKAGES := fire exifread-nocycle webdataset braceexpand wandb pydantic simsimd stringzilla
-DOWNLOAD_NODEPS := img2dataset albumentations albucore
+DOWNLOAD_NODEPS := img2dataset albumentations albucore nudenet
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

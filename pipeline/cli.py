@@ -279,6 +279,54 @@ def import_hf(
 
 
 @app.command()
+def dedup(
+    images: Annotated[str, typer.Argument(help="Image shards (from `fgdata ingest`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for the image shards kept.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
+):
+    """Drop exact and near-duplicate images across the whole dataset, keeping one of each group.
+
+    Exact: the same decoded pixels. Near: 64-bit pHashes within dedup.max_distance bits, found by
+    grouping on bands of the hash (no all-pairs comparison). The image kept is the group's smallest
+    (shard, key); every other is a `duplicate` reject naming it. Hashing and grouping run on Ray
+    unless --executor local.
+    """
+    from pipeline.runner import ensure_ray
+    from pipeline.stages.fggrn.dedup import DedupStage
+
+    with _user_errors():
+        run = _setup(config, [*(set_ or []), *([f"run.executor={executor}"] if executor else [])]).run
+        if run.executor != "local":
+            ensure_ray(run)  # the hashing and grouping passes run in planning, on Ray as the shards do
+    _run_stage(DedupStage(images), out, config, set_, overwrite, executor)
+
+
+@app.command()
+def screen(
+    images: Annotated[str, typer.Argument(help="Image shards (from `fgdata ingest` or `fgdata dedup`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for the image shards kept.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
+):
+    """Reject NSFW images, record faces (blur them with screen.blur_faces=true), flag personal data in captions.
+
+    The detector is NudeNet's 320n model (MIT, shipped in the nudenet wheel, run with onnxruntime).
+    An image with a detection of screen.nsfw_classes at screen.nsfw_threshold or above is an `nsfw`
+    reject; FACE_FEMALE / FACE_MALE boxes go to the `faces` column. E-mails, phone numbers, URLs and
+    street addresses in captions are listed in `caption_personal_data` (screen.personal_data=mask
+    also replaces them in the caption).
+    """
+    from pipeline.stages.fggrn.screen import ScreenStage
+
+    _run_stage(ScreenStage(images), out, config, set_, overwrite, executor)
+
+
+@app.command()
 def phrases(
     inp: Annotated[str, typer.Argument(metavar="IN", help="Image or caption shards with key and short_caption (and long_caption).")],
     out: Annotated[str, typer.Argument(help="Output directory for phrase shards.")],

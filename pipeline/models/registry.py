@@ -66,3 +66,10 @@ def load_text_generator(backend: str, model: str, *, revision: str | None, trust
 
         return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")
+
+
+def load_screen_detector(settings):
+    """The detector `fgdata screen` runs (NudeNet, see models/nudenet_detector.py)."""
+    from pipeline.models.nudenet_detector import NudeNetDetector
+
+    return NudeNetDetector(settings.model)
