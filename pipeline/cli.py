@@ -14,7 +14,7 @@ import yaml
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
 from pipeline.core.storage import s3_endpoint_problem
-from pipeline.core.terminal import printable, printable_lines
+from pipeline.core.terminal import PrintableFormatter, printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
 class _Commands(typer.core.TyperGroup):
@@ -123,8 +123,15 @@ def _user_errors():
         raise typer.Exit(2) from None
 
 
+def _log_to_stderr() -> None:
+    """Log lines as `fgdata: ...` on stderr, data in them escaped (a failed shard's error quotes keys)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("fgdata: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:
-    logging.basicConfig(level=logging.INFO, format="fgdata: %(message)s", stream=sys.stderr, force=True)
+    _log_to_stderr()
     return load_config(config_file, overrides)
 
 
@@ -937,7 +944,7 @@ def run_recipe_command(
 
     overrides = [*(set_ or []), *([f"run.executor={executor}"] if executor else [])]
     with _user_errors():
-        logging.basicConfig(level=logging.INFO, format="fgdata: %(message)s", stream=sys.stderr, force=True)
+        _log_to_stderr()
         for summary in run_recipe(load_recipe(recipe), source, out, config, overrides, overwrite=overwrite):
             _report_run(summary)
 

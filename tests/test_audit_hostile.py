@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import re
 import shutil
 import threading
@@ -226,6 +227,21 @@ def test_strata_and_info_print_no_terminal_escapes(terminal_hostile, tmp_path):
     result = run_cli("info", str(terminal_hostile))
     assert result.returncode == 0, result.stderr
     assert printable(TERMINAL_HOSTILE) in result.stdout and not _unsafe(result.stdout + result.stderr), result.stdout
+
+
+def test_log_lines_escape_data(capsys):
+    """The failure of a shard is logged with its error, which quotes keys and paths from data."""
+    from pipeline.cli import _setup
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        _setup(None, None)
+        logging.getLogger("fgdata").error("negatives: shard %s failed after retries: %s", "part-00000", TERMINAL_HOSTILE)
+    finally:
+        root.handlers[:], root.level = handlers, level
+    logged = capsys.readouterr().err
+    assert printable(TERMINAL_HOSTILE) in logged and not _unsafe(logged), logged
 
 
 # --- 4. any verdicts file: a score or a one-line error -------------------------------------------

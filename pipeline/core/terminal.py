@@ -10,6 +10,7 @@ the way Python's repr spells it (`\\x1b`, `\\u202e`), never sent to the terminal
 
 from __future__ import annotations
 
+import logging
 import re
 
 # C0 (tab and newline included: one value stays on one line), DEL and C1 (0x9b is a one-byte CSI);
@@ -28,3 +29,11 @@ def printable_lines(text) -> str:
     """`printable` line by line: a message of several lines (a stage's failed shards) keeps its
     line breaks, and nothing else it quotes from data reaches the terminal raw."""
     return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines escaped as `printable_lines` escapes them: their arguments are often data (a key,
+    a path, the error a shard failed with)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_lines(super().format(record))
