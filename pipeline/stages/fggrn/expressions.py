@@ -6,9 +6,10 @@ one attached prepositional attribute: "of" always ("a cup of coffee"), "in" only
 "with" only by something worn, a part or a marking (word lists from config); "a table with a mug" is
 two objects. Locative prepositions ("on a desk"), conjunctions and clauses end the expression. Words
 the small tagger took for nouns but that are the clause's verb ("a blue sailboat drifts") are cut
-out of their chunk (_verb_tagged_as_noun). Chunks headed by a pronoun, an abstract or scene-level
-noun, or a number/date/place entity are dropped; the same words again are merged into their first
-mention.
+out of their chunk (_verb_tagged_as_noun); head nouns it took for verbs ("a teddy bear", "a trash
+can") or left out of the chunk ("a fire hydrant") are put back in (_with_whole_head). Chunks headed
+by a pronoun, an abstract or scene-level noun, or a number/date/place entity are dropped; the same
+words again are merged into their first mention.
 
 Negated noun phrases ("no people", "not a red car", "without chairs", "neither a cat nor a
 dog", "there isn't a car", "free of furniture", "lacking a wheel") name what the image does NOT
@@ -47,6 +48,8 @@ _VERB_IN_CHUNK_TAGS = {"VBZ", "VBP", "VBD", "VBG"}
 # "a few logs", "a dozen eggs": a singular determiner that does go with a plural noun
 _COUNT_WORDS = {"few", "couple", "dozen", "hundred", "thousand", "lot", "number", "great", "good", "million"}
 _FINITE_VERB_TAGS = {"VBZ", "VBP", "VBD", "MD"}
+# Dependents only a verb takes: a "noun" with one of them is a verb the tagger mistook.
+_VERB_ONLY_DEPS = {"dobj", "prt", "aux", "auxpass", "xcomp", "ccomp", "dative"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,10 @@ class ExpressionRules:
     part_preps: frozenset[str] = frozenset()
     worn_heads: frozenset[str] = frozenset()
     part_heads: frozenset[str] = frozenset()
-    # Lemmas the pipeline's lemmatizer knows as verbs (for the verb-tagged-as-noun guard).
+    # Lemmas the pipeline's lemmatizer knows as verbs (for the verb-tagged-as-noun guard) and as
+    # nouns (for the noun-tagged-as-verb one: "a teddy bear", "a trash can").
     verb_lemmas: frozenset[str] = frozenset()
+    noun_lemmas: frozenset[str] = frozenset()
 
 
 def extract_expressions(doc: Doc, rules: ExpressionRules, counters: Counter | None = None) -> list[dict]:
@@ -114,6 +119,8 @@ def _noun_phrases(doc: Doc, rules: ExpressionRules) -> list[_Phrase]:
     striped shirt plays", parsed with "plays" as the object of "in")."""
     chunks = [_trim(c) for c in doc.noun_chunks]
     covered = {i for chunk in chunks for i in range(chunk.start, chunk.end)}
+    chunks = [_with_whole_head(chunk, covered, rules) for chunk in chunks]
+    covered = {i for chunk in chunks for i in range(chunk.start, chunk.end)}
     for token in doc:
         if token.i not in covered and token.i > 0 and _is_stranded_modifier(doc[token.i - 1], token):
             start = _left_edge_of_phrase(doc[token.i - 1], token)
@@ -121,15 +128,59 @@ def _noun_phrases(doc: Doc, rules: ExpressionRules) -> list[_Phrase]:
                 chunks.append(doc[start : token.i + 1])
     phrases = []
     for chunk in sorted(chunks, key=lambda c: c.start):
-        verb = chunk[-1] if chunk[-1].tag_.startswith("VB") else _verb_tagged_as_noun(chunk, rules)
+        last = chunk[-1]
+        verb = last if last.tag_.startswith("VB") and not _is_mistagged_noun(last, rules) else _verb_tagged_as_noun(chunk, rules)
         if verb is None:
-            phrases.append(_Phrase(chunk, chunk.root, chunk))
+            # a chunk extended over its head has that head last; the parse may hang it elsewhere
+            root = last if last.i >= chunk.root.i and _is_noun(last, rules) else chunk.root
+            phrases.append(_Phrase(chunk, root, chunk))
             continue
         if verb.i > chunk.start:
             phrases.append(_Phrase(doc[chunk.start : verb.i], doc[verb.i - 1], chunk))
         if verb.i + 1 < chunk.end:
             phrases.append(_Phrase(doc[verb.i + 1 : chunk.end], chunk.root, chunk))
     return phrases
+
+
+def _with_whole_head(chunk: Span, covered: set[int], rules: ExpressionRules) -> Span:
+    """The chunk extended over the rest of its compound noun where the small parser ended it early:
+    a singular noun it left out of every chunk ("a red fire | hydrant", "a red stop | sign") unless
+    it takes a verb's object or particle ("a skateboarder | riding down a ramp"; a plural there is
+    the verb: "a brown cow | grazes"), or a noun it tagged as a verb ("a teddy | bear", "a large
+    plastic trash | can"; see _is_mistagged_noun)."""
+    doc, end = chunk.doc, chunk.end
+    while end < len(doc) and end not in covered and doc[end - 1].tag_ in _SINGULAR_NOUN_TAGS:
+        following = doc[end]
+        left_out_noun = following.tag_ in _SINGULAR_NOUN_TAGS and not any(c.dep_ in _VERB_ONLY_DEPS for c in following.children)
+        if not (left_out_noun or _is_mistagged_noun(following, rules)):
+            break
+        end += 1
+    return doc[chunk.start : end]
+
+
+def _is_mistagged_noun(token: Token, rules: ExpressionRules) -> bool:
+    """A word the small tagger read as a verb that is the head noun of the compound before it: it
+    follows a singular noun, the lemmatizer knows it as a noun, and as a verb it could not follow
+    that noun:
+    - a base form that does not agree with a singular subject ("a teddy bear", "a bathroom sink"),
+      unless that noun is one of several subjects ("a dog and a cat sleep");
+    - a modal with no verb after it ("a trash can next to a bench", "a soda can.");
+    - a word the lemmatizer knows as no verb at all ("a microwave oven")."""
+    if token.i == 0 or token.lower_ not in rules.noun_lemmas:
+        return False
+    before = token.doc[token.i - 1]
+    if before.tag_ not in _SINGULAR_NOUN_TAGS:
+        return False
+    if token.tag_ == "VBP":
+        return before.dep_ != "conj" and not any(c.dep_ == "conj" for c in before.children)
+    if token.tag_ == "MD":
+        following = next((t for t in token.doc[token.i + 1 :] if t.tag_ != "RB"), None)  # "can also run"
+        return following is None or following.tag_ != "VB"
+    return token.tag_.startswith("VB") and bool(rules.verb_lemmas) and token.lemma_.lower() not in rules.verb_lemmas
+
+
+def _is_noun(token: Token, rules: ExpressionRules) -> bool:
+    return token.pos_ in _CONTENT_POS or _is_mistagged_noun(token, rules)
 
 
 _NOUN_MODIFIER_DEPS = {"det", "amod", "compound", "poss", "nummod", "case", "nmod", "advmod"}
@@ -170,7 +221,7 @@ def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
     rise" has one, in another clause."""
     doc = chunk.doc
     for token in chunk[1:]:  # "a white hat chopping onions": tagged a verb, after a noun
-        if token.tag_ in _VERB_IN_CHUNK_TAGS and doc[token.i - 1].tag_ in _NOUN_TAGS:
+        if token.tag_ in _VERB_IN_CHUNK_TAGS and doc[token.i - 1].tag_ in _NOUN_TAGS and not _is_mistagged_noun(token, rules):
             return token
     first = chunk[0]
     if (
@@ -193,7 +244,7 @@ def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
             counted = any(t.lower_ in _COUNT_WORDS for t in doc[chunk.start : token.i])
             if chunk[0].lower_ in _SINGULAR_DETERMINERS and before.i > chunk.start and not counted:
                 return token
-            if before.tag_ in _NOUN_TAGS and not has_finite_verb and continues and _noun_before(chunk, sentence):
+            if before.tag_ in _NOUN_TAGS and not has_finite_verb and continues and _noun_before(chunk, sentence) and not _is_object(token):
                 return token
         if (
             token.tag_ in _SINGULAR_NOUN_TAGS
@@ -206,20 +257,44 @@ def _verb_tagged_as_noun(chunk: Span, rules: ExpressionRules) -> Token | None:
     return None
 
 
+def _is_object(token: Token) -> bool:
+    """Whether a word is the object of a verb or of "of", so a noun: "holding two baseball bats in a
+    field", "a plate of chicken wings and ..." (not "a girl with curly hair smiles at ...")."""
+    return token.dep_ == "dobj" or (token.dep_ == "pobj" and token.head.lower_ == "of")
+
+
 def _noun_before(chunk: Span, sentence: Span) -> bool:
     return any(t.pos_ in _CONTENT_POS for t in chunk.doc[sentence.start : chunk.start])
 
 
+# Abstract heads that name an object as the head of a noun compound: "a street light", "a lap top",
+# "a picture frame" (but "the light", "the top of a cake").
+_OBJECTS_IN_COMPOUNDS = {"light", "top", "frame"}
+
+
 def _is_groundable(root: Token, rules: ExpressionRules) -> bool:
-    if root.pos_ not in _CONTENT_POS or root.ent_type_ in rules.drop_entity_types:
+    if not _is_noun(root, rules) or root.ent_type_ in rules.drop_entity_types:
         return False
     if not any(ch.isalpha() for ch in root.text):  # an emoji or symbol the tagger called a noun
         return False
     words = _words(root)
-    if words & rules.abstract_heads:
+    if words & rules.abstract_heads and not (words & _OBJECTS_IN_COMPOUNDS and _compounded(root, rules)):
         return False
     has_of_phrase = any(c.dep_ == "prep" and c.lower_ == "of" for c in root.rights)
     return not (has_of_phrase and words & rules.quantifier_heads)
+
+
+def _compounded(noun: Token, rules: ExpressionRules) -> bool:
+    """Whether a noun heads a noun compound: a noun right before it modifies it, one that is no
+    time or other dropped entity ("the early morning light" is lighting, not a lamp)."""
+    before = noun.doc[noun.i - 1] if noun.i > 0 else None
+    return (
+        before is not None
+        and before.tag_ in _NOUN_TAGS
+        and before.dep_ == "compound"
+        and before.head == noun
+        and before.ent_type_ not in rules.drop_entity_types
+    )
 
 
 def _glued_word(token: Token) -> str:

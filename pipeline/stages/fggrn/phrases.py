@@ -45,17 +45,19 @@ def rules_from(config: PhrasesConfig) -> ExpressionRules:
         part_preps=frozenset(p.lower() for p in config.part_preps),
         worn_heads=frozenset(h.lower() for h in config.worn_heads),
         part_heads=frozenset(h.lower() for h in config.part_heads),
-        verb_lemmas=_verb_lemmas(config.spacy_model),
+        verb_lemmas=_lemma_index(config.spacy_model, "verb"),
+        noun_lemmas=_lemma_index(config.spacy_model, "noun"),
     )
 
 
 @cache
-def _verb_lemmas(name: str) -> frozenset[str]:
-    """Words the pipeline's rule lemmatizer lists as verbs (WordNet's verb index in en_core_web_*);
-    empty when the pipeline has no such table, which turns the verb-tagged-as-noun guard off."""
+def _lemma_index(name: str, pos: str) -> frozenset[str]:
+    """Words the pipeline's rule lemmatizer lists under `pos` (WordNet's verb and noun indexes in
+    en_core_web_*); empty when the pipeline has no such table, which turns the guards that need it
+    off (verbs tagged as nouns, nouns tagged as verbs)."""
     try:
         lookups = load_spacy(name).get_pipe("lemmatizer").lookups
-        return frozenset(lookups.get_table("lemma_index")["verb"])
+        return frozenset(lookups.get_table("lemma_index")[pos])
     except (KeyError, AttributeError, ValueError):
         return frozenset()
 
