@@ -4,9 +4,11 @@ JSON or bytes at all as the verdicts file. Each ends in a score or a one-line er
 
 from __future__ import annotations
 
+import html
 import http.server
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -87,8 +89,6 @@ def _page_verdicts(dataset: Path, n: int, seed: int = 0, verdict: str = "valid")
     sections = re.findall(r"<section class='item' data-id='([^']*)' data-stratum='([^']*)'", page)
 
     def parsed(attribute: str) -> str:
-        import html
-
         return html.unescape(attribute).replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
 
     items = [{"id": parsed(i), "stratum": parsed(s), "verdict": verdict} for i, s in sections]
@@ -308,8 +308,6 @@ def test_a_giant_verdicts_file_is_refused_unread(tmp_path):
 
 def test_a_fifo_as_verdicts_file_is_refused_without_waiting(tmp_path):
     fifo = tmp_path / "fifo.json"
-    import os
-
     os.mkfifo(fifo)
     _one_line_error(run_cli("audit", "score", str(fifo), timeout=60), "not a file")
 
