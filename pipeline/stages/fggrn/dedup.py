@@ -3,9 +3,10 @@
 Three passes, each spread over shards:
 1. hash: every input shard's images decoded once, each to a digest of its pixels and a 64-bit pHash
    (`imagehash`); tasks on Ray, one per shard.
-2. group: the hashes shuffled by bucket (exact pixels, and each band of the pHash: see
-   pipeline/core/near_duplicates.py) to `dedup.partitions` reduce tasks, which return the pairs
-   within `dedup.max_distance`; the driver joins pairs into groups. Nothing compares all pairs.
+2. group: the hashes shuffled by bucket (each band of the pHash: see pipeline/core/near_duplicates.py)
+   to `dedup.partitions` reduce tasks, which return the pairs within `dedup.max_distance`; the
+   driver joins pairs into groups. Nothing compares all pairs. The same pixels give the same pHash,
+   so exact duplicates are the pairs at distance 0 whose pixel digests agree.
 3. write: input shard N to output shard N as every stage does (markers, resume), each duplicate a
    `duplicate` reject naming the image kept.
 The rule that picks the kept image is deterministic: the smallest (shard name, key) of the group.
@@ -28,7 +29,7 @@ import ray
 
 from pipeline.config import Config, DedupConfig
 from pipeline.core.images import ImageRejected, decode_rgb
-from pipeline.core.near_duplicates import HashedItem, duplicates_to_drop, map_to_partitions, pairs_in_partition
+from pipeline.core.near_duplicates import duplicates_to_drop, ident, map_to_partitions, pairs_in_partition, shard_and_row
 from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.core.storage import resolved
@@ -55,35 +56,40 @@ def caption_digest(caption: str | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:32] if text else None
 
 
-def hash_shard(path: str) -> dict:
-    """Pass 1 for one shard: its HashedItems, its images that do not decode (key -> problem), and
-    (ident, caption digest) of its captions. Rows without a key or with a repeated one are left to
-    `process`, which rejects them."""
-    name = Path(path).name
+def hash_shard(path: str, shard: int) -> dict:
+    """Pass 1 for one shard (number `shard` of the input): its keys with their pixel digests and
+    pHashes (row i of `keys` is ident(shard, i)), its images that do not decode (key -> problem), and
+    the caption digests of its keys. Rows without a key or with a repeated one are left to `process`,
+    which rejects them."""
     table = read_shard(path, columns=["key", "image", "short_caption"])
-    items, bad, captions, seen = [], {}, [], set()
+    found, bad, seen = [], {}, set()
     for key, data, caption in zip(*(table.column(c).to_pylist() for c in table.column_names)):
         if key is None or key in seen:
             continue
         seen.add(key)
         try:
-            pixels, phash = image_hashes(data)
+            digest, phash = image_hashes(data)
         except ImageRejected as problem:
             bad[key] = (problem.reason, problem.detail)
             continue
-        items.append(HashedItem((name, key), pixels, phash))
-        captions.append(((name, key), caption_digest(caption)))
-    return {"items": items, "bad": bad, "captions": captions}
+        found.append((key, digest, phash, caption_digest(caption)))
+    found.sort()  # by key: idents then order items as the kept-image rule does, by (shard, key)
+    keys, pixels, hashes, captions = (list(column) for column in zip(*found)) if found else ([], [], [], [])
+    return {"name": Path(path).name, "shard": shard, "keys": keys, "pixels": pixels, "hashes": np.array(hashes, np.uint64), "captions": captions, "bad": bad}
 
 
-def _hash_and_partition(path: str, bands: int, partitions: int) -> tuple:
+def _hash_and_partition(path: str, shard: int, bands: int, partitions: int) -> tuple:
     """Pass 1 and the map side of pass 2 in one Ray task: the partitions first, then what the driver needs."""
-    hashed = hash_shard(path)
-    return (*map_to_partitions(hashed["items"], bands, partitions), hashed)
+    hashed = hash_shard(path, shard)
+    return (*map_to_partitions(_idents(hashed), hashed["hashes"], bands, partitions), hashed)
 
 
-def _pairs_of_partition(max_distance: int, *pieces: list) -> list:
-    return pairs_in_partition((entry for piece in pieces for entry in piece), max_distance)
+def _pairs_of_partition(max_distance: int, *pieces) -> np.ndarray:
+    return pairs_in_partition(list(pieces), max_distance)
+
+
+def _idents(hashed: dict) -> np.ndarray:
+    return np.array([ident(hashed["shard"], row) for row in range(len(hashed["keys"]))], np.int64)
 
 
 class DedupStage(Stage):
@@ -101,38 +107,46 @@ class DedupStage(Stage):
         paths = list_shards(self.images_dir)
         for path in paths:
             check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
-        hashed, dropped = self._find_duplicates([str(p) for p in paths], config)
+        hashed, pairs = self._hash_and_group([str(p) for p in paths], config)
+        hashes = {item: phash for shard in hashed for item, phash in zip(_idents(shard).tolist(), shard["hashes"].tolist())}
+        duplicates: dict[int, list] = {}
+        for item, (kept, distance) in duplicates_to_drop(hashes, pairs).items():
+            (shard, row), (kept_shard, kept_row) = shard_and_row(item), shard_and_row(kept)
+            mine, theirs = hashed[shard], hashed[kept_shard]
+            same = mine["pixels"][row] == theirs["pixels"][kept_row]
+            duplicates.setdefault(shard, []).append((mine["keys"][row], theirs["name"], theirs["keys"][kept_row], distance, same))
         caption_repeats = _caption_repeats(hashed)
-        units = []
-        for path, shard in zip(paths, hashed):
-            mine = {ident[1]: found for ident, found in dropped.items() if ident[0] == path.name}
-            payload = {
-                "path": str(path),
-                # sorted tuples: the payload's repr is part of the shard's fingerprint
-                "duplicates": tuple(sorted((key, *kept, distance, same) for key, (kept, distance, same) in mine.items())),
-                "unusable": tuple(sorted((key, *problem) for key, problem in shard["bad"].items())),
-                "caption_repeats": caption_repeats.get(path.name, 0),
-            }
-            units.append(WorkUnit(path.name, payload))
-        return units
+        return [
+            WorkUnit(
+                path.name,
+                {
+                    "path": str(path),
+                    # sorted tuples: the payload's repr is part of the shard's fingerprint
+                    "duplicates": tuple(sorted(duplicates.get(shard["shard"], []))),
+                    "unusable": tuple(sorted((key, *problem) for key, problem in shard["bad"].items())),
+                    "caption_repeats": caption_repeats[shard["shard"]],
+                },
+            )
+            for path, shard in zip(paths, hashed)
+        ]
 
-    def _find_duplicates(self, paths: list[str], config: Config) -> tuple[list[dict], dict]:
+    def _hash_and_group(self, paths: list[str], config: Config) -> tuple[list[dict], np.ndarray]:
         """Passes 1 and 2: on Ray when it runs (the `dedup` command and recipes start it), else here."""
         settings: DedupConfig = config.dedup
         if not ray.is_initialized():
-            hashed = [hash_shard(path) for path in paths]
-            items = [item for shard in hashed for item in shard["items"]]
-            (entries,) = map_to_partitions(items, settings.bands, 1)
-            return hashed, duplicates_to_drop(items, pairs_in_partition(entries, settings.max_distance))
+            hashed = [hash_shard(path, shard) for shard, path in enumerate(paths)]
+            idents = np.concatenate([_idents(h) for h in hashed]) if hashed else np.empty(0, np.int64)
+            hashes = np.concatenate([h["hashes"] for h in hashed]) if hashed else np.empty(0, np.uint64)
+            return hashed, pairs_in_partition(map_to_partitions(idents, hashes, settings.bands, 1), settings.max_distance)
         partitions = settings.partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
         options = {"num_cpus": config.run.cpus_per_task, "max_retries": config.run.max_retries, "retry_exceptions": True}
         mapper = ray.remote(_hash_and_partition).options(num_returns=partitions + 1, name="fgdata-dedup-hash", **options)
         reducer = ray.remote(_pairs_of_partition).options(name="fgdata-dedup-group", **options)
-        mapped = [mapper.remote(path, settings.bands, partitions) for path in paths]
+        mapped = [mapper.remote(path, shard, settings.bands, partitions) for shard, path in enumerate(paths)]
         reduced = [reducer.remote(settings.max_distance, *(refs[p] for refs in mapped)) for p in range(partitions)]
         hashed = ray.get([refs[partitions] for refs in mapped])
-        pairs = [pair for part in ray.get(reduced) for pair in part]
-        return hashed, duplicates_to_drop([item for shard in hashed for item in shard["items"]], pairs)
+        parts = ray.get(reduced)
+        return hashed, np.concatenate(parts) if parts else np.empty((0, 3), np.int64)
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
         payload = unit.payload
@@ -164,12 +178,12 @@ class DedupStage(Stage):
         )
 
 
-def _caption_repeats(hashed: list[dict]) -> dict[str, int]:
+def _caption_repeats(hashed: list[dict]) -> list[int]:
     """Per shard: rows whose caption (case and spacing aside) an earlier row, in (shard, key) order,
     already has, counted across the whole dataset."""
     seen: set[str] = set()
-    repeats: Counter = Counter()
-    for ident, digest in sorted(c for shard in hashed for c in shard["captions"] if c[1] is not None):
-        repeats[ident[0]] += digest in seen
+    repeats = [0] * len(hashed)
+    for (_, _, shard), digest in sorted(((h["name"], key, h["shard"]), d) for h in hashed for key, d in zip(h["keys"], h["captions"]) if d):
+        repeats[shard] += digest in seen
         seen.add(digest)
-    return dict(repeats)
+    return repeats
