@@ -161,34 +161,6 @@ class DedupConfig:
 
     max_distance: int = 4  # Hamming distance of pHashes at most this = near-duplicate; 0 = same pHash only
     # pHash bands of the grouping (LSH): max_distance < bands guarantees every pair shares a band;
-    # more bands = more candidate pairs to check, fewer = the pigeonhole bound fails
-    bands: int = 8
-    partitions: int = 0  # reduce tasks of the grouping; 0 = one per Ray CPU
-
-
-# NudeNet's classes of exposed intimate parts; its other classes (faces, feet, belly, armpits, male
-# breast, covered parts) are not a reason to drop an image
-NSFW_CLASSES = ["FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"]
-
-
-@dataclass
-class ScreenConfig(ModelStageSettings):
-    """`fgdata screen`: NSFW rejects, face boxes (optionally blurred) and personal data in captions."""
-
-    model: str = "nudenet-320n"  # the detector inside the nudenet wheel (MIT), or a path to another .onnx of its kind
-    nsfw_threshold: float = 0.5  # a detection of nsfw_classes at this score or above rejects the image
-    nsfw_classes: list[str] = field(default_factory=lambda: list(NSFW_CLASSES))
-    face_threshold: float = 0.4  # FACE_FEMALE / FACE_MALE boxes at this score or above are recorded (and blurred)
-    blur_faces: bool = False  # blur the recorded faces in the stored pixels (the row is then stored as PNG)
-    personal_data: str = "flag"  # e-mails, phone numbers, URLs, street addresses in captions: "flag" or "mask"
-
-
-@dataclass
-class DedupConfig:
-    """`fgdata dedup`: exact duplicates by decoded pixels, near-duplicates by 64-bit pHash."""
-
-    max_distance: int = 4  # Hamming distance of pHashes at most this = near-duplicate; 0 = same pHash only
-    # pHash bands of the grouping (LSH): max_distance < bands guarantees every pair shares a band;
     # each band more narrows the buckets' keys, so more candidate pairs to check (see near_duplicates.py)
     bands: int = 5
     partitions: int = 0  # reduce tasks of the grouping; 0 = one per Ray CPU
@@ -429,8 +401,6 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    screen: ScreenConfig = field(default_factory=ScreenConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
@@ -510,8 +480,6 @@ RANGES: dict[str, Range] = {
     "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE, "download.max_bytes": COUNT,
     "dedup.max_distance": Range(0, 63), "dedup.bands": Range(1, 64), "dedup.partitions": Range(0, meaning=" (0 = one per Ray CPU)"),
     "screen.nsfw_threshold": FRACTION, "screen.face_threshold": FRACTION,
-    "dedup.max_distance": Range(0, 63), "dedup.bands": Range(1, 64), "dedup.partitions": Range(0, meaning=" (0 = one per Ray CPU)"),
-    "screen.nsfw_threshold": FRACTION, "screen.face_threshold": FRACTION,
     "phrases.max_phrase_words": COUNT, "phrases.english_check_min_words": ZERO_OR_MORE,
     "recaption.max_image_side": COUNT, "recaption.max_aspect_ratio": Range(1),
     "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,
@@ -549,7 +517,6 @@ RANGES: dict[str, Range] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "executor": ("auto", "ray", "local"),
     "personal_data": ("flag", "mask"),
-    "personal_data": ("flag", "mask"),
     "schedule": ("cosine", "constant"),
     "weight_decay_exempt": ("norms_biases", "open_clip", "none"),
 }
@@ -558,8 +525,6 @@ ORDERED: list[tuple[str, str, str, bool]] = [
     ("ground", "min_box_area", "max_box_area", False),
     ("negatives", "min_valid", "per_region", False),
     ("fgclip", "keep_positions", "long_text_tokens", True),
-    # pigeonhole: hashes at distance d share a band exactly only while d < bands
-    ("dedup", "max_distance", "bands", True),
     # pigeonhole: hashes at distance d share a band exactly only while d < bands
     ("dedup", "max_distance", "bands", True),
 ]
