@@ -823,7 +823,7 @@ def info(
     from pipeline.datasets.info import describe_dataset
 
     with _user_errors():
-        typer.echo(printable_lines(describe_dataset(dataset, top=top)))
+        typer.echo(describe_dataset(dataset, top=top))
 
 
 @app.command()

@@ -34,6 +34,8 @@ MERGING_KEYS = ["dup\r\nkey", "dup\rkey", "dup\nkey", "nul\x00key", "nul\ufffdke
 # What a terminal must never receive from data: an OSC retitle, a colour, a CSI moving the cursor,
 # a one-byte CSI, a bell, backspace, CR, and a right-to-left override.
 TERMINAL_HOSTILE = "\x1b]0;owned\x07\x1b[31m\x1b[2J\x9b1A\x08\r\u202egood"
+# A line break in data must not start a line of fgdata's own (here a fake "all clear").
+FORGED_LINE = "\n  NOTE: audited, 100% valid"
 UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
@@ -77,7 +79,7 @@ def terminal_hostile(world, tmp_path) -> Path:
             for negative in region["negatives"]:
                 negative["attribute"] = TERMINAL_HOSTILE + negative["attribute"]
                 negative["text"] = TERMINAL_HOSTILE
-    rejects = [{"key": TERMINAL_HOSTILE, "reason": "bad_caption" + TERMINAL_HOSTILE, "detail": TERMINAL_HOSTILE}]
+    rejects = [{"key": TERMINAL_HOSTILE, "reason": "bad_caption" + TERMINAL_HOSTILE, "detail": TERMINAL_HOSTILE + FORGED_LINE}]
     return _write(tmp_path / "terminal", rows, world, rejects)
 
 
@@ -227,6 +229,7 @@ def test_strata_and_info_print_no_terminal_escapes(terminal_hostile, tmp_path):
     result = run_cli("info", str(terminal_hostile))
     assert result.returncode == 0, result.stderr
     assert printable(TERMINAL_HOSTILE) in result.stdout and not _unsafe(result.stdout + result.stderr), result.stdout
+    assert printable(FORGED_LINE) in result.stdout and FORGED_LINE not in result.stdout
 
 
 def test_log_lines_escape_data(capsys):

@@ -15,6 +15,7 @@ import pyarrow as pa
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, incomplete_note, list_shards, read_json, read_shard, read_shard_schema
 from pipeline.core.storage import location
+from pipeline.core.terminal import printable
 from pipeline.errors import FgdataError
 
 _MANIFEST_KEYS = ("kind", "stage")  # the row counts are shown as "?" when absent (synthetic-world writes none)
@@ -35,10 +36,12 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
     if not isinstance(kind, str) or not isinstance(provenance, dict):
         raise FgdataError(f"{manifest_path}: 'kind' is not a name or 'provenance' not a mapping; {damaged}")
     provenance = {name: values if isinstance(values, list) else [values] for name, values in provenance.items()}
+    # every value from the data (manifest, rejects, rows) goes through printable: it may hold
+    # terminal escapes or line breaks, and this text is printed on a terminal
     lines = [
-        f"{dataset_dir}  ({kind}, written by `fgdata {manifest['stage']}`)",
-        f"  shards: {len(shards)}   rows in: {manifest.get('rows_in', '?')}   rows out: {manifest.get('rows_out', '?')}   "
-        f"rejected: {manifest.get('rows_rejected', '?')}",
+        f"{printable(dataset_dir)}  ({printable(kind)}, written by `fgdata {printable(manifest['stage'])}`)",
+        f"  shards: {len(shards)}   rows in: {printable(manifest.get('rows_in', '?'))}   rows out: {printable(manifest.get('rows_out', '?'))}   "
+        f"rejected: {printable(manifest.get('rows_rejected', '?'))}",
     ]
     rejects = _read_rejects(dataset_dir)
     if rejects:
@@ -48,9 +51,9 @@ def describe_dataset(dataset_dir: Path, top: int = 10) -> str:
             examples.setdefault(reject["reason"], reject)
         for reason, count in Counter(r["reason"] for r in rejects).most_common():
             example = examples[reason]
-            lines.append(f"    {reason!s:<20} {count:>6}   e.g. {example['key']}: {(example['detail'] or '')[:90]}")
+            lines.append(f"    {printable(reason):<20} {count:>6}   e.g. {printable(example['key'])}: {printable((example['detail'] or '')[:90])}")
     for name, values in provenance.items():
-        lines.append(f"  {name}: {', '.join(map(str, values))}")
+        lines.append(f"  {printable(name)}: {', '.join(map(printable, values))}")
     if True in provenance.get("random_weights", []):
         lines.append("  NOTE: made by a RANDOM-WEIGHT model (offline demo/test): its output is noise")
     if kind in _DESCRIBERS:
@@ -80,7 +83,7 @@ def _describe_images(tables: Iterable[pa.Table], top: int) -> list[str]:
         total += table.num_rows
         captioned += table.num_rows - table.column("short_caption").null_count
     return [
-        f"  formats: {', '.join(f'{name} {count}' for name, count in formats.most_common())}",
+        f"  formats: {', '.join(f'{printable(name)} {count}' for name, count in formats.most_common())}",
         f"  with a caption: {captioned} of {total}",
     ]
 
@@ -98,8 +101,8 @@ def _describe_phrases(tables: Iterable[pa.Table], top: int) -> list[str]:
     total = sum(phrases.values())
     return [
         f"  phrases: {total} ({total / max(rows, 1):.2f} per row), distinct: {len(phrases)}",
-        f"  top phrases: {'; '.join(f'{text} ({count})' for text, count in phrases.most_common(top))}",
-        f"  top head nouns: {', '.join(f'{head} ({count})' for head, count in heads.most_common(top))}",
+        f"  top phrases: {'; '.join(f'{printable(text)} ({count})' for text, count in phrases.most_common(top))}",
+        f"  top head nouns: {', '.join(f'{printable(head)} ({count})' for head, count in heads.most_common(top))}",
     ]
 
 
@@ -114,7 +117,7 @@ def _describe_regions(tables: Iterable[pa.Table], top: int) -> list[str]:
             phrases.update(region["phrase"].lower() for region in row_regions)
     return [
         f"  regions: {regions} ({regions / max(rows, 1):.2f} per image), images without a region: {empty}",
-        f"  most grounded phrases: {'; '.join(f'{text} ({count})' for text, count in phrases.most_common(top))}",
+        f"  most grounded phrases: {'; '.join(f'{printable(text)} ({count})' for text, count in phrases.most_common(top))}",
     ]
 
 
@@ -131,9 +134,9 @@ def _describe_fggrn(tables: Iterable[pa.Table], top: int) -> list[str]:
                     examples.setdefault(region["phrase"], region["negatives"][0]["text"])
     regions = sum(flags.values())
     return [
-        f"  regions: {regions}, by flag: {', '.join(f'{flag} {count}' for flag, count in flags.most_common())}",
-        f"  negatives: {sum(attributes.values())}, by attribute: {', '.join(f'{a} {c}' for a, c in attributes.most_common(top))}",
-        f"  e.g. {'; '.join(f'{positive} -> {negative}' for positive, negative in examples.items())}",
+        f"  regions: {regions}, by flag: {', '.join(f'{printable(flag)} {count}' for flag, count in flags.most_common())}",
+        f"  negatives: {sum(attributes.values())}, by attribute: {', '.join(f'{printable(a)} {c}' for a, c in attributes.most_common(top))}",
+        f"  e.g. {'; '.join(f'{printable(positive)} -> {printable(negative)}' for positive, negative in examples.items())}",
     ]
 
 
