@@ -154,7 +154,7 @@ def _check_out_file(out: Path | str, overwrite: bool) -> None:
     out = location(out)  # a URI checked and spelled one way; file:///abs as /abs
     if is_uri(out):
         if is_bucket(out):
-            raise FgdataError(f"--out {out} is a whole bucket; give a file name in it")
+            raise FgdataError(f"--out {str(out).rstrip('/')} is a whole bucket; give a file name in it")
         if out.exists() and not overwrite:
             raise FgdataError(f"--out {out} already exists; choose another name, or add --overwrite to replace it")
         return

@@ -126,6 +126,9 @@ def test_run_keeps_source_and_out_uris(bucket, tmp_path):
     assert phrases["inputs"][0]["path"] == f"{bucket}/run/images"
     assert read_json(f"{bucket}/run/images/{MANIFEST_FILE}")["inputs"][0]["path"] == f"{bucket}/raw"
     assert f"wrote {bucket}/run/phrases:" in result.stdout
+    result = run_cli("run", str(recipe), f"{bucket}/raw", "memory://x/run", cwd=work)
+    assert_one_line_error(result, "memory://x/run", "s3://, gs://, hf://")
+    assert "overlap" not in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def test_a_local_only_out_refuses_a_uri(world, tmp_path):
 
 def test_a_bucket_root_is_never_an_out(bucket, tmp_path):
     put_object(f"{bucket}/theirs/data.bin", b"keep me")
-    assert_one_line_error(run_cli("hierarcaps", "import", str(SAMPLE_CSV), f"{bucket}/", "--overwrite", cwd=tmp_path), "whole bucket")
+    assert_one_line_error(run_cli("hierarcaps", "import", str(SAMPLE_CSV), f"{bucket}/", "--overwrite", cwd=tmp_path), f"{bucket} is a whole bucket")
     with pytest.raises(FgdataError, match="bucket"):
         claim_output(bucket, "phrases", "h", overwrite=True)
     assert all_objects(bucket) == {f"{bucket[5:]}/theirs/data.bin": b"keep me"}

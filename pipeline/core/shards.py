@@ -296,7 +296,8 @@ def _check_output_uri(out_dir: Location, inputs: list[Location]) -> Location:
     and a prefix at once, so OUT must not be an object, and prefixes decide what is inside what.
     A whole bucket is never OUT: --overwrite would empty it."""
     if storage.is_bucket(out_dir):
-        raise FgdataError(f"{out_dir} is a whole bucket; give a folder in it ({out_dir}/NAME)")
+        bucket = str(out_dir).rstrip("/")  # a bucket prints as s3://b/
+        raise FgdataError(f"{bucket} is a whole bucket; give a folder in it ({bucket}/NAME)")
     try:
         is_object = out_dir.is_file()
     except Exception as exc:  # noqa: BLE001 - a store's client errors (no endpoint, bad credentials) are not all OSErrors

@@ -90,13 +90,14 @@ def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None
     before any work."""
     # SOURCE apart from all of OUT, not only from the steps that read it: another step's
     # --overwrite would otherwise delete it
+    source, out = storage.resolved(source), storage.location(out)  # a bad URI is its own error, not an overlap
     try:
         out = check_output_path(out, [source])
     except FgdataError as exc:
         raise FgdataError(f"SOURCE and the recipe's output overlap: {exc}") from None
     runs: list[StepRun] = []
     for step in recipe.steps:
-        paths = {key: [storage.resolved(source) if ref == SOURCE else out / ref for ref in refs] for key, refs in step.inputs.items()}
+        paths = {key: [source if ref == SOURCE else out / ref for ref in refs] for key, refs in step.inputs.items()}
         implied = [f"{setting}={paths[key][0]}" for key, setting in STEP_KINDS[step.stage].settings.items()]
         try:
             config = load_config(config_file, [*implied, *step.overrides, *overrides])
