@@ -43,7 +43,9 @@ _S3_BUCKETS: set[str] = set()  # the buckets this process named: what s3_endpoin
 
 
 def is_uri(value) -> bool:
-    """An object-store location (`s3://...`), as a string or a UPath; `file://` counts as local."""
+    """An object-store location (`s3://...`), as a string or a UPath; `file://` counts as local. Any
+    other `scheme://` text counts too, so that `location` refuses it instead of it becoming a local
+    folder named `scheme:`."""
     if isinstance(value, UPath) and not isinstance(value, Path):  # a local UPath is a Path
         return True
     return isinstance(value, str) and bool(_URI.match(value)) and not _is_file_uri(value)
