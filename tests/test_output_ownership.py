@@ -89,7 +89,9 @@ def test_cli_run_into_its_own_source_is_one_line_exit_2(tmp_path):
 # --- 2. --overwrite never deletes a user's file inside fgdata's folders --------------------
 
 
-@pytest.mark.parametrize("foreign", ["train/notes.txt", "_stats/mine.csv", "_rejects/extra.parquet", "_done/keep/me.txt", "train/part-00000 copy.parquet"])
+@pytest.mark.parametrize(
+    "foreign", ["train/notes.txt", "_stats/mine.csv", "_rejects/extra.parquet", "_done/keep/me.txt", "train/part-00000 copy.parquet", "_download/part-00000/mine.txt"]
+)
 def test_overwrite_refuses_user_files_inside_fgdata_folders(tmp_path, foreign):
     out = tmp_path / "out"
     claim_output(out, "phrases", "h", overwrite=False)
@@ -110,6 +112,16 @@ def test_overwrite_still_replaces_what_fgdata_wrote_in_its_folders(tmp_path, ray
     summary = run_stage(PhrasesStage(source), out, make_config(), overwrite=True)
     assert (summary.shards_run, summary.rows_out) == (2, 6)
     assert_dataset_invariants(out)
+
+
+def test_overwrite_deletes_download_staging_a_kill_left(tmp_path):
+    out = tmp_path / "images"
+    claim_output(out, "download", "h", overwrite=False)
+    for name in ("_download/part-00000/attempt-0/00000.parquet", "_download/part-00000/attempt-0/00000/000000001.img", "_download/part-00001/.attempt-2.partial/00000/x.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"img2dataset's")
+    claim_output(out, "download", "h2", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [RUN_FILE]
 
 
 def test_overwrite_on_a_store_refuses_user_objects_inside_fgdata_prefixes(bucket):

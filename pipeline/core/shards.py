@@ -67,7 +67,8 @@ FOLDER_CONTENTS = {
     REJECTS_DIR: (f"{_SHARD}.parquet", _TMP_FILE),
     STATS_DIR: (f"{_SHARD}.json", _TMP_FILE),
     DONE_DIR: (f"{_SHARD}.parquet.done", _TMP_FILE),
-    "_download": (f"{_SHARD}/attempt-[0-9]*/*",),  # img2dataset's files of one attempt, named by it
+    # img2dataset's files of one attempt (named by it), and of one a kill cut short
+    "_download": (f"{_SHARD}/attempt-[0-9]*/*", f"{_SHARD}/.attempt-[0-9]*.partial/*"),
     "checkpoints": ("step-[0-9]*/*",),  # a checkpoint's files, and a `.partial` one a kill left
 }
 
