@@ -130,6 +130,24 @@ def test_a_checkpoint_of_neither_layout_is_refused_in_one_line(openai_clip, tmp_
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {RES: torch.zeros(100, 64)},  # the two long tables of different lengths
+        {RES: torch.zeros(10, 64), ORI: torch.zeros(10, 64)},  # shorter than the rows the mask takes from _ori
+        {RES: torch.zeros(248, 32), ORI: torch.zeros(248, 32)},  # narrower than the text tower
+        {FILIP: torch.zeros(3, 64)},
+        {"logit_scale_hardneg": torch.zeros(2)},
+    ],
+    ids=["unequal_tables", "short_tables", "narrow_tables", "projection_shape", "scale_not_scalar"],
+)
+def test_fgclip_extras_of_the_wrong_shape_are_refused_in_one_line(openai_clip, tmp_path, changes):
+    path, _ = fgclip_checkpoint(openai_clip, tmp_path / "odd", **changes)
+    with pytest.raises(FgdataError, match="in FG-CLIP's layout") as caught:
+        load_clip(str(path))
+    assert "\n" not in str(caught.value)
+
+
 def test_openai_and_fgdata_layouts_still_load(openai_clip, tmp_path):
     parts = load_clip(str(openai_clip))
     assert parts.model.text_model.embeddings.position_embedding.weight.shape[0] == 77 and not parts.logit_scales

@@ -87,6 +87,7 @@ def load_clip(reference: str, revision: str | None = None) -> ClipParts:
     scales = {}
     if _layout(reference, model, info) == "fgclip":
         stored = _stored_tensors(reference, revision, _FGCLIP_EXTRAS & set(info["unexpected_keys"]))
+        _check_fgclip_shapes(reference, model, stored)
         ori, res = stored[FGCLIP_ORI], stored[FGCLIP_RES]
         long_table = torch.where(torch.arange(res.shape[0]).unsqueeze(1) < FGCLIP_MASK_SPLIT, ori, res)
         _add_long_text(model, long_table, stored[f"{LONG_PROJECTION}.weight"])
@@ -117,6 +118,22 @@ def _layout(reference: str, model, info: dict) -> str:
         return "fgclip"
     shown = ", ".join(f"{kind} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
     raise FgdataError(f"cannot load CLIP model {reference!r}: its weights match neither a CLIP's nor FG-CLIP's layout ({shown})")
+
+
+def _check_fgclip_shapes(reference: str, model, stored: dict) -> None:
+    """FG-CLIP's extras fit the model: two long tables of one shape, longer than the rows its mask
+    takes from the first, as wide as the text tower; a projection like text_projection; scalar
+    temperatures. Anything else would fail mid-load or train a misread table."""
+    width, projection = model.config.text_config.hidden_size, tuple(model.text_projection.weight.shape)
+    res, ori, own = (tuple(stored[name].shape) for name in (FGCLIP_RES, FGCLIP_ORI, f"{LONG_PROJECTION}.weight"))
+    problems = []
+    if res != ori or len(res) != 2 or res[0] <= FGCLIP_MASK_SPLIT or res[1] != width:
+        problems.append(f"{FGCLIP_RES} and {FGCLIP_ORI} are {res} and {ori}, not two (rows > {FGCLIP_MASK_SPLIT}, {width}) tables")
+    if own != projection:
+        problems.append(f"{LONG_PROJECTION} is {own}, not {projection} as text_projection")
+    problems += [f"{name} holds {stored[name].numel()} values, not one" for name in (REGION_SCALE, HARD_NEGATIVE_SCALE) if name in stored and stored[name].numel() != 1]
+    if problems:
+        raise FgdataError(f"cannot load CLIP model {reference!r} in FG-CLIP's layout: {'; '.join(problems)}")
 
 
 def _stored_tensors(reference: str, revision: str | None, names: set[str]) -> dict:
