@@ -13,15 +13,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.config import Config
 from pipeline.core.shards import MANIFEST_FILE, read_json, write_text
 from pipeline.core.storage import location
 from pipeline.errors import FgdataError, first_line
 
 DATACARD_FILE = "DATACARD.md"
-# config keys that say how a model sampled (read from the stage's config section)
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed", "num_beams", "candidate_temperature", "candidate_top_p", "generate_max_new_tokens", "retry_temperature")
-# config keys that name a model or its revision
-_MODEL_KEYS = ("model", "revision", "base_model", "detector", "text_encoder", "owl_model", "nli_model", "embedding_model", "spacy_model", "backend")
+# The settings of each stage's config section that name the models it ran and say how they sampled,
+# per backend where a stage has several: the card lists only these, never a model that did not run
+# (the LLM of negatives under the rules backend, the seed LLM's sampling on hierarcaps-filter).
+_LLM = (("backend", "model", "revision"), ("temperature", "top_p", "max_new_tokens", "seed"))
+_RAN: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "recaption": {"": (_LLM[0], (*_LLM[1], "retry_temperature"))},
+    "phrases": {"": (("spacy_model",), ())},
+    "screen": {"": (("model",), ())},
+    "ground": {"yolo_world": (("backend", "detector", "text_encoder"), ()), "owlv2": (("backend", "owl_model"), ())},
+    "negatives": {
+        "rules": (("backend", "spacy_model", "nli_model", "embedding_model"), ("seed",)),
+        "": (("backend", "model", "revision", "spacy_model", "nli_model", "embedding_model"), _LLM[1]),
+    },
+    "hierarcaps-seed": {"": _LLM},
+    "hierarcaps-augment": {"": _LLM},
+    "hierarcaps-filter": {"": (("nli_model",), ())},
+    "hierarcaps-negatives": {"": (("nli_model",), ())},
+    "hierarcaps-generate": {"": (("generator",), ("num_beams", "negative_candidates", "candidate_temperature", "candidate_top_p", "generate_max_new_tokens", "seed"))},
+}
+# Quality floors: per stage, the settings of its section below which it keeps rows its default
+# would drop. One set lower than its default is "opened" and named under a warning at the top.
+QUALITY_FLOORS: dict[str, tuple[str, ...]] = {
+    "phrases": ("min_latin_fraction", "min_english_fraction"),
+    "recaption": ("min_words", "min_latin_fraction", "min_english_fraction", "min_distinct_trigrams"),
+    "ground": ("score_threshold", "min_box_area"),
+    "negatives": ("min_contradiction",),
+    "hierarcaps-filter": ("min_entailment",),
+    "hierarcaps-negatives": ("min_entailment", "min_negative_contradiction"),
+}
 # files beside a source that may state its licence
 _LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "LICENSE.txt", "LICENSE.md", "LICENCE.md", "README.md", "README.txt", "README")
 _MAX_DEPTH = 32  # a lineage deeper than this is a loop or damage, not a pipeline
@@ -104,12 +130,37 @@ def licence_note(path: str) -> str:
     return "unknown (no LICENSE, LICENCE, COPYING or README stating a licence beside it or in the folder above)"
 
 
-def _section(manifest: dict) -> dict:
+def _section_name(manifest: dict) -> str:
     """The config section the stage that wrote `manifest` reads (stage `hierarcaps-filter` reads `hierarcaps`)."""
+    return str(manifest.get("stage") or "").split("-")[0]
+
+
+def _section(manifest: dict) -> dict:
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    stage = str(manifest.get("stage") or "")
-    section = config.get(stage.split("-")[0]) or config.get(stage)
+    section = config.get(_section_name(manifest))
     return section if isinstance(section, dict) else {}
+
+
+def _ran_settings(manifest: dict) -> tuple[dict, dict]:
+    """(model settings, sampling settings) of what the stage that wrote `manifest` ran; none for a stage
+    `_RAN` does not know (its provenance still names what it ran)."""
+    section = _section(manifest)
+    backends = _RAN.get(str(manifest.get("stage")), {})
+    models, sampling = backends.get(str(section.get("backend")), backends.get("", ((), ())))
+    return {k: section[k] for k in models if section.get(k) not in (None, "")}, {k: section[k] for k in sampling if k in section}
+
+
+def opened_floors(steps: list[dict]) -> list[str]:
+    """Every QUALITY_FLOORS setting a step of the lineage ran below its default, as one line each."""
+    defaults, found = Config(), []
+    for step in steps:
+        manifest = step["manifest"] or {}
+        name, section = _section_name(manifest), _section(manifest)
+        for key in QUALITY_FLOORS.get(str(manifest.get("stage")), ()):
+            value, default = section.get(key), getattr(getattr(defaults, name), key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < default:
+                found.append(f"`{name}.{key}={_text(value)}` (default {default}) in {_text(manifest.get('stage'))} `{_text(step['path'])}`")
+    return found
 
 
 def _text(value) -> str:
@@ -138,8 +189,14 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
     ]
     if randoms:
         out += [f"> **RANDOM WEIGHTS**: {_text(', '.join(randoms))} used a random-weight model (offline demo or test). Its output is noise: do not train on it.", ""]
+    floors = opened_floors(steps)
+    if floors:
+        out += ["> **OPENED QUALITY FLOORS**: rows that the default settings drop are kept here, as these were set below their defaults: "
+                + "; ".join(floors) + ". Expect more wrong boxes, captions or negatives than the defaults give.", ""]
 
     out += ["## Random weights", "", f"{'Yes: ' + _text(', '.join(randoms)) if randoms else 'No: no step in the lineage records a random-weight model.'}", ""]
+
+    out += ["## Opened quality floors", "", *([f"- {line}" for line in floors] or ["None: every quality floor is at its default or stricter."]), ""]
 
     out += ["## Composition", "", "| rows in | rows out | rejected | shards |", "| --- | --- | --- | --- |"]
     shards = manifest.get("shards")
@@ -175,11 +232,9 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
                 prompts.append(f"- {_text(m.get('stage'))}: {shown}")
             elif name != "random_weights" and shown:
                 models.append(f"- {_text(m.get('stage'))}: {_text(name)} = {shown}")
-        section = _section(m)
-        settings = {k: section[k] for k in _MODEL_KEYS if section.get(k) not in (None, "")}
-        if settings:  # the whole section: a stage may read only some of these (filter reads nli_model)
+        settings, chosen = _ran_settings(m)
+        if settings:
             models.append(f"- {_text(m.get('stage'))} settings (config section): " + ", ".join(f"{k}={_text(v)}" for k, v in settings.items()))
-        chosen = {k: section[k] for k in _SAMPLING_KEYS if k in section}
         if chosen:
             sampling.append(f"- {_text(m.get('stage'))}: " + ", ".join(f"{k}={_text(v)}" for k, v in chosen.items()))
     out += ["## Models (with revisions)", "", *(models or ["- none recorded"]), ""]
