@@ -53,8 +53,10 @@ class NudeNetDetector:
         self.model_id = f"nudenet {metadata.version('nudenet')} ({self.path.name})"
 
     def detect(self, image: Image.Image) -> list[BodyDetection]:
+        import cv2  # nudenet's own dependency (ultralytics' opencv-python here)
+
         # NudeNet reads its input as OpenCV does: BGR channel order
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        bgr = cv2.cvtColor(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), cv2.COLOR_RGB2BGR)
         return [
             BodyDetection(d["class"], float(d["score"]), (d["box"][0], d["box"][1], d["box"][0] + d["box"][2], d["box"][1] + d["box"][3]))
             for d in self._detector.detect(bgr)

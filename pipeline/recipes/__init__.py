@@ -37,6 +37,8 @@ class StepKind:
 
 STEP_KINDS = {
     "ingest": StepKind(),
+    "dedup": StepKind(),
+    "screen": StepKind(),
     "recaption": StepKind(),
     "phrases": StepKind(),
     "ground": StepKind(inputs=("input", "images")),

@@ -36,6 +36,8 @@ DISTILL = "hierarcaps-distill"
 # needs it, so a recipe that never grounds never imports ultralytics
 STAGE_CLASSES = {
     "ingest": ("pipeline.stages.fggrn.ingest", "IngestStage", ("input",)),
+    "dedup": ("pipeline.stages.fggrn.dedup", "DedupStage", ("input",)),
+    "screen": ("pipeline.stages.fggrn.screen", "ScreenStage", ("input",)),
     "recaption": ("pipeline.stages.fggrn.recaption", "RecaptionStage", ("input",)),
     "phrases": ("pipeline.stages.fggrn.phrases", "PhrasesStage", ("input",)),
     "ground": ("pipeline.stages.fggrn.ground", "GroundStage", ("input", "images")),
