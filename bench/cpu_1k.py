@@ -172,7 +172,8 @@ def bench_negatives_rules(work: Path, count: int, nli_dir: Path) -> dict:
     _, local_s = clock(lambda: run_stage(NegativesStage(regions), work / "fggrn-local", local))
     fgdata = fgdata_run(NegativesStage(regions), work / "fggrn", overrides)
     return result("negatives (rules)", count, fgdata, local_s, "the same stage in this process (run.executor=local): spaCy + rules + NLI + embedding check",
-                  regions=sum(len(r["regions"]) for r in rows_of(regions)), model="rules + tiny random DeBERTa NLI + all-MiniLM-L6-v2")
+                  regions=sum(len(r["regions"]) for r in rows_of(regions)), model="rules + tiny random DeBERTa NLI + all-MiniLM-L6-v2",
+                  backend="rules")  # `fgdata plan` prices negatives.backend=rules from this record only
 
 
 def bench_recaption(work: Path, images: Path, max_new_tokens: int, batch: int) -> dict:

@@ -16,6 +16,15 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux); None elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
@@ -24,6 +33,7 @@ def machine() -> dict:
         # what `fgdata plan` reads to tell a GPU measurement from a CPU one
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": [round(v, 2) for v in os.getloadavg()],  # the machine may be shared: how busy it was
+        "cpu_model": cpu_model(),  # figures from another CPU are not this machine's
     }
 
 

@@ -890,15 +890,17 @@ def audit_score(
 
 @app.command()
 def plan(
-    recipe: Annotated[str, typer.Argument(help="fggrn or hierarcaps.")],
-    images: Annotated[Optional[int], typer.Option(help="Images to plan for (fggrn), e.g. 12_000_000.")] = None,
-    captions: Annotated[Optional[int], typer.Option(help="Captions to plan for (hierarcaps).")] = None,
+    recipe: Annotated[str, typer.Argument(help="fggrn, fggrn-demo or hierarcaps (bundled), or the path of your own recipe .yaml: its steps are planned.")],
+    images: Annotated[Optional[int], typer.Option(help="Images to plan for (a recipe that starts from images, e.g. fggrn), e.g. 12_000_000.")] = None,
+    captions: Annotated[Optional[int], typer.Option(help="Captions to plan for (a recipe that starts from captions, e.g. hierarcaps).")] = None,
     gpu: Annotated[Optional[str], typer.Option(help="GPU type the model stages run on, e.g. h100; leave out for CPU only.")] = None,
     gpus: Annotated[int, typer.Option(help="How many GPUs.")] = 1,
     cpus: Annotated[Optional[int], typer.Option(help="CPU cores (default: 16 per GPU, or run.num_cpus / this machine's).")] = None,
     stages: Annotated[Optional[str], typer.Option(help="Only these stages, comma-separated, e.g. ingest,phrases.")] = None,
     caption_chars: Annotated[Optional[float], typer.Option(help="Mean caption length of your data in characters (phrases' time grows with it).")] = None,
     from_runs: Annotated[Optional[list[Path]], typer.Option("--from-runs", help="Dataset folder(s) of your own runs: their manifests' timings come first. Repeatable.")] = None,
+    commands: Annotated[bool, typer.Option("--commands", help="Plan the stage commands run one after another (each starts its own Ray), not `fgdata run`.")] = False,
+    export: Annotated[Optional[str], typer.Option(help="Then `fgdata export EXPORT` (fgclip).")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Folder of bench records (default: bench/results of this checkout).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     config: ConfigOption = None,
@@ -908,18 +910,28 @@ def plan(
     measured throughput records (bench/results, your runs' manifests), saying what each figure rests on."""
     import json
 
+    from pipeline.recipes import load_recipe
     from pipeline.reports.plan import BENCH_RESULTS, format_plan, load_bench, load_runs
     from pipeline.reports.plan import plan as make_plan
 
     with _user_errors():
         settings = load_config(config, set_)
-        count = {"fggrn": images, "hierarcaps": captions}.get(recipe)
-        if recipe in ("fggrn", "hierarcaps") and count is None:
-            raise FgdataError(f"plan {recipe} needs {'--images' if recipe == 'fggrn' else '--captions'} N")
+        the_recipe = load_recipe(recipe)
+        if (images is None) == (captions is None):
+            raise FgdataError(f"plan {recipe} needs --images N or --captions N (one of them): the rows its first step reads")
+        step_configs = {}
+        for step in the_recipe.steps:  # each step runs with the recipe's `set` for it, then --set, as `fgdata run` does
+            try:
+                step_configs[step.name] = load_config(config, [*step.overrides, *(set_ or [])])
+            except FgdataError as exc:
+                raise FgdataError(f"step {step.name!r}: {exc}") from None
         measures, startup = load_bench(results or BENCH_RESULTS) if results or BENCH_RESULTS.is_dir() or not from_runs else ([], {})
         measures = load_runs(from_runs or []) + measures
         chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-        bill = make_plan(recipe, count or 0, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup, stages=chosen, caption_chars=caption_chars)
+        bill = make_plan(
+            the_recipe, images if images is not None else captions, settings, gpu=gpu, gpus=gpus, cpus=cpus, measures=measures, startup=startup,
+            stages=chosen, caption_chars=caption_chars, step_configs=step_configs, commands=commands, export=export,
+        )
         typer.echo(json.dumps(bill, indent=2, allow_nan=False) if as_json else format_plan(bill))
 
 

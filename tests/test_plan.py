@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
+from pipeline.recipes import load_recipe
 from pipeline.reports.plan import BENCH_RESULTS, load_bench, load_runs, plan
 
 SAMPLE = Path(__file__).parent.parent / "sample" / "images"
@@ -35,7 +36,7 @@ def _recaption_record(folder: Path, gpu: str) -> Path:
 
 def test_no_gpu_record_means_no_gpu_figure_and_says_why():
     measures, startup = load_bench(BENCH_RESULTS)
-    bill = plan("fggrn", 12_000_000, load_config(), gpu="h100", gpus=8, measures=measures, startup=startup)
+    bill = plan(load_recipe("fggrn"), 12_000_000, load_config(), gpu="h100", gpus=8, measures=measures, startup=startup)
     stages = {s["stage"]: s for s in bill["stages"]}
     for model_stage in ("recaption", "ground", "negatives"):
         assert stages[model_stage]["gpu_hours"] is None
@@ -45,14 +46,14 @@ def test_no_gpu_record_means_no_gpu_figure_and_says_why():
     assert ingest["workers"] == 8 * 16
     assert ingest["cpu_core_hours"] == pytest.approx(12_000_000 / ingest["per_worker_per_s"] / 3600)
     assert bill["total"]["complete"] is False
-    assert bill["total"]["stages_without_a_figure"] == ["recaption", "ground", "negatives"]
+    assert bill["total"]["stages_without_a_figure"] == ["captions", "regions", "fggrn"]  # the recipe's step names
     assert any("no GPU measurement" in note for note in bill["notes"])
 
 
 def test_a_record_from_the_target_gpu_is_used_as_measured(tmp_path):
     _recaption_record(tmp_path, "NVIDIA H100 80GB HBM3")
     measures, startup = load_bench(tmp_path)
-    recaption = plan("fggrn", 1_000_000, load_config(), gpu="h100", gpus=4, measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", gpus=4, measures=measures, startup=startup)["stages"][1]
     assert recaption["gpu_hours"] == pytest.approx(1_000_000 / 10.0 / 3600)  # the actor's busy rate, per GPU
     fixed = 1000 / 8.0 - 1000 / 10.0  # wall minus busy time of the bench run: actor start + model load
     assert recaption["wall_seconds"] == pytest.approx(fixed + 1_000_000 / 10.0 / 4)
@@ -62,7 +63,7 @@ def test_a_record_from_the_target_gpu_is_used_as_measured(tmp_path):
 def test_a_record_from_another_gpu_is_scaled_by_bandwidth_and_flagged(tmp_path):
     _recaption_record(tmp_path, "NVIDIA A100-SXM4-80GB")
     measures, startup = load_bench(tmp_path)
-    recaption = plan("fggrn", 1_000_000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][1]
     assert recaption["per_worker_per_s"] == pytest.approx(10.0 * 3.35 / 2.0)
     assert "extrapolated from NVIDIA A100-SXM4-80GB by memory bandwidth" in recaption["basis"]
 
@@ -73,7 +74,7 @@ def test_random_weights_of_the_real_architecture_are_labelled(tmp_path):
         stage_images_per_s=20.0, stage_actor_busy_images_per_s=25.0,
     )
     measures, startup = load_bench(tmp_path)
-    ground = plan("fggrn", 1000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][3]
+    ground = plan(load_recipe("fggrn"), 1000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][3]
     assert ground["gpu_hours"] is not None and "random weights of the real architecture" in ground["basis"]
 
 
@@ -83,7 +84,7 @@ def test_the_users_own_run_comes_before_the_bench(tmp_path):
     manifest = {"stage": "phrases", "rows_in": 1000, "timings": {"wall_seconds": 9.0, "shard_seconds": 4.0}, "machine": {"hostname": "box", "cpus": 8}}
     (run / "_manifest.json").write_text(json.dumps(manifest))
     measures, startup = load_bench(BENCH_RESULTS)
-    bill = plan("fggrn", 10_000, load_config(), cpus=4, measures=load_runs([tmp_path]) + measures, startup=startup)
+    bill = plan(load_recipe("fggrn"), 10_000, load_config(), cpus=4, measures=load_runs([tmp_path]) + measures, startup=startup)
     phrases = next(s for s in bill["stages"] if s["stage"] == "phrases")
     assert phrases["per_worker_per_s"] == pytest.approx(1000 / 4.0)
     assert phrases["basis"].startswith("your run") and phrases["source"].endswith("_manifest.json")
@@ -92,8 +93,8 @@ def test_the_users_own_run_comes_before_the_bench(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["plan", "fggrn"], "needs --images"),
-        (["plan", "nope", "--images", "5"], "unknown recipe 'nope'"),
+        (["plan", "fggrn"], "needs --images N or --captions N"),
+        (["plan", "nope", "--images", "5"], "no recipe 'nope'"),
         (["plan", "fggrn", "--images", "0"], "at least 1"),
         (["plan", "fggrn", "--images", "5", "--stages", "ground,oops"], "oops not in fggrn"),
         (["plan", "fggrn", "--images", "5", "--from-runs", "/nonexistent-folder"], "no _manifest.json"),
@@ -126,12 +127,16 @@ def test_a_broken_record_is_a_one_line_error(tmp_path):
 def test_cli_table_and_json():
     table = CliRunner().invoke(app, ["plan", "fggrn", "--images", "12_000_000", "--gpu", "h100", "--gpus", "8"])
     assert table.exit_code == 0, table.output
-    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for recaption" in table.output
+    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for captions" in table.output
     as_json = CliRunner().invoke(app, ["plan", "hierarcaps", "--captions", "73000", "--json"])
     assert as_json.exit_code == 0, as_json.output
     bill = json.loads(as_json.output)
-    assert [s["stage"] for s in bill["stages"]] == ["hierarcaps-generate", "hierarcaps-filter"]
-    assert all("tiny random model" in s["basis"] for s in bill["stages"])
+    # the recipe's eight steps, each planned: those without a record say so
+    assert [s["step"] for s in bill["stages"]] == [step.name for step in load_recipe("hierarcaps").steps]
+    priced = {s["step"] for s in bill["stages"] if s["wall_seconds"] is not None}
+    assert priced == {"seed-valid", "augmented-valid", "generated", "generated-valid"}
+    assert all("tiny random model" in s["basis"] for s in bill["stages"] if s["step"] in priced)
+    assert bill["total"]["stages_without_a_figure"] == ["seed", "augmented", "distilled", "final"]
 
 
 # The check: ingest + phrases over the sample copied 20 times, on local Ray with the bench's 2 cores,
@@ -180,7 +185,7 @@ def test_prediction_of_a_cpu_run_of_the_sample_x20_is_within_20_percent(tmp_path
                                capture_output=True, text=True, timeout=600)
         assert bench.returncode == 0, bench.stderr[-2000:]
     measures, startup = load_bench(records)
-    bill = plan("fggrn", files, load_config(None, overrides), measures=measures, startup=startup, stages=["ingest", "phrases"], caption_chars=chars)
+    bill = plan(load_recipe("fggrn"), files, load_config(None, overrides), measures=measures, startup=startup, stages=["ingest", "phrases"], caption_chars=chars)
     predicted = bill["total"]["wall_seconds"]
     done = subprocess.run([sys.executable, "-c", _RUN, str(source), str(tmp_path / "out"), *overrides], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -206,5 +211,5 @@ def test_prediction_of_a_cpu_run_of_the_sample_x20_is_within_20_percent(tmp_path
     assert {m.stage for m in runs} == {"ingest", "phrases"} and {m.device for m in runs} == {"cpu"}
     manifest = json.loads((tmp_path / "out" / "phrases" / "_manifest.json").read_text())
     assert manifest["machine"]["ray_cpus"] == 2 and manifest["machine"]["hostname"]
-    again = plan("fggrn", files, load_config(None, overrides), measures=runs + measures, startup=startup, stages=["ingest", "phrases"])
+    again = plan(load_recipe("fggrn"), files, load_config(None, overrides), measures=runs + measures, startup=startup, stages=["ingest", "phrases"])
     assert all(s["basis"].startswith("your run") for s in again["stages"])

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
+from pipeline.recipes import load_recipe
 from pipeline.core.schemas import conform
 from pipeline.core.shards import MANIFEST_FILE, shard_name, write_json, write_shard
 from pipeline.datasets.synthetic_world import write_world
@@ -201,7 +202,7 @@ def _recaption_record(folder: Path, gpu: str) -> None:
 def test_a_gpu_record_is_measured_only_for_the_same_gpu(tmp_path, record_gpu, target, measured_ratio):
     _recaption_record(tmp_path, record_gpu)
     measures, startup = load_bench(tmp_path)
-    recaption = plan("fggrn", 1000, load_config(), gpu=target, measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1000, load_config(), gpu=target, measures=measures, startup=startup)["stages"][1]
     if measured_ratio is None:
         assert recaption["per_worker_per_s"] == pytest.approx(10.0) and "estimate" not in recaption["basis"]
     else:

@@ -1,14 +1,24 @@
 """`fgdata plan`: the bill before the run — GPU-hours, CPU core-hours and wall time per stage.
 
-Every figure comes from a measured throughput record: `bench/results/*.json` (`make bench`) or the
-manifest of a run on the user's own hardware (`--from-runs`). A stage's wall time is
+What is planned is what will run: the steps of a recipe (a bundled one by name, or the user's file),
+each with the settings it will run with (--config, --set, the step's own `set`), plus `export fgclip`
+when asked. A step's figure comes from a record of the same stage and backend (`negatives.backend=rules`
+is never priced from the LLM's record), from `bench/results/*.json` (`make bench`) or the manifest of
+a run on the user's own hardware (`--from-runs`). A stage's wall time is
 
     fixed start-up + rows x units per row / (rate of one worker x workers busy at once)
 
-where a worker is one CPU core for CPU stages and one model actor (one GPU) for model stages, and
-the workers busy at once are capped by the shard count (a shard is the unit of work). Local Ray's
-start-up is added once. Stages are summed as if run one after another; a recipe that streams shards
-between stages overlaps them, so the total wall time is an upper bound.
+where a worker is one CPU core for CPU stages on Ray, this one process for the local executor, and
+one model actor (`num_actors`, else one per GPU, one without GPUs: as the runner's pool) for model
+stages; the workers busy at once are capped by the shard count (a shard is the unit of work). Fixed
+costs are counted as they are paid: `fgdata run` starts local Ray once; as separate commands
+(`commands=True`) each command that runs on Ray starts its own, and one that runs in its process
+(the runner's "auto": at most one shard of a stage without a model) starts none; every model stage
+pays its actor start. Stages are summed as if run one after another; `fgdata run` streams shards
+between steps and overlaps them, so its total is an upper bound.
+
+Bench records say the load average and CPU they were taken under; the plan notes them, and warns
+when this machine's load now differs by more than one per core: a shared machine moves the figures.
 
 A figure is never silently borrowed from another device: a GPU stage on a GPU target uses a record
 from that GPU (the same chip: names are compared without case, vendor, memory size or form factor,
@@ -68,25 +78,31 @@ TINY_RANDOM = "tiny random model"
 
 
 @dataclass(frozen=True)
-class Step:
-    name: str  # the stage's name, as manifests and bench records spell it
-    on_gpu: bool  # a model stage: runs on GPUs when there are any
+class StageKind:
+    on_gpu: bool  # a model stage: an actor pool, on GPUs when there are any
     unit: str  # what a bench record's rate counts
+    section: str | None = None  # the config section whose `backend` and `num_actors` it runs with
 
 
-RECIPES = {
-    "fggrn": (
-        Step("ingest", False, "images"),
-        Step("recaption", True, "images"),
-        Step("phrases", False, "captions"),
-        Step("ground", True, "images"),
-        Step("negatives", True, "regions"),
-    ),
-    "hierarcaps": (
-        Step("hierarcaps-generate", True, "hierarchies"),
-        Step("hierarcaps-filter", True, "NLI pairs"),
-    ),
+# every stage a recipe can name (pipeline.recipes.STEP_KINDS), and the commands after one
+STAGES = {
+    "ingest": StageKind(False, "images"),
+    "recaption": StageKind(True, "images", "recaption"),
+    "phrases": StageKind(False, "captions"),
+    "ground": StageKind(True, "images", "ground"),
+    "negatives": StageKind(True, "regions", "negatives"),
+    "hierarcaps-import": StageKind(False, "rows"),
+    "hierarcaps-seed": StageKind(True, "hierarchies"),
+    "hierarcaps-augment": StageKind(True, "hierarchies"),
+    "hierarcaps-filter": StageKind(True, "NLI pairs"),
+    "hierarcaps-distill": StageKind(True, "training steps"),
+    "hierarcaps-generate": StageKind(True, "hierarchies"),
+    "hierarcaps-negatives": StageKind(True, "NLI pairs"),
+    # `fgdata export fgclip`: this process, no Ray (the export is local)
+    "export fgclip": StageKind(False, "images"),
 }
+EXPORTS = ("fgclip",)
+LOAD_PER_CORE_WARNING = 1.0  # a load average this much per core away from a record's: the figures may not hold
 
 
 @dataclass
@@ -104,11 +120,17 @@ class Measure:
     source: str  # the record's path
     fixed_seconds: float | None  # start-up paid once per stage (actor start, model load)
     from_run: bool = False
+    ray_start_in_fixed: bool = False  # a run's whole wall time: it holds the Ray start that command paid
     mean_caption_chars: float | None = None  # phrases: spaCy's time per caption grows with its length
+    backend: str | None = None  # the stage's backend (recaption, ground, negatives); None: it has none
+    load_average: float | None = None  # the 1-min load average the record was taken under
+    cpus: float | None = None  # the cores of the machine it was taken on
+    cpu_model: str | None = None
 
 
 @dataclass
 class StagePlan:
+    step: str  # the recipe step's name (OUT/<step>)
     stage: str
     device: str
     workers: int
@@ -121,6 +143,8 @@ class StagePlan:
     fixed_seconds: float | None
     wall_seconds: float | None
     basis: str  # where the figure comes from, and how far to trust it
+    ray_start_seconds: float = 0.0  # as separate commands: this command's own Ray start, in its wall time
+    executor: str = "ray"  # where its shards run: "ray" or "local" (the command's own process)
     model: str = ""
     settings: dict = field(default_factory=dict)
     source: str = ""
@@ -180,6 +204,25 @@ def _settings(record: dict) -> dict:
     return {k: record[k] for k in keys if isinstance(record.get(k), str) or _real(record.get(k)) is not None}
 
 
+def _backend(stage: str, stated) -> str | None:
+    """The backend a record or run measured: what it says, else the stage's default (the records
+    that do not say were all taken with it); None for a stage without backends."""
+    section = STAGES[stage].section if stage in STAGES else None
+    if section is None:
+        return None
+    return stated if isinstance(stated, str) else getattr(Config(), section).backend
+
+
+def _taken_under(measure: Measure, record: dict) -> Measure:
+    """`measure` with the load average, cores and CPU model its record was taken under."""
+    machine = _dict(record, "machine")
+    load = machine.get("load_average")
+    measure.load_average = _real(load[0]) if isinstance(load, list) and load else None
+    measure.cpus = _positive(machine.get("cpus"))
+    measure.cpu_model = machine.get("cpu_model") if isinstance(machine.get("cpu_model"), str) else None
+    return measure
+
+
 def _model_stage(record: dict, path: Path, stage: str, unit: str, busy_key: str, wall_key: str, count_key: str, rows_key: str | None = None) -> Measure:
     """A model stage's bench record: the actor's busy rate, its start-up from wall minus busy time."""
     count = _number(record, count_key, path)
@@ -189,7 +232,23 @@ def _model_stage(record: dict, path: Path, stage: str, unit: str, busy_key: str,
     device = str(record.get("device") or _dict(record, "machine").get("gpu") or "cpu")
     return Measure(
         stage, busy, count / rows, unit, device, _weights(record, model), model, _settings(record), str(path),
-        fixed_seconds=max(0.0, count / wall - count / busy),
+        fixed_seconds=max(0.0, count / wall - count / busy), backend=_backend(stage, record.get("backend")),
+    )
+
+
+def _end_to_end(record: dict, path: Path, stage: str) -> Measure:
+    """A model stage's record from bench/cpu_1k.py (one actor on ~1000 rows): the busy rate over its
+    shards, its start-up (actor start and model load) as measured before the first shard."""
+    breakdown = _dict(record, "breakdown")
+    rows = _number(record, "rows", path)
+    units = _number(record, "regions", path) if stage == "negatives" else rows
+    busy, fixed = _positive(breakdown.get("shard_busy_s")), _real(breakdown.get("startup_s"))
+    if busy is None:
+        raise FgdataError(f"{path}: 'breakdown.shard_busy_s' is {shown(breakdown.get('shard_busy_s'))}, not a positive number; rerun its benchmark")
+    model = str(record.get("model", "unknown model"))
+    return Measure(
+        stage, units / busy, units / rows, STAGES[stage].unit, str(_dict(record, "machine").get("gpu") or "cpu"), _weights(record, model), model,
+        _settings(record), str(path), fixed_seconds=fixed if fixed is not None and fixed >= 0 else None, backend=_backend(stage, record.get("backend")),
     )
 
 
@@ -198,11 +257,13 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
     if not results.is_dir():
         raise FgdataError(f"{results} is not a folder of bench records; run `make bench`, or pass --results or --from-runs")
     measures: list[Measure] = []
+    end_to_end: list[Measure] = []  # after the stage benchmarks: they fill in what those lack (the rules backend)
     startup: dict = {}
     for path in sorted(results.glob("*.json")):
         record = _read_json(path)
         name = record.get("benchmark")
         cpus = _positive(_dict(record, "machine").get("cpus")) or 1.0
+        counts = len(measures), len(end_to_end)
         if name == "startup":
             startup = record
         elif name == "ingest":
@@ -223,6 +284,11 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         elif name == "hierarcaps":
             measures.append(_model_stage(record, path, "hierarcaps-generate", "hierarchies", "stage_actor_busy_hierarchies_per_s", "stage_hierarchies_per_s", "captions"))
             measures.append(_model_stage(record, path, "hierarcaps-filter", "NLI pairs", "filter_actor_busy_nli_pairs_per_s", "filter_stage_nli_pairs_per_s", "nli_pairs", "captions"))
+        elif name in ("cpu_1k_recaption", "cpu_1k_ground", "cpu_1k_negatives"):
+            end_to_end.append(_end_to_end(record, path, name.removeprefix("cpu_1k_")))
+        for measure in measures[counts[0] :] + end_to_end[counts[1] :]:
+            _taken_under(measure, record)
+    measures += end_to_end
     fixed = _dict(startup, "stage_fixed_seconds")
     for measure in measures:
         seconds = _real(fixed.get(measure.stage))
@@ -240,7 +306,8 @@ def load_runs(folders: list[Path]) -> list[Measure]:
             raise FgdataError(f"--from-runs {folder}: no {MANIFEST_FILE} in it or its subfolders; give a dataset folder a finished stage wrote")
         for path in manifests:
             manifest = _read_json(path)
-            busy, rows = _dict(manifest, "timings").get("shard_seconds"), manifest.get("rows_in")
+            timings = _dict(manifest, "timings")
+            busy, rows = timings.get("shard_seconds"), manifest.get("rows_in")
             rate = rows / busy if isinstance(rows, int) and 0 < rows <= MAX_COUNT and _positive(busy) else None
             if not _positive(rate):  # an empty or fully resumed run measured nothing; anything else is a broken manifest
                 log.warning("--from-runs: skipped %s: rows_in %s and timings.shard_seconds %s measure no throughput", path, shown(rows), shown(busy))
@@ -257,15 +324,37 @@ def load_runs(folders: list[Path]) -> list[Measure]:
             random = True in values.get("random_weights", [])
             weights = "random weights" if random else REAL if models else NO_MODEL
             version, host = _dict(manifest, "versions").get("fgdata"), machine.get("hostname")
+            stage = str(manifest.get("stage"))
+            section = _dict(_dict(manifest, "config"), STAGES[stage].section) if stage in STAGES and STAGES[stage].section else {}
+            on_ray = manifest.get("executor") != "local"
             measures.append(
                 Measure(
-                    str(manifest.get("stage")), rate, 1.0, "rows", device, weights, ", ".join(models) or "no model",
+                    stage, rate, 1.0, "rows", device, weights, ", ".join(models) or "no model",
                     # copied into the plan, whose JSON holds no NaN
                     {"fgdata": version if isinstance(version, str) else None, "host": host if isinstance(host, str) else None},
-                    str(path), None, from_run=True,
+                    str(path), _start_up(manifest, stage, section, busy if rate else None, on_ray), from_run=True,
+                    ray_start_in_fixed=on_ray, backend=_backend(stage, section.get("backend")),
                 )
             )
     return measures
+
+
+def _start_up(manifest: dict, stage: str, section: dict, busy: float | None, on_ray: bool) -> float | None:
+    """A run's fixed cost: its whole wall time less its shards' time spread over the workers that ran
+    them at once (Ray's start, actor start, model load, planning; the stage command paid them all)."""
+    wall, shards = _positive(_dict(manifest, "timings").get("wall_seconds")), manifest.get("shards")
+    if wall is None or busy is None:
+        return None
+    machine = _dict(manifest, "machine")
+    actors = section.get("num_actors") if isinstance(section.get("num_actors"), int) and section["num_actors"] > 0 else None
+    if not on_ray:
+        workers = 1.0  # the local executor: one shard after another
+    elif stage in STAGES and STAGES[stage].on_gpu:
+        workers = actors or _positive(machine.get("ray_gpus")) or 1.0  # the runner's pool: one per GPU, one without GPUs
+    else:
+        workers = _positive(machine.get("ray_cpus")) or _positive(machine.get("cpus")) or 1.0
+    at_once = min(workers, len(shards)) if isinstance(shards, list) and shards else 1.0
+    return max(0.0, wall - busy / at_once)
 
 
 def gpu_chip(name: str) -> str:
@@ -284,12 +373,18 @@ def _same_gpu(device: str, target: str) -> bool:
     return device != "cpu" and gpu_chip(device) == gpu_chip(target)
 
 
-def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measure | None, float, str]:
-    """The measure a stage's figure rests on, the factor applied to its rate, and why."""
-    mine = [m for m in measures if m.stage == step.name]
+def _choose(stage: str, measures: list[Measure], gpu: str | None, backend: str | None) -> tuple[Measure | None, float, str]:
+    """The measure a stage's figure rests on, the factor applied to its rate, and why. Only a record
+    of the backend the step will run with counts: the rules' speed says nothing of an LLM's."""
+    on_gpu = STAGES[stage].on_gpu
+    of_stage = [m for m in measures if m.stage == stage]
+    mine = [m for m in of_stage if m.backend == backend]
     mine.sort(key=lambda m: not m.from_run)  # the user's own runs first
-    if not (step.on_gpu and gpu):
-        usable = mine if not step.on_gpu else [m for m in mine if m.device == "cpu"]
+    if of_stage and not mine:
+        others = ", ".join(sorted({str(m.backend) for m in of_stage}))
+        return None, 1.0, f"no record of {stage} with backend {backend} (only {others}); run its benchmark with that backend, or plan --from-runs a run of it"
+    if not (on_gpu and gpu):
+        usable = mine if not on_gpu else [m for m in mine if m.device == "cpu"]
         return (usable[0], 1.0, "") if usable else (None, 1.0, "no CPU record")
     exact = [m for m in mine if _same_gpu(m.device, gpu)]
     if exact:
@@ -307,7 +402,7 @@ def _choose(step: Step, measures: list[Measure], gpu: str | None) -> tuple[Measu
             f"on 1 CPU core ({m.per_worker_per_s:.3g} {m.unit}/s, {m.source}), which says nothing about {gpu}; "
             f"run `make bench-gpu` (bench/gpu.py) on a {gpu}, or on another GPU to extrapolate by memory bandwidth"
         )
-    return None, 1.0, f"no record for {step.name}"
+    return None, 1.0, f"no record for {stage}"
 
 
 def _trust(m: Measure) -> str:
@@ -320,7 +415,7 @@ def _trust(m: Measure) -> str:
 
 
 def plan(
-    recipe: str,
+    recipe,
     rows: int,
     config: Config,
     gpu: str | None = None,
@@ -330,10 +425,15 @@ def plan(
     startup: dict | None = None,
     stages: list[str] | None = None,
     caption_chars: float | None = None,
+    step_configs: dict[str, Config] | None = None,
+    commands: bool = False,
+    export: str | None = None,
+    load_now: float | None = None,
 ) -> dict:
-    """The bill for `rows` input rows through `recipe` on `gpus` x `gpu` (None: CPU only) and `cpus` cores."""
-    if recipe not in RECIPES:
-        raise FgdataError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    """The bill for `rows` input rows through `recipe` (a pipeline.recipes.Recipe: its name and steps)
+    on `gpus` x `gpu` (None: CPU only) and `cpus` cores, each step with its settings from
+    `step_configs` (by step name; `config` where absent). `commands`: as the stage commands run one
+    after another, each its own process, instead of `fgdata run`; `export`: then `fgdata export EXPORT`."""
     if rows < 1:
         raise FgdataError(f"the number of rows to plan for must be at least 1, not {rows}")
     if rows > MAX_COUNT:
@@ -342,10 +442,12 @@ def plan(
         raise FgdataError(f"--gpu {gpu!r} names no GPU; give its type, e.g. h100, or leave --gpu out for CPU only")
     if gpu is not None and not 1 <= gpus <= MAX_COUNT:
         raise FgdataError(f"--gpus must be between 1 and 10^15, not {shown(gpus)}")
-    steps = RECIPES[recipe]
-    unknown = sorted(set(stages or []) - {s.name for s in steps})
+    if export is not None and export not in EXPORTS:
+        raise FgdataError(f"--export {shown(export)}: the exports are {', '.join(EXPORTS)}")
+    steps = [(step.name, step.stage) for step in recipe.steps] + ([(f"export {export}", f"export {export}")] if export else [])
+    unknown = sorted(set(stages or []) - {name for step in steps for name in step})
     if unknown:
-        raise FgdataError(f"--stages: {', '.join(unknown)} not in {recipe}; its stages are {', '.join(s.name for s in steps)}")
+        raise FgdataError(f"--stages: {', '.join(unknown)} not in {recipe.name}; its steps are {', '.join(f'{n} ({s})' if n != s else n for n, s in steps)}")
     if cpus is None:
         cpus = gpus * CPU_CORES_PER_GPU if gpu else config.run.num_cpus or os.cpu_count() or 1
     if not 1 <= cpus <= MAX_COUNT:
@@ -354,18 +456,29 @@ def plan(
         raise FgdataError(f"--caption-chars must be a finite number above 0, not {caption_chars}")
     measures, startup = measures or [], startup or {}
     shards = math.ceil(rows / config.ingest.rows_per_shard)  # every later stage keeps ingest's shards
-    planned = []
-    for step in steps:
-        if stages and step.name not in stages:
+    # a cluster named by RAY_ADDRESS is running already: joining it costs no start
+    ray_start = 0.0 if os.environ.get("RAY_ADDRESS") else _positive(startup.get("ray_start_seconds"))
+    planned, used = [], []
+    for name, stage in steps:
+        if stages and name not in stages and stage not in stages:
             continue
-        measure, factor, why = _choose(step, measures, gpu)
-        on_gpu = step.on_gpu and gpu is not None
-        # on CPU a model actor reserves a core and one more decodes for it
-        workers = gpus if on_gpu else (max(1, cpus - 1) if step.on_gpu else cpus)
+        kind = STAGES[stage]
+        step_config = (step_configs or {}).get(name, config)
+        section = getattr(step_config, kind.section) if kind.section else None
+        measure, factor, why = _choose(stage, measures, gpu, section.backend if section else None)
+        on_gpu = kind.on_gpu and gpu is not None
+        executor = _executor(stage, step_config, shards, commands)
+        if executor == "local":
+            workers = 1  # this process, one shard after another
+        elif kind.on_gpu:  # the runner's pool: num_actors, else one per GPU, one without GPUs
+            workers = (section.num_actors if section else 0) or (gpus if on_gpu else 1)
+        else:
+            workers = cpus
         if measure is None:
-            planned.append(StagePlan(step.name, gpu if on_gpu else "cpu", workers, rows, 0, step.unit, None, None, None, None, None, why))
+            planned.append(StagePlan(name, stage, gpu if on_gpu else "cpu", workers, rows, 0, kind.unit, None, None, None, None, None, why, executor=executor))
             continue
-        if step.name == "phrases" and measure.mean_caption_chars:
+        used.append(measure)
+        if stage == "phrases" and measure.mean_caption_chars:
             if caption_chars:
                 factor *= measure.mean_caption_chars / caption_chars
                 why = f"scaled from the record's {measure.mean_caption_chars:g}-char captions to {caption_chars:g} chars"
@@ -375,34 +488,49 @@ def plan(
         units = rows * measure.units_per_row
         worker_seconds = units / rate if rate > 0 else math.inf  # a rate scaled down past a float's range
         busy = min(workers, shards)
-        wall = (measure.fixed_seconds or 0.0) + worker_seconds / busy
+        # as separate commands, each on Ray starts its own (a run's whole wall time holds it already)
+        own_ray = (ray_start or 0.0) if commands and executor == "ray" and not measure.ray_start_in_fixed else 0.0
+        wall = own_ray + (measure.fixed_seconds or 0.0) + worker_seconds / busy
         if not all(map(math.isfinite, (rate, units, wall))):  # records of extreme values; NaN and inf are no JSON
-            raise FgdataError(f"{step.name}: {measure.source} gives no finite figure for {rows:,} rows (rate {rate:g} {measure.unit}/s); check that record")
+            raise FgdataError(f"{stage}: {measure.source} gives no finite figure for {rows:,} rows (rate {rate:g} {measure.unit}/s); check that record")
         basis = "; ".join(part for part in (_trust(measure), why) if part)
         if measure.fixed_seconds is None:
             basis += "; start-up not measured"
+        elif measure.from_run:
+            basis += "; start-up from the run's whole wall time"
         planned.append(
             StagePlan(
-                step.name, gpu if on_gpu else "cpu", workers, rows, round(units, 1), measure.unit, rate,
+                name, stage, gpu if on_gpu else "cpu", workers, rows, round(units, 1), measure.unit, rate,
                 worker_seconds / 3600 if on_gpu else None, None if on_gpu else worker_seconds / 3600,
-                measure.fixed_seconds, wall, basis, measure.model, measure.settings, measure.source,
+                measure.fixed_seconds, wall, basis, own_ray, executor, measure.model, measure.settings, measure.source,
             )
         )
-    ray_start = _positive(startup.get("ray_start_seconds")) if not os.environ.get("RAY_ADDRESS") else 0.0
-    missing = [p.stage for p in planned if p.wall_seconds is None]
+    # `fgdata run` starts Ray once for all its steps (on Ray unless run.executor=local)
+    run_ray = (ray_start or 0.0) if not commands and any(p.executor == "ray" for p in planned) else 0.0
+    missing = [p.step for p in planned if p.wall_seconds is None]
     total = {
         "gpu_hours": sum(p.gpu_hours or 0 for p in planned) if gpu else None,
         "cpu_core_hours": sum(p.cpu_core_hours or 0 for p in planned),
-        "ray_start_seconds": ray_start,
-        "wall_seconds": sum(p.wall_seconds or 0 for p in planned) + (ray_start or 0),
+        "ray_start_seconds": run_ray + sum(p.ray_start_seconds for p in planned),
+        "ray_starts": (run_ray > 0) + sum(p.ray_start_seconds > 0 for p in planned),
+        "wall_seconds": sum(p.wall_seconds or 0 for p in planned) + run_ray,
         "complete": not missing,
         "stages_without_a_figure": missing,
     }
     if not all(map(math.isfinite, (total["cpu_core_hours"], total["wall_seconds"], total["gpu_hours"] or 0.0))):
         raise FgdataError(f"the stages' figures add up past a float's range for {rows:,} rows; check the records they come from")
     gpu_records = sorted({m.device for m in measures if m.device not in ("cpu", "unknown machine")})
+    load = _load_notes(used, os.getloadavg()[0] if load_now is None else load_now)
+    how = "as separate commands, one after another" if commands else "as one `fgdata run`"
+    if not ray_start:
+        ray_note = "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)"
+    elif commands:
+        ray_note = f"Ray start-up counted for each command that runs on Ray: {total['ray_starts']} start(s); a command of one shard without a model runs in its own process"
+    else:
+        ray_note = "Ray start-up (local) is counted once, as `fgdata run` starts it once"
     return {
-        "recipe": recipe,
+        "recipe": recipe.name,
+        "how": how,
         "rows": rows,
         "gpu": gpu,
         "gpus": gpus if gpu else 0,
@@ -411,12 +539,49 @@ def plan(
         "stages": [asdict(p) for p in planned],
         "total": total,
         "gpu_records": gpu_records,
+        "load_warning": load["warning"],
         "notes": [
-            "stages are summed one after another; a recipe streaming shards between them overlaps them, so the total wall time is an upper bound",
-            "Ray start-up (local) is counted once" if ray_start else "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)",
+            "stages are summed one after another; `fgdata run` streams shards between them and overlaps them, so its total wall time is an upper bound",
+            ray_note,
             *([] if gpu_records else ["no GPU measurement exists in the records read: GPU figures need `make bench-gpu` (bench/gpu.py) on a GPU"]),
+            *load["notes"],
         ],
     }
+
+
+def _executor(stage: str, config: Config, shards: int, commands: bool) -> str:
+    """Where a step's shards run, as the code decides it (runner.choose_executor): the export in its
+    own process; a setting other than auto as set; `fgdata run` on Ray; a stage command in its own
+    process when it has at most one shard and no model, and no cluster is named."""
+    if stage.startswith("export "):
+        return "local"
+    if config.run.executor != "auto":
+        return config.run.executor
+    if not commands or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    return "local" if shards <= 1 and not STAGES[stage].on_gpu else "ray"
+
+
+def _load_notes(used: list[Measure], load_now: float) -> dict:
+    """What the records' load averages and CPUs were, and a warning when this machine's load now is
+    more than LOAD_PER_CORE_WARNING per core away from one of theirs."""
+    cores = os.cpu_count() or 1
+    notes, far = [], []
+    for source, group in sorted({m.source: m for m in used if not m.from_run}.items()):
+        if group.load_average is None:
+            notes.append(f"{source}: taken under a load average it does not record")
+            continue
+        then = f"load average {group.load_average:g} on {group.cpus:g} cores" if group.cpus else f"load average {group.load_average:g}"
+        notes.append(f"{source}: taken under {then}{f' ({group.cpu_model})' if group.cpu_model else ''}")
+        if abs(load_now / cores - group.load_average / (group.cpus or cores)) > LOAD_PER_CORE_WARNING:
+            far.append(f"{Path(source).name} ({group.load_average:g})")
+    warning = None
+    if far:
+        warning = (
+            f"this machine's load average is {load_now:.2f} on {cores} cores, more than {LOAD_PER_CORE_WARNING:g} per core from the one "
+            f"these records were taken under: {', '.join(far)}; the figures may be off by that much; take them again now (make bench) or plan --from-runs"
+        )
+    return {"notes": notes, "warning": warning}
 
 
 def _hours(value: float | None) -> str:
@@ -435,15 +600,16 @@ def _duration(seconds: float | None) -> str:
 
 def format_plan(bill: dict) -> str:
     where = f"{bill['gpus']} x {bill['gpu']} + {bill['cpus']} CPU cores" if bill["gpu"] else f"{bill['cpus']} CPU cores"
-    lines = [f"fgdata plan {bill['recipe']}: {bill['rows']:,} rows on {where}, {bill['shards']:,} shard(s)", ""]
-    header = ("stage", "device", "workers", "rate/worker", "GPU-h", "core-h", "wall", "basis")
+    lines = [f"fgdata plan {bill['recipe']} ({bill['how']}): {bill['rows']:,} rows on {where}, {bill['shards']:,} shard(s)", ""]
+    header = ("step", "stage", "device", "runs on", "workers", "rate/worker", "GPU-h", "core-h", "wall", "basis")
     table = [header]
     for s in bill["stages"]:
         rate = "-" if s["per_worker_per_s"] is None else f"{s['per_worker_per_s']:,.3g} {s['unit']}/s"
-        table.append((s["stage"], s["device"], str(s["workers"]), rate, _hours(s["gpu_hours"]), _hours(s["cpu_core_hours"]), _duration(s["wall_seconds"]), s["basis"]))
+        runs_on = f"Ray (+{s['ray_start_seconds']:.1f}s start)" if s["ray_start_seconds"] else "Ray" if s["executor"] == "ray" else "its process"
+        table.append((s["step"], s["stage"], s["device"], runs_on, str(s["workers"]), rate, _hours(s["gpu_hours"]), _hours(s["cpu_core_hours"]), _duration(s["wall_seconds"]), s["basis"]))
     total = bill["total"]
     suffix = "" if total["complete"] else f" (incomplete: no figure for {', '.join(total['stages_without_a_figure'])})"
-    table.append(("total", "", "", "", _hours(total["gpu_hours"]), _hours(total["cpu_core_hours"]), _duration(total["wall_seconds"]), suffix.strip(" ()")))
+    table.append(("total", "", "", "", "", "", _hours(total["gpu_hours"]), _hours(total["cpu_core_hours"]), _duration(total["wall_seconds"]), suffix.strip(" ()")))
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -452,6 +618,8 @@ def format_plan(bill: dict) -> str:
         if s["source"]:
             settings = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if v is not None)
             per_row = "" if s["unit"] == "rows" else f"; {s['units'] / max(s['rows'], 1):.3g} {s['unit']} per row"
-            lines.append(f"  {s['stage']}: {s['model']}{f' ({settings})' if settings else ''}{per_row}; from {s['source']}")
+            lines.append(f"  {s['step']}: {s['model']}{f' ({settings})' if settings else ''}{per_row}; from {s['source']}")
     lines += [f"note: {note}" for note in bill["notes"]]
+    if bill["load_warning"]:
+        lines.append(f"warning: {bill['load_warning']}")
     return "\n".join(lines)
