@@ -250,6 +250,9 @@ class NegativesConfig(GeneratorSettings):
     prompt: str = "hard_negatives.v1"
     max_new_tokens: int = 512
     per_region: int = 10
+    # candidates proposed and checked per region (the rules backend offers as many as its lexicons
+    # give, up to this); of those NLI keeps, the per_region it finds most contradicted are kept
+    candidates: int = 20
     min_valid: int = 3  # a region with fewer valid negatives is flagged too_few_valid
     max_changed_words: int = 3
     spacy_model: str = "en_core_web_sm"
@@ -491,7 +494,7 @@ RANGES: dict[str, Range] = {
     "ground.nms_iou": FRACTION, "ground.cross_phrase_iou": FRACTION, "ground.min_box_area": FRACTION,
     "ground.max_box_area": FRACTION, "ground.whole_image_area": FRACTION,
     "ground.max_boxes_per_phrase": COUNT, "ground.max_boxes_per_image": COUNT, "ground.text_cache_size": ZERO_OR_MORE,
-    "negatives.per_region": COUNT, "negatives.min_valid": ZERO_OR_MORE, "negatives.max_changed_words": COUNT,
+    "negatives.per_region": COUNT, "negatives.candidates": COUNT, "negatives.min_valid": ZERO_OR_MORE, "negatives.max_changed_words": COUNT,
     "negatives.max_entailment": FRACTION, "negatives.min_contradiction": FRACTION, "negatives.max_embedding_similarity": FRACTION,
     "hierarcaps.min_negative_contradiction": FRACTION,
     "hierarcaps.demonstrations": ZERO_OR_MORE, "hierarcaps.min_entailment": FRACTION,
@@ -524,6 +527,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 ORDERED: list[tuple[str, str, str, bool]] = [
     ("ground", "min_box_area", "max_box_area", False),
     ("negatives", "min_valid", "per_region", False),
+    ("negatives", "per_region", "candidates", False),
     ("fgclip", "keep_positions", "long_text_tokens", True),
     # pigeonhole: hashes at distance d share a band exactly only while d < bands
     ("dedup", "max_distance", "bands", True),

@@ -233,8 +233,9 @@ def test_nli_filter_drops_entailed_negatives_and_flags_the_region(tiny_nli, regi
     run_stage(NegativesStage(regions_dir), out, make_config("negatives.backend=rules", f"negatives.nli_model={tiny_nli}", "negatives.nli_rule=not_entailed", "negatives.max_entailment=0"))
     cup = read_rows(out)[0]["regions"][0]
     assert cup["negatives"] == [] and cup["negatives_flag"] == "too_few_valid"
-    # 10 colours for the cup + the 7 materials a table can be made of (no fabric/brick/paper table)
-    assert read_json(out / "_manifest.json")["counters"]["dropped_entailed"] == 17
+    # every candidate: the 13 colours for the cup (up to negatives.candidates=20, not just per_region)
+    # + the 7 materials a table can be made of (no fabric/brick/paper table)
+    assert read_json(out / "_manifest.json")["counters"]["dropped_entailed"] == 20
 
 
 def test_bad_negatives_settings_stop_before_any_work(tiny_nli, regions_dir, tmp_path):
@@ -302,9 +303,11 @@ def test_llm_backend_end_to_end_with_a_random_model(tiny_nli, tiny_llm, regions_
     assert (summary.rows_in, summary.rows_out) == (3, 3)
     assert_dataset_invariants(out)
     manifest = read_json(out / "_manifest.json")
-    # a random model writes noise: nothing parses, every region is flagged, nothing is silently lost
-    assert manifest["counters"]["regions_too_few_valid"] == 4
-    assert sum(v for k, v in manifest["counters"].items() if k.startswith("llm_")) == 4
+    # a random model writes noise: nothing parses, every region is flagged with why, nothing is silently lost
+    flags = {k: v for k, v in manifest["counters"].items() if k.startswith("regions_")}
+    assert sum(flags.values()) == 4 and "regions_ok" not in flags
+    assert sum(v for k, v in manifest["counters"].items() if k.startswith("llm_") and k != "llm_wrong_count") == 4
+    assert sum(v for k, v in flags.items() if k.startswith("regions_llm_")) == 4
     assert manifest["provenance"]["random_weights"] == [True]
     backend = read_rows(out)[0]["negatives_backend"]
     assert str(tiny_llm) in backend and "prompt hard_negatives.v1 sha256:" in backend and '"temperature": 0.7' in backend

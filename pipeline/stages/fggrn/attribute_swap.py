@@ -27,13 +27,20 @@ if TYPE_CHECKING:
 _HARD_MATERIALS = [("wooden",), ("metal", "metallic", "steel", "stainless steel", "iron", "cast iron", "wrought iron", "aluminum"),
                    ("plastic",), ("glass",), ("brick",), ("concrete",), ("ceramic", "porcelain"), ("wicker", "rattan"), ("bamboo",),
                    ("rubber",), ("paper", "cardboard"), ("foam",), ("leather",), ("fabric",)]
+_HUES = [("red",), ("blue",), ("green",), ("yellow",), ("black",), ("white",), ("brown",), ("grey", "gray"), ("orange",), ("pink",),
+         ("purple",), ("beige",)]
 SCALES: dict[str, list[list[tuple[str, ...]]]] = {
-    # hues only: dark/bright say nothing about the hue ("a bright jacket" may be blue)
-    "colour": [[("red",), ("blue",), ("green",), ("yellow",), ("black",), ("white",), ("brown",), ("grey", "gray"), ("orange",),
-                ("pink",), ("purple",), ("silver",), ("golden", "gold"), ("beige",)]],
+    # hues only: dark/bright say nothing about the hue ("a bright jacket" may be blue). Silver is a
+    # grey and gold a yellow or brown that shines: each contradicts the hues but those.
+    "colour": [_HUES, [("silver",)] + [h for h in _HUES if h[0] != "grey"],
+               [("golden", "gold")] + [h for h in _HUES if h[0] not in ("yellow", "brown", "orange", "beige")],
+               [("silver",), ("golden", "gold")]],
     "lightness": [[("dark",), ("bright",)]],
+    # knitted says how a fabric is made, not of what (a knitted sweater may be cotton): it contradicts
+    # only what is never knitted
     "material": [_HARD_MATERIALS + [("stone",)], _HARD_MATERIALS + [("marble",)],
-                 [("cotton",), ("woolen", "wool", "woollen", "knitted"), ("silk", "silken"), ("leather",), ("denim",)]],
+                 [("cotton",), ("woolen", "wool", "woollen"), ("silk", "silken"), ("leather",), ("denim",)],
+                 [("knitted",), ("leather",), ("denim",)]],
     "size": [
         [("large", "big", "huge", "giant"), ("small", "tiny", "little")],
         [("tall",), ("short",)],
@@ -120,6 +127,7 @@ _HARD = {"thing", "vehicle", "building", "opening", "device", "appliance"} | _FU
 _OBJECTS = _HARD | {"clothing", "textile"}
 _LIVING = {"person", "animal", "bird"}
 _ALL = _OBJECTS | _LIVING | {"plant", "food", "body", "scene"}
+_TALL = _LIVING | {"plant", "building", "opening", "seat", "appliance", "device", "vessel", "bottle"}  # a short man, lamp, glass
 
 
 def _fits(words: str, classes: set[str]) -> dict[str, set[str]]:
@@ -143,6 +151,9 @@ FITS: dict[str, set[str]] = {
     **_fits("leather", {"seat", "upholstered", "clothing", "textile"}), **_fits("fabric", {"upholstered", "textile"}),
     **_fits("cotton woolen silk denim", {"clothing", "textile"}),
     **_fits("large small", _ALL - {"person"}),  # "a large girl" for "a little girl" is no contradiction anyone writes
+    # "short" is a height or a length by what it describes: one sense per noun class
+    **_fits("tall", _TALL), **_fits("long", _ALL - _TALL),
+    **_fits("knitted", {"clothing", "textile"}),
     **_fits("wide narrow", _ALL - _LIVING),
     **_fits("plain patterned checkered floral paisley zigzag camouflage", {"thing", "clothing", "textile", "upholstered", "vessel"}),
     **_fits("striped spotted", {"thing", "clothing", "textile", "upholstered", "vessel", "animal"}),

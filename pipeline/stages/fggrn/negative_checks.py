@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import re
 from difflib import SequenceMatcher
-from typing import Callable
+from typing import Callable, Iterable
 
 from pipeline.core.text import latin_fraction
 from pipeline.stages.fggrn.attribute_swap import same_meaning
 
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 _FUNCTION_WORDS = frozenset("a an the of in on with and at by to from its this that these those some".split())
+# The plural spaCy's lemmatizer keeps as its own lemma: a head stored as "person" (a region from another
+# pipeline or importer) is still the head of "two old people".
+_SUPPLETIVE_PLURALS = {"people": "person"}
 
 
 def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-def structure_problem(positive: str, negative: str, head: str, seen: set[str], max_changed_words: int = 3) -> tuple[str, str] | None:
+def structure_problem(
+    positive: str,
+    negative: str,
+    head: str,
+    seen: set[str],
+    max_changed_words: int = 3,
+    lemmas: Callable[[str], Iterable[str]] = lambda word: (),
+) -> tuple[str, str] | None:
     """Why `negative` is no valid hard negative of `positive`, as (reason, detail) (None when it is).
 
-    `seen` holds the normalised negatives already accepted for this region (for duplicates).
+    `seen` holds the normalised negatives already accepted for this region (for duplicates);
+    `lemmas` gives a word's noun lemmas, so the head lemma "woman" is found in "two women".
     """
     pos, neg = words(positive), words(negative)
     if not neg:
@@ -31,7 +42,7 @@ def structure_problem(positive: str, negative: str, head: str, seen: set[str], m
         return "same_as_positive", "the same words as the positive"
     if " ".join(neg) in seen:
         return "duplicate", "the same words as an accepted negative"
-    if head.lower() not in neg and not any(w.startswith(head.lower()) for w in neg):
+    if not keeps_head(neg, head.lower(), lemmas):
         return "object_changed", f"the head noun {head!r} is gone"  # only an attribute may change
     if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
         return "length_mismatch", f"{len(neg)} words against the positive's {len(pos)}"
@@ -42,7 +53,16 @@ def structure_problem(positive: str, negative: str, head: str, seen: set[str], m
         return "same_meaning", "every changed word is in the same meaning class of the attribute lexicons"
     if changed > max_changed_words:
         return "too_many_changes", f"{changed} content words changed, over {max_changed_words}"
+    places = _changed_places(pos, neg)
+    if places > 1:  # "a red cup on a wooden table" → "a blue cup on a metal table": two attributes
+        return "more_than_one_attribute", f"content words changed in {places} separate places"
     return None
+
+
+def keeps_head(negative: list[str], head: str, lemmas: Callable[[str], Iterable[str]]) -> bool:
+    """Whether one of the negative's words is the head noun: its lemma, the lemma with an ending
+    ("dogs"), or a form the lemmatizer takes back to it ("women", "geese", "teeth")."""
+    return any(w.startswith(head) or _SUPPLETIVE_PLURALS.get(w) == head or head in lemmas(w) for w in negative)
 
 
 def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
@@ -60,6 +80,12 @@ def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
 
 def _content(span: list[str]) -> int:
     return sum(w not in _FUNCTION_WORDS for w in span)
+
+
+def _changed_places(positive: list[str], negative: list[str]) -> int:
+    """Runs of changed words that change a content word: one attribute is one run."""
+    opcodes = SequenceMatcher(a=positive, b=negative, autojunk=False).get_opcodes()
+    return sum(op != "equal" and bool(_content(positive[i1:i2]) or _content(negative[j1:j2])) for op, i1, i2, j1, j2 in opcodes)
 
 
 def _changed_content_words(positive: list[str], negative: list[str]) -> int:

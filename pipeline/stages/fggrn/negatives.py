@@ -8,12 +8,14 @@ when both are read in the caption ("... a red cup ..." vs "... a blue cup ...": 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
+from spacy.tokens import Doc
 
 from pipeline.config import Config
 from pipeline.core.llm_output import parse_negatives
@@ -26,14 +28,16 @@ from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliDecision, NliScorer
 from pipeline.models.reference import check_model_reference
-from pipeline.models.registry import load_text_generator
+from pipeline.models.registry import load_text_generator, note_provenance
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
 from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit
 from pipeline.stages.fggrn.attribute_swap import attribute_swaps
 from pipeline.stages.fggrn.negative_checks import embedding_texts, meaning_problem, structure_problem, words
 
 REGION_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string(), "phrase_source": pa.string()}
-LEXICON_VERSION = "rules:lexicon-v3"  # v2: contradicting classes, no swaps inside compounds; v3: antonym scales, noun classes, multi-word units
+# v2: contradicting classes, no swaps inside compounds; v3: antonym scales, noun classes, multi-word units;
+# v4: silver/golden apart from grey/yellow/brown, knitted no material, short by the noun's sense (tall or long)
+LEXICON_VERSION = "rules:lexicon-v4"
 
 
 @dataclass
@@ -48,6 +52,28 @@ def answer_schema(count: int) -> dict:
     """The JSON shape the LLM must answer in (enforced by vLLM's structured outputs)."""
     item = {"type": "object", "properties": {"negative": {"type": "string"}, "attribute": {"type": "string"}}, "required": ["negative", "attribute"]}
     return {"type": "array", "items": item, "maxItems": count}
+
+
+def noun_lemmatizer(nlp) -> Callable[[str], tuple[str, ...]]:
+    """A word's lemmas read as a noun by the pipeline's own lemmatizer ("women" → woman, "geese" →
+    goose), without tagging a sentence: the head check compares lemmas, as the head is stored. A
+    pipeline without a lemmatizer gives none (spellings are compared)."""
+    if "lemmatizer" not in nlp.pipe_names:
+        return lambda word: ()
+    lemmatizer = nlp.get_pipe("lemmatizer")
+
+    @lru_cache(maxsize=65536)
+    def lemmas(word: str) -> tuple[str, ...]:
+        return tuple(lemmatizer.lemmatize(Doc(nlp.vocab, words=[word], pos=["NOUN"])[0]))
+
+    return lemmas
+
+
+def best_first(scored: list[tuple[int, dict]], count: int) -> list[dict]:
+    """The `count` negatives the positive contradicts most (a tie: the earlier candidate), in
+    candidate order."""
+    best = sorted(scored, key=lambda item: (-item[1]["contradiction"], item[0]))[:count]
+    return [negative for _, negative in sorted(best, key=lambda item: item[0])]
 
 
 def fill_prompt(template: str, count: int, caption: str, phrase: str) -> str:
@@ -112,11 +138,12 @@ class NegativesStage(GeneratorStage):
             if model.llm
             else f"{LEXICON_VERSION} + {spacy_id(model.nlp)}"
         )
-        keys = ("backend", "per_region", "min_valid", "max_changed_words", "nli_rule", "min_contradiction", "max_entailment",
+        keys = ("backend", "per_region", "candidates", "min_valid", "max_changed_words", "nli_rule", "min_contradiction", "max_entailment",
                 "embedding_model", "max_embedding_similarity", "seed")
         chosen = {k: getattr(settings, k) for k in keys}
         decision = nli_decision(settings)
         similarity = model.embedder.similarity if model.embedder else None
+        lemmas = noun_lemmatizer(model.nlp)
         settings_json = json.dumps(chosen, sort_keys=True)
         out, rows_in = [], 0
         counters: Counter = Counter()
@@ -127,15 +154,15 @@ class NegativesStage(GeneratorStage):
             structured = []  # per region: the (text, attribute) candidates that pass the structure checks
             for (row, region), proposed in zip(regions, proposals):
                 region["negatives"], seen, passed = [], set(), []
-                for text, attribute in proposed[: 2 * settings.per_region]:
-                    problem = structure_problem(region["phrase"], text, region["head"], seen, settings.max_changed_words)
+                for text, attribute in proposed[: settings.candidates]:
+                    problem = structure_problem(region["phrase"], text, region["head"], seen, settings.max_changed_words, lemmas)
                     if problem:  # a candidate, not a row: counted, never a reject row
                         counters[f"dropped_{problem[0]}"] += 1
                         continue
                     seen.add(" ".join(words(text)))
                     passed.append((text, attribute))
                 structured.append(passed)
-                counters["dropped_over_limit"] += max(0, len(proposed) - 2 * settings.per_region)
+                counters["dropped_over_limit"] += max(0, len(proposed) - settings.candidates)
             if model.embedder:  # every span the meaning checks compare, embedded in one batch
                 model.embedder.warm(t for (_, region), passed in zip(regions, structured) for t in embedding_texts(region["phrase"], [p[0] for p in passed]))
             candidates = []  # (region, text, attribute, premise, hypothesis)
@@ -149,12 +176,17 @@ class NegativesStage(GeneratorStage):
                     accepted.append(text)
                     candidates.append((region, text, attribute or "unspecified", caption, caption[: region["start"]] + text + caption[region["end"] :]))
             scores = model.nli.score([(premise, hypothesis) for *_, premise, hypothesis in candidates])
-            for (region, text, attribute, _, _), score in zip(candidates, scores):
+            valid = defaultdict(list)  # id(region) -> (candidate order, negative) that NLI keeps
+            for order, ((region, text, attribute, _, _), score) in enumerate(zip(candidates, scores)):
                 problem = decision.problem(score)
                 if problem:
                     counters[f"dropped_{problem[0]}"] += 1
-                elif len(region["negatives"]) < settings.per_region:
-                    region["negatives"].append({"text": text, "attribute": attribute, **score})
+                else:
+                    valid[id(region)].append((order, {"text": text, "attribute": attribute, **score}))
+            for _, region in regions:
+                passed = valid[id(region)]
+                region["negatives"] = best_first(passed, settings.per_region)
+                counters["dropped_not_best"] += len(passed) - len(region["negatives"])
             for row in rows:
                 for region in row["regions"]:
                     counters["negatives"] += len(region["negatives"])
@@ -174,6 +206,7 @@ class NegativesStage(GeneratorStage):
                 "nli_rule": decision.rule,
                 "embedding_model": model.embedder.name if model.embedder else None,
                 "random_weights": model.nli.is_random or bool(model.llm and model.llm.is_random),
+                **note_provenance(model.llm),
             },
         )
 
@@ -184,7 +217,7 @@ class NegativesStage(GeneratorStage):
             proposals = []
             for (_, region), doc in zip(regions, model.nlp.pipe([region["phrase"] for _, region in regions])):
                 head = next((t.i for t in doc if t.lemma_.lower() == region["head"]), doc[:].root.i)
-                swaps = attribute_swaps(doc, head, settings.per_region, settings.seed)
+                swaps = attribute_swaps(doc, head, settings.candidates, settings.seed)
                 region["negatives_flag"] = "ok" if swaps else "no_swappable_attribute"
                 proposals.append([(swap.text, swap.attribute) for swap in swaps])
             return proposals
@@ -196,9 +229,13 @@ class NegativesStage(GeneratorStage):
         proposals = []
         for (_, region), generation in zip(regions, generations):
             parsed, reason = parse_negatives(generation.text)
+            if reason and generation.finish_reason == "length":
+                reason = "cut_at_max_new_tokens"  # cut short, not malformed: max_new_tokens is too low for this model
             counters["generated_tokens"] += generation.tokens
             if reason:
                 counters[f"llm_{reason}"] += 1
-            region["negatives_flag"] = "ok"
+            elif len(parsed) != settings.per_region:
+                counters["llm_wrong_count"] += 1  # its candidates are still checked: a region left short is flagged too_few_valid
+            region["negatives_flag"] = f"llm_{reason}" if reason else "ok"  # counted as regions_llm_<reason>
             proposals.append(parsed)
         return proposals
