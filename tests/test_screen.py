@@ -134,3 +134,6 @@ def test_bad_rows_are_rejects_and_bad_settings_stop_the_run(tmp_path):
     result = run_cli("screen", str(images), str(tmp_path / "y"), "--set", "screen.model=/no/such.onnx")
     assert result.returncode == 2 and "screen.model must be nudenet-320n or the path of an .onnx file" in result.stderr
     assert "Traceback" not in result.stderr
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    result = run_cli("screen", str(images), str(tmp_path / "z"), "--set", f"screen.model={tmp_path / 'garbage.onnx'}", "--executor", "local")
+    assert result.returncode == 2 and "does not load as an ONNX model" in result.stderr and not (tmp_path / "z").exists()

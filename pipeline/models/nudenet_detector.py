@@ -42,6 +42,17 @@ def model_file(model: str) -> Path:
     return path
 
 
+def check_model(model: str) -> None:
+    """Stops a run before it starts when `model` is no ONNX model onnxruntime can load."""
+    import onnxruntime
+
+    path = model_file(model)
+    try:
+        onnxruntime.InferenceSession(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes for a bad file
+        raise FgdataError(f"screen.model {path} does not load as an ONNX model: {str(exc).splitlines()[0][:300]}") from None
+
+
 class NudeNetDetector:
     """NudeNet's own pre- and post-processing (`NudeDetector.detect`) on decoded RGB images."""
 

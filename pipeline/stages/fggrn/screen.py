@@ -17,7 +17,7 @@ from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import lineage_entry, shard_rows, read_shard_schema
 from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
-from pipeline.models.nudenet_detector import FACE_CLASSES, LABELS, BodyDetection, model_file
+from pipeline.models.nudenet_detector import FACE_CLASSES, LABELS, BodyDetection, check_model
 from pipeline.models.registry import load_screen_detector
 from pipeline.stages.base import ModelStage, Problem, ShardResult, WorkUnit, reject
 from pipeline.stages.fggrn.dedup import REQUIRED_COLUMNS
@@ -66,7 +66,7 @@ class ScreenStage(ModelStage):
         unknown = sorted(set(config.screen.nsfw_classes) - set(LABELS))
         if unknown:
             raise FgdataError(f"screen.nsfw_classes: {', '.join(unknown)} not among the detector's classes ({', '.join(LABELS)})")
-        model_file(config.screen.model)
+        check_model(config.screen.model)
 
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
         check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
