@@ -20,7 +20,7 @@ from pipeline.core.shards import lineage_entry
 from pipeline.datasets.chains import complete_chain
 from pipeline.errors import FgdataError
 from pipeline.models.reference import check_model_reference
-from pipeline.models.registry import load_text_generator
+from pipeline.models.registry import load_text_generator, note_provenance
 from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit, reject
 from pipeline.stages.hierarcaps.caption_inputs import caption_units, unit_captions, with_captions
 
@@ -84,7 +84,7 @@ class HierarcapsSeedStage(GeneratorStage):
                 )
         return ShardResult(
             rows_in=rows_in, table=conform(rows, "hierarcaps"), rejects=rejects, counters=counters,
-            provenance={"model": model.name, "prompt": f"{prompt.name} sha256:{prompt.sha256}", "random_weights": model.is_random},
+            provenance={"model": model.name, "prompt": f"{prompt.name} sha256:{prompt.sha256}", "random_weights": model.is_random, **note_provenance(model)},
         )
 
     def _fill(self, template: str, item: dict, settings) -> str:
