@@ -21,6 +21,9 @@
   steps/s with all three losses vs a plain loop over the same batches doing only the global
   image <-> long caption loss: what the regional and hard-negative parts cost on top.
 
+- export (a synthetic world's FgGRN, 256 px images): `fgdata export fgclip` in this process, as the
+  command runs it (local, no Ray): images/s, for `fgdata plan --export fgclip`.
+
 - startup (run first, on a fresh Ray): the fixed costs `fgdata plan` adds to per-row times: starting
   local Ray, and the ingest and phrases stages on one row each (worker processes start, spaCy loads).
 
@@ -50,6 +53,8 @@ from pipeline.config import load_config
 from pipeline.core.prompts import load_prompt
 from pipeline.core.schemas import conform
 from pipeline.core.shards import list_shards, read_stats
+from pipeline.datasets.fgclip_export import export_fgclip
+from pipeline.datasets.synthetic_world import write_world
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliScorer
 from pipeline.models.spacy_nlp import load_spacy
@@ -457,6 +462,17 @@ def bench_train(workdir: Path, steps: int, batch_size: int) -> dict:
     }
 
 
+def bench_export(workdir: Path, count: int) -> dict:
+    paths = write_world(workdir / "world", count, side=256)
+    _, seconds = timed(lambda: export_fgclip(paths["fggrn"], workdir / "fgclip", progress=False, allow_missing_long_captions=True))
+    return {
+        "format": "fgclip",
+        "images": count,
+        "stage_images_per_s": round(count / seconds, 1),
+        "note": "export_fgclip in this process over a synthetic world's FgGRN (256 px JPEGs): reading shards, writing images/ and fgclip.json",
+    }
+
+
 def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> dict:
     """One row per core through ingest then phrases on a Ray just started, one shard each: per-row
     time is nil at this size, so each stage's wall time is its fixed cost on a fresh Ray with every
@@ -492,7 +508,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=24_000, help="captions for the phrases benchmark (>= 20k)")
     parser.add_argument("--image-copies", type=int, default=60, help="copies of the 17 sample photos for ingest")
-    parser.add_argument("--only", choices=["startup", "phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps", "train"], help="run one benchmark")
+    parser.add_argument("--only", choices=["startup", "phrases", "ingest", "ground", "negatives", "recaption", "hierarcaps", "train", "export"], help="run one benchmark")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the records (default bench/results)")
     args = parser.parse_args()
     _, ray_start_seconds = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR"))
@@ -507,6 +523,7 @@ def main() -> None:
             "recaption": lambda d: bench_recaption(d, copies=8, max_new_tokens=64, batch_size=8),
             "hierarcaps": lambda d: bench_hierarcaps(d, captions_count=2000, batch_size=64),
             "train": lambda d: bench_train(d, steps=40, batch_size=32),
+            "export": lambda d: bench_export(d, count=1000),
         }
         for name, bench in benchmarks.items():
             if args.only in (None, name):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.recipes import load_recipe
 from pipeline.reports.plan import RANDOM_REAL_ARCH, TINY_RANDOM, load_bench, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +57,13 @@ def test_harness_runs_without_ray_spacy_ultralytics_and_the_planner_reads_its_re
     # CPU records: the planner takes them as tiny random models on CPU, never as a GPU figure
     measures, _ = load_bench(tmp_path)
     assert {(m.stage, m.device, m.weights) for m in measures} == {("recaption", "cpu", TINY_RANDOM), ("negatives", "cpu", TINY_RANDOM)}
-    bill = plan("fggrn", 1000, load_config(), gpu="h100", measures=measures)
+    bill = plan(load_recipe("fggrn"), 1000, load_config(), gpu="h100", measures=measures)
     stages = {s["stage"]: s for s in bill["stages"]}
     assert stages["recaption"]["gpu_hours"] is None and "make bench-gpu" in stages["recaption"]["basis"]
 
     _as_from_gpu(tmp_path, "NVIDIA H100 80GB HBM3")
     measures, _ = load_bench(tmp_path)
-    bill = plan("fggrn", 12_000_000, load_config(), gpu="h100", gpus=8, measures=measures)
+    bill = plan(load_recipe("fggrn"), 12_000_000, load_config(), gpu="h100", gpus=8, measures=measures)
     stages = {s["stage"]: s for s in bill["stages"]}
     for stage in ("recaption", "negatives"):
         assert stages[stage]["gpu_hours"] > 0 and "extrapolated" not in stages[stage]["basis"]
@@ -82,8 +83,9 @@ def test_harness_with_every_package_measures_ground_and_hierarcaps_and_records_f
     assert summary["benchmarks"]["nli"]["fgdata_nli_pairs_per_s"] > 0
     _as_from_gpu(tmp_path, "NVIDIA A100-SXM4-80GB")
     measures, _ = load_bench(tmp_path)
-    bill = plan("hierarcaps", 73_000, load_config(), gpu="h100", measures=measures)
+    # the steps these records measure (seed, augment, distill and negatives have none)
+    bill = plan(load_recipe("hierarcaps"), 73_000, load_config(), gpu="h100", measures=measures, stages=["hierarcaps-generate", "hierarcaps-filter"])
     for stage in bill["stages"]:
         assert "extrapolated from NVIDIA A100-SXM4-80GB by memory bandwidth" in stage["basis"], stage
-    ground_plan = plan("fggrn", 1000, load_config(), gpu="h100", measures=measures, stages=["ground"])["stages"][0]
+    ground_plan = plan(load_recipe("fggrn"), 1000, load_config(), gpu="h100", measures=measures, stages=["ground"])["stages"][0]
     assert ground_plan["per_worker_per_s"] == pytest.approx(ground["fgdata_images_per_s"] * 3.35 / 2.0)

@@ -284,6 +284,9 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         elif name == "hierarcaps":
             measures.append(_model_stage(record, path, "hierarcaps-generate", "hierarchies", "stage_actor_busy_hierarchies_per_s", "stage_hierarchies_per_s", "captions"))
             measures.append(_model_stage(record, path, "hierarcaps-filter", "NLI pairs", "filter_actor_busy_nli_pairs_per_s", "filter_stage_nli_pairs_per_s", "nli_pairs", "captions"))
+        elif name == "export" and record.get("format") in EXPORTS:
+            rate = _number(record, "stage_images_per_s", path)  # one process
+            measures.append(Measure(f"export {record['format']}", rate, 1.0, "images", "cpu", NO_MODEL, "no model", {}, str(path), None))
         elif name in ("cpu_1k_recaption", "cpu_1k_ground", "cpu_1k_negatives"):
             end_to_end.append(_end_to_end(record, path, name.removeprefix("cpu_1k_")))
         for measure in measures[counts[0] :] + end_to_end[counts[1] :]:
