@@ -61,6 +61,13 @@ class RunSummary:
     seconds: float
 
 
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def ensure_ray(run: RunConfig) -> None:
     """Starts local Ray, or joins the cluster named by RAY_ADDRESS; reuses a running session."""
     if ray.is_initialized():
@@ -70,6 +77,11 @@ def ensure_ray(run: RunConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # Ray 2.5x turns token authentication on for every new local cluster and says so at each
+        # start. Kept on, the notice is dropped: RAY_AUTH_MODE=token set here, after `import ray`,
+        # leaves this driver without the token (its GCS refuses it), and "disabled" would open the
+        # cluster to anyone who reaches the node. A user's cluster (RAY_ADDRESS) says what it says.
+        logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_quiet_token_notice)
         # "local" always starts a fresh instance: without it Ray would silently join a cluster
         # left by an earlier `ray start` on this machine.
         ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
