@@ -42,8 +42,9 @@ from pipeline.core.shards import MANIFEST_FILE, find_ancestor, list_shards, open
 from pipeline.core.sources import read_regular_file
 from pipeline.core.storage import Location, location
 from pipeline.core.terminal import printable
-from pipeline.datasets.datacard import write_datacard, write_text_atomic
+from pipeline.datasets.datacard import walk_lineage, write_datacard, write_text_atomic
 from pipeline.errors import FgdataError, first_line, shown
+from pipeline.reports.html import BANNER_STYLE, random_weights_banner
 
 VERDICTS_FORMAT = 1
 VERDICTS = ("valid", "invalid", "unsure")
@@ -125,7 +126,7 @@ _SCRIPT = """(function () {
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'"
 
-_STYLE = """
+_STYLE = BANNER_STYLE + """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 60em; color: #222; }
 .bar { display: flex; gap: .6em; align-items: center; flex-wrap: wrap; margin: .8em 0; }
 .item dl { display: grid; grid-template-columns: 11em 1fr; gap: .3em 1em; overflow-wrap: anywhere; }
@@ -368,7 +369,7 @@ def render_audit_page(dataset_dir: str | Location, n: int = 200, seed: int = 0) 
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f"<title>fgdata audit: {esc(dataset_dir.name)}</title><style>{_STYLE}</style>"
         f"<script type='application/json' id='audit-meta'>{_json_in_html(meta)}</script><script>{_SCRIPT}</script></head><body>"
-        f"<h1>fgdata audit: {esc(kind)} {esc(dataset_dir.name)}</h1>"
+        f"<h1>fgdata audit: {esc(kind)} {esc(dataset_dir.name)}</h1>{random_weights_banner(walk_lineage(dataset_dir))}"
         f"<p class='note'>{len(items)} candidate negatives sampled (seed {seed}) from <code>{esc(dataset_dir)}</code>. Keys: <kbd>v</kbd> valid, "
         "<kbd>i</kbd> invalid, <kbd>u</kbd> unsure (each moves on), <kbd>&rarr;</kbd>/<kbd>n</kbd> next, <kbd>&larr;</kbd>/<kbd>p</kbd> previous. "
         "Verdicts are kept in this browser and in the download; score them with <code>fgdata audit score FILE.json</code>.</p>"

@@ -76,12 +76,12 @@ _SCRIPT = """(function () {
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 _CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'"
 
-_STYLE = """
+BANNER_STYLE = ".banner { background: #b00020; color: #fff; padding: .8em 1em; font-weight: bold; }"
+_STYLE = BANNER_STYLE + """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
 h1 { font-size: 1.5em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
-.banner { background: #b00020; color: #fff; padding: .8em 1em; font-weight: bold; }
 .note { color: #555; } .errors { background: #fee; color: #900; white-space: pre-wrap; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1.2em; }
 .card { width: 380px; border: 1px solid #ddd; padding: .5em; overflow-wrap: anywhere; }
@@ -500,6 +500,17 @@ def _charts(kind: str, rows: list[dict]) -> str:
 # --- the page ----------------------------------------------------------------------------------
 
 
+def random_weights_banner(steps: list[dict], rows: list[dict] = ()) -> str:
+    """The red RANDOM WEIGHTS banner (BANNER_STYLE) when a step of the lineage or a row says a
+    random-weight model made it, else "": the report and the audit page show the same one."""
+    randoms = random_weight_steps(steps)
+    random_rows = Counter(name for row in rows for name in _RANDOM_COLUMNS if row.get(name) is True)
+    if not randoms and not random_rows:
+        return ""
+    what = [f"step {s}" for s in randoms] + [f"{count} sampled rows with {name}" for name, count in random_rows.items()]
+    return f"<div class='banner' id='random-banner'>RANDOM WEIGHTS: {page_text('; '.join(what))}. This output is noise (an offline demo or test): do not train on it.</div>"
+
+
 def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: int = 24, examples: int = 3, seed: int = 0) -> tuple[str, dict]:
     """(the page, a summary: rows, sampled, seconds)."""
     started = time.perf_counter()
@@ -522,12 +533,7 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
     thumbs = _thumbnails(images_dir, wanted) if kind != "hierarcaps" else {}
     shards_shown = len(wanted)
 
-    randoms = random_weight_steps(steps)
-    random_rows = Counter(name for row in rows for name in _RANDOM_COLUMNS if row.get(name) is True)
-    banner = ""
-    if randoms or random_rows:
-        what = [f"step {s}" for s in randoms] + [f"{count} sampled rows with {name}" for name, count in random_rows.items()]
-        banner = f"<div class='banner' id='random-banner'>RANDOM WEIGHTS: {page_text('; '.join(what))}. This output is noise (an offline demo or test): do not train on it.</div>"
+    banner = random_weights_banner(steps, rows)
 
     if sampled["sampled"] < sampled["total"]:
         sample_note = (f"Sampled: histograms and examples come from {sampled['sampled']:,} of {sampled['total']:,} rows "

@@ -1,0 +1,140 @@
+"""What a new user trips over (issue 30): a data card that names only the models that ran and
+warns of every opened quality floor, numbered boxes with their labels listed below, a funnel that
+counts a source folder, the random-weights banner on the audit page too, no Ray token warning on
+a local run, a bounded ingest, and a rejects recipe that works with and without rejects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE_IMAGES, make_config
+
+from pipeline.config import Config
+from pipeline.core.shards import MANIFEST_FILE, read_json, write_json
+from pipeline.datasets.datacard import render_datacard
+from pipeline.datasets.synthetic_world import write_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, 12, seed=2)
+    return root
+
+
+def _manifest(stage: str, kind: str, overrides: dict[str, dict], provenance: dict, inputs: list[dict]) -> dict:
+    """A manifest as the runner writes it: the whole config, with `overrides` per section."""
+    config = Config().to_dict()
+    for section, values in overrides.items():
+        config[section].update(values)
+    return {"stage": stage, "kind": kind, "config": config, "provenance": provenance, "inputs": inputs, "rows_in": 4, "rows_out": 4, "rows_rejected": 0}
+
+
+def _grounded_then_negatives(tmp_path: Path, ground: dict, negatives: dict) -> tuple[Path, dict]:
+    """ground (yolo_world) -> negatives (rules backend), manifests only."""
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    write_json(regions / MANIFEST_FILE, _manifest("ground", "regions", {"ground": ground}, {"detector": ["yolov8x-worldv2.pt"], "random_weights": [False]}, []))
+    fggrn = tmp_path / "fggrn"
+    fggrn.mkdir()
+    provenance = {"negatives_backend": ["rules"], "nli_model": ["cross-encoder/nli-deberta-v3-base"], "random_weights": [False]}
+    return fggrn, _manifest("negatives", "fggrn", {"negatives": {"backend": "rules", **negatives}}, provenance, [{"path": str(regions), "stage": "ground"}])
+
+
+def _section_text(card: str, heading: str) -> str:
+    return card.split(f"## {heading}\n")[1].split("\n## ")[0]
+
+
+def test_card_lists_only_the_models_that_ran(tmp_path):
+    fggrn, manifest = _grounded_then_negatives(tmp_path, {}, {})
+    card = render_datacard(fggrn, manifest)
+    models, sampling = _section_text(card, "Models (with revisions)"), _section_text(card, "Sampling")
+    assert "Llama" not in card  # the LLM of the other negatives backends never ran
+    assert "owlv2" not in models  # ground ran YOLO-World, not OWLv2
+    assert "backend=rules" in models and "nli_model=cross-encoder/nli-deberta-v3-base" in models
+    assert "detector=yolov8x-worldv2.pt" in models and "text_encoder=openai/clip-vit-base-patch32" in models
+    assert "temperature" not in sampling and "top_p" not in sampling and "max_new_tokens" not in sampling
+    # the same stage on an LLM backend lists its model and how it sampled
+    (tmp_path / "llm").mkdir()
+    llm_dataset, llm = _grounded_then_negatives(tmp_path / "llm", {}, {"backend": "vllm"})
+    llm_card = render_datacard(llm_dataset, llm)
+    assert "model=meta-llama/Llama-3.1-8B-Instruct" in _section_text(llm_card, "Models (with revisions)")
+    assert "temperature=0.7" in _section_text(llm_card, "Sampling")
+
+
+def test_card_warns_of_every_opened_floor(tmp_path):
+    fggrn, manifest = _grounded_then_negatives(tmp_path, {"score_threshold": 0.0}, {"min_contradiction": 0.0})
+    card = render_datacard(fggrn, manifest)
+    warning = card.split("\n\n")[2]  # right under the title line, before any section
+    assert warning.startswith("> **OPENED QUALITY FLOORS**")
+    assert "`ground.score_threshold=0.0` (default 0.3)" in warning
+    assert "`negatives.min_contradiction=0.0` (default 0.5)" in warning
+    assert "`ground.score_threshold=0.0` (default 0.3)" in _section_text(card, "Opened quality floors")
+
+
+def test_card_at_default_floors_has_no_warning_and_hierarcaps_floors_count(tmp_path):
+    fggrn, manifest = _grounded_then_negatives(tmp_path, {"score_threshold": 0.5}, {})  # raised, not opened
+    card = render_datacard(fggrn, manifest)
+    assert "OPENED QUALITY FLOORS" not in card
+    assert "None: every quality floor" in _section_text(card, "Opened quality floors")
+    chains = tmp_path / "chains"
+    chains.mkdir()
+    manifest = _manifest("hierarcaps-filter", "hierarcaps", {"hierarcaps": {"min_entailment": 0.0}}, {"nli_model": ["x"]}, [])
+    card = render_datacard(chains, manifest)
+    assert "`hierarcaps.min_entailment=0.0` (default 0.5)" in card.split("\n\n")[2]
+    assert "Llama" not in card and "temperature" not in card  # the filter runs the NLI model only
+
+
+def test_audit_page_shows_the_reports_random_weights_banner(world, tmp_path):
+    from pipeline.reports.audit import render_audit_page
+    from pipeline.reports.html import render_report
+
+    dataset = tmp_path / "fggrn"
+    shutil.copytree(world / "fggrn", dataset)
+    assert "id='random-banner'" not in render_audit_page(dataset, n=4)[0]
+    write_json(dataset / MANIFEST_FILE, {**read_json(dataset / MANIFEST_FILE), "provenance": {"random_weights": [True]}})
+    report, audit = render_report(dataset)[0], render_audit_page(dataset, n=4)[0]
+    banner = report.split("<div class='banner' id='random-banner'>")[1].split("</div>")[0]
+    assert f"<div class='banner' id='random-banner'>{banner}</div>" in audit
+    assert "RANDOM WEIGHTS" in banner and "do not train on it" in banner
+
+
+def test_local_ray_start_drops_only_the_token_notice(monkeypatch):
+    import ray
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from pipeline import runner
+
+    def fake_init(**kwargs):  # what Ray 2.5x logs while starting a new local cluster, and another notice
+        ray_auth._warn_token_auth_enabled()
+        ray_auth.logger.warning("Token authentication is enabled but no token was found: another notice")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_auth.logger, "filters", [])  # each run of this test starts as a fresh process does
+    notices = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    monkeypatch.setattr(ray_auth.logger, "handlers", [handler])  # Ray's loggers do not propagate to pytest's
+    runner.ensure_ray(make_config().run)
+    assert notices == ["Token authentication is enabled but no token was found: another notice"]
+
+
+@pytest.mark.slow
+def test_a_real_local_ray_start_prints_no_token_notice_and_keeps_authentication():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    code = ("import os, ray; from pipeline.runner import ensure_ray; from pipeline.config import load_config; "
+            "ensure_ray(load_config(None, ['run.num_cpus=1']).run); print('mode', os.environ.get('RAY_AUTH_MODE')); ray.shutdown()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Token authentication" not in result.stdout + result.stderr
+    assert "mode token" in result.stdout
