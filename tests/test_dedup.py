@@ -18,6 +18,7 @@ from pipeline.core.shards import read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.dedup import DedupStage
+from test_cluster import cluster  # noqa: F401 - the multi-node Ray cluster fixture
 
 PHOTOS = ["astronaut", "brick", "camera", "chelsea", "coffee", "horse", "rocket", "coins"]
 
@@ -176,3 +177,22 @@ def test_cli_refuses_a_folder_without_images_and_bad_settings(tmp_path):
     assert result.returncode == 2 and "no part-*.parquet shards" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("dedup", str(tmp_path / "empty"), str(tmp_path / "out"), "--set", "dedup.max_distance=5")
     assert result.returncode == 2 and "dedup.max_distance=5 must be less than dedup.bands=5" in result.stderr
+
+
+@pytest.mark.slow
+def test_dedup_on_a_multi_node_cluster_gives_the_local_result(planted, tmp_path, cluster):
+    """Hashing, the band shuffle and the shards on a head node without CPUs and two worker nodes
+    (tests/test_cluster.py's cluster), joined through RAY_ADDRESS as a user's job would be."""
+    import os
+    import subprocess
+
+    from conftest import FGDATA
+
+    ray_cluster, _ = cluster
+    run_stage(DedupStage(planted), tmp_path / "local", make_config())
+    command = [str(FGDATA), "dedup", str(planted), str(tmp_path / "cluster"), "-s", "run.progress=false", "-s", "dedup.partitions=4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    assert done.returncode == 0, done.stderr
+    assert read_json(tmp_path / "cluster" / "_manifest.json")["executor"] == "ray"
+    assert read_rows(tmp_path / "cluster") == read_rows(tmp_path / "local")
+    assert read_rejects(tmp_path / "cluster").to_pylist() == read_rejects(tmp_path / "local").to_pylist()
