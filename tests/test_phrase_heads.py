@@ -80,6 +80,7 @@ def test_the_reported_captions_keep_the_whole_head(caption, phrase):
         # a true verb after a noun stays a verb
         ("A dog can catch a frisbee.", ["A dog", "a frisbee"]),
         ("A dog and a cat sleep on a sofa.", ["A dog", "a cat", "a sofa"]),
+        ("The couple kiss on a bridge.", ["The couple", "a bridge"]),
         ("A brown cow grazes near a fence.", ["A brown cow", "a fence"]),
         ("A skateboarder riding down a concrete ramp.", ["A skateboarder", "a concrete ramp"]),
         ("A girl with curly hair smiles at the camera.", ["A girl with curly hair", "curly hair", "the camera"]),

@@ -163,7 +163,8 @@ def _is_mistagged_noun(token: Token, rules: ExpressionRules) -> bool:
     follows a singular noun, the lemmatizer knows it as a noun, and as a verb it could not follow
     that noun:
     - a base form that does not agree with a singular subject ("a teddy bear", "a bathroom sink"),
-      unless that noun is one of several subjects ("a dog and a cat sleep");
+      unless that noun is one of several subjects ("a dog and a cat sleep") or a group ("the couple
+      kiss");
     - a modal with no verb after it ("a trash can next to a bench", "a soda can.");
     - a word the lemmatizer knows as no verb at all ("a microwave oven")."""
     if token.i == 0 or token.lower_ not in rules.noun_lemmas:
@@ -172,7 +173,8 @@ def _is_mistagged_noun(token: Token, rules: ExpressionRules) -> bool:
     if before.tag_ not in _SINGULAR_NOUN_TAGS:
         return False
     if token.tag_ == "VBP":
-        return before.dep_ != "conj" and not any(c.dep_ == "conj" for c in before.children)
+        several = before.dep_ == "conj" or any(c.dep_ == "conj" for c in before.children)
+        return not several and before.lemma_.lower() not in rules.quantifier_heads
     if token.tag_ == "MD":
         following = next((t for t in token.doc[token.i + 1 :] if t.tag_ != "RB"), None)  # "can also run"
         return following is None or following.tag_ != "VB"
