@@ -36,6 +36,7 @@ import argparse
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -477,7 +478,9 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
     """One row per core through ingest then phrases on a Ray just started, one shard each: per-row
     time is nil at this size, so each stage's wall time is its fixed cost on a fresh Ray with every
     worker warming up (starting, importing, loading spaCy) as in a real run. Single start-ups vary
-    a lot on a busy machine: Ray is restarted `repeats` times and the medians are kept."""
+    a lot on a busy machine: Ray is restarted `repeats` times and the medians are kept. The same two
+    stages on the local executor (what a one-shard stage command without a model runs on), and a
+    command's own start: a fresh Python importing what every stage command imports."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     source = workdir / "few"
     source.mkdir()
@@ -485,22 +488,30 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
         for path in SAMPLE.glob(f"{photo.stem}.*"):
             shutil.copyfile(path, source / path.name)
     config = load_config(None, ["run.progress=false", "ingest.rows_per_shard=1"])
-    starts, ingest, phrases = [ray_start_seconds], [], []
+    local = load_config(None, ["run.progress=false", "run.executor=local"])
+    starts, ingest, phrases, ingest_local, phrases_local, commands = [ray_start_seconds], [], [], [], [], []
     for attempt in range(repeats):
         if attempt:
             ray.shutdown()
             starts.append(timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR"))[1])
         ingest.append(timed(lambda: run_stage(IngestStage(source), workdir / f"images-{attempt}", config))[1])
         phrases.append(timed(lambda: run_stage(PhrasesStage(workdir / f"images-{attempt}"), workdir / f"phrases-{attempt}", config))[1])
+        ingest_local.append(timed(lambda: run_stage(IngestStage(source), workdir / f"images-local-{attempt}", local))[1])
+        phrases_local.append(timed(lambda: run_stage(PhrasesStage(workdir / f"images-local-{attempt}"), workdir / f"phrases-local-{attempt}", local))[1])
+        commands.append(timed(lambda: subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.runner"], check=True))[1])
     median = lambda values: round(float(np.median(values)), 3)  # noqa: E731
+    samples = {"ray_start": starts, "ingest": ingest, "phrases": phrases, "ingest_local": ingest_local, "phrases_local": phrases_local, "command_start": commands}
     return {
         "ray_cpus": cpus,
         "repeats": repeats,
         "ray_start_seconds": median(starts),
+        "command_start_seconds": median(commands),
         "stage_fixed_seconds": {"ingest": median(ingest), "phrases": median(phrases)},
-        "samples": {"ray_start": [round(v, 3) for v in starts], "ingest": [round(v, 3) for v in ingest], "phrases": [round(v, 3) for v in phrases]},
+        "local_stage_fixed_seconds": {"ingest": median(ingest_local), "phrases": median(phrases_local)},
+        "samples": {name: [round(v, 3) for v in values] for name, values in samples.items()},
         "note": "local ray.init(address='local') as the runner calls it; a stage's fixed cost is its wall time "
-        "on one one-row shard per core right after that start (worker processes start; phrases loads spaCy in each). Medians.",
+        "on one one-row shard per core right after that start (worker processes start; phrases loads spaCy in each), "
+        "and on the local executor (this process); a command's start is a fresh Python importing pipeline.cli and pipeline.runner. Medians.",
     }
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from records import write_result  # noqa: E402
 
 RAY_START = 5.0
+COMMAND_START = 2.0  # Python and fgdata's imports
 # the stage commands of a user whose images come with captions: no recaption
 NO_RECAPTION = """\
 steps:
@@ -37,7 +38,10 @@ def _records(folder: Path, load: float = 1.0) -> Path:
     folder.mkdir(exist_ok=True)
     machine = {"cpus": 2, "gpu": None, "load_average": [load, load, load], "cpu_model": "AMD EPYC"}
     records = {
-        "startup": {"ray_start_seconds": RAY_START, "stage_fixed_seconds": {"ingest": 1.0, "phrases": 2.0}},
+        "startup": {
+            "ray_start_seconds": RAY_START, "command_start_seconds": COMMAND_START,
+            "stage_fixed_seconds": {"ingest": 1.0, "phrases": 2.0}, "local_stage_fixed_seconds": {"ingest": 0.5, "phrases": 1.5},
+        },
         "ingest": {"stage_images_per_s": 200.0},
         "phrases": {"stage_captions_per_s": 100.0},
         "ground": {"images": 100, "model": "tiny", "stage_images_per_s": 5.0, "stage_actor_busy_images_per_s": 10.0},
@@ -118,14 +122,17 @@ def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_no
     assert choose_executor(GroundStage(source, source), one_shard, 1) == "ray"
     ground = _step(commands, "regions")
     assert ground["workers"] == 1  # one model actor without GPUs, as the runner's pool
-    assert ground["wall_seconds"] == pytest.approx(RAY_START + (100 / 5.0 - 100 / 10.0) + 100 / 10.0)
+    assert ground["wall_seconds"] == pytest.approx(COMMAND_START + RAY_START + (100 / 5.0 - 100 / 10.0) + 100 / 10.0)
+    # in its process: the local executor's start-up, one core
+    assert _step(commands, "images")["wall_seconds"] == pytest.approx(COMMAND_START + 0.5 + 100 / (200.0 / 2))  # the record: 200/s on 2 cores
     assert commands["total"]["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in commands["stages"]))
+    assert commands["total"]["command_start_seconds"] == 4 * COMMAND_START
     # more than one shard: every command starts Ray; one `fgdata run` starts it once
     shards = load_config(None, ["ingest.rows_per_shard=10"])
     assert plan(steps, 100, shards, measures=measures, startup=startup, commands=True)["total"]["ray_starts"] == 4
     run = plan(steps, 100, one_shard, measures=measures, startup=startup)
     assert run["total"]["ray_starts"] == 1 and run["total"]["ray_start_seconds"] == RAY_START
-    assert run["total"]["wall_seconds"] == pytest.approx(RAY_START + sum(s["wall_seconds"] for s in run["stages"]))
+    assert run["total"]["wall_seconds"] == pytest.approx(COMMAND_START + RAY_START + sum(s["wall_seconds"] for s in run["stages"]))
 
 
 def test_from_runs_counts_the_runs_whole_wall_time(tmp_path):
@@ -142,7 +149,8 @@ def test_from_runs_counts_the_runs_whole_wall_time(tmp_path):
                       "--set", "negatives.backend=rules", "--commands")
     fggrn = _step(bill, "fggrn")
     assert fggrn["basis"].startswith("your run") and "whole wall time" in fggrn["basis"]
-    assert fggrn["wall_seconds"] == pytest.approx(92.0)  # the run's Ray start is in its wall time: not added again
+    # the run's Ray start is in its wall time: not added again; the command's start is not
+    assert fggrn["wall_seconds"] == pytest.approx(COMMAND_START + 92.0)
     assert fggrn["ray_start_seconds"] == 0
     # twice the rows on the same one actor: the start-up once, the shard time twice
     measures = load_runs([tmp_path / "runs"])

@@ -144,6 +144,7 @@ class StagePlan:
     wall_seconds: float | None
     basis: str  # where the figure comes from, and how far to trust it
     ray_start_seconds: float = 0.0  # as separate commands: this command's own Ray start, in its wall time
+    command_start_seconds: float = 0.0  # as separate commands: its Python start and imports, in its wall time
     executor: str = "ray"  # where its shards run: "ray" or "local" (the command's own process)
     model: str = ""
     settings: dict = field(default_factory=dict)
@@ -461,6 +462,8 @@ def plan(
     shards = math.ceil(rows / config.ingest.rows_per_shard)  # every later stage keeps ingest's shards
     # a cluster named by RAY_ADDRESS is running already: joining it costs no start
     ray_start = 0.0 if os.environ.get("RAY_ADDRESS") else _positive(startup.get("ray_start_seconds"))
+    command_start = _positive(startup.get("command_start_seconds")) or 0.0  # a fresh Python importing fgdata
+    local_fixed = _dict(startup, "local_stage_fixed_seconds")  # a CPU stage in the command's own process
     planned, used = [], []
     for name, stage in steps:
         if stages and name not in stages and stage not in stages:
@@ -491,13 +494,17 @@ def plan(
         units = rows * measure.units_per_row
         worker_seconds = units / rate if rate > 0 else math.inf  # a rate scaled down past a float's range
         busy = min(workers, shards)
+        fixed = measure.fixed_seconds
+        if executor == "local" and not measure.from_run and _real(local_fixed.get(stage)) is not None:
+            fixed = max(0.0, _real(local_fixed.get(stage)))
         # as separate commands, each on Ray starts its own (a run's whole wall time holds it already)
         own_ray = (ray_start or 0.0) if commands and executor == "ray" and not measure.ray_start_in_fixed else 0.0
-        wall = own_ray + (measure.fixed_seconds or 0.0) + worker_seconds / busy
+        own_start = command_start if commands else 0.0
+        wall = own_start + own_ray + (fixed or 0.0) + worker_seconds / busy
         if not all(map(math.isfinite, (rate, units, wall))):  # records of extreme values; NaN and inf are no JSON
             raise FgdataError(f"{stage}: {measure.source} gives no finite figure for {rows:,} rows (rate {rate:g} {measure.unit}/s); check that record")
         basis = "; ".join(part for part in (_trust(measure), why) if part)
-        if measure.fixed_seconds is None:
+        if fixed is None:
             basis += "; start-up not measured"
         elif measure.from_run:
             basis += "; start-up from the run's whole wall time"
@@ -505,18 +512,20 @@ def plan(
             StagePlan(
                 name, stage, gpu if on_gpu else "cpu", workers, rows, round(units, 1), measure.unit, rate,
                 worker_seconds / 3600 if on_gpu else None, None if on_gpu else worker_seconds / 3600,
-                measure.fixed_seconds, wall, basis, own_ray, executor, measure.model, measure.settings, measure.source,
+                fixed, wall, basis, own_ray, own_start, executor, measure.model, measure.settings, measure.source,
             )
         )
     # `fgdata run` starts Ray once for all its steps (on Ray unless run.executor=local)
     run_ray = (ray_start or 0.0) if not commands and any(p.executor == "ray" for p in planned) else 0.0
+    run_start = command_start if not commands else 0.0  # the one `fgdata run` process
     missing = [p.step for p in planned if p.wall_seconds is None]
     total = {
         "gpu_hours": sum(p.gpu_hours or 0 for p in planned) if gpu else None,
         "cpu_core_hours": sum(p.cpu_core_hours or 0 for p in planned),
         "ray_start_seconds": run_ray + sum(p.ray_start_seconds for p in planned),
         "ray_starts": (run_ray > 0) + sum(p.ray_start_seconds > 0 for p in planned),
-        "wall_seconds": sum(p.wall_seconds or 0 for p in planned) + run_ray,
+        "command_start_seconds": run_start + sum(p.command_start_seconds for p in planned),
+        "wall_seconds": sum(p.wall_seconds or 0 for p in planned) + run_ray + run_start,
         "complete": not missing,
         "stages_without_a_figure": missing,
     }
@@ -525,6 +534,10 @@ def plan(
     gpu_records = sorted({m.device for m in measures if m.device not in ("cpu", "unknown machine")})
     load = _load_notes(used, os.getloadavg()[0] if load_now is None else load_now)
     how = "as separate commands, one after another" if commands else "as one `fgdata run`"
+    start_note = (
+        f"each command's start (Python and fgdata's imports, {command_start:.1f}s) is counted {'per command' if commands else 'once'}"
+        if command_start else "a command's start (Python and imports) is not counted: the startup record predates it (bench/run.py --only startup)"
+    )
     if not ray_start:
         ray_note = "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)"
     elif commands:
@@ -546,6 +559,7 @@ def plan(
         "notes": [
             "stages are summed one after another; `fgdata run` streams shards between them and overlaps them, so its total wall time is an upper bound",
             ray_note,
+            start_note,
             *([] if gpu_records else ["no GPU measurement exists in the records read: GPU figures need `make bench-gpu` (bench/gpu.py) on a GPU"]),
             *load["notes"],
         ],
