@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_IMAGES, make_config
+from conftest import SAMPLE_IMAGES, make_config, run_cli
 
 from pipeline.config import Config
-from pipeline.core.shards import MANIFEST_FILE, read_json, write_json
+from pipeline.core.schemas import conform
+from pipeline.core.shards import MANIFEST_FILE, read_json, shard_name, write_json
 from pipeline.datasets.datacard import render_datacard
 from pipeline.datasets.synthetic_world import write_world
 
@@ -138,3 +141,68 @@ def test_a_real_local_ray_start_prints_no_token_notice_and_keeps_authentication(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Token authentication" not in result.stdout + result.stderr
     assert "mode token" in result.stdout
+
+
+def test_boxes_carry_numbers_and_their_labels_are_listed_below(world, tmp_path):
+    from pipeline.reports.html import boxes_svg, render_report
+
+    same_corner = [{"phrase": f"phrase {i}", "score": 0.5 + i / 10, "box": [10, 10, 60 + 10 * i, 50 + 10 * i]} for i in range(3)]
+    svg = boxes_svg(None, 200, 100, same_corner)
+    badges = re.findall(r'<g class="badge"><rect x="([\d.]+)" y="([\d.]+)".*?>(\d+)</text></g>', svg)
+    assert [number for _, _, number in badges] == ["1", "2", "3"]
+    assert len({(x, y) for x, y, _ in badges}) == 3  # boxes sharing a corner: each number in its own place
+    assert "phrase" not in svg  # no label on the picture
+
+    dataset = tmp_path / "fggrn"
+    shutil.copytree(world / "fggrn", dataset)
+    rows = pq.read_table(dataset / "train" / shard_name(0)).to_pylist()
+    rows[0]["regions"] = [{**rows[0]["regions"][0], "phrase": f"phrase {i}", "score": 0.5 + i / 10, "box": [1.0, 1.0, 30.0 + i, 30.0 + i]} for i in range(3)]
+    pq.write_table(conform(rows, "fggrn"), dataset / "train" / shard_name(0))
+    page = render_report(dataset, gallery=30)[0]
+    card = page.split(f"<b>{rows[0]['key']}</b>")[1].split("<div class='card'>")[0]
+    for i in range(3):
+        assert f"<div><b>{i + 1}. phrase {i}</b> <span class='note'>score {0.5 + i / 10:.2f}</span></div>" in card
+    assert card.count('<g class="badge">') == 3
+
+
+def test_funnel_counts_a_source_folders_images_and_histograms_have_ticks(tmp_path):
+    from pipeline.reports.html import render_report
+    from pipeline.runner import run_stage
+    from pipeline.stages.fggrn.ingest import IngestStage
+
+    source = tmp_path / "photos"
+    shutil.copytree(SAMPLE_IMAGES, source)
+    run_stage(IngestStage(source), tmp_path / "images", make_config())
+    page = render_report(tmp_path / "images")[0]
+    funnel = page.split("<h2>Funnel</h2>")[1].split("<h2>")[0]
+    source_row = next(row for row in funnel.split("<tr>") if str(source) in row)
+    ingested = read_json(tmp_path / "images" / MANIFEST_FILE)["rows_in"]  # every image file is a row in, kept or rejected
+    assert f"<td class='num'>{ingested} image files</td>" in source_row and "?" not in source_row
+    charts = page.split("<h2>Histograms</h2>")[1].split("<h2>")[0]
+    assert charts.count('class="tick"') >= 5  # the axis of each histogram is labelled
+
+
+def test_the_readme_rejects_recipe_works_with_and_without_rejects(tmp_path):
+    import datasets
+
+    from pipeline.runner import run_stage
+    from pipeline.stages.fggrn.ingest import IngestStage
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for name in ("astronaut.jpg", "astronaut.txt", "brick.jpg", "brick.txt"):
+        shutil.copyfile(SAMPLE_IMAGES / name, clean / name)
+    run_stage(IngestStage(SAMPLE_IMAGES), tmp_path / "with", make_config())  # the two broken sample files are rejected
+    run_stage(IngestStage(clean), tmp_path / "without", make_config())
+    # the recipe the README and the data card give
+    rejects = datasets.Dataset(pq.read_table(tmp_path / "with" / "_rejects"))
+    assert sorted(rejects["reason"]) == ["decode_error", "not_an_image"] and all(rejects["detail"])
+    none = datasets.Dataset(pq.read_table(tmp_path / "without" / "_rejects"))
+    assert none.num_rows == 0 and none.column_names == ["key", "reason", "detail", "source"]
+    # what the README said before: every output without rejects failed
+    with pytest.raises(ValueError, match="corresponds to no data"):
+        datasets.load_dataset("parquet", data_dir=str(tmp_path / "without" / "_rejects"))
+    card = (tmp_path / "without" / "DATACARD.md").read_text()
+    assert 'datasets.Dataset(pyarrow.parquet.read_table("_rejects"))' in card
+    shown = run_cli("info", str(tmp_path / "without"))
+    assert shown.returncode == 0 and "rejected: 0" in shown.stdout

@@ -248,7 +248,9 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
     others = {k: v for k, v in counters.items() if not k.startswith("rejected_")}
     out += [f"- {_text(name)}: {_text(count)}" for name, count in others.items()]
     out += ["", "Every rejected row is in `_rejects/` with its reason and a detail.", ""]
-    out += ["## Opening it", "", "The rows are the Parquet shards in `train/`: `datasets.load_dataset(\"parquet\", data_dir=...)` on this folder gives them as the `train` split; on `_rejects/` it gives the rejects.", ""]
+    out += ["## Opening it", "", "The rows are the Parquet shards in `train/`: `datasets.load_dataset(\"parquet\", data_dir=...)` on this folder gives them as the `train` split. "
+            "The rejects, with their reasons: `datasets.Dataset(pyarrow.parquet.read_table(\"_rejects\"))` in this folder, 0 rows when nothing was rejected "
+            "(`load_dataset` on `_rejects/` fails then: its files hold no row).", ""]
 
     out += ["## Audit", ""]
     audit = manifest.get("audit")

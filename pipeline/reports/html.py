@@ -22,6 +22,7 @@ import hashlib
 import html
 import io
 import math
+import os
 import random
 import time
 import warnings
@@ -34,7 +35,8 @@ from PIL import Image
 
 from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, open_shard, read_json, shard_path, shard_rows
-from pipeline.core.storage import Location, location
+from pipeline.core.sources import IMAGE_SUFFIXES
+from pipeline.core.storage import Location, is_uri, location
 from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
@@ -254,8 +256,9 @@ def _finite_box(box, width: float, height: float) -> list[float] | None:
 
 
 def boxes_svg(thumb: tuple[str, int, int] | None, width: int, height: int, regions: list[dict]) -> str:
-    """The image with each region's box and a label (phrase and score), in the image's pixel
-    coordinates; boxes that are not drawable are listed below the picture instead."""
+    """The image with each region's box and its number, in the image's pixel coordinates; the
+    phrases and scores are listed under the picture by number (`_gallery`), as labels drawn on
+    overlapping boxes would cover each other. Boxes that are not drawable are counted below."""
     width = width if isinstance(width, int) and width > 0 else (thumb[1] if thumb else 100)
     height = height if isinstance(height, int) and height > 0 else (thumb[2] if thumb else 100)
     scale = max(width, height) / THUMB_SIDE
@@ -265,26 +268,39 @@ def boxes_svg(thumb: tuple[str, int, int] | None, width: int, height: int, regio
         parts.append(f'<image href="{thumb[0]}" x="0" y="0" width="{width}" height="{height}" preserveAspectRatio="none"/>')
     else:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" fill="#bbb" font-size="{12 * scale}" text-anchor="middle">no image</text>')
-    undrawable = 0
+    undrawable, badges = 0, []
     for number, region in enumerate(regions, 1):
         box = _finite_box(region.get("box"), width, height)
         if box is None:
             undrawable += 1
             continue
         x1, y1, x2, y2 = box
-        label = f"{number}. {region.get('phrase', '')} {_fmt(region.get('score'))}"
         parts.append(
             f'<rect class="box" x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}" fill="none" '
             f'stroke="{BOX_COLOUR}" stroke-width="3" vector-effect="non-scaling-stroke"/>'
         )
+        x, y, w, h = _badge_place(x1, y1, (7 * len(str(number)) + 6) * scale, 14 * scale, badges, width, height)
         parts.append(
-            f'<text x="{x1 + 2 * scale:.1f}" y="{y1 + 11 * scale:.1f}" font-size="{10 * scale:.1f}" fill="#fff" stroke="#000" '
-            f'stroke-width="{2 * scale:.1f}" paint-order="stroke">{esc(label[:80])}</text>'
+            f'<g class="badge"><rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="#000" fill-opacity="0.75"/>'
+            f'<text x="{x + w / 2:.1f}" y="{y + 11 * scale:.1f}" font-size="{11 * scale:.1f}" fill="#fff" text-anchor="middle">{number}</text></g>'
         )
     parts.append("</svg>")
     if undrawable:
         parts.append(f'<div class="note">{undrawable} box(es) not drawable (not four finite numbers inside the image)</div>')
     return "".join(parts)
+
+
+def _badge_place(x: float, y: float, w: float, h: float, placed: list, width: float, height: float) -> tuple[float, float, float, float]:
+    """A box's number badge at its top-left corner, moved down (then right) past the badges already
+    placed, so boxes that share a corner keep readable numbers; appended to `placed`. Only the last
+    64 badges are avoided: a row of thousands of boxes (hostile data) costs linear time, not quadratic."""
+    x, y = min(x, max(width - w, 0)), min(y, max(height - h, 0))
+    while any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed[-64:]):
+        y += h
+        if y + h > height:
+            x, y = x + w, 0.0
+    placed.append((x, y, w, h))
+    return x, y, w, h
 
 
 def _histogram(title: str, values: list[float], bins: int = 20, log_note: str = "") -> str:
@@ -354,6 +370,15 @@ def _rows_of(step: dict, name: str):
     return value if isinstance(value, int) else None
 
 
+def _source_images(step: dict) -> int | None:
+    """The image files in a source folder of the lineage (what ingest lists as its rows in), or None
+    for any other source: a table, tars, a folder on a store, a dataset whose manifest is gone."""
+    path = step["path"]
+    if step["manifest"] is not None or step["stage"] or is_uri(path) or not os.path.isdir(path):
+        return None
+    return sum(1 for _, _, files in os.walk(path) for name in files if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+
+
 def _funnel(steps: list[dict]) -> str:
     out = ["<table><tr><th>step</th><th>kind</th><th>dataset</th><th>rows in</th><th>rows out</th><th>rejected</th><th>drop rate</th><th>rejects by reason</th></tr>"]
     for step in steps:
@@ -364,6 +389,9 @@ def _funnel(steps: list[dict]) -> str:
         if rows_out is None and here:
             rows_out = sum(shard_rows(p) for p in list_shards(place))
         drop = f"{rejected / rows_in:.1%}" if rows_in and rejected is not None else "–"
+        images = _source_images(step)
+        if images is not None:  # a folder has files, not rows: what it holds, and nothing to reject
+            rows_in, rows_out, rejected = "–", f"{images:,} image files", "–"
         reasons = ""
         if here:
             counts, _ = _reject_summary(place)
