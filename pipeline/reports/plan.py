@@ -541,7 +541,12 @@ def plan(
     if not ray_start:
         ray_note = "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)"
     elif commands:
-        ray_note = f"Ray start-up counted for each command that runs on Ray: {total['ray_starts']} start(s); a command of one shard without a model runs in its own process"
+        within = sum(p.executor == "ray" and not p.ray_start_seconds and p.wall_seconds is not None for p in planned)
+        also = f", {within} more within your runs' wall times" if within else ""
+        ray_note = (
+            f"Ray start-up counted for each command that runs on Ray: {total['ray_starts']} start(s) added{also}; "
+            "a command of one shard without a model runs in its own process"
+        )
     else:
         ray_note = "Ray start-up (local) is counted once, as `fgdata run` starts it once"
     return {
