@@ -178,3 +178,21 @@ def test_saved_models_are_in_fgclips_layout_and_load_back_the_same(openai_clip, 
 
     _, info = CLIPModel.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and set(info["unexpected_keys"]) == {RES, ORI, FILIP, "logit_scale_finegraind", "logit_scale_hardneg"}
+
+
+def test_a_training_checkpoint_is_a_model_folder_in_fgclips_layout(openai_clip, tmp_path, monkeypatch):
+    """What a run saves every save_every steps is what it saves at the end: FG-CLIP's layout."""
+    import pipeline.train.loop as loop
+    from pipeline.config import load_config
+    from pipeline.datasets.synthetic_world import write_world
+
+    monkeypatch.setattr(loop, "remove_checkpoints", lambda out_dir: None)  # kept past the finished run, to be read here
+    world = write_world(tmp_path / "world", 8, seed=0)
+    settings = [f"fgclip.model={openai_clip}", "fgclip.num_workers=0", "fgclip.batch_size=4", "fgclip.max_steps=2", "fgclip.save_every=1",
+                "fgclip.shuffle_buffer=4", "run.progress=false"]
+    loop.train("fgclip", [world["fggrn"]], tmp_path / "out", load_config(None, settings), progress=False)
+    step = tmp_path / "out" / "checkpoints" / "step-00000001"
+    weights = load_file(step / "model.safetensors")
+    assert {RES, ORI, FILIP, *SCALES} <= set(weights) and weights[POSITIONS].shape[0] == 77
+    assert json.loads((step / "config.json").read_text())["text_config"]["max_position_embeddings"] == 77
+    assert set(load_clip(str(step)).logit_scales) == {"logit_scale_finegraind", "logit_scale_hardneg"}

@@ -44,7 +44,6 @@ from pipeline.train.optim import adamw
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "train.json"
-_MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -248,9 +247,7 @@ def _train_objective(objective, settings, out_dir: Path, total_steps: int, devic
     optimizer, schedule = build_optimizer(module, settings, total_steps)
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint:
-        from safetensors.torch import load_file
-
-        module.load_state_dict(load_file(str(checkpoint / _MODEL_FILE), device=str(device)), strict=False)
+        objective.load_weights(checkpoint, module)
     autocast = device != "cpu" and settings.bf16
     if device != "cpu":  # what --tf32 sets in FG-CLIP's train.sh: fp32 matmuls and convolutions on TF32 cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
@@ -274,7 +271,8 @@ def _train_objective(objective, settings, out_dir: Path, total_steps: int, devic
     return run_training(
         module, optimizer, schedule, step, lambda start: objective.batches(skip_batches=start * settings.gradient_accumulation),
         total_steps=total_steps, log_every=settings.log_every, record=record, resume=checkpoint,
-        checkpoints=Checkpoints(out_dir, settings.save_every, settings.keep_checkpoints, lambda d: _save_weights(module, d / _MODEL_FILE), asdict(settings)),
+        # a checkpoint's weights are a model folder as the finished run's (FG-CLIP's layout: its code reads them)
+        checkpoints=Checkpoints(out_dir, settings.save_every, settings.keep_checkpoints, lambda d: objective.save(d, module), asdict(settings)),
         accumulation=settings.gradient_accumulation, max_grad_norm=settings.max_grad_norm,
         device=device, rank=rank, world=world, desc=f"train {objective.name}", progress=progress, data_name=data_name,
     )
@@ -290,10 +288,3 @@ def _average_gradients(parameters, world: int) -> None:
             parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad)
         parameter.grad /= world
-
-
-def _save_weights(module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # clone: safetensors refuses tensors that share memory (tied or viewed weights)
-    save_file({k: v.detach().clone().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))

@@ -203,6 +203,14 @@ class FgclipObjective:
         """In FG-CLIP's layout, temperatures included: FG-CLIP's own code continues from it."""
         save_clip(module.clip, self.parts.tokenizer, out_dir, {REGION_SCALE: module.region_logit_scale, HARD_NEGATIVE_SCALE: module.hard_negative_logit_scale})
 
+    def load_weights(self, folder: Path, module) -> None:
+        """What `save` wrote into `folder`, back into the module being trained (a resumed run)."""
+        parts = load_clip(str(folder))
+        module.clip.load_state_dict(parts.model.state_dict())
+        with torch.no_grad():
+            module.region_logit_scale.fill_(parts.logit_scales[REGION_SCALE])
+            module.hard_negative_logit_scale.fill_(parts.logit_scales[HARD_NEGATIVE_SCALE])
+
 
 def contrastive_batch(settings, world: int) -> tuple[int, int]:
     """(samples per process per step, GradCache chunk or 0): batch_size and grad_cache_chunk; with
@@ -295,6 +303,10 @@ class RadialObjective:
 
     def save(self, out_dir: Path, module) -> None:
         save_clip(module, self.parts.tokenizer, out_dir)
+
+    def load_weights(self, folder: Path, module) -> None:
+        """What `save` wrote into `folder`, back into the model being trained (a resumed run)."""
+        module.load_state_dict(load_clip(str(folder)).model.state_dict())
 
 
 def _summary(counts: Counter) -> str:
