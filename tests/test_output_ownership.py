@@ -69,7 +69,7 @@ def test_recipe_source_overlapping_any_output_is_refused_and_nothing_deleted(tmp
     source.mkdir(parents=True, exist_ok=True)
     before = snapshot(tmp_path)
     for overwrite in (True, False):
-        with pytest.raises(FgdataError, match="the recipe's output") as refused:
+        with pytest.raises(FgdataError, match="the input") as refused:
             run_recipe(load_recipe(str(recipe)), source, out, overrides=["run.executor=local", "run.progress=false"], overwrite=overwrite)
         assert "\n" not in str(refused.value)
     assert snapshot(tmp_path) == before

@@ -93,10 +93,7 @@ def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None
     # SOURCE apart from all of OUT, not only from the steps that read it: another step's
     # --overwrite would otherwise delete it
     source, out = storage.resolved(source), storage.location(out)  # a bad URI is its own error, not an overlap
-    try:
-        out = check_output_path(out, [source])
-    except FgdataError as exc:
-        raise FgdataError(f"SOURCE and the recipe's output overlap: {exc}") from None
+    out = check_output_path(out, [source])  # its messages name what is wrong: a symlink, a file, a bucket, an overlap
     runs: list[StepRun] = []
     for step in recipe.steps:
         paths = {key: [source if ref == SOURCE else out / ref for ref in refs] for key, refs in step.inputs.items()}
