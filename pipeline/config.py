@@ -49,6 +49,9 @@ class IngestConfig:
     caption_fields: list[str] = field(default_factory=lambda: ["caption", "text", "alt", "TEXT"])
     image_fields: list[str] = field(default_factory=lambda: ["image_path", "path", "image", "file", "filepath"])
     max_caption_chars: int = 20_000  # longer alt-text is kept but cut to this length
+    # a shard is cut before its image files pass this many bytes: a worker holds its shard's images
+    # until the shard is written (bench/ingest_memory.py: ~2x this above the worker's imports)
+    max_shard_bytes: int = 128 << 20
 
 
 @dataclass
@@ -479,7 +482,7 @@ RANGES: dict[str, Range] = {
     # run: a CPU share of 0 would start every shard at once, no CPU at all waits forever
     "run.num_cpus": Range(1, meaning=" (or null for all cores)"), "run.cpus_per_task": POSITIVE,
     "run.max_shards_in_flight": Range(0, meaning=" (0 = twice the cluster's CPUs)"), "run.max_retries": ZERO_OR_MORE,
-    "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT,
+    "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT, "ingest.max_shard_bytes": COUNT,
     "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE, "download.max_bytes": COUNT,
     "dedup.max_distance": Range(0, 63), "dedup.bands": Range(1, 64), "dedup.partitions": Range(0, meaning=" (0 = one per Ray CPU)"),
     "screen.nsfw_threshold": FRACTION, "screen.face_threshold": FRACTION,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
+
+import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.core import storage
@@ -24,6 +27,8 @@ from pipeline.core.sources import (
 from pipeline.core.text import clean_caption
 from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 
+_ARROW_BATCH_BYTES = 8 << 20  # image bytes turned into Arrow at a time
+
 
 class IngestStage(Stage):
     name = "ingest"
@@ -35,16 +40,26 @@ class IngestStage(Stage):
         self.fmt = fmt
 
     def plan(self, config: Config) -> list[WorkUnit]:
-        items = list_items(self.source, self.fmt, config.ingest)
-        size = config.ingest.rows_per_shard
-        return [WorkUnit(shard_name(i), items[start : start + size]) for i, start in enumerate(range(0, len(items), size))]
+        """Shards of `rows_per_shard` images, cut sooner where their files pass `max_shard_bytes`:
+        a worker holds its shard's images (once, as Arrow) until the shard is written."""
+        settings = config.ingest
+        shards: list[list[SourceItem]] = [[]]
+        held = 0
+        for item in list_items(self.source, self.fmt, settings):
+            size = _stored_bytes(item)
+            if shards[-1] and (len(shards[-1]) >= settings.rows_per_shard or held + size > settings.max_shard_bytes):
+                shards.append([])
+                held = 0
+            shards[-1].append(item)
+            held += size
+        return [WorkUnit(shard_name(i), items) for i, items in enumerate(shards)]
 
     def lineage(self) -> list[dict]:
         fmt = detect_format(self.source) if self.fmt == "auto" else self.fmt
         return [{"path": str(self.source), "format": fmt}]
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
-        rows, rejects = [], []
+        rows, rejects, tables, pending = [], [], [], 0
         counters: Counter = Counter()
         with _TarCache() as tars:
             for item in unit.payload:
@@ -88,7 +103,30 @@ class IngestStage(Stage):
                     }
                 )
                 counters["image_bytes"] += len(data)
-        return ShardResult(rows_in=len(unit.payload), table=conform(rows, "images"), rejects=rejects, counters=counters)
+                pending += len(data)
+                if pending >= _ARROW_BATCH_BYTES:
+                    # Into Arrow as the shard goes: the rows' bytes are freed batch by batch. Built
+                    # at the end, the Python bytes and Arrow's growing copy held the shard ~3 times.
+                    tables.append(conform(rows, "images"))
+                    rows, pending = [], 0
+        tables.append(conform(rows, "images"))
+        return ShardResult(rows_in=len(unit.payload), table=pa.concat_tables(tables), rejects=rejects, counters=counters)
+
+
+def _stored_bytes(item: SourceItem) -> int:
+    """The size of an item's image file as the listing knows it (a tar member's span, a store
+    object's signature) or as the file system says; 0 when unknown, as for an item to reject."""
+    if item.problem:
+        return 0
+    if item.span:
+        return item.span[1]
+    if item.signature:
+        size = item.signature.partition(":")[0]
+        return int(size) if size.isdigit() else 0
+    try:
+        return os.stat(item.path).st_size
+    except (OSError, ValueError):  # gone since the listing, or a NUL in a table's path: rejected later
+        return 0
 
 
 def _where(item: SourceItem) -> str:
