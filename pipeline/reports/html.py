@@ -37,7 +37,7 @@ from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, open_shard, read_json, shard_path, shard_rows
 from pipeline.core.sources import IMAGE_SUFFIXES
 from pipeline.core.storage import Location, is_uri, location
-from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
+from pipeline.datasets.datacard import model_notes, random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
 # A text longer than this is cut on the page, with its full length beside it: Chromium's layout time
@@ -292,10 +292,11 @@ def boxes_svg(thumb: tuple[str, int, int] | None, width: int, height: int, regio
 
 def _badge_place(x: float, y: float, w: float, h: float, placed: list, width: float, height: float) -> tuple[float, float, float, float]:
     """A box's number badge at its top-left corner, moved down (then right) past the badges already
-    placed, so boxes that share a corner keep readable numbers; appended to `placed`. Only the last
-    64 badges are avoided: a row of thousands of boxes (hostile data) costs linear time, not quadratic."""
+    placed, so boxes that share a corner keep readable numbers; appended to `placed`. Past 64 badges
+    (no picture is readable with that many boxes) each stays at its corner: a row of thousands of
+    boxes (hostile data) costs linear time, not quadratic."""
     x, y = min(x, max(width - w, 0)), min(y, max(height - h, 0))
-    while any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed[-64:]):
+    while len(placed) < 64 and any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed):
         y += h
         if y + h > height:
             x, y = x + w, 0.0
@@ -561,7 +562,7 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
     thumbs = _thumbnails(images_dir, wanted) if kind != "hierarcaps" else {}
     shards_shown = len(wanted)
 
-    banner = random_weights_banner(steps, rows)
+    banner = random_weights_banner(steps, rows) + "".join(f"<p class='note model-note'>DEMO MODEL: {page_text(note)}</p>" for note in model_notes(steps))
 
     if sampled["sampled"] < sampled["total"]:
         sample_note = (f"Sampled: histograms and examples come from {sampled['sampled']:,} of {sampled['total']:,} rows "
