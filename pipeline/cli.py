@@ -411,6 +411,30 @@ def ground(
 
 
 @app.command()
+def quality(
+    inp: Annotated[str, typer.Argument(metavar="FGGRN_OR_REGIONS", help="Region shards (from `fgdata ground`) or FgGRN shards (from `fgdata negatives`).")],
+    out: Annotated[str, typer.Argument(help="Output directory for the scored shards (same kind as the input).")],
+    images: Annotated[
+        Optional[str], typer.Option(help="Image shards to take pixels from; default: found through the input's lineage.")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    overwrite: OverwriteOption = False,
+    executor: ExecutorOption = None,
+):
+    """Score how well each image matches its captions and each box its phrase with a CLIP (quality.model).
+
+    Adds short_caption_score and long_caption_score (image vs caption) and region_clip_scores
+    (the box's crop vs its phrase): cosine similarities. Floors are off by default: a row under
+    quality.min_short_caption_score or min_long_caption_score is a reject with its score; a region
+    under quality.min_region_score is dropped from its row (counted as dropped_low_region_score).
+    """
+    from pipeline.stages.fggrn.quality import QualityStage
+
+    _run_stage(QualityStage(inp, images), out, config, set_, overwrite, executor)
+
+
+@app.command()
 def negatives(
     regions: Annotated[str, typer.Argument(help="Region shards (from `fgdata ground`).")],
     out: Annotated[str, typer.Argument(help="Output directory for FgGRN shards.")],

@@ -243,6 +243,22 @@ class GroundConfig(ModelStageSettings):
     max_boxes_per_phrase: int = 3
     max_boxes_per_image: int = 20
     text_cache_size: int = 200_000  # phrase embeddings kept per actor
+    # The other backend (yolo_world or owlv2) run on the same phrases: a box is kept only where it has
+    # a box for the same phrase at IoU >= agreement_iou (GranD's voting rule); null = off.
+    agreement_detector: str | None = None
+    agreement_iou: float = 0.65  # GranD's box_threshold_iou (groundingLMM GranD/utils/prepare_level_1.py)
+
+
+@dataclass
+class QualityConfig(ModelStageSettings):
+    """`fgdata quality`: CLIP similarity of each image to its captions and of each box crop to its
+    phrase; rows or regions under a floor are dropped (null = no floor)."""
+
+    model: str = "openai/clip-vit-base-patch32"  # a CLIP or FG-CLIP: hub id or local path
+    revision: str | None = None
+    min_short_caption_score: float | None = None  # a row under it is a low_short_caption_score reject
+    min_long_caption_score: float | None = None  # a row under it is a low_long_caption_score reject
+    min_region_score: float | None = None  # a region under it is dropped (dropped_low_region_score)
 
 
 @dataclass
@@ -410,6 +426,7 @@ class Config:
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     ground: GroundConfig = field(default_factory=GroundConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     hierarcaps: HierarcapsConfig = field(default_factory=HierarcapsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -497,6 +514,9 @@ RANGES: dict[str, Range] = {
     "ground.nms_iou": FRACTION, "ground.cross_phrase_iou": FRACTION, "ground.min_box_area": FRACTION,
     "ground.max_box_area": FRACTION, "ground.whole_image_area": FRACTION,
     "ground.max_boxes_per_phrase": COUNT, "ground.max_boxes_per_image": COUNT, "ground.text_cache_size": ZERO_OR_MORE,
+    "ground.agreement_iou": FRACTION,
+    # cosine similarities lie in [-1, 1]
+    "quality.min_short_caption_score": Range(-1, 1), "quality.min_long_caption_score": Range(-1, 1), "quality.min_region_score": Range(-1, 1),
     "negatives.per_region": COUNT, "negatives.candidates": COUNT, "negatives.min_valid": ZERO_OR_MORE, "negatives.max_changed_words": COUNT,
     "negatives.max_entailment": FRACTION, "negatives.min_contradiction": FRACTION, "negatives.max_embedding_similarity": FRACTION,
     "hierarcaps.min_negative_contradiction": FRACTION,

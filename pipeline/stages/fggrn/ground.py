@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
+import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from pipeline.config import Config, pick
 from pipeline.core.images import ImageRejected, decode_rgb
@@ -22,7 +24,7 @@ from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import find_ancestor, lineage_entry, list_shards, read_shard, read_shard_schema, shard_path, shard_rows
 from pipeline.core.storage import location, resolved
 from pipeline.errors import FgdataError
-from pipeline.models.detection import PhraseDetector
+from pipeline.models.detection import Detection, PhraseDetector
 from pipeline.models.registry import check_detector, load_detector
 from pipeline.stages.base import ModelStage, ShardResult, WorkUnit, reject
 from pipeline.stages.fggrn.box_filters import BoxLimits, filter_detections, normalise_box
@@ -31,12 +33,59 @@ PHRASE_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_captio
 IMAGE_COLUMNS = {"key": pa.string(), "image": pa.binary()}
 
 
+def agreement(detections: list[Detection], partner: list[Detection], min_iou: float) -> tuple[list[tuple[Detection, float]], int]:
+    """GranD's vote between two detectors, per phrase: each detection with the best IoU of the
+    partner's boxes for the same phrase (0 when it has none), kept when that IoU is at least
+    `min_iou`; and how many were dropped."""
+    kept = []
+    for detection in detections:
+        boxes = [p.box for p in partner if p.phrase == detection.phrase]
+        best = float(box_iou(torch.tensor([detection.box]), torch.tensor(boxes)).max()) if boxes else 0.0
+        if best >= min_iou:
+            kept.append((detection, best))
+    return kept, len(detections) - len(kept)
+
+
+@dataclass
+class Detectors:
+    main: PhraseDetector
+    partner: PhraseDetector | None  # ground.agreement_detector: its boxes must confirm main's
+
+
 @dataclass
 class GroundingBatch:
-    rows: list[dict] = field(default_factory=list)  # phrase rows whose image decoded
+    rows: list[dict] = field(default_factory=list)  # input rows whose image decoded
     images: list[Image.Image] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     rows_in: int = 0
+
+
+def batches_with_images(rows: list[dict], images: str, source: str, count: int, batch_size: int) -> list[GroundingBatch]:
+    """`rows` (from the shard `source`) in `count` batches of `batch_size`, each row with its image
+    from the image shard `images` decoded upright; a row whose image is missing or does not decode
+    is a reject. Shared by ground and quality, whose boxes live in that upright frame."""
+    images_path = location(images)
+    pictures = {}
+    if images_path.exists():
+        table = read_shard(images_path, columns=list(IMAGE_COLUMNS))
+        pictures = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+    batches = [GroundingBatch() for _ in range(count)]
+    for index, row in enumerate(rows):
+        batch = batches[index // batch_size]
+        batch.rows_in += 1
+        data = pictures.get(row["key"])
+        if data is None:
+            detail = f"no image with this key in {images_path}" if images_path.exists() else f"{images_path} does not exist"
+            batch.rejects.append(reject(row["key"], ("image_missing", detail), source))
+            continue
+        try:
+            image = decode_rgb(data)  # upright, like the width/height ingest recorded
+        except ImageRejected as rejected:
+            batch.rejects.append(reject(row["key"], (rejected.reason, rejected.detail), str(images_path)))
+            continue
+        batch.rows.append(row)
+        batch.images.append(image)
+    return batches
 
 
 class GroundStage(ModelStage):
@@ -80,38 +129,22 @@ class GroundStage(ModelStage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.phrases_dir), lineage_entry(self.images_dir, role="images")]
 
-    def load_model(self, config: Config) -> PhraseDetector:
-        return load_detector(config.ground)
+    def load_model(self, config: Config) -> Detectors:
+        settings = config.ground
+        partner = load_detector(settings, settings.agreement_detector) if settings.agreement_detector else None
+        return Detectors(load_detector(settings), partner)
 
     def prepare(self, unit: WorkUnit, config: Config) -> list[GroundingBatch]:
         phrases = read_shard(unit.payload["phrases"], columns=[*PHRASE_COLUMNS, "phrases"]).to_pylist()
-        images_path = location(unit.payload["images"])
-        images = {}
-        if images_path.exists():
-            table = read_shard(images_path, columns=list(IMAGE_COLUMNS))
-            images = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
-        batches = [GroundingBatch() for _ in range(self.prepared_batches(unit, config))]
-        for index, row in enumerate(phrases):
-            batch = batches[index // config.ground.batch_size]
-            batch.rows_in += 1
-            data = images.get(row["key"])
-            if data is None:
-                detail = f"no image with this key in {images_path}" if images_path.exists() else f"{images_path} does not exist"
-                batch.rejects.append(reject(row["key"], ("image_missing", detail), unit.payload["phrases"]))
-                continue
-            try:
-                image = decode_rgb(data)  # upright, like the width/height ingest recorded
-            except ImageRejected as rejected:
-                batch.rejects.append(reject(row["key"], (rejected.reason, rejected.detail), str(images_path)))
-                continue
-            batch.rows.append(row)
-            batch.images.append(image)
-        return batches
+        return batches_with_images(phrases, unit.payload["images"], unit.payload["phrases"], self.prepared_batches(unit, config), config.ground.batch_size)
 
-    def process(self, unit: WorkUnit, config: Config, model: PhraseDetector | None = None, prepared: Iterable | None = None) -> ShardResult:
+    def process(self, unit: WorkUnit, config: Config, model: Detectors | None = None, prepared: Iterable | None = None) -> ShardResult:
         settings = config.ground
         limits = pick(BoxLimits, settings)
-        grounding = json.dumps(asdict(limits), sort_keys=True)
+        agreeing = {"agreement_detector": settings.agreement_detector, "agreement_iou": settings.agreement_iou} if model.partner else {}
+        grounding = json.dumps({**asdict(limits), **agreeing}, sort_keys=True)
+        detectors, model = model, model.main
+        is_random = model.is_random or bool(detectors.partner and detectors.partner.is_random)  # either one's boxes decide
         out, rejects, rows_in = [], [], 0
         counters: Counter = Counter()
         cache = getattr(model, "texts", None)  # YOLO-World's phrase-embedding cache lives per actor
@@ -123,14 +156,21 @@ class GroundStage(ModelStage):
                 continue
             texts = [[p["text"] for p in row["phrases"]] for row in batch.rows]
             wanted = [i for i, t in enumerate(texts) if t]  # images without phrases skip the detector
-            found = dict(zip(wanted, model.detect([batch.images[i] for i in wanted], [texts[i] for i in wanted], settings.score_threshold))) if wanted else {}
+            images, queries = [batch.images[i] for i in wanted], [texts[i] for i in wanted]
+            found = dict(zip(wanted, model.detect(images, queries, settings.score_threshold))) if wanted else {}
+            confirming = dict(zip(wanted, detectors.partner.detect(images, queries, settings.score_threshold))) if wanted and detectors.partner else {}
             for i, (row, image) in enumerate(zip(batch.rows, batch.images)):
                 width, height = image.size
                 kept, dropped = filter_detections(found.get(i, []), width, height, limits)
                 counters.update({f"dropped_{name}": count for name, count in dropped.items() if count})
-                counters["regions"] += len(kept)
-                counters["images_without_regions"] += not kept
-                regions = [self._region(row["phrases"][d.phrase], d, width, height) for d in kept]
+                if detectors.partner:  # after the filters: the boxes they keep must each have a partner
+                    kept_with_iou, disagreed = agreement(kept, confirming.get(i, []), settings.agreement_iou)
+                    counters["dropped_no_agreement"] += disagreed
+                else:
+                    kept_with_iou = [(d, None) for d in kept]
+                counters["regions"] += len(kept_with_iou)
+                counters["images_without_regions"] += not kept_with_iou
+                regions = [self._region(row["phrases"][d.phrase], d, width, height) for d, _ in kept_with_iou]
                 out.append(
                     {
                         **{name: row[name] for name in PHRASE_COLUMNS},
@@ -138,19 +178,21 @@ class GroundStage(ModelStage):
                         "height": height,
                         "regions": regions,
                         "detector": model.name,
-                        "detector_is_random": model.is_random,
+                        "detector_is_random": is_random,
                         "grounding": grounding,
+                        "region_agreement_ious": [iou for _, iou in kept_with_iou] if detectors.partner else None,
                     }
                 )
         if cache:
             counters["phrase_embedding_cache_hits"] = cache.hits - hits_before
             counters["phrase_embedding_cache_misses"] = cache.misses - misses_before
+        partner = {"agreement_detector": detectors.partner.name} if detectors.partner else {}
         return ShardResult(
             rows_in=rows_in,
             table=conform(out, "regions"),
             rejects=rejects,
             counters=counters,
-            provenance={"detector": model.name, "random_weights": model.is_random},
+            provenance={"detector": model.name, "random_weights": is_random, **partner},
         )
 
     @staticmethod
