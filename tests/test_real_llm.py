@@ -181,3 +181,18 @@ def test_real_model_seed_chains_are_well_shaped_rows_or_rejects_with_reasons(smo
     assert result.provenance["model_note"] == NOTE
     assert load_prompt(config.hierarcaps.seed_prompt).name in result.provenance["prompt"]
     json.dumps(result.provenance)  # goes into the manifest as it is
+
+
+def test_a_demo_models_note_reaches_the_data_card_and_the_report(tmp_path):
+    from pipeline.core.shards import MANIFEST_FILE, read_json, write_json
+    from pipeline.datasets.datacard import render_datacard
+    from pipeline.datasets.synthetic_world import write_world
+    from pipeline.reports.html import render_report
+
+    fggrn = write_world(tmp_path / "world", 4, seed=1)["fggrn"]
+    manifest = read_json(fggrn / MANIFEST_FILE)
+    manifest["provenance"] = {**manifest.get("provenance", {}), "model_note": [NOTE]}
+    write_json(fggrn / MANIFEST_FILE, manifest)
+    assert f"> **DEMO MODEL**: {manifest['stage']}: {NOTE}" in render_datacard(fggrn, manifest)
+    page, _ = render_report(fggrn)
+    assert f"DEMO MODEL: {manifest['stage']}: {NOTE}" in page

@@ -110,6 +110,19 @@ def random_weight_steps(steps: list[dict]) -> list[str]:
     return found
 
 
+def model_notes(steps: list[dict]) -> list[str]:
+    """What the lineage's manifests say a model's output is worth ("model_note": a packaged demo
+    model's real but small weights), as "<stage>: <note>"."""
+    found = []
+    for step in steps:
+        provenance = (step["manifest"] or {}).get("provenance") or {}
+        values = provenance.get("model_note") if isinstance(provenance, dict) else None
+        for note in values if isinstance(values, list) else [values]:
+            if isinstance(note, str) and f"{step['stage']}: {note}" not in found:
+                found.append(f"{step['stage']}: {note}")
+    return found
+
+
 def licence_note(path: str) -> str:
     """Where a source's licence is stated, or 'unknown'. Only files beside the source (in its folder,
     then the folder above, where a dataset's README usually sits) are looked at; a README counts
@@ -189,6 +202,8 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
     ]
     if randoms:
         out += [f"> **RANDOM WEIGHTS**: {_text(', '.join(randoms))} used a random-weight model (offline demo or test). Its output is noise: do not train on it.", ""]
+    for note in model_notes(steps):
+        out += [f"> **DEMO MODEL**: {_text(note)}", ""]
     floors = opened_floors(steps)
     if floors:
         out += ["> **OPENED QUALITY FLOORS**: rows that the default settings drop are kept here, as these were set below their defaults: "

@@ -37,7 +37,7 @@ from pipeline.core.schemas import check_input_columns, load_schema
 from pipeline.core.shards import MANIFEST_FILE, REJECTS_DIR, list_shards, open_shard, read_json, shard_path, shard_rows
 from pipeline.core.sources import IMAGE_SUFFIXES
 from pipeline.core.storage import Location, is_uri, location
-from pipeline.datasets.datacard import random_weight_steps, walk_lineage, write_text_atomic
+from pipeline.datasets.datacard import model_notes, random_weight_steps, walk_lineage, write_text_atomic
 from pipeline.errors import FgdataError
 
 # A text longer than this is cut on the page, with its full length beside it: Chromium's layout time
@@ -562,7 +562,7 @@ def render_report(dataset_dir: str | Location, sample: int = 20_000, gallery: in
     thumbs = _thumbnails(images_dir, wanted) if kind != "hierarcaps" else {}
     shards_shown = len(wanted)
 
-    banner = random_weights_banner(steps, rows)
+    banner = random_weights_banner(steps, rows) + "".join(f"<p class='note model-note'>DEMO MODEL: {page_text(note)}</p>" for note in model_notes(steps))
 
     if sampled["sampled"] < sampled["total"]:
         sample_note = (f"Sampled: histograms and examples come from {sampled['sampled']:,} of {sampled['total']:,} rows "
