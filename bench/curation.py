@@ -5,7 +5,7 @@
   `fgdata dedup` and of a brute-force imagehash comparison of every pair, both wall times.
 - the grouping step (LSH bands) on 100k and 1M random 64-bit hashes: time, and its growth.
 - screen throughput in images/s against NudeNet's own `NudeDetector().detect` loop over the same
-  images (both load the model inside their timing).
+  images (both load the model inside their timing), and the model call alone image by image.
 Writes bench/results/curation.json.
 """
 
@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from records import write_result  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core.images import decode_rgb  # noqa: E402
 from pipeline.core.near_duplicates import find_duplicates  # noqa: E402
 from pipeline.core.schemas import conform  # noqa: E402
 from pipeline.core.shards import read_rejects  # noqa: E402
+from pipeline.models.nudenet_detector import BUNDLED, NudeNetDetector  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
 from pipeline.stages.fggrn.dedup import DedupStage  # noqa: E402
 from pipeline.stages.fggrn.screen import ScreenStage  # noqa: E402
@@ -140,8 +142,20 @@ def bench_screen(work: Path, copies: int = 12, rounds: int = 3) -> dict:
         for d in data:
             detector.detect(d)
         raw_s.append(time.perf_counter() - started)
+    # the model call alone, image by image, the two sides alternating (robust to load that drifts):
+    # fgdata's decode (Pillow, upright 8-bit RGB) + NudeNetDetector.detect against detect(bytes)
+    ours, raw = NudeNetDetector(BUNDLED), NudeDetector()
+    paired = {"fgdata": 0.0, "nudenet": 0.0}
+    for d in data:
+        started = time.perf_counter()
+        raw.detect(d)
+        paired["nudenet"] += time.perf_counter() - started
+        started = time.perf_counter()
+        ours.detect(decode_rgb(d))
+        paired["fgdata"] += time.perf_counter() - started
     return {
         "images": len(data),
+        "paired_per_image": {side: round(len(data) / seconds, 1) for side, seconds in paired.items()} | {"ratio": round(paired["nudenet"] / paired["fgdata"], 2)},
         "fgdata_images_per_s": round(len(data) / statistics.median(fgdata_s), 1),
         "nudenet_detect_loop_images_per_s": round(len(data) / statistics.median(raw_s), 1),
         "ratio": round(statistics.median(raw_s) / statistics.median(fgdata_s), 2),
