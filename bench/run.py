@@ -63,6 +63,7 @@ from pipeline.models.text_lm import TransformersLM
 from pipeline.models.tiny import build_tiny_clip_text, build_tiny_llm, build_tiny_nli, build_tiny_vlm
 from pipeline.models.transformers_vlm import TransformersVLM
 from pipeline.models.yolo_world import PhraseEmbeddingCache, YoloWorldDetector
+from pipeline.recipes.run import STAGE_CLASSES
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.ground import GroundStage
 from pipeline.stages.fggrn.ingest import IngestStage
@@ -479,8 +480,8 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
     time is nil at this size, so each stage's wall time is its fixed cost on a fresh Ray with every
     worker warming up (starting, importing, loading spaCy) as in a real run. Single start-ups vary
     a lot on a busy machine: Ray is restarted `repeats` times and the medians are kept. The same two
-    stages on the local executor (what a one-shard stage command without a model runs on), and a
-    command's own start: a fresh Python importing what every stage command imports."""
+    stages on the local executor (what a one-shard stage command without a model runs on), and each
+    command's own start: a fresh Python importing what that command imports before its work."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     source = workdir / "few"
     source.mkdir()
@@ -489,7 +490,11 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
             shutil.copyfile(path, source / path.name)
     config = load_config(None, ["run.progress=false", "ingest.rows_per_shard=1"])
     local = load_config(None, ["run.progress=false", "run.executor=local"])
-    starts, ingest, phrases, ingest_local, phrases_local, commands = [ray_start_seconds], [], [], [], [], []
+    starts, ingest, phrases, ingest_local, phrases_local = [ray_start_seconds], [], [], [], []
+    # what each command imports: the CLI, the runner and its stage's module (fgdata run: every step's)
+    modules = {stage: module for stage, (module, _, _) in STAGE_CLASSES.items() if stage in ("ingest", "recaption", "phrases", "ground", "negatives")}
+    modules["export fgclip"] = "pipeline.datasets.fgclip_export"
+    commands = {stage: [] for stage in modules}
     for attempt in range(repeats):
         if attempt:
             ray.shutdown()
@@ -498,20 +503,23 @@ def bench_startup(workdir: Path, ray_start_seconds: float, repeats: int = 3) -> 
         phrases.append(timed(lambda: run_stage(PhrasesStage(workdir / f"images-{attempt}"), workdir / f"phrases-{attempt}", config))[1])
         ingest_local.append(timed(lambda: run_stage(IngestStage(source), workdir / f"images-local-{attempt}", local))[1])
         phrases_local.append(timed(lambda: run_stage(PhrasesStage(workdir / f"images-local-{attempt}"), workdir / f"phrases-local-{attempt}", local))[1])
-        commands.append(timed(lambda: subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.runner"], check=True))[1])
+        for stage, module in modules.items():
+            commands[stage].append(timed(lambda: subprocess.run([sys.executable, "-c", f"import pipeline.cli, pipeline.runner, {module}"], check=True))[1])
     median = lambda values: round(float(np.median(values)), 3)  # noqa: E731
-    samples = {"ray_start": starts, "ingest": ingest, "phrases": phrases, "ingest_local": ingest_local, "phrases_local": phrases_local, "command_start": commands}
+    samples = {"ray_start": starts, "ingest": ingest, "phrases": phrases, "ingest_local": ingest_local, "phrases_local": phrases_local,
+               **{f"command_start {stage}": values for stage, values in commands.items()}}
     return {
         "ray_cpus": cpus,
         "repeats": repeats,
         "ray_start_seconds": median(starts),
-        "command_start_seconds": median(commands),
+        "command_start_seconds": {stage: median(values) for stage, values in commands.items()},
         "stage_fixed_seconds": {"ingest": median(ingest), "phrases": median(phrases)},
         "local_stage_fixed_seconds": {"ingest": median(ingest_local), "phrases": median(phrases_local)},
         "samples": {name: [round(v, 3) for v in values] for name, values in samples.items()},
         "note": "local ray.init(address='local') as the runner calls it; a stage's fixed cost is its wall time "
         "on one one-row shard per core right after that start (worker processes start; phrases loads spaCy in each), "
-        "and on the local executor (this process); a command's start is a fresh Python importing pipeline.cli and pipeline.runner. Medians.",
+        "and on the local executor (this process); a command's start is a fresh Python importing pipeline.cli, pipeline.runner "
+        "and the command's stage module. Medians.",
     }
 
 

@@ -462,7 +462,7 @@ def plan(
     shards = math.ceil(rows / config.ingest.rows_per_shard)  # every later stage keeps ingest's shards
     # a cluster named by RAY_ADDRESS is running already: joining it costs no start
     ray_start = 0.0 if os.environ.get("RAY_ADDRESS") else _positive(startup.get("ray_start_seconds"))
-    command_start = _positive(startup.get("command_start_seconds")) or 0.0  # a fresh Python importing fgdata
+    command_starts = _dict(startup, "command_start_seconds")  # per stage: a fresh Python importing its command's modules
     local_fixed = _dict(startup, "local_stage_fixed_seconds")  # a CPU stage in the command's own process
     planned, used = [], []
     for name, stage in steps:
@@ -499,7 +499,7 @@ def plan(
             fixed = max(0.0, _real(local_fixed.get(stage)))
         # as separate commands, each on Ray starts its own (a run's whole wall time holds it already)
         own_ray = (ray_start or 0.0) if commands and executor == "ray" and not measure.ray_start_in_fixed else 0.0
-        own_start = command_start if commands else 0.0
+        own_start = (_positive(command_starts.get(stage)) or 0.0) if commands else 0.0
         wall = own_start + own_ray + (fixed or 0.0) + worker_seconds / busy
         if not all(map(math.isfinite, (rate, units, wall))):  # records of extreme values; NaN and inf are no JSON
             raise FgdataError(f"{stage}: {measure.source} gives no finite figure for {rows:,} rows (rate {rate:g} {measure.unit}/s); check that record")
@@ -517,7 +517,8 @@ def plan(
         )
     # `fgdata run` starts Ray once for all its steps (on Ray unless run.executor=local)
     run_ray = (ray_start or 0.0) if not commands and any(p.executor == "ray" for p in planned) else 0.0
-    run_start = command_start if not commands else 0.0  # the one `fgdata run` process
+    # the one `fgdata run` process imports every step's module: about the costliest of them
+    run_start = 0.0 if commands else max((_positive(command_starts.get(p.stage)) or 0.0 for p in planned), default=0.0)
     missing = [p.step for p in planned if p.wall_seconds is None]
     total = {
         "gpu_hours": sum(p.gpu_hours or 0 for p in planned) if gpu else None,
@@ -535,8 +536,8 @@ def plan(
     load = _load_notes(used, os.getloadavg()[0] if load_now is None else load_now)
     how = "as separate commands, one after another" if commands else "as one `fgdata run`"
     start_note = (
-        f"each command's start (Python and fgdata's imports, {command_start:.1f}s) is counted {'per command' if commands else 'once'}"
-        if command_start else "a command's start (Python and imports) is not counted: the startup record predates it (bench/run.py --only startup)"
+        f"each command's start (Python and its imports) is counted {'per command' if commands else 'once, the costliest step module'}"
+        if command_starts else "a command's start (Python and imports) is not counted: the startup record predates it (bench/run.py --only startup)"
     )
     if not ray_start:
         ray_note = "Ray start-up not counted (a cluster from RAY_ADDRESS, or no startup record)"
