@@ -4,6 +4,7 @@ histograms and the audit's strata by score quartile."""
 
 import json
 import statistics
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,10 +14,10 @@ from conftest import SAMPLE_IMAGES, assert_dataset_invariants, make_config, read
 from pipeline.config import QualityConfig
 from pipeline.core.images import decode_rgb
 from pipeline.core.schemas import conform
-from pipeline.core.shards import read_json, read_rejects
+from pipeline.core.shards import list_shards, read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.models.tiny import build_tiny_clip
-from pipeline.reports.audit import draw_sample
+from pipeline.reports.audit import draw_sample, region_score_quartiles
 from pipeline.reports.html import render_report
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.quality import QualityStage
@@ -162,9 +163,12 @@ def test_fggrn_in_fggrn_out_with_per_region_columns_kept_in_step(data, tmp_path)
 
 
 def test_report_shows_the_score_histograms(data):
-    page, _ = render_report(data["scored"])
-    for title in ("image-short caption CLIP score", "image-long caption CLIP score", "region-phrase CLIP score"):
-        assert f">{title}<" in page or title in page
+    page, summary = render_report(data["scored"])
+    # 3 short captions, 2 long ones, 5 scored boxes (the pixel-less one has no score)
+    for title, count in (("image-short caption CLIP score", 3), ("image-long caption CLIP score", 2), ("region-phrase CLIP score", 5)):
+        assert f"<figcaption>{title} <span class=\"note\">(n={count})</span>" in page
+    assert "box agreement IoU" not in page  # ground ran without agreement: no empty chart
+    assert summary["random_weights"] and "quality_model_is_random" in page  # the random CLIP is named in the banner
 
 
 def test_audit_strata_by_region_score_quartile(data, tmp_path):
@@ -178,9 +182,15 @@ def test_audit_strata_by_region_score_quartile(data, tmp_path):
     pq.write_table(conform(rows, "fggrn"), fggrn / "part-00000.parquet")
     run_stage(QualityStage(fggrn, data["root"] / "images"), out, make_config(f"quality.model={data['clip']}"))
     _, items, strata = draw_sample(out, n=50)
-    scores = sorted(s for row in read_rows(out) for s in row["region_clip_scores"] if s is not None)
-    assert sum(v["population"] for v in strata.values()) == len(scores) + 1  # every negative, the unscorable box's too
-    assert {s.rsplit(" | ", 1)[-1] for s in strata} == {"region score Q1", "region score Q2", "region score Q3", "region score Q4", "region score unknown"}
-    edges = statistics.quantiles(scores, n=4)
+    scored = {(row["key"], region["phrase"]): score for row in read_rows(out) for region, score in zip(row["regions"], row["region_clip_scores"])}
+    edges = statistics.quantiles([s for s in scored.values() if s is not None], n=4)  # 5 scores: the reservoir holds them all
+
+    def quartile(score):
+        return "unknown" if score is None else f"Q{sum(score >= edge for edge in edges) + 1}"
+
+    expected = Counter(f"colour | rules:test | region score {quartile(score)}" for score in scored.values())
+    assert {name: v["population"] for name, v in strata.items()} == dict(expected)
+    assert len(expected) >= 4  # the quartiles and the unscorable box each a stratum
     for item in items:
-        assert item["stratum"].startswith("colour | rules:test | region score ")
+        assert item["stratum"] == f"colour | rules:test | region score {quartile(scored[item['key'], item['positive']])}"
+    assert region_score_quartiles(list_shards(fggrn), 0) is None  # quality never ran: no score strata

@@ -2,7 +2,8 @@
 
 FG-CLIP's "98.9% of negatives valid" and HierarCaps' "75% of hierarchies fully valid" are hand
 checks. `audit sample` draws a stratified sample of candidate negatives (FgGRN: by attribute kind
-and negatives backend; HierarCaps: by tier) into one self-contained HTML page where a person
+and negatives backend, and by the quartile of the region's CLIP score where `fgdata quality` scored
+it; HierarCaps: by tier) into one self-contained HTML page where a person
 judges each as valid / invalid / unsure with the keyboard; the verdicts leave the page as JSON.
 `audit score` turns them into valid rates with Wilson 95% intervals, per stratum and overall, and
 records them in the dataset's manifest (and data card).
@@ -25,12 +26,14 @@ records them in the dataset's manifest (and data card).
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import html
 import io
 import json
 import math
 import random
+import statistics
 import time
 import warnings
 
@@ -58,6 +61,8 @@ _COLUMNS = {
     "fggrn": ["key", "short_caption", "long_caption", "phrase_source", "regions", "negatives_backend"],
     "hierarcaps": ["key", "tiers", "negative_tiers"],
 }
+REGION_SCORES = "region_clip_scores"  # `fgdata quality`'s per-region CLIP scores: a stratum by their quartile
+QUARTILE_SAMPLE = 10_000  # scores kept (a seeded reservoir) to place the quartile edges: memory stays bounded
 
 # Keys: v / i / u judge the item shown and move on; right arrow or n, left arrow or p move.
 # Verdicts live in localStorage under the sample's id (a reload or a crash loses nothing) and in
@@ -158,7 +163,39 @@ def _item_id(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]  # repr: one line of printable text, any value
 
 
-def _candidates(kind: str, row: dict, shard: str):
+def _finite_scores(values) -> list[float]:
+    return [v for v in values or [] if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def region_score_quartiles(shards: list[Location], seed: int) -> list[float] | None:
+    """The three cut points between the quartiles of the regions' CLIP scores (from a seeded
+    reservoir of at most QUARTILE_SAMPLE of them), or None when fewer than two regions have one."""
+    rng, kept, seen = random.Random(seed), [], 0
+    for shard in shards:
+        try:
+            parquet = open_shard(shard)
+            if REGION_SCORES not in parquet.schema_arrow.names:
+                continue
+            for batch in parquet.iter_batches(batch_size=1024, columns=[REGION_SCORES]):
+                for score in (s for scores in batch.column(0).to_pylist() for s in _finite_scores(scores)):
+                    seen += 1
+                    if len(kept) < QUARTILE_SAMPLE:
+                        kept.append(score)
+                    elif (slot := rng.randrange(seen)) < QUARTILE_SAMPLE:
+                        kept[slot] = score
+        except (pa.ArrowException, OSError) as exc:
+            raise FgdataError(f"{shard}: cannot read shard ({first_line(exc)})") from None
+    return statistics.quantiles(kept, n=4) if len(kept) >= 2 else None
+
+
+def _score_stratum(scores: list, r: int, quartiles: list[float]) -> str:
+    score = scores[r] if isinstance(scores, list) and r < len(scores) else None
+    if not _finite_scores([score]):
+        return "region score unknown"
+    return f"region score Q{bisect.bisect_right(quartiles, score) + 1}"
+
+
+def _candidates(kind: str, row: dict, shard: str, quartiles: list[float] | None = None):
     """(stratum, item) for every candidate negative of one row; malformed parts are skipped."""
     key = str(row.get("key"))
     if kind == "fggrn":
@@ -169,7 +206,7 @@ def _candidates(kind: str, row: dict, shard: str):
                 if not negative or not negative.get("text"):
                     continue
                 attribute = str(negative.get("attribute") or "unknown")
-                stratum = f"{attribute} | {backend}"
+                stratum = f"{attribute} | {backend}" + (f" | {_score_stratum(row.get(REGION_SCORES), r, quartiles)}" if quartiles else "")
                 yield stratum, {
                     "id": _item_id(shard, key, r, n, region.get("phrase"), negative["text"]), "stratum": stratum, "shard": shard, "key": key, "attribute": attribute,
                     "positive": region.get("phrase"), "candidate": negative["text"], "context": caption, "box": region.get("box"),
@@ -215,15 +252,18 @@ def draw_sample(dataset_dir: str | Location, n: int, seed: int = 0) -> tuple[str
     rng = random.Random(seed)
     reservoirs: dict[str, list[dict]] = {}
     seen: dict[str, int] = {}
-    for shard in list_shards(dataset_dir):
+    shards = list_shards(dataset_dir)
+    quartiles = region_score_quartiles(shards, seed) if kind == "fggrn" else None
+    for shard in shards:
         try:
             parquet = open_shard(shard)
             missing = [c for c in _COLUMNS[kind] if c not in parquet.schema_arrow.names]
             if missing:
                 raise FgdataError(f"{shard}: missing required column(s) {', '.join(missing)} of a {kind} shard")
-            for batch in parquet.iter_batches(batch_size=1024, columns=_COLUMNS[kind]):
+            scores = [REGION_SCORES] if quartiles and REGION_SCORES in parquet.schema_arrow.names else []
+            for batch in parquet.iter_batches(batch_size=1024, columns=_COLUMNS[kind] + scores):
                 for row in batch.to_pylist():
-                    for stratum, item in _candidates(kind, row, shard.name):
+                    for stratum, item in _candidates(kind, row, shard.name, quartiles):
                         count = seen[stratum] = seen.get(stratum, 0) + 1
                         reservoir = reservoirs.setdefault(stratum, [])
                         if len(reservoir) < n:  # Algorithm R: every candidate stays with probability n/count

@@ -48,15 +48,17 @@ BOX_COLOUR = "#ff00ff"  # one colour no sample image uses, so a screenshot test 
 THUMB_SIDE = 320
 # the columns each kind's page reads: required ones are checked against the schema, optional ones
 # (added by newer stages) are read when the file has them
+# what `fgdata quality` and ground's detector agreement add to region and FgGRN rows, where a shard has them
+_SCORE_COLUMNS = ["short_caption_score", "long_caption_score", "region_clip_scores", "region_agreement_ious", "quality_model_is_random"]
 _COLUMNS = {
     "images": (["key", "width", "height", "format", "short_caption"], []),
     "captions": (["key", "short_caption", "long_caption"], ["caption_model_is_random", "generated_tokens"]),
     "phrases": (["key", "short_caption", "long_caption", "phrases"], []),
-    "regions": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random"]),
-    "fggrn": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random", "nli_is_random"]),
+    "regions": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random", *_SCORE_COLUMNS]),
+    "fggrn": (["key", "short_caption", "long_caption", "width", "height", "regions"], ["detector_is_random", "nli_is_random", *_SCORE_COLUMNS]),
     "hierarcaps": (["key", "tiers", "negative_tiers"], ["entailment", "negative_nli", "model_is_random"]),
 }
-_RANDOM_COLUMNS = ("detector_is_random", "nli_is_random", "caption_model_is_random", "model_is_random")
+_RANDOM_COLUMNS = ("detector_is_random", "nli_is_random", "caption_model_is_random", "model_is_random", "quality_model_is_random")
 
 # Records every script error, failed resource, console.error and blocked fetch into the DOM, so a
 # headless browser's --dump-dom shows whether the page rendered cleanly.
@@ -503,6 +505,15 @@ def _charts(kind: str, rows: list[dict]) -> str:
                 areas.append((box[2] - box[0]) * (box[3] - box[1]))
         charts.append(_histogram("box area (fraction of the image)", areas))
         charts.append(_histogram("box score", [r.get("score") for r in regions]))
+        # only where the dataset has them: a chart of nothing but "no values" would say nothing
+        for title, values in (
+            ("image-short caption CLIP score", [row.get("short_caption_score") for row in rows if row.get("short_caption_score") is not None]),
+            ("image-long caption CLIP score", [row.get("long_caption_score") for row in rows if row.get("long_caption_score") is not None]),
+            ("region-phrase CLIP score", [s for row in rows for s in row.get("region_clip_scores") or [] if s is not None]),
+            ("box agreement IoU (the other detector's best)", [s for row in rows for s in row.get("region_agreement_ious") or [] if s is not None]),
+        ):
+            if values:
+                charts.append(_histogram(title, values))
         if kind == "fggrn":
             charts.append(_histogram("negatives per region", [len(r.get("negatives") or []) for r in regions]))
             charts.append(_categories("attribute kinds", Counter(n.get("attribute") for r in regions for n in r.get("negatives") or [])))

@@ -30,17 +30,24 @@ from pipeline.stages.base import ModelStage, Problem, ShardResult, WorkUnit, rej
 from pipeline.stages.fggrn.ground import IMAGE_COLUMNS, GroundingBatch, batches_with_images
 
 TEXT_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string()}
+# CLIP's processor scales the shorter side to its input size, so a sliver of a picture would become
+# an enormous one: beyond this longer/shorter ratio (recaption's default limit) there is no score
+MAX_ASPECT_RATIO = 20.0
 # columns holding one value per region, in region order: a dropped region leaves each of them
 PER_REGION_COLUMNS = ("regions", "long_exprs", "region_agreement_ious", "region_clip_scores")
 
 
+def scorable(width: float, height: float) -> bool:
+    return width >= 1 and height >= 1 and max(width, height) / min(width, height) <= MAX_ASPECT_RATIO
+
+
 def box_crop(image: Image.Image, box) -> Image.Image | None:
     """The part of `image` inside `box` (x1, y1, x2, y2 in its pixels), cut to the image; None for a
-    box that is not four finite numbers or holds no whole pixel."""
+    box that is not four finite numbers, holds no whole pixel or is not `scorable`."""
     if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
         return None
     x1, y1, x2, y2 = max(0.0, box[0]), max(0.0, box[1]), min(float(image.width), box[2]), min(float(image.height), box[3])
-    return image.crop((x1, y1, x2, y2)) if x2 - x1 >= 1 and y2 - y1 >= 1 else None
+    return image.crop((x1, y1, x2, y2)) if scorable(x2 - x1, y2 - y1) else None
 
 
 def caption_problem(row: dict, settings: QualityConfig) -> Problem | None:
@@ -127,7 +134,7 @@ class QualityStage(ModelStage):
     def _score(batch: GroundingBatch, model) -> None:
         """Fills each row's caption scores and region_clip_scores (None where there is nothing to score)."""
         for caption, long in (("short_caption", False), ("long_caption", True)):
-            which = [i for i, row in enumerate(batch.rows) if row[caption]]
+            which = [i for i, row in enumerate(batch.rows) if row[caption] and scorable(*batch.images[i].size)]
             scores = dict(zip(which, model.similarities([batch.images[i] for i in which], [batch.rows[i][caption] for i in which], long=long)))
             for i, row in enumerate(batch.rows):
                 row[f"{caption}_score"] = scores.get(i)
