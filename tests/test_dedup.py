@@ -171,6 +171,24 @@ def test_dedup_on_ray_gives_the_local_result(planted, tmp_path, ray_session):
     assert read_rejects(tmp_path / "ray").to_pylist() == read_rejects(tmp_path / "local").to_pylist()
 
 
+def test_an_unreadable_shard_on_ray_is_one_line_error(planted, tmp_path, ray_session):
+    import shutil
+
+    from pipeline.runner import ensure_ray
+
+    images = tmp_path / "images"
+    shutil.copytree(planted, images)
+    shard = images / "train" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 4 : len(data) // 2] = b"\x55" * (len(data) // 2 - len(data) // 4)  # pages damaged, footer intact
+    shard.write_bytes(bytes(data))
+    ensure_ray(make_config().run)
+    with pytest.raises(FgdataError) as raised:
+        run_stage(DedupStage(images), tmp_path / "out", make_config("run.executor=ray", "run.max_retries=0"))
+    assert type(raised.value) is FgdataError  # not Ray's wrapper, whose text is a remote traceback
+    assert str(raised.value).startswith(f"{shard}: cannot read shard") and "\n" not in str(raised.value)
+
+
 def test_cli_refuses_a_folder_without_images_and_bad_settings(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("dedup", str(tmp_path / "empty"), str(tmp_path / "out"), "--executor", "local")

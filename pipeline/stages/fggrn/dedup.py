@@ -33,6 +33,7 @@ from pipeline.core.near_duplicates import duplicates_to_drop, ident, map_to_part
 from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.core.storage import resolved
+from pipeline.errors import FgdataError
 from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 
 # the columns ingest writes; the columns screen adds are carried when present
@@ -144,8 +145,8 @@ class DedupStage(Stage):
         reducer = ray.remote(_pairs_of_partition).options(name="fgdata-dedup-group", **options)
         mapped = [mapper.remote(path, shard, settings.bands, partitions) for shard, path in enumerate(paths)]
         reduced = [reducer.remote(settings.max_distance, *(refs[p] for refs in mapped)) for p in range(partitions)]
-        hashed = ray.get([refs[partitions] for refs in mapped])
-        parts = ray.get(reduced)
+        results = _get_all([refs[partitions] for refs in mapped] + reduced)
+        hashed, parts = results[: len(mapped)], results[len(mapped) :]
         return hashed, np.concatenate(parts) if parts else np.empty((0, 3), np.int64)
 
     def process(self, unit: WorkUnit, config: Config, model=None, prepared=None) -> ShardResult:
@@ -176,6 +177,22 @@ class DedupStage(Stage):
             rows_in=table.num_rows, table=conform(rows, "images"), rejects=rejects, counters=counters,
             provenance={"image_hash": f"imagehash {imagehash.__version__} phash 64-bit"},
         )
+
+
+def _get_all(refs: list) -> list:
+    """Every result; a task's FgdataError (an unreadable shard) as the same one-line error once all
+    are settled: a failed result left unread would be logged by Ray as an unhandled error."""
+    results, failure = [], None
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            failure = failure or exc
+    if failure is not None:
+        if isinstance(failure.cause, FgdataError):
+            raise FgdataError(str(failure.cause)) from None
+        raise failure
+    return results
 
 
 def _caption_repeats(hashed: list[dict]) -> list[int]:
