@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import FgdataError, first_line
+from pipeline.errors import FgdataError, first_line, shown
 
 LONG_TEXT_KEY = "fgdata_long_text"  # in the text config: {"short": 77, "long": 248}
 LONG_PROJECTION = "text_filip_projection"  # FG-CLIP's name for the long-caption projection
@@ -116,8 +116,9 @@ def _layout(reference: str, model, info: dict) -> str:
     needed = {FGCLIP_ORI, FGCLIP_RES, f"{LONG_PROJECTION}.weight"}
     if not missing and not is_extended(model) and needed <= unexpected <= _FGCLIP_EXTRAS:
         return "fgclip"
-    shown = ", ".join(f"{kind} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
-    raise FgdataError(f"cannot load CLIP model {reference!r}: its weights match neither a CLIP's nor FG-CLIP's layout ({shown})")
+    # names from the file: quoted and cut short, a few of each kind
+    found = ", ".join(f"{kind} {', '.join(map(shown, sorted(keys)[:3]))}{' ...' if len(keys) > 3 else ''}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    raise FgdataError(f"cannot load CLIP model {reference!r}: its weights match neither a CLIP's nor FG-CLIP's layout ({found})")
 
 
 def _check_fgclip_shapes(reference: str, model, stored: dict) -> None:
