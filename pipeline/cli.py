@@ -402,6 +402,7 @@ def ground(
     per distinct phrase by the CLIP ViT-B/32 text tower (ground.text_encoder). Boxes are kept above
     ground.score_threshold, after NMS within a phrase and across near-identical boxes, within the
     area limits and caps; whole-image boxes are dropped. Images left with no region keep an empty list.
+    ground.agreement_detector (the other backend) keeps only boxes it confirms at IoU >= ground.agreement_iou.
     """
     from pipeline.stages.fggrn.ground import GroundStage
 

@@ -3,6 +3,7 @@ transformers' CLIPModel gives for the same pictures and texts; the min_* floors;
 histograms and the audit's strata by score quartile."""
 
 import json
+import math
 import statistics
 from collections import Counter
 
@@ -194,3 +195,15 @@ def test_audit_strata_by_region_score_quartile(data, tmp_path):
     for item in items:
         assert item["stratum"] == f"colour | rules:test | region score {quartile(scored[item['key'], item['positive']])}"
     assert region_score_quartiles(list_shards(fggrn), 0) is None  # quality never ran: no score strata
+
+
+def test_boxes_without_a_sensible_crop_get_no_score():
+    from PIL import Image
+
+    from pipeline.stages.fggrn.quality import box_crop
+
+    image = Image.new("RGB", (100, 80))
+    for box in ([math.nan, 0, 10, 10], [0, 0, math.inf, 10], [50, 50, 10, 10], [0, 0, 0.5, 10], [0, 0, 2, 80], [0, 0, 10], None, ["a", 0, 1, 1]):
+        assert box_crop(image, box) is None, box
+    assert box_crop(image, [-20.0, -20.0, 30.0, 40.0]).size == (30, 40)  # cut to the image
+    assert box_crop(image, [0, 0, 4, 80]).size == (4, 80)  # 20:1, the longest sliver scored

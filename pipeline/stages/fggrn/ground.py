@@ -3,6 +3,8 @@
 Phrase shard N is joined by key with image shard N of the dataset the phrases descend from
 (found through the manifests' lineage, or given with --images). CPU tasks decode the images;
 model actors detect, filter and write one row per image with its nested list of regions.
+With ground.agreement_detector the actors hold both detectors, and a box the filters keep must be
+confirmed by the other one (`agreement`).
 """
 
 from __future__ import annotations
