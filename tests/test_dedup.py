@@ -7,6 +7,7 @@ import io
 import itertools
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -150,7 +151,7 @@ def test_undecodable_images_missing_and_repeated_keys_are_rejects(tmp_path):
             {**image_row("cut", good), "image": good[: len(good) // 3]}]
     folder = write_images(tmp_path / "images", [rows])
     table = pq.read_table(folder / "train" / "part-00000.parquet")
-    pq.write_table(table.set_column(0, "key", __import__("pyarrow").array(["ok", "ok", "bad", None])), folder / "train" / "part-00000.parquet")
+    pq.write_table(table.set_column(0, "key", pa.array(["ok", "ok", "bad", None])), folder / "train" / "part-00000.parquet")
     run_stage(DedupStage(folder), tmp_path / "out", make_config())
     assert [row["key"] for row in read_rows(tmp_path / "out")] == ["ok"]
     assert sorted((r["key"], r["reason"]) for r in read_rejects(tmp_path / "out").to_pylist()) == [

@@ -4,8 +4,6 @@ personal data in captions, bad input."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image

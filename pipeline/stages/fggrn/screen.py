@@ -7,7 +7,6 @@ import io
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
 from PIL import Image, ImageFilter
 
 from pipeline.config import Config, ScreenConfig
