@@ -167,6 +167,10 @@ class DedupConfig:
     # each band more narrows the buckets' keys, so more candidate pairs to check (see near_duplicates.py)
     bands: int = 5
     partitions: int = 0  # reduce tasks of the grouping; 0 = one per Ray CPU
+    # captions at this cosine (caption_model) or more to another of their shard are counted, never
+    # dropped (caption_near_repeats); 0 = not counted, no model loaded
+    caption_similarity: float = 0.95
+    caption_model: str = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # NudeNet's classes of exposed intimate parts; its other classes (faces, feet, belly, armpits, male
@@ -502,6 +506,7 @@ RANGES: dict[str, Range] = {
     "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT, "ingest.max_shard_bytes": COUNT,
     "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE, "download.max_bytes": COUNT,
     "dedup.max_distance": Range(0, 63), "dedup.bands": Range(1, 64), "dedup.partitions": Range(0, meaning=" (0 = one per Ray CPU)"),
+    "dedup.caption_similarity": FRACTION,
     "screen.nsfw_threshold": FRACTION, "screen.face_threshold": FRACTION,
     "phrases.max_phrase_words": COUNT, "phrases.english_check_min_words": ZERO_OR_MORE,
     "recaption.max_image_side": COUNT, "recaption.max_aspect_ratio": Range(1),

@@ -53,7 +53,8 @@ _LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "LICENSE.txt", "LICENSE.md", 
 _MAX_DEPTH = 32  # a lineage deeper than this is a loop or damage, not a pipeline
 
 _LIMITATIONS = {
-    "images": ["Images are as the source gave them (after decoding checks): no content, NSFW or duplicate filtering is done here."],
+    # and what image_curation finds in the lineage
+    "images": ["Images are as the source gave them after decoding checks, except for what the lines below say was removed."],
     "captions": ["Long captions are model output: they can describe things that are not in the image (hallucination); no one checked them by hand unless an audit is recorded."],
     "phrases": ["Phrases come from a rule-based parser (spaCy): long or ungrammatical captions give missed or partial phrases."],
     "regions": ["Boxes come from an open-vocabulary detector: one box per phrase at most is right, low-score boxes are often wrong, and small or crowded objects are missed."],
@@ -97,6 +98,40 @@ def walk_lineage(dataset_dir: Path, manifest: dict | None = None) -> list[dict]:
     visit(str(dataset_dir), {}, 0)
     # sources (deepest) first, the dataset itself last
     return sorted(steps.values(), key=lambda s: -s["depth"])
+
+
+def image_curation(steps: list[dict]) -> list[str]:
+    """What the lineage did about duplicate and NSFW images: whether `dedup` and `screen` ran, and
+    then by which rule and model (from their manifests), so a card never claims a filter that did not run."""
+    ran = {s["stage"]: s for s in steps if s["manifest"] and s["stage"] in ("dedup", "screen")}
+    lines = []
+    if "dedup" in ran:
+        settings = _section(ran["dedup"]["manifest"])
+        lines.append(
+            f"Duplicate images were removed by `fgdata dedup` (`{_text(ran['dedup']['path'])}`): the same decoded pixels, or a 64-bit pHash within Hamming "
+            f"distance {_text(settings.get('max_distance', 'unknown'))} (`dedup.max_distance`). Crops, mirrored or heavily edited copies are kept; "
+            "captions are only counted as repeats, never removed."
+        )
+    else:
+        lines.append("No duplicate filtering in the lineage (`fgdata dedup` did not run): the same image can appear more than once.")
+    if "screen" in ran:
+        manifest = ran["screen"]["manifest"]
+        model, rule = _provenance(manifest, "screen_model"), _provenance(manifest, "nsfw_rule")
+        lines.append(
+            f"NSFW images were rejected by `fgdata screen` (`{_text(ran['screen']['path'])}`) with {model}: {rule}. A detector misses some; "
+            "other content (violence, hate symbols, text in the image) is not screened."
+        )
+    else:
+        lines.append("No NSFW screening in the lineage (`fgdata screen` did not run): explicit images may be present.")
+    return lines
+
+
+def _provenance(manifest: dict, name: str) -> str:
+    """A provenance entry (one value per shard, repeats folded) as text, or 'unknown'."""
+    provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    values = provenance.get(name)
+    values = values if isinstance(values, list) else [values]
+    return ", ".join(dict.fromkeys(_text(v) for v in values if v is not None)) or "unknown"
 
 
 def random_weight_steps(steps: list[dict]) -> list[str]:
@@ -274,6 +309,8 @@ def render_datacard(dataset_dir: Path, manifest: dict) -> str:
 
     out += ["## Known limitations", ""]
     out += [f"- {line}" for line in _LIMITATIONS.get(kind, ["No kind-specific notes."])]
+    if any(s["kind"] == "images" for s in steps):  # every dataset made from images inherits what was done to them
+        out += [f"- {line}" for line in image_curation(steps)]
     if randoms:
         out.append("- Random-weight models made part of it: captions, boxes, negatives or scores from them are noise.")
     if any(s["error"] for s in steps):

@@ -9,6 +9,10 @@ Three passes, each spread over shards:
    so exact duplicates are the pairs at distance 0 whose pixel digests agree.
 3. write: input shard N to output shard N as every stage does (markers, resume), each duplicate a
    `duplicate` reject naming the image kept.
+Captions are never a reason to drop a row, only counted: `caption_exact_repeats` across the dataset
+(case and spacing aside, in pass 1) and `caption_near_repeats` within each output shard (distinct
+captions with an all-MiniLM-L6-v2 cosine of `dedup.caption_similarity` or more to an earlier one of
+the shard: comparing every pair across 12M rows would not be a counter's price).
 The rule that picks the kept image is deterministic: the smallest (shard name, key) of the group.
 Groups are transitive (a~b and b~c put a, b, c in one group), so a reject's distance to the kept
 image can exceed max_distance; the detail gives it. Passes 1-2 run in planning and are redone
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from functools import cache, partial
 from pathlib import Path
 
 import imagehash
@@ -34,6 +39,8 @@ from pipeline.core.schemas import check_input_columns, conform
 from pipeline.core.shards import lineage_entry, list_shards, read_shard, read_shard_schema
 from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
+from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
+from pipeline.models.reference import check_model_reference
 from pipeline.stages.base import ShardResult, Stage, WorkUnit, reject
 
 # the columns ingest writes; the columns screen adds are carried when present
@@ -51,10 +58,41 @@ def image_hashes(data: bytes) -> tuple[str, int]:
     return pixels, int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def caption_digest(caption: str | None) -> str | None:
+def normalised_caption(caption: str | None) -> str:
     """Captions that differ only in case and spacing count as the same caption."""
-    text = " ".join((caption or "").lower().split())
+    return " ".join((caption or "").lower().split())
+
+
+def caption_digest(caption: str | None) -> str | None:
+    text = normalised_caption(caption)
     return hashlib.sha256(text.encode()).hexdigest()[:32] if text else None
+
+
+def caption_near_repeats(captions: list[str | None], embed, threshold: float, block: int = 1024) -> int:
+    """How many distinct captions (as normalised_caption makes them) have a cosine similarity of
+    `threshold` or more to an earlier one; `embed` maps texts to unit-length vectors. The similarity
+    matrix is built `block` rows at a time, so memory stays at block x len(captions)."""
+    texts = list(dict.fromkeys(t for t in map(normalised_caption, captions) if t))
+    if len(texts) < 2:
+        return 0
+    vectors = np.asarray(embed(texts), np.float32)
+    order = np.arange(len(texts))
+    near = 0
+    for start in range(0, len(texts), block):
+        similar = vectors[start : start + block] @ vectors.T >= threshold
+        earlier = order[None, :] < order[start : start + block, None]
+        near += int((similar & earlier).any(axis=1).sum())
+    return near
+
+
+@cache
+def _caption_embedder(model: str) -> TextEmbedder:
+    return TextEmbedder(model)  # once per process: Ray's workers run shard after shard
+
+
+def _embed_captions(model: str, texts: list[str]) -> np.ndarray:
+    embedder = _caption_embedder(model)
+    return embedder.model.encode(texts, batch_size=embedder.batch_size, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
 
 
 def hash_shard(path: str, shard: int) -> dict:
@@ -104,7 +142,12 @@ class DedupStage(Stage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.images_dir)]
 
+    def check(self, config: Config) -> None:
+        if config.dedup.caption_similarity:
+            check_model_reference(resolve_embedding_model(config.dedup.caption_model), revision=None, trust_remote_code=False)
+
     def plan(self, config: Config) -> list[WorkUnit]:
+        self.check(config)
         paths = list_shards(self.images_dir)
         for path in paths:
             check_input_columns(read_shard_schema(path), REQUIRED_COLUMNS, where=str(path))
@@ -173,10 +216,13 @@ class DedupStage(Stage):
             else:
                 rows.append(row)
             seen.add(key)
-        return ShardResult(
-            rows_in=table.num_rows, table=conform(rows, "images"), rejects=rejects, counters=counters,
-            provenance={"image_hash": f"imagehash {imagehash.__version__} phash 64-bit"},
-        )
+        provenance = {"image_hash": f"imagehash {imagehash.__version__} phash 64-bit"}
+        settings: DedupConfig = config.dedup
+        if settings.caption_similarity:
+            embed = partial(_embed_captions, settings.caption_model)
+            counters["caption_near_repeats"] = caption_near_repeats([row["short_caption"] for row in rows], embed, settings.caption_similarity)
+            provenance["caption_similarity"] = f"{settings.caption_model} cosine >= {settings.caption_similarity:g}, within each shard"
+        return ShardResult(rows_in=table.num_rows, table=conform(rows, "images"), rejects=rejects, counters=counters, provenance=provenance)
 
 
 def _get_all(refs: list) -> list:
