@@ -193,12 +193,12 @@ def compare_run(bill: dict, run: dict) -> dict:
     }
 
 
-def check(measured: dict, work: Path, runs: Path) -> dict:
+def check(measured: dict, work: Path, runs: Path, results: Path = RESULTS) -> dict:
     """Each pass planned from the bench records, and pass B and the recipe also from pass A's runs."""
     settings = work / "settings.yaml"
     settings.write_text(measured["settings"])
     config = load_config(settings)
-    bench, startup = load_bench(RESULTS)
+    bench, startup = load_bench(results)
     mine = load_runs([runs]) + bench
     stages_recipe = parse_recipe(STAGES_RECIPE, "stage-commands", "bench/plan_check.py")
     as_commands = {"commands": True, "export": "fgclip", "startup": startup}
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--measured", type=Path, help="a measurement this script saved earlier (--save) with its runs beside it: plan and compare only")
     parser.add_argument("--save", type=Path, help="save the measurement here, and pass A's manifests in <save>.runs/")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the bench records to plan from (default bench/results)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -235,12 +236,13 @@ def main() -> None:
             measured |= {"load_average": {"start": load_before, "end": [round(v, 2) for v in os.getloadavg()]}, "cpu_model": cpu_model()}
             if args.save:
                 args.save.write_text(json.dumps(measured, indent=2))
-        checked = check(measured, work, runs)
+        checked = check(measured, work, runs, args.results)
     write_result(
         "plan_check",
         {
             "what": "fgdata plan's wall time against the commands' measured wall time (whole process, Python's start included), "
             f"{measured['images']} files from {measured['distinct_photos']} distinct real photos (crops re-encoded), captions written for the check",
+            "records": str(args.results),
             "measured": measured,
             **checked,
         },
