@@ -921,7 +921,7 @@ def plan(
     gpu: Annotated[Optional[str], typer.Option(help="GPU type the model stages run on, e.g. h100; leave out for CPU only.")] = None,
     gpus: Annotated[int, typer.Option(help="How many GPUs.")] = 1,
     cpus: Annotated[Optional[int], typer.Option(help="CPU cores (default: 16 per GPU, or run.num_cpus / this machine's).")] = None,
-    stages: Annotated[Optional[str], typer.Option(help="Only these stages, comma-separated, e.g. ingest,phrases.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Only these steps, by step or stage name, comma-separated, e.g. ingest,phrases.")] = None,
     caption_chars: Annotated[Optional[float], typer.Option(help="Mean caption length of your data in characters (phrases' time grows with it).")] = None,
     from_runs: Annotated[Optional[list[Path]], typer.Option("--from-runs", help="Dataset folder(s) of your own runs: their manifests' timings come first. Repeatable.")] = None,
     commands: Annotated[bool, typer.Option("--commands", help="Plan the stage commands run one after another (each starts its own Ray), not `fgdata run`.")] = False,
