@@ -178,3 +178,60 @@ def test_the_plan_warns_when_the_load_now_differs_by_more_than_one_per_core(tmp_
     monkeypatch.setattr("os.getloadavg", lambda: (12.0, 12.0, 12.0))
     table = CliRunner().invoke(app, ["plan", "fggrn", "--images", "100", "--results", str(tmp_path / "records")])
     assert table.exit_code == 0 and "warning: this machine's load average is 12.00 on 2 cores" in table.output
+
+
+# values a run's manifest may hold where plan now reads its whole wall time, shards, executor and settings
+ODD_RUN_VALUES = [
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": float("nan")}},
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": float("inf")}},
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": -92.0}},
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": "92"}},
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": 10**400}},
+    {"timings": {"shard_seconds": 4.8, "wall_seconds": 1.0}},  # less than the shard time
+    {"shards": "part-00000.parquet"},
+    {"shards": []},
+    {"shards": [None] * 1000},
+    {"executor": ["ray"]},
+    {"executor": None},
+    {"config": "rules"},
+    {"config": {"negatives": ["backend", "rules"]}},
+    {"config": {"negatives": {"backend": 5, "num_actors": True}}},
+    {"config": {"negatives": {"backend": "rules", "num_actors": 10**30}}},
+    {"config": {"negatives": {"backend": "rules", "num_actors": -3}}},
+    {"machine": {"ray_gpus": float("nan"), "ray_cpus": "2"}},
+]
+
+
+@pytest.mark.parametrize("odd", ODD_RUN_VALUES, ids=[json.dumps(o)[:60] for o in ODD_RUN_VALUES])
+def test_odd_wall_shards_executor_and_settings_of_a_run_keep_the_plan_finite(tmp_path, odd):
+    manifest = {
+        "stage": "negatives", "rows_in": 300, "shards": ["part-00000.parquet"], "executor": "ray",
+        "timings": {"wall_seconds": 92.0, "shard_seconds": 4.8}, "machine": {"cpus": 2}, "config": {"negatives": {"backend": "rules"}}, **odd,
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "_manifest.json").write_text(json.dumps(manifest))  # NaN and Infinity as Python writes them
+    result = CliRunner().invoke(app, ["plan", "fggrn", "--images", "300", "--from-runs", str(tmp_path), "--set", "negatives.backend=rules", "--commands", "--json"])
+    assert result.exit_code in (0, 2) and isinstance(result.exception, (SystemExit, type(None))), result.output
+    if result.exit_code == 0:
+        bill = json.loads(result.stdout, parse_constant=lambda constant: pytest.fail(f"{constant} in the plan"))
+        fggrn = _step(bill, "fggrn")
+        assert fggrn["wall_seconds"] is None or 0 <= fggrn["wall_seconds"] < 10**6
+
+
+@pytest.mark.parametrize(
+    "name, record, message",
+    [
+        ("cpu_1k_negatives", {"rows": 100, "regions": 400, "breakdown": "fast"}, "'breakdown.shard_busy_s' is None"),
+        ("cpu_1k_negatives", {"rows": 100, "regions": float("nan"), "breakdown": {"shard_busy_s": 1.0}}, "'regions' is"),
+        ("export", {"format": "fgclip", "stage_images_per_s": -1}, "'stage_images_per_s' is -1"),
+    ],
+)
+def test_a_broken_end_to_end_or_export_record_is_a_one_line_error(tmp_path, name, record, message):
+    (tmp_path / f"{name}.json").write_text(json.dumps({"benchmark": name, **record}))
+    result = CliRunner().invoke(app, ["plan", "fggrn", "--images", "5", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+
+
+def test_an_export_record_of_another_format_is_not_read(tmp_path):
+    (tmp_path / "export.json").write_text(json.dumps({"benchmark": "export", "format": ["fgclip"], "stage_images_per_s": 5}))
+    assert load_bench(tmp_path)[0] == []
