@@ -132,3 +132,11 @@ def test_bundled_recipe_curation_on_ray_streams_screen_after_the_whole_dedup(tmp
     kept = {row["key"] for row in read_rows(tmp_path / "out" / "screened")}
     assert not any("-" in key for key in kept) and "astronaut" in kept
     assert len(read_rejects(tmp_path / "out" / "kept")) == 5
+
+
+def test_screen_actors_take_no_gpu_from_the_recipe_steps_after_it(tmp_path):
+    """NudeNet runs on onnxruntime's CPU build: an actor holding a GPU would leave it idle while
+    recaption, next in the recipe, waits for it."""
+    pool = ScreenStage(tmp_path).pool(cluster_gpus=8, config=make_config())
+    assert pool.gpus_per_actor == 0 and pool.actors == 1
+    assert ScreenStage(tmp_path).pool(cluster_gpus=8, config=make_config("screen.num_actors=6")).actors == 6

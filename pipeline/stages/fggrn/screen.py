@@ -74,6 +74,11 @@ class ScreenStage(ModelStage):
     def lineage(self) -> list[dict]:
         return [lineage_entry(self.images_dir)]
 
+    def gpus_per_replica(self, config: Config) -> int:
+        # NudeNet runs on onnxruntime's CPU build: a GPU held by its actors would sit idle while
+        # recaption, next in the fggrn recipe, waits for it (more actors: screen.num_actors)
+        return 0
+
     def load_model(self, config: Config):
         return load_screen_detector(config.screen)
 
