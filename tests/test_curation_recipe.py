@@ -87,7 +87,7 @@ def test_data_card_says_which_image_filters_ran_with_their_model_and_threshold(t
     assert "no content, NSFW or duplicate filtering" not in raw
     card = limitations(tmp_path / "screened")
     assert "with a detector that finds nothing:" in card and "at score >= 0.7" in card and "FEMALE_GENITALIA_EXPOSED" in card
-    assert "Hamming distance 3" in card and "No " not in card
+    assert "Hamming distance 3" in card and "No duplicate filtering" not in card and "No NSFW screening" not in card
 
 
 def test_bundled_recipe_removes_planted_duplicates_before_recaption(tmp_path):
