@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.recipes import load_recipe
-from pipeline.reports.plan import load_bench, load_runs, plan
+from pipeline.recipes import STEP_KINDS, load_recipe
+from pipeline.reports.plan import STAGES, load_bench, load_runs, plan
 from pipeline.runner import choose_executor
 from pipeline.stages.fggrn.ground import GroundStage
 from pipeline.stages.fggrn.ingest import IngestStage
@@ -103,6 +103,14 @@ def test_the_recipes_steps_are_exactly_what_is_planned_export_included(tmp_path)
     assert [s["step"] for s in demo["stages"]] == [step.name for step in load_recipe("fggrn-demo").steps]
     result = CliRunner().invoke(app, ["plan", "fggrn", "--images", "5", "--export", "csv"])
     assert result.exit_code == 2 and "--export 'csv': the exports are fgclip" in result.output
+
+
+def test_every_stage_a_recipe_can_name_can_be_planned(tmp_path):
+    assert set(STEP_KINDS) <= set(STAGES)
+    recipe = tmp_path / "curated.yaml"
+    recipe.write_text("steps:\n  - {name: images, stage: ingest, input: SOURCE}\n  - {name: unique, stage: dedup, input: images}\n  - {name: safe, stage: screen, input: unique}\n")
+    bill = _plan_json(str(recipe), "--images", "100", "--results", str(_records(tmp_path / "records")))
+    assert [(s["step"], s["wall_seconds"] is None) for s in bill["stages"]] == [("images", False), ("unique", True), ("safe", True)]
 
 
 def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_none(tmp_path):

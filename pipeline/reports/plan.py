@@ -87,6 +87,8 @@ class StageKind:
 # every stage a recipe can name (pipeline.recipes.STEP_KINDS), and the commands after one
 STAGES = {
     "ingest": StageKind(False, "images"),
+    "dedup": StageKind(False, "images"),
+    "screen": StageKind(True, "images"),
     "recaption": StageKind(True, "images", "recaption"),
     "phrases": StageKind(False, "captions"),
     "ground": StageKind(True, "images", "ground"),
