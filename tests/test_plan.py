@@ -46,14 +46,14 @@ def test_no_gpu_record_means_no_gpu_figure_and_says_why():
     assert ingest["workers"] == 8 * 16
     assert ingest["cpu_core_hours"] == pytest.approx(12_000_000 / ingest["per_worker_per_s"] / 3600)
     assert bill["total"]["complete"] is False
-    assert bill["total"]["stages_without_a_figure"] == ["captions", "regions", "fggrn"]  # the recipe's step names
+    assert bill["total"]["stages_without_a_figure"] == ["kept", "screened", "captions", "regions", "fggrn"]  # the recipe's step names
     assert any("no GPU measurement" in note for note in bill["notes"])
 
 
 def test_a_record_from_the_target_gpu_is_used_as_measured(tmp_path):
     _recaption_record(tmp_path, "NVIDIA H100 80GB HBM3")
     measures, startup = load_bench(tmp_path)
-    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", gpus=4, measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", gpus=4, measures=measures, startup=startup)["stages"][3]
     assert recaption["gpu_hours"] == pytest.approx(1_000_000 / 10.0 / 3600)  # the actor's busy rate, per GPU
     fixed = 1000 / 8.0 - 1000 / 10.0  # wall minus busy time of the bench run: actor start + model load
     assert recaption["wall_seconds"] == pytest.approx(fixed + 1_000_000 / 10.0 / 4)
@@ -63,7 +63,7 @@ def test_a_record_from_the_target_gpu_is_used_as_measured(tmp_path):
 def test_a_record_from_another_gpu_is_scaled_by_bandwidth_and_flagged(tmp_path):
     _recaption_record(tmp_path, "NVIDIA A100-SXM4-80GB")
     measures, startup = load_bench(tmp_path)
-    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1_000_000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][3]
     assert recaption["per_worker_per_s"] == pytest.approx(10.0 * 3.35 / 2.0)
     assert "extrapolated from NVIDIA A100-SXM4-80GB by memory bandwidth" in recaption["basis"]
 
@@ -74,7 +74,7 @@ def test_random_weights_of_the_real_architecture_are_labelled(tmp_path):
         stage_images_per_s=20.0, stage_actor_busy_images_per_s=25.0,
     )
     measures, startup = load_bench(tmp_path)
-    ground = plan(load_recipe("fggrn"), 1000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][3]
+    ground = plan(load_recipe("fggrn"), 1000, load_config(), gpu="h100", measures=measures, startup=startup)["stages"][5]
     assert ground["gpu_hours"] is not None and "random weights of the real architecture" in ground["basis"]
 
 
@@ -127,7 +127,7 @@ def test_a_broken_record_is_a_one_line_error(tmp_path):
 def test_cli_table_and_json():
     table = CliRunner().invoke(app, ["plan", "fggrn", "--images", "12_000_000", "--gpu", "h100", "--gpus", "8"])
     assert table.exit_code == 0, table.output
-    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for captions" in table.output
+    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for kept, screened, captions" in table.output
     as_json = CliRunner().invoke(app, ["plan", "hierarcaps", "--captions", "73000", "--json"])
     assert as_json.exit_code == 0, as_json.output
     bill = json.loads(as_json.output)

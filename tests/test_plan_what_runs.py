@@ -78,7 +78,7 @@ def test_negatives_with_the_rules_backend_is_not_priced_from_the_llm_record(tmp_
     (records / "cpu_1k_negatives.json").unlink()
     missing = _plan_json("fggrn", "--images", "100", "--results", str(records), "--set", "negatives.backend=rules")
     assert _step(missing, "fggrn")["wall_seconds"] is None and "no record of negatives with backend rules" in _step(missing, "fggrn")["basis"]
-    assert missing["total"]["stages_without_a_figure"] == ["captions", "fggrn"]  # no recaption record here either
+    assert missing["total"]["stages_without_a_figure"] == ["kept", "screened", "captions", "fggrn"]  # no dedup, screen or recaption record here either
 
 
 def test_a_recipe_steps_own_set_chooses_its_record(tmp_path):

@@ -37,8 +37,11 @@ FGGRN_STEPS = [
 def test_bundled_recipes_parse_in_run_order():
     assert {"fggrn", "hierarcaps"} <= set(bundled_recipes())
     fggrn = load_recipe("fggrn")
-    assert [s.name for s in fggrn.steps] == ["images", "captions", "phrases", "regions", "fggrn"]
-    assert fggrn.steps[3].inputs == {"input": ("phrases",), "images": ("images",)}
+    assert [s.name for s in fggrn.steps] == ["images", "kept", "screened", "captions", "phrases", "regions", "fggrn"]
+    # duplicates and NSFW images are gone before the first GPU model, and ground reads the screened pixels
+    assert [s.stage for s in fggrn.steps[:4]] == ["ingest", "dedup", "screen", "recaption"]
+    assert fggrn.steps[3].inputs == {"input": ("screened",)}
+    assert fggrn.steps[5].inputs == {"input": ("phrases",), "images": ("screened",)}
     hierarcaps = load_recipe("hierarcaps")
     names = [s.name for s in hierarcaps.steps]
     assert names.index("distilled") < names.index("generated") and names[-1] == "final"
@@ -104,8 +107,9 @@ def test_every_step_kind_builds_its_stage():
 
 
 def test_which_stages_stream_shard_by_shard():
-    """N -> N stages plan one input shard at a time; the others plan their input whole."""
-    streaming = {"recaption", "phrases", "ground", "negatives", "hierarcaps-filter", "hierarcaps-negatives"}
+    """N -> N stages plan one input shard at a time; the others plan their input whole (dedup groups
+    duplicates across all shards)."""
+    streaming = {"screen", "recaption", "phrases", "ground", "negatives", "hierarcaps-filter", "hierarcaps-negatives"}
     for recipe in ("fggrn", "hierarcaps"):
         for step in load_recipe(recipe).steps:
             paths = {key: [Path("/nowhere") / ref for ref in refs] for key, refs in step.inputs.items()}

@@ -202,7 +202,7 @@ def _recaption_record(folder: Path, gpu: str) -> None:
 def test_a_gpu_record_is_measured_only_for_the_same_gpu(tmp_path, record_gpu, target, measured_ratio):
     _recaption_record(tmp_path, record_gpu)
     measures, startup = load_bench(tmp_path)
-    recaption = plan(load_recipe("fggrn"), 1000, load_config(), gpu=target, measures=measures, startup=startup)["stages"][1]
+    recaption = plan(load_recipe("fggrn"), 1000, load_config(), gpu=target, measures=measures, startup=startup)["stages"][3]
     if measured_ratio is None:
         assert recaption["per_worker_per_s"] == pytest.approx(10.0) and "estimate" not in recaption["basis"]
     else:
@@ -273,7 +273,7 @@ def test_a_run_on_an_a100_is_an_estimate_for_an_a10(tmp_path):
     manifest = {**GOOD_RUN, "stage": "recaption", "machine": {"ray_gpus": 1, "gpu_types": ["NVIDIA A100-SXM4-40GB"]}}
     (tmp_path / "run" / MANIFEST_FILE).write_text(json.dumps(manifest))
     result = _invoke("fggrn", "--images", "5000", "--gpu", "a10", "--from-runs", str(tmp_path), "--json")
-    recaption = _strict_json(result.stdout)["stages"][1]
+    recaption = _strict_json(result.stdout)["stages"][3]
     assert recaption["per_worker_per_s"] == pytest.approx(1000 / 4.0 * 0.6 / 2.0)
     assert recaption["basis"].startswith("your run") and "an estimate for a10, from another GPU" in recaption["basis"]
 
