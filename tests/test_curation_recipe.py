@@ -3,6 +3,7 @@ duplicate captions are counted (never dropped), and the data card says which of 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -88,6 +89,26 @@ def test_data_card_says_which_image_filters_ran_with_their_model_and_threshold(t
     card = limitations(tmp_path / "screened")
     assert "with a detector that finds nothing:" in card and "at score >= 0.7" in card and "FEMALE_GENITALIA_EXPOSED" in card
     assert "Hamming distance 3" in card and "No duplicate filtering" not in card and "No NSFW screening" not in card
+
+
+@pytest.mark.parametrize(
+    ("screen_manifest", "dedup_manifest"),
+    [
+        ({"provenance": {"screen_model": {"a": 1}, "nsfw_rule": 5}}, {"config": {"dedup": "not a mapping"}}),
+        ({"provenance": "not a mapping"}, {"config": {"dedup": {"max_distance": "4\n| x |"}}}),
+        ({"provenance": {"screen_model": [None, "m|x\ny"], "nsfw_rule": []}}, {"config": None}),
+        ({}, {"config": {"dedup": {"max_distance": None}}}),
+    ],
+)
+def test_card_lines_from_damaged_manifests_say_unknown_and_keep_the_layout(tmp_path, screen_manifest, dedup_manifest):
+    from pipeline.datasets.datacard import render_datacard
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "_manifest.json").write_text(json.dumps({"stage": "dedup", "kind": "images", "inputs": [], **dedup_manifest}))
+    manifest = {"stage": "screen", "kind": "images", "inputs": [{"path": str(tmp_path / "kept"), "stage": "dedup"}], **screen_manifest}
+    lines = render_datacard(tmp_path / "screened", manifest).split("## Known limitations", 1)[1].strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("- ") for line in lines)  # a newline or pipe from a manifest breaks no line
+    assert "`fgdata dedup`" in lines[1] and "`fgdata screen`" in lines[2] and "null" not in lines[1]
 
 
 def test_bundled_recipe_removes_planted_duplicates_before_recaption(tmp_path):

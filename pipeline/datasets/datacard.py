@@ -106,10 +106,10 @@ def image_curation(steps: list[dict]) -> list[str]:
     ran = {s["stage"]: s for s in steps if s["manifest"] and s["stage"] in ("dedup", "screen")}
     lines = []
     if "dedup" in ran:
-        settings = _section(ran["dedup"]["manifest"])
+        distance = _section(ran["dedup"]["manifest"]).get("max_distance")
         lines.append(
             f"Duplicate images were removed by `fgdata dedup` (`{_text(ran['dedup']['path'])}`): the same decoded pixels, or a 64-bit pHash within Hamming "
-            f"distance {_text(settings.get('max_distance', 'unknown'))} (`dedup.max_distance`). Crops, mirrored or heavily edited copies are kept; "
+            f"distance {'unknown' if distance is None else _text(distance)} (`dedup.max_distance`). Crops, mirrored or heavily edited copies are kept; "
             "captions are only counted as repeats, never removed."
         )
     else:
