@@ -71,6 +71,18 @@ def test_card_lists_only_the_models_that_ran(tmp_path):
     assert "temperature=0.7" in _section_text(llm_card, "Sampling")
 
 
+def test_card_names_the_agreement_detector_and_the_quality_model_only_when_they_ran(tmp_path):
+    fggrn, manifest = _grounded_then_negatives(tmp_path, {}, {})
+    assert "agreement_detector" not in render_datacard(fggrn, manifest)  # off: nothing to name
+    (tmp_path / "agree").mkdir()
+    agreed, agreed_manifest = _grounded_then_negatives(tmp_path / "agree", {"agreement_detector": "owlv2"}, {})
+    assert "agreement_detector=owlv2" in _section_text(render_datacard(agreed, agreed_manifest), "Models (with revisions)")
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    quality = _manifest("quality", "fggrn", {}, {"random_weights": [False]}, [{"path": str(fggrn), "stage": "negatives"}])
+    assert "model=openai/clip-vit-base-patch32" in _section_text(render_datacard(scored, quality), "Models (with revisions)")
+
+
 def test_card_warns_of_every_opened_floor(tmp_path):
     fggrn, manifest = _grounded_then_negatives(tmp_path, {"score_threshold": 0.0}, {"min_contradiction": 0.0})
     card = render_datacard(fggrn, manifest)

@@ -27,7 +27,9 @@ _RAN: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "recaption": {"": (_LLM[0], (*_LLM[1], "retry_temperature"))},
     "phrases": {"": (("spacy_model",), ())},
     "screen": {"": (("model",), ())},
-    "ground": {"yolo_world": (("backend", "detector", "text_encoder"), ()), "owlv2": (("backend", "owl_model"), ())},
+    # agreement_detector is null (left out) unless a second detector ran
+    "ground": {"yolo_world": (("backend", "detector", "text_encoder", "agreement_detector"), ()), "owlv2": (("backend", "owl_model", "agreement_detector"), ())},
+    "quality": {"": (("model", "revision"), ())},
     "negatives": {
         "rules": (("backend", "spacy_model", "nli_model", "embedding_model"), ("seed",)),
         "": (("backend", "model", "revision", "spacy_model", "nli_model", "embedding_model"), _LLM[1]),
