@@ -93,9 +93,13 @@ def test_a_file_that_is_no_gguf_stops_the_run_before_it_starts(tmp_path):
         check_model_reference(str(fake), revision=None, trust_remote_code=False)
 
 
-def test_vllm_refuses_a_gguf_file_in_one_line():
+def test_vllm_refuses_a_gguf_file_in_one_line_before_the_run_starts():
     with pytest.raises(FgdataError, match="backend transformers"):
         load_text_generator("vllm", "smollm2", revision=None, trust_remote_code=False, dtype="auto", tensor_parallel_size=1)
+    with pytest.raises(FgdataError, match="backend transformers"):
+        NegativesStage(Path(".")).check(make_config("negatives.backend=vllm", "negatives.model=smollm2"))
+    with pytest.raises(FgdataError, match="backend transformers"):
+        HierarcapsSeedStage(Path("captions.txt")).plan(make_config("hierarcaps.backend=vllm", "hierarcaps.model=smollm2"))
 
 
 # --- every way an answer fails is a counted reason ---------------------------------------------------

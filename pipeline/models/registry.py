@@ -73,8 +73,7 @@ def load_text_generator(backend: str, model: str, *, revision: str | None, trust
     if backend == "vllm":
         from pipeline.models.text_lm import VllmLM
 
-        if gguf_file(model):
-            raise FgdataError(f"model {model!r} is a GGUF file: run it with backend transformers (the vllm backend takes a hub id or a model directory)")
+        check_text_backend(backend, model)
 
         return VllmLM(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     raise FgdataError(f"unknown text generation backend {backend!r}; choose transformers or vllm")
@@ -92,6 +91,12 @@ def load_screen_detector(settings):
     from pipeline.models.nudenet_detector import NudeNetDetector
 
     return NudeNetDetector(settings.model)
+
+
+def check_text_backend(backend: str, model: str) -> None:
+    """A GGUF file runs on transformers only: refused in one line before any actor starts."""
+    if backend == "vllm" and gguf_file(model):
+        raise FgdataError(f"model {model!r} is a GGUF file: run it with backend transformers (the vllm backend takes a hub id or a model directory)")
 
 
 def note_provenance(generator) -> dict:

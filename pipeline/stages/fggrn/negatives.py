@@ -28,7 +28,7 @@ from pipeline.models.embedding import TextEmbedder, resolve_embedding_model
 from pipeline.models.generation import Sampling
 from pipeline.models.nli import NliDecision, NliScorer
 from pipeline.models.reference import check_model_reference
-from pipeline.models.registry import load_text_generator, note_provenance
+from pipeline.models.registry import check_text_backend, load_text_generator, note_provenance
 from pipeline.models.spacy_nlp import load_spacy, spacy_id
 from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit
 from pipeline.stages.fggrn.attribute_swap import attribute_swaps
@@ -104,6 +104,7 @@ class NegativesStage(GeneratorStage):
         settings = config.negatives
         if settings.backend not in ("rules", "transformers", "vllm"):
             raise FgdataError(f"negatives.backend must be rules, transformers or vllm, got {settings.backend!r}")
+        check_text_backend(settings.backend, settings.model)
         nli_decision(settings)
         check_model_reference(settings.nli_model, revision=None, trust_remote_code=False)
         if settings.embedding_model:

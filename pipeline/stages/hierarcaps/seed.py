@@ -20,7 +20,7 @@ from pipeline.core.shards import lineage_entry
 from pipeline.datasets.chains import complete_chain
 from pipeline.errors import FgdataError
 from pipeline.models.reference import check_model_reference
-from pipeline.models.registry import load_text_generator, note_provenance
+from pipeline.models.registry import check_text_backend, load_text_generator, note_provenance
 from pipeline.stages.base import GeneratorStage, ShardResult, WorkUnit, reject
 from pipeline.stages.hierarcaps.caption_inputs import caption_units, unit_captions, with_captions
 
@@ -42,6 +42,7 @@ class HierarcapsSeedStage(GeneratorStage):
         settings = config.hierarcaps
         if settings.backend not in ("transformers", "vllm"):
             raise FgdataError(f"hierarcaps.backend must be transformers or vllm, got {settings.backend!r}")
+        check_text_backend(settings.backend, settings.model)
         units = caption_units(self.captions, config.ingest.rows_per_shard, config.ingest.caption_fields)
         template = load_prompt(self._prompt_name(config)).text
         if "{caption}" not in template:
