@@ -503,6 +503,7 @@ RANGES: dict[str, Range] = {
     # run: a CPU share of 0 would start every shard at once, no CPU at all waits forever
     "run.num_cpus": Range(1, meaning=" (or null for all cores)"), "run.cpus_per_task": POSITIVE,
     "run.max_shards_in_flight": Range(0, meaning=" (0 = twice the cluster's CPUs)"), "run.max_retries": ZERO_OR_MORE,
+    "run.lock_stale_s": POSITIVE,
     "ingest.rows_per_shard": COUNT, "ingest.min_side": COUNT, "ingest.max_pixels": COUNT, "ingest.max_shard_bytes": COUNT,
     "download.timeout": POSITIVE, "download.threads": COUNT, "download.retries": ZERO_OR_MORE, "download.max_bytes": COUNT,
     "dedup.max_distance": Range(0, 63), "dedup.bands": Range(1, 64), "dedup.partitions": Range(0, meaning=" (0 = one per Ray CPU)"),
@@ -513,7 +514,6 @@ RANGES: dict[str, Range] = {
     "recaption.retry_temperature": Range(0, meaning=" (0 = no retry)"), "recaption.min_words": ZERO_OR_MORE,
     "min_english_fraction": FRACTION, "recaption.min_distinct_trigrams": FRACTION,
     # 1 would call every caption a loop: each word "repeats" once
-    "run.lock_stale_s": POSITIVE,
     "recaption.max_ngram_repeats": Range(2),
     "ground.image_size": Range(32, meaning=" (the detector's stride)"), "ground.score_threshold": FRACTION,
     "ground.nms_iou": FRACTION, "ground.cross_phrase_iou": FRACTION, "ground.min_box_area": FRACTION,
