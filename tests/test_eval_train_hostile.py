@@ -260,7 +260,9 @@ def test_train_on_an_fggrn_shard_with_bad_boxes_trains_on_the_good_ones(bad_box_
     result = run_cli("train", str(bad_box_world["fggrn"]), "--model", str(tiny_clip), "--out", str(tmp_path / "run"), *[f"--set={s}" for s in TRAIN_FAST], timeout=180)
     assert result.returncode == 0, _subprocess_outcome(result)
     report = json.loads((tmp_path / "run" / "train.json").read_text())
+    hard_negative_counts = {k: report["data"].pop(k) for k in list(report["data"]) if k.startswith("hard_negative_boxes")}
     assert report["data"] == {"rows": 24, "rows_usable": 24, **{f"dropped_{reason}": len(boxes) for reason, boxes in BAD_BOXES.items()}}
+    assert hard_negative_counts.get("hard_negative_boxes", 0) > 0  # the good boxes still train the hard-negative loss
     assert all(math.isfinite(entry["loss"]) for entry in report["history"])
     assert result.stderr.count("fgclip data:") == 1, "the skips are summed up once"
     print(f"train fggrn hostile: 24 rows, {report['data']}, {time.perf_counter() - started:.1f}s")
