@@ -115,3 +115,19 @@ def kill_run_when(run: subprocess.Popen, condition, timeout: float, what: str) -
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=30)
     wait_for(lambda: not shard_worker_pids("ray::fgdata-") and not shard_worker_pids("ray::ModelWorker"), timeout=60, what="the killed run's workers")
+
+
+def phrase_precision_recall(labels: list[dict], found_per_caption) -> tuple[float, float, list[str]]:
+    """Predicted phrases against hand labels, case aside: precision = correct / predicted, recall =
+    correct / labelled over the whole set, and one line per caption whose phrases differ."""
+    correct = predicted = labelled = 0
+    misses = []
+    for item, found in zip(labels, found_per_caption):
+        got = {p["text"].lower() for p in found}
+        want = {p.lower() for p in item["phrases"]}
+        correct += len(got & want)
+        predicted += len(got)
+        labelled += len(want)
+        if got != want:
+            misses.append(f"{item['caption'][:200]}\n   extra {sorted(got - want)}  missing {sorted(want - got)}")
+    return correct / predicted, correct / labelled, misses

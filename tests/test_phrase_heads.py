@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import phrase_precision_recall
 
 from pipeline.config import PhrasesConfig
 from pipeline.models.spacy_nlp import load_spacy
@@ -40,17 +41,7 @@ def test_the_set_is_large_and_every_label_is_a_span_of_its_caption():
 
 
 def test_phrases_keep_their_compound_heads_precision_and_recall(parsed, capsys):
-    correct = predicted = labelled = 0
-    misses = []
-    for item, found in zip(LABELS, parsed):
-        got = {p["text"].lower() for p in found}
-        want = {p.lower() for p in item["phrases"]}
-        correct += len(got & want)
-        predicted += len(got)
-        labelled += len(want)
-        if got != want:
-            misses.append(f"{item['caption']}\n   extra {sorted(got - want)}  missing {sorted(want - got)}")
-    precision, recall = correct / predicted, correct / labelled
+    precision, recall, misses = phrase_precision_recall(LABELS, parsed)
     with capsys.disabled():
         print(f"\nphrase heads ({len(LABELS)} captions): precision {precision:.3f}, recall {recall:.3f}")
         print("\n".join(misses))

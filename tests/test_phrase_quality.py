@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import phrase_precision_recall
 
 from pipeline.config import PhrasesConfig
 from pipeline.models.spacy_nlp import load_spacy
@@ -56,20 +57,13 @@ def test_phrase_precision_and_recall_on_hand_labelled_captions(name, precision_f
     labels = _labels(name)
     nlp = load_spacy(PhrasesConfig().spacy_model)
     rules = rules_from(PhrasesConfig())
-    true_positive = predicted = expected = 0
-    misses = []
+    found_per_caption = []
     for item, doc in zip(labels, nlp.pipe([item["caption"] for item in labels])):
         found = extract_expressions(doc, rules)
         for phrase in found:  # spans index the caption exactly
             assert item["caption"][phrase["start"] : phrase["end"]] == phrase["text"]
-        got = {p["text"].lower() for p in (_maximal(found) if maximal_only else found)}
-        want = {p.lower() for p in item["phrases"]}
-        true_positive += len(got & want)
-        predicted += len(got)
-        expected += len(want)
-        if got != want:
-            misses.append(f"{item['caption'][:200]}\n   extra {sorted(got - want)}  missing {sorted(want - got)}")
-    precision, recall = true_positive / predicted, true_positive / expected
+        found_per_caption.append(_maximal(found) if maximal_only else found)
+    precision, recall, misses = phrase_precision_recall(labels, found_per_caption)
     with capsys.disabled():
         print(f"\nphrase quality on {name} ({len(labels)} captions): precision {precision:.3f}, recall {recall:.3f}")
         print("\n".join(misses))
