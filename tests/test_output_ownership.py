@@ -156,16 +156,20 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+# each holder is made when its test runs: a lock "refreshed just now" at collection is stale by the
+# time a long test session reaches it
 @pytest.mark.parametrize(
-    ("holder", "taken"),
+    ("make_holder", "taken"),
     [
-        (lock_record(pid=dead_pid()), True),  # killed on this host
-        (lock_record(host="elsewhere", refreshed=time.time() - 3600), True),  # another host's lease ran out
-        (lock_record(host="elsewhere"), False),  # another host, refreshed just now
-        (lock_record(), False),  # alive here (this very process, outside its hold)
+        (lambda: lock_record(pid=dead_pid()), True),  # killed on this host
+        (lambda: lock_record(host="elsewhere", refreshed=time.time() - 3600), True),  # another host's lease ran out
+        (lambda: lock_record(host="elsewhere"), False),  # another host, refreshed just now
+        (lambda: lock_record(), False),  # alive here (this very process, outside its hold)
     ],
+    ids=["dead_pid_here", "lease_ran_out_elsewhere", "fresh_lease_elsewhere", "alive_here"],
 )
-def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, holder, taken):
+def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, make_holder, taken):
+    holder = make_holder()
     source = captions(tmp_path / "captions")
     out = tmp_path / "phrases"
     out.mkdir()
