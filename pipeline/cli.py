@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
-from pipeline.core.storage import s3_endpoint_problem
+from pipeline.core.storage import forget_s3_buckets, s3_endpoint_problem
 from pipeline.core.terminal import PrintableFormatter, printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
@@ -22,6 +22,7 @@ class _Commands(typer.core.TyperGroup):
     its input's location when it is built, before the command's own `with _user_errors()`."""
 
     def invoke(self, ctx):
+        forget_s3_buckets()
         with _user_errors():
             return super().invoke(ctx)
 

@@ -18,7 +18,9 @@ from conftest import FGDATA, SAMPLE_IMAGES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from object_store import all_objects, bucket, put_object, s3_server  # noqa: F401 (fixtures)
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.core import storage
 from pipeline.core.shards import MANIFEST_FILE, claim_output, read_json
 from pipeline.datasets.synthetic_world import write_world
@@ -254,3 +256,21 @@ def test_a_wrong_endpoint_is_one_line_naming_it(where, args, request, tmp_path):
     result = run_cli(*args, env_extra=env, timeout=60, cwd=tmp_path)
     assert time.monotonic() - started < 20, f"{args} took {time.monotonic() - started:.0f}s"
     assert_one_line_error(result, endpoint)
+
+
+def test_a_later_command_in_the_same_process_keeps_its_own_message(request, monkeypatch):
+    """The buckets one command named are not the next command's endpoint problem (the CLI runs many
+    commands in one process under tests): its own message stands, and a bucket name S3 would refuse
+    is never taken for the endpoint's fault."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("not_s3"))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    cli = CliRunner()
+    first = cli.invoke(app, ["info", "s3://bkt/out"])
+    assert first.exit_code == 2 and "cannot use the S3 endpoint" in first.stderr
+    later = cli.invoke(app, ["plan", "fggrn"])
+    assert later.exit_code == 2 and "needs --images N or --captions N" in later.stderr
+    assert "S3 endpoint" not in later.stderr
+    odd_bucket = cli.invoke(app, ["info", "s3://BKT_/out"])
+    assert "cannot use the S3 endpoint" not in odd_bucket.stderr

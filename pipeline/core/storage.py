@@ -39,7 +39,9 @@ Location = Union[Path, UPath]
 # The stores fgdata reads and writes (README, "Object storage"), and how a refusal names them.
 STORES = ("s3", "gs", "hf")
 SUPPORTED = "local paths (file:///abs/path too) and s3://, gs://, hf:// URIs"
-_S3_BUCKETS: set[str] = set()  # the buckets this process named: what s3_endpoint_problem asks about
+_S3_BUCKETS: set[str] = set()  # the buckets the running command named: what s3_endpoint_problem asks about
+# S3's rule for a bucket name: anything else is refused by the client itself, no endpoint's fault
+_S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def is_uri(value) -> bool:
@@ -63,8 +65,8 @@ def location(value) -> Location:
             return value
         uri = store_uri(value)
         options = {}
-        if uri.startswith("s3://"):
-            _S3_BUCKETS.add(uri[5:].partition("/")[0])
+        if uri.startswith("s3://") and _S3_BUCKET_NAME.fullmatch(bucket := uri[5:].partition("/")[0]):
+            _S3_BUCKETS.add(bucket)
             options = _s3_options()
         try:
             # No listings cache: Ray workers write markers the driver lists, and a cached listing
@@ -114,6 +116,12 @@ def _s3_endpoint() -> str:
     """The S3 endpoint as the user set it, for messages."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return f"{endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3"
+
+
+def forget_s3_buckets() -> None:
+    """A new command starts: the buckets earlier commands of this process named (tests run many
+    in one process) are not its endpoint's concern."""
+    _S3_BUCKETS.clear()
 
 
 def s3_endpoint_problem() -> str | None:
