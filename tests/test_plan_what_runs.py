@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipeline import runner
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.recipes import STEP_KINDS, load_recipe
@@ -113,7 +114,10 @@ def test_every_stage_a_recipe_can_name_can_be_planned(tmp_path):
     assert [(s["step"], s["wall_seconds"] is None) for s in bill["stages"]] == [("images", False), ("unique", True), ("safe", True)]
 
 
-def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_none(tmp_path):
+def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_none(tmp_path, monkeypatch):
+    # as a fresh command finds it: no cluster named, no Ray left running by an earlier test here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)
     measures, startup = load_bench(_records(tmp_path / "records"))
     recipe = tmp_path / "no-recaption.yaml"
     recipe.write_text(NO_RECAPTION)
