@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,12 +43,13 @@ def test_a_rerun_finishes_a_streaming_step_whose_shards_are_all_done(tmp_path):
     ]}))
     overrides = [f"hierarcaps.nli_model={nli}", "hierarcaps.min_entailment=0", "run.progress=false"]
     run_recipe(load_recipe(str(recipe_file)), csv, tmp_path / "out", overrides=[*overrides, "run.executor=local"])
-    runs = plan_steps(load_recipe(str(recipe_file)), csv, tmp_path / "out", None, overrides, overwrite=False)
-    scheduler = _Scheduler(runs)
-    for run in runs:  # one pass of the loop: nothing is left to run, so nothing goes in flight
-        scheduler._advance(run)
-    assert not scheduler.in_flight and not any(run.queue for run in runs)
-    assert [run.finished for run in runs] == [True, True]
+    with ExitStack() as held:  # the steps' output locks, released at the end as run_recipe does
+        runs = plan_steps(load_recipe(str(recipe_file)), csv, tmp_path / "out", None, overrides, overwrite=False, held=held)
+        scheduler = _Scheduler(runs)
+        for run in runs:  # one pass of the loop: nothing is left to run, so nothing goes in flight
+            scheduler._advance(run)
+        assert not scheduler.in_flight and not any(run.queue for run in runs)
+        assert [run.finished for run in runs] == [True, True]
 
 
 def write_chains(directory: Path, keys: list[str], chains: list[list[str]]) -> Path:
