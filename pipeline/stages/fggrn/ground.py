@@ -62,6 +62,18 @@ class GroundingBatch:
     rows_in: int = 0
 
 
+def image_shards_of(dataset: Path, images_dir: Path | None) -> Path:
+    """The image shards a dataset's rows join by key: `images_dir` when given, else the images
+    ancestor in its lineage; a one-line error when there is none or it is gone."""
+    if images_dir is None:
+        images_dir = find_ancestor(dataset, "images")
+        if images_dir is None:
+            raise FgdataError(f"cannot find the image shards {dataset} descends from (no lineage in its manifests); pass --images DIR")
+    if not images_dir.is_dir():
+        raise FgdataError(f"image shards directory {images_dir} does not exist")
+    return images_dir
+
+
 def batches_with_images(rows: list[dict], images: str, source: str, count: int, batch_size: int) -> list[GroundingBatch]:
     """`rows` (from the shard `source`) in `count` batches of `batch_size`, each row with its image
     from the image shard `images` decoded upright; a row whose image is missing or does not decode
@@ -111,12 +123,7 @@ class GroundStage(ModelStage):
         self._check_images()
 
     def _check_images(self) -> None:
-        if self.images_dir is None:
-            self.images_dir = find_ancestor(self.phrases_dir, "images")
-            if self.images_dir is None:
-                raise FgdataError(f"cannot find the image shards {self.phrases_dir} descends from (no lineage in its manifests); pass --images DIR")
-        if not self.images_dir.is_dir():
-            raise FgdataError(f"image shards directory {self.images_dir} does not exist")
+        self.images_dir = image_shards_of(self.phrases_dir, self.images_dir)
 
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
         schema = read_shard_schema(path)

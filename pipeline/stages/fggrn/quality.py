@@ -21,13 +21,13 @@ from PIL import Image
 
 from pipeline.config import Config, QualityConfig
 from pipeline.core.schemas import check_input_columns, conform
-from pipeline.core.shards import find_ancestor, lineage_entry, read_shard, read_shard_schema, shard_path, shard_rows
+from pipeline.core.shards import lineage_entry, read_shard, read_shard_schema, shard_path, shard_rows
 from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
 from pipeline.models.reference import check_model_reference
 from pipeline.models.registry import load_clip_scorer
 from pipeline.stages.base import ModelStage, Problem, ShardResult, WorkUnit, reject
-from pipeline.stages.fggrn.ground import IMAGE_COLUMNS, GroundingBatch, batches_with_images
+from pipeline.stages.fggrn.ground import IMAGE_COLUMNS, GroundingBatch, batches_with_images, image_shards_of
 
 TEXT_COLUMNS = {"key": pa.string(), "short_caption": pa.string(), "long_caption": pa.string()}
 # CLIP's processor scales the shorter side to its input size, so a sliver of a picture would become
@@ -75,12 +75,7 @@ class QualityStage(ModelStage):
 
     def check(self, config: Config) -> None:
         check_model_reference(config.quality.model, revision=config.quality.revision, trust_remote_code=False)
-        if self.images_dir is None:
-            self.images_dir = find_ancestor(self.regions_dir, "images")
-            if self.images_dir is None:
-                raise FgdataError(f"cannot find the image shards {self.regions_dir} descends from (no lineage in its manifests); pass --images DIR")
-        if not self.images_dir.is_dir():
-            raise FgdataError(f"image shards directory {self.images_dir} does not exist")
+        self.images_dir = image_shards_of(self.regions_dir, self.images_dir)
 
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
         schema = read_shard_schema(path)
