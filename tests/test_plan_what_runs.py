@@ -114,6 +114,18 @@ def test_every_stage_a_recipe_can_name_can_be_planned(tmp_path):
     assert [(s["step"], s["wall_seconds"] is None) for s in bill["stages"]] == [("images", False), ("unique", True), ("safe", True)]
 
 
+def test_screen_is_planned_on_cpu_actors_even_on_a_gpu_cluster(tmp_path):
+    # its NudeNet actors take no GPU (ScreenStage.gpus_per_replica is 0): one actor, or screen.num_actors
+    recipe = tmp_path / "curated.yaml"
+    recipe.write_text("steps:\n  - {name: images, stage: ingest, input: SOURCE}\n  - {name: safe, stage: screen, input: images}\n  - {name: captions, stage: recaption, input: safe}\n")
+    records = str(_records(tmp_path / "records"))
+    bill = _plan_json(str(recipe), "--images", "1000", "--results", records, "--gpu", "h100", "--gpus", "8")
+    assert (_step(bill, "safe")["device"], _step(bill, "safe")["workers"]) == ("cpu", 1)
+    assert (_step(bill, "captions")["device"], _step(bill, "captions")["workers"]) == ("h100", 8)
+    more = _plan_json(str(recipe), "--images", "1000", "--results", records, "--gpu", "h100", "--gpus", "8", "--set", "screen.num_actors=3")
+    assert _step(more, "safe")["workers"] == 3
+
+
 def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_none(tmp_path, monkeypatch):
     # as a fresh command finds it: no cluster named, no Ray left running by an earlier test here
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -79,16 +79,21 @@ TINY_RANDOM = "tiny random model"
 
 @dataclass(frozen=True)
 class StageKind:
-    on_gpu: bool  # a model stage: an actor pool, on GPUs when there are any
+    model: bool  # a model stage: an actor pool
     unit: str  # what a bench record's rate counts
     section: str | None = None  # the config section whose `backend` and `num_actors` it runs with
+    gpu: bool = True  # a model stage's actors hold a GPU when there are any (screen's do not)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.model and self.gpu
 
 
 # every stage a recipe can name (pipeline.recipes.STEP_KINDS), and the commands after one
 STAGES = {
     "ingest": StageKind(False, "images"),
     "dedup": StageKind(False, "images"),
-    "screen": StageKind(True, "images"),
+    "screen": StageKind(True, "images", "screen", gpu=False),
     "recaption": StageKind(True, "images", "recaption"),
     "phrases": StageKind(False, "captions"),
     "ground": StageKind(True, "images", "ground"),
@@ -211,9 +216,10 @@ def _backend(stage: str, stated) -> str | None:
     """The backend a record or run measured: what it says, else the stage's default (the records
     that do not say were all taken with it); None for a stage without backends."""
     section = STAGES[stage].section if stage in STAGES else None
-    if section is None:
+    default = getattr(getattr(Config(), section), "backend", None) if section else None
+    if default is None:
         return None
-    return stated if isinstance(stated, str) else getattr(Config(), section).backend
+    return stated if isinstance(stated, str) else default
 
 
 def _taken_under(measure: Measure, record: dict) -> Measure:
@@ -355,8 +361,9 @@ def _start_up(manifest: dict, stage: str, section: dict, busy: float | None, on_
     actors = section.get("num_actors") if isinstance(section.get("num_actors"), int) and section["num_actors"] > 0 else None
     if not on_ray:
         workers = 1.0  # the local executor: one shard after another
-    elif stage in STAGES and STAGES[stage].on_gpu:
-        workers = actors or _positive(machine.get("ray_gpus")) or 1.0  # the runner's pool: one per GPU, one without GPUs
+    elif stage in STAGES and STAGES[stage].model:
+        gpus = _positive(machine.get("ray_gpus")) if STAGES[stage].gpu else None
+        workers = actors or gpus or 1.0  # the runner's pool: one per GPU, one without GPUs
     else:
         workers = _positive(machine.get("ray_cpus")) or _positive(machine.get("cpus")) or 1.0
     at_once = min(workers, len(shards)) if isinstance(shards, list) and shards else 1.0
@@ -473,12 +480,12 @@ def plan(
         kind = STAGES[stage]
         step_config = (step_configs or {}).get(name, config)
         section = getattr(step_config, kind.section) if kind.section else None
-        measure, factor, why = _choose(stage, measures, gpu, section.backend if section else None)
+        measure, factor, why = _choose(stage, measures, gpu, getattr(section, "backend", None))
         on_gpu = kind.on_gpu and gpu is not None
         executor = _executor(stage, step_config, shards, commands)
         if executor == "local":
             workers = 1  # this process, one shard after another
-        elif kind.on_gpu:  # the runner's pool: num_actors, else one per GPU, one without GPUs
+        elif kind.model:  # the runner's pool: num_actors, else one per GPU, one without GPUs
             workers = (section.num_actors if section else 0) or (gpus if on_gpu else 1)
         else:
             workers = cpus
@@ -584,7 +591,7 @@ def _executor(stage: str, config: Config, shards: int, commands: bool) -> str:
         return config.run.executor
     if not commands or os.environ.get("RAY_ADDRESS"):
         return "ray"
-    return "local" if shards <= 1 and not STAGES[stage].on_gpu else "ray"
+    return "local" if shards <= 1 and not STAGES[stage].model else "ray"
 
 
 def _load_notes(used: list[Measure], load_now: float) -> dict:
