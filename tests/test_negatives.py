@@ -154,6 +154,13 @@ def test_near_synonyms_from_any_backend_are_no_negatives(positive, negative, rea
         ("a huge shiny blue ceramic cup", "too_many_changes"),
         ("a seen cup", "duplicate"),
         ("a red cup that someone left on the table next to the window of the kitchen", "length_mismatch"),
+        # what SmolLM2-135M wrote (bench/results/real_llm_answers.jsonl): words dropped, identifiers
+        ("a cup", "only_words_removed"),
+        ("the cup", "only_words_removed"),
+        ("cup", "only_words_removed"),
+        ("a_blue_cup", "not_plain_text"),
+        ("a {blue} cup", "not_plain_text"),
+        ("a blue-green cup", None),
     ],
 )
 def test_structure_checks(negative, reason):
@@ -371,3 +378,25 @@ def test_demo_sample_from_images_to_fggrn_and_resume(tiny_nli, tmp_path):
     again = run_stage(NegativesStage(tmp_path / "regions"), tmp_path / "fggrn", settings)
     assert (again.shards_run, again.shards_skipped) == (0, 3) and read_rows(tmp_path / "fggrn") == rows
     assert any(region["negatives"] for row in rows for region in row["regions"])
+
+
+def test_transformers_adapter_holds_answers_to_the_json_schema_as_vllm_does(tiny_llm):
+    # a RANDOM model writes noise; held to the schema token by token (xgrammar), its noise is the
+    # schema's JSON, or is cut at max_new_tokens inside it. Without the schema it is not JSON at all.
+    from pipeline.models.generation import Sampling
+    from pipeline.models.text_lm import TransformersLM
+    from pipeline.stages.fggrn.negatives import answer_schema
+
+    model = TransformersLM(str(tiny_llm), revision=None, trust_remote_code=False, dtype="auto")
+    prompts = ["Phrase: a red cup", "Phrase: two small dogs on a green lawn", "Phrase: a wooden table"]
+    for temperature in (0.0, 0.7):
+        sampling = Sampling(max_new_tokens=120, temperature=temperature, top_p=0.95, seed=1)
+        held = model.generate(prompts, sampling, json_schema=answer_schema(2))
+        for answer in held:
+            assert answer.text.startswith("["), answer.text
+            if answer.finish_reason == "stop":
+                items = json.loads(answer.text)
+                assert isinstance(items, list) and len(items) <= 2
+                assert all(isinstance(i, dict) and {"negative", "attribute"} <= set(i) and isinstance(i["negative"], str) for i in items)
+    free = model.generate(prompts, Sampling(max_new_tokens=40, temperature=0.0, top_p=1.0, seed=1))
+    assert not any(answer.text.startswith("[") for answer in free)

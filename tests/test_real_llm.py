@@ -156,10 +156,13 @@ def test_real_model_negatives_end_as_checked_negatives_or_counted_reasons(smollm
     assert NOTE in smollm2.name and not smollm2.is_random
     rows = [region_rows("A red double-decker bus parked beside a stone bridge.", [("A red double-decker bus", "bus"), ("a stone bridge", "bridge")], "a"),
             region_rows("A black cat sleeping on a blue wool blanket.", [("A black cat", "cat"), ("a blue wool blanket", "blanket")], "b")]
-    result, regions = run_negatives(smollm2, rows, "negatives.max_new_tokens=64", "negatives.batch_size=2")
+    result, regions = run_negatives(smollm2, rows, "negatives.max_new_tokens=96", "negatives.batch_size=2")
     assert result.counters["generated_tokens"] > 0
     flags = Counter(r["negatives_flag"] for r in regions.values())
     assert set(flags) <= {"ok", "too_few_valid"} | {f"llm_{reason}" for reason in PARSE_REASONS}
+    # held to the JSON schema, an answer is parsed unless max_new_tokens cut it
+    assert not set(flags) & {"llm_unparseable", "llm_empty_output", "llm_empty_list"} and "llm_wrong_count" not in result.counters
+    assert sum(flag != "llm_cut_at_max_new_tokens" for flag in flags.elements()) >= 2
     assert sum(v for k, v in result.counters.items() if k.startswith("regions_")) == 4
     for region in regions.values():  # what was kept passed the checks every backend's negatives pass
         for negative in region["negatives"]:

@@ -41,14 +41,33 @@ class TransformersLM:
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.note = model_note(model)
         self.name, self.is_random = labelled(f"{model} (transformers)", self.note), is_random_model(model)
+        self._grammars: dict[str, object] = {}  # a JSON schema -> its grammar compiled for this tokenizer
 
     def generate(self, prompts: list[str], sampling: Sampling, json_schema: dict | None = None) -> list[Generation]:
-        """`json_schema` is not enforced here (plain transformers has no constrained decoding); the
-        caller's parser copes with whatever comes back."""
+        """With `json_schema`, every answer is held to it token by token, as vLLM's structured outputs
+        hold it (xgrammar, vLLM's default engine for them): an answer is that JSON, or is cut at
+        max_new_tokens. The caller parses and checks it the same way for both backends."""
         chats = [_chat(self.tokenizer, p) for p in prompts]
         inputs = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        new_tokens = sample_new_tokens(self.model, inputs, sampling, pad_token_id=self.tokenizer.pad_token_id)
+        options = {"pad_token_id": self.tokenizer.pad_token_id}
+        if json_schema is not None:
+            # before temperature and top-p, as in vLLM: sampling chooses among the allowed tokens only
+            options["logits_processor"] = [self._schema_processor(json_schema)]
+        new_tokens = sample_new_tokens(self.model, inputs, sampling, **options)
         return [to_generation(ids, self._eos_ids, self.tokenizer.pad_token_id, self.tokenizer.decode) for ids in new_tokens]
+
+    def _schema_processor(self, json_schema: dict):
+        import xgrammar
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        key = json.dumps(json_schema, sort_keys=True)
+        if key not in self._grammars:
+            # the model's vocabulary can be larger than the tokenizer's (padded rows); the mask spans it
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.model.get_output_embeddings().weight.shape[0], stop_token_ids=sorted(self._eos_ids)
+            )
+            self._grammars[key] = xgrammar.GrammarCompiler(info).compile_json_schema(key)
+        return LogitsProcessor(self._grammars[key])  # one per generate call: it keeps each row's state
 
 
 class VllmLM:

@@ -10,6 +10,8 @@ from pipeline.core.text import latin_fraction
 from pipeline.stages.fggrn.attribute_swap import same_meaning
 
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+# what a phrase is never written with: identifiers ("a_red_cup") and markup, as a small LLM writes them
+_NOT_PROSE = re.compile(r"[_{}\[\]<>|\\=*#@$^~`]")
 _FUNCTION_WORDS = frozenset("a an the of in on with and at by to from its this that these those some".split())
 # The plural spaCy's lemmatizer keeps as its own lemma: a head stored as "person" (a region from another
 # pipeline or importer) is still the head of "two old people".
@@ -42,6 +44,10 @@ def structure_problem(
         return "same_as_positive", "the same words as the positive"
     if " ".join(neg) in seen:
         return "duplicate", "the same words as an accepted negative"
+    if _NOT_PROSE.search(negative):
+        return "not_plain_text", "written with _ or markup characters, not as a phrase"
+    if _only_words_removed(pos, neg):  # "a tall giraffe" -> "a giraffe": the positive implies it
+        return "only_words_removed", "it drops words of the positive and adds none: no attribute contradicts it"
     if not keeps_head(neg, head.lower(), lemmas):
         return "object_changed", f"the head noun {head!r} is gone"  # only an attribute may change
     if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
@@ -76,6 +82,13 @@ def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
             return False
         pairs += [(a, b) for a, b in zip(positive[i1:i2], negative[j1:j2]) if a != b and a not in _FUNCTION_WORDS]
     return bool(pairs) and all(same_meaning(a, b) for a, b in pairs)
+
+
+def _only_words_removed(positive: list[str], negative: list[str]) -> bool:
+    """Whether the negative's content words are some of the positive's, fewer of them ("the car" for
+    "a silver car")."""
+    kept = [w for w in negative if w not in _FUNCTION_WORDS]
+    return _content(kept) < _content(positive) and set(kept) <= set(positive)
 
 
 def _content(span: list[str]) -> int:

@@ -51,7 +51,7 @@ class NegativeModels:
 def answer_schema(count: int) -> dict:
     """The JSON shape the LLM must answer in (enforced by vLLM's structured outputs)."""
     item = {"type": "object", "properties": {"negative": {"type": "string"}, "attribute": {"type": "string"}}, "required": ["negative", "attribute"]}
-    return {"type": "array", "items": item, "maxItems": count}
+    return {"type": "array", "items": item, "minItems": count, "maxItems": count}
 
 
 def noun_lemmatizer(nlp) -> Callable[[str], tuple[str, ...]]:
