@@ -3,6 +3,8 @@
 - dedup on planted duplicates of the sample photos (re-encoded at JPEG quality 50 and 80, half size,
   a small colour shift, PNG, and a crop keeping 90% of the area): precision and recall of
   `fgdata dedup` and of a brute-force imagehash comparison of every pair, both wall times.
+- dedup's pass 1 on 1000 re-encoded sample photos: a first run against a rerun that reads the hashes
+  kept in OUT/_dedup_hashes (`python bench/curation.py dedup_rerun` measures that part alone).
 - the grouping step (LSH bands) on 100k and 1M random 64-bit hashes: time, and its growth.
 - screen throughput in images/s against NudeNet's own `NudeDetector().detect` loop over the same
   images (both load the model inside their timing), and the model call alone image by image.
@@ -108,6 +110,43 @@ def bench_dedup(work: Path, max_distance: int) -> dict:
     }
 
 
+def bench_dedup_rerun(work: Path, images: int = 1000, shards: int = 10) -> dict:
+    """Pass 1 of dedup (decode, pixel digest, pHash of every image) on a first run and on a rerun
+    that finds its results kept in OUT/_dedup_hashes; also what checking a kept result costs (the
+    input shard's identity) against hashing the whole shard file with sha256."""
+    import hashlib
+
+    from pipeline.core.shards import DEDUP_HASHES_DIR, list_shards
+    from pipeline.stages.fggrn.dedup import hash_shard, shard_identity
+
+    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE.glob("*.jpg")) if not p.stem.startswith("broken")]
+    rows = [row(f"{i:05d}", encode(photos[i % len(photos)], quality=50 + i % 46)) for i in range(images)]
+    per = math.ceil(images / shards)
+    folder = write_dataset(work / "rerun_in", [rows[i : i + per] for i in range(0, images, per)])
+    paths = [str(p) for p in list_shards(folder)]
+    cache = str(work / "rerun_out" / DEDUP_HASHES_DIR)
+    seconds = {}
+    for attempt in ("first_run", "rerun"):
+        started = time.perf_counter()
+        hashed = [hash_shard(path, shard, cache) for shard, path in enumerate(paths)]
+        seconds[attempt] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    for path in paths:
+        shard_identity(path)
+    identity_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in paths:
+        hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    sha256_s = time.perf_counter() - started
+    return {
+        "images": sum(len(h["keys"]) for h in hashed), "shards": len(paths), "input_mb": round(sum(Path(p).stat().st_size for p in paths) / 2**20, 1),
+        "pass1_seconds": seconds, "speedup": round(seconds["first_run"] / max(seconds["rerun"], 1e-9), 1),
+        "shard_identity_seconds": round(identity_s, 4), "sha256_of_shards_seconds": round(sha256_s, 4),
+        "note": "hash_shard over every input shard in this process (executor local), local disk; the rerun reads "
+        "OUT/_dedup_hashes/<shard>.parquet after checking the shard's identity (size, mtime, Parquet footer digest)",
+    }
+
+
 def bench_grouping(sizes=(100_000, 1_000_000), bands: int = 5, max_distance: int = 4) -> dict:
     rng = np.random.default_rng(0)
     out = {}
@@ -167,10 +206,24 @@ def bench_screen(work: Path, copies: int = 12, rounds: int = 3) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["dedup_rerun"]:  # that part alone, into the existing record (its own date)
+        import json
+        from datetime import datetime, timezone
+
+        from records import RESULTS, machine
+
+        with tempfile.TemporaryDirectory() as tmp:
+            part = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average": machine()["load_average"], **bench_dedup_rerun(Path(tmp))}
+        path = RESULTS / "curation.json"
+        record = json.loads(path.read_text()) if path.exists() else {"benchmark": "curation", "machine": machine()}
+        path.write_text(json.dumps({**record, "dedup_rerun": part}, indent=2) + "\n")
+        print(json.dumps(part, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         result = {
             "dedup_planted": bench_dedup(work, max_distance=4),
+            "dedup_rerun": bench_dedup_rerun(work),
             "grouping": bench_grouping(),
             "screen": bench_screen(work),
         }

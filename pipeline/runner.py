@@ -112,7 +112,10 @@ def choose_executor(stage: Stage, config: Config, pending: int) -> str:
 def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = False) -> RunSummary:
     started = time.perf_counter()
     config = stage.resolve(config)  # before planning and hashing: the hash covers what the workers see
-    units = stage.plan(config)
+    # a stage that keeps its planning's work in OUT is planned once OUT is claimed, its input checked now
+    units = None if stage.plans_in_output else stage.plan(config)
+    if units is None:
+        stage.check_input(config)
     # The inputs' lineage is read now, in planning, so corrupt or unfinished input stops the run
     # before any shard is written.
     lineage = stage.lineage()
@@ -125,6 +128,9 @@ def run_stage(stage: Stage, out_dir: Path, config: Config, overwrite: bool = Fal
     out_dir = check_output_path(out_dir, inputs)  # before the lock, which must never land in an input
     with hold_output(out_dir, config.run.lock_stale_s):
         out_dir = claim_output(out_dir, stage.name, settings_hash, overwrite, inputs=inputs)
+        if units is None:
+            stage.output_dir = out_dir
+            units = stage.plan(config)
         return _run_claimed(stage, units, out_dir, config, settings_hash, started=started, lineage=lineage)
 
 

@@ -19,6 +19,7 @@ from pipeline.core.shards import read_json, read_rejects
 from pipeline.errors import FgdataError
 from pipeline.runner import run_stage
 from pipeline.stages.fggrn.dedup import DedupStage
+from object_store import bucket, s3_server  # noqa: F401 - the S3 store fixtures
 from test_cluster import cluster  # noqa: F401 - the multi-node Ray cluster fixture
 
 PHOTOS = ["astronaut", "brick", "camera", "chelsea", "coffee", "horse", "rocket", "coins"]
@@ -145,6 +146,151 @@ def test_a_new_shard_that_changes_an_unchanged_shards_decisions_is_refused(plant
         run_stage(DedupStage(images), out, make_config())
 
 
+# --- pass 1 kept in OUT/_dedup_hashes: a rerun decodes no image it decoded before ---------------
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The images pass 1 decodes (calls of image_hashes), hashing in this process even when an
+    earlier test left Ray running."""
+    import ray
+
+    from pipeline.stages.fggrn import dedup
+
+    calls: list[int] = []
+    real = dedup.image_hashes
+    monkeypatch.setattr(dedup, "image_hashes", lambda data: calls.append(1) or real(data))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
+
+
+def outcome(out) -> tuple:
+    return read_rows(out), read_rejects(out).to_pylist(), read_json(out / "_manifest.json")["counters"]
+
+
+PLANTED_IMAGES = 6 + 22  # the distinct keys of the planted shards
+
+
+def test_a_rerun_after_a_kill_decodes_no_image_and_decides_the_same(planted, tmp_path, decodes):
+    out = tmp_path / "dedup"
+    run_stage(DedupStage(planted), out, make_config())
+    assert len(decodes) == PLANTED_IMAGES
+    assert sorted(p.name for p in (out / "_dedup_hashes").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    first = outcome(out)
+    for done in ("_done/part-00001.parquet.done", "train/part-00001.parquet", "_manifest.json"):  # killed in pass 3
+        (out / done).unlink()
+    decodes.clear()
+    resumed = run_stage(DedupStage(planted), out, make_config())
+    assert len(decodes) == 0 and (resumed.shards_run, resumed.shards_skipped) == (1, 1)
+    assert outcome(out) == first
+    assert_dataset_invariants(out)
+    # the decisions from the kept hashes are those of a plan that hashes every image (no OUT)
+    kept = DedupStage(planted)
+    kept.output_dir = out
+    assert [u.payload for u in kept.plan(make_config())] == [u.payload for u in DedupStage(planted).plan(make_config())]
+    # nothing of it is data: `datasets` and `fgdata info` see the rows of train/ only
+    import datasets
+
+    from pipeline.datasets.info import describe_dataset
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), cache_dir=str(tmp_path / ".hf-cache"))
+    assert list(loaded) == ["train"] and sorted(loaded["train"]["key"]) == sorted(r["key"] for r in first[0])
+    assert "_dedup_hashes" not in describe_dataset(out)
+
+
+def test_a_changed_input_shard_alone_is_hashed_again_and_decided_by_its_new_content(planted, tmp_path, decodes):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(planted, images)
+    out = tmp_path / "dedup"
+    run_stage(DedupStage(images), out, make_config())
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "_dedup_hashes").iterdir()}
+    # killed before shard 1 was done; then shard 1 rewritten: its rocket is now the astronaut's photo
+    (out / "_done" / "part-00001.parquet.done").unlink()
+    shard = images / "train" / "part-00001.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    astronaut = (SAMPLE_IMAGES / "astronaut.jpg").read_bytes()
+    pq.write_table(conform([{**r, "image": astronaut} if r["key"] == "rocket" else r for r in rows], "images"), shard)
+    decodes.clear()
+    run_stage(DedupStage(images), out, make_config())
+    assert len(decodes) == len(rows)  # shard 1's images, none of shard 0's
+    assert (out / "_dedup_hashes" / "part-00000.parquet").stat().st_mtime_ns == kept["part-00000.parquet"]
+    assert (out / "_dedup_hashes" / "part-00001.parquet").stat().st_mtime_ns != kept["part-00001.parquet"]
+    rejects = {r["key"]: r["detail"] for r in read_rejects(out).to_pylist()}
+    assert rejects["rocket"] == "the same pixels as 'astronaut' in part-00000.parquet, which is kept"
+    run_stage(DedupStage(images), tmp_path / "fresh", make_config())  # the same input, nothing kept
+    assert outcome(out) == outcome(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "another_shards", "empty_file", "null_hash"])
+def test_a_damaged_or_foreign_kept_result_is_hashed_again_not_a_traceback(planted, tmp_path, decodes, damage):
+    out = tmp_path / "dedup"
+    run_stage(DedupStage(planted), out, make_config())
+    first = outcome(out)
+    entry = out / "_dedup_hashes" / "part-00001.parquet"
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    elif damage == "not_parquet":
+        entry.write_text("not parquet")
+    elif damage == "another_shards":  # a valid result, made from shard 0
+        entry.write_bytes((out / "_dedup_hashes" / "part-00000.parquet").read_bytes())
+    elif damage == "empty_file":
+        entry.write_bytes(b"")
+    else:  # readable, made from this shard, but a hash missing
+        table = pq.read_table(entry)
+        pq.write_table(table.set_column(2, "phash", pa.array([None] * table.num_rows, pa.uint64())), entry)
+    decodes.clear()
+    again = run_stage(DedupStage(planted), out, make_config())
+    assert len(decodes) == PLANTED_IMAGES - 6 and again.shards_skipped == 2  # shard 1's images alone
+    assert outcome(out) == first
+    decodes.clear()
+    run_stage(DedupStage(planted), out, make_config())
+    assert len(decodes) == 0  # the entry was written again, whole
+
+
+def test_overwrite_deletes_the_kept_hashes_and_refuses_a_user_file_among_them(planted, tmp_path, decodes):
+    from pipeline.core.shards import claim_output
+
+    out = tmp_path / "dedup"
+    run_stage(DedupStage(planted), out, make_config())
+    (out / "_dedup_hashes" / ".part-00000.parquet.tmp-1234abcd").write_bytes(b"a killed task's temporary file")
+    decodes.clear()
+    run_stage(DedupStage(planted), out, make_config(), overwrite=True)
+    assert len(decodes) == PLANTED_IMAGES  # --overwrite redoes pass 1 too
+    assert sorted(p.name for p in (out / "_dedup_hashes").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    claim_output(out, "dedup", "other settings", overwrite=True)
+    assert not (out / "_dedup_hashes").exists()
+    run_stage(DedupStage(planted), out, make_config(), overwrite=True)
+    for foreign in ("_dedup_hashes/notes.txt", "_dedup_hashes/part-00000 copy.parquet", "_dedup_hashes/mine/part-00000.parquet"):
+        (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (out / foreign).write_text("mine")
+        with pytest.raises(FgdataError, match=f"holds files fgdata did not write \\({foreign}\\)"):
+            claim_output(out, "dedup", "other settings", overwrite=True)
+        (out / foreign).unlink()
+    assert (out / "_dedup_hashes" / "part-00000.parquet").exists()
+
+
+def test_kept_hashes_on_s3_are_read_back_by_a_rerun(planted, bucket, tmp_path, decodes):
+    from object_store import all_objects, put_object
+
+    from pipeline.core import storage
+
+    for shard in sorted((planted / "train").glob("*.parquet")):
+        put_object(f"{bucket}/images/train/{shard.name}", shard.read_bytes())
+    out = f"{bucket}/dedup"
+    run_stage(DedupStage(f"{bucket}/images"), out, make_config())
+    assert len(decodes) == PLANTED_IMAGES
+    assert [key.rsplit("/", 1)[1] for key in all_objects(f"{out}/_dedup_hashes")] == ["part-00000.parquet", "part-00001.parquet"]
+    storage.location(f"{out}/_done/part-00001.parquet.done").unlink()
+    decodes.clear()
+    again = run_stage(DedupStage(f"{bucket}/images"), out, make_config())
+    assert len(decodes) == 0 and again.shards_run == 1
+    run_stage(DedupStage(planted), tmp_path / "local", make_config())
+    decided = [[(r["key"], r["reason"], r["detail"]) for r in read_rejects(where).to_pylist()] for where in (out, tmp_path / "local")]
+    assert decided[0] == decided[1] and len(decided[0]) == 20
+
+
 def test_undecodable_images_missing_and_repeated_keys_are_rejects(tmp_path):
     good = (SAMPLE_IMAGES / "coins.jpg").read_bytes()
     rows = [image_row("ok", good), {**image_row("ok", good)}, {**image_row("bad", good), "image": b"not an image"},
@@ -170,6 +316,14 @@ def test_dedup_on_ray_gives_the_local_result(planted, tmp_path, ray_session):
     run_stage(DedupStage(planted), tmp_path / "ray", make_config("run.executor=ray", "dedup.partitions=3"))
     assert read_rows(tmp_path / "ray") == read_rows(tmp_path / "local")
     assert read_rejects(tmp_path / "ray").to_pylist() == read_rejects(tmp_path / "local").to_pylist()
+    # the tasks kept pass 1 as the local run did, and a rerun on Ray reads it (writes nothing again)
+    entries = sorted((tmp_path / "ray" / "_dedup_hashes").iterdir())
+    assert [pq.read_table(p) for p in entries] == [pq.read_table(tmp_path / "local" / "_dedup_hashes" / p.name) for p in entries]
+    written = [p.stat().st_mtime_ns for p in entries]
+    (tmp_path / "ray" / "_done" / "part-00000.parquet.done").unlink()
+    again = run_stage(DedupStage(planted), tmp_path / "ray", make_config("run.executor=ray", "dedup.partitions=3"))
+    assert again.shards_run == 1 and [p.stat().st_mtime_ns for p in entries] == written
+    assert read_rows(tmp_path / "ray") == read_rows(tmp_path / "local")
 
 
 def test_an_unreadable_shard_on_ray_is_one_line_error(planted, tmp_path, ray_session):
@@ -213,5 +367,6 @@ def test_dedup_on_a_multi_node_cluster_gives_the_local_result(planted, tmp_path,
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
     assert done.returncode == 0, done.stderr
     assert read_json(tmp_path / "cluster" / "_manifest.json")["executor"] == "ray"
+    assert sorted(p.name for p in (tmp_path / "cluster" / "_dedup_hashes").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]  # by the workers
     assert read_rows(tmp_path / "cluster") == read_rows(tmp_path / "local")
     assert read_rejects(tmp_path / "cluster").to_pylist() == read_rejects(tmp_path / "local").to_pylist()

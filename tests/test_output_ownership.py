@@ -90,7 +90,8 @@ def test_cli_run_into_its_own_source_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "foreign", ["train/notes.txt", "_stats/mine.csv", "_rejects/extra.parquet", "_done/keep/me.txt", "train/part-00000 copy.parquet", "_download/part-00000/mine.txt"]
+    "foreign",
+    ["train/notes.txt", "_stats/mine.csv", "_rejects/extra.parquet", "_done/keep/me.txt", "train/part-00000 copy.parquet", "_download/part-00000/mine.txt", "_dedup_hashes/notes.txt"],
 )
 def test_overwrite_refuses_user_files_inside_fgdata_folders(tmp_path, foreign):
     out = tmp_path / "out"

@@ -1,7 +1,8 @@
 """Parquet shard datasets: atomic writes, completion markers, resume, manifests.
 
 A dataset directory holds its shards in `train/part-NNNNN.parquet`, `_rejects/part-NNNNN.parquet`,
-`_stats/part-NNNNN.json`, completion markers `_done/part-NNNNN.done`, `_run.json` (the stage
+`_stats/part-NNNNN.json`, completion markers `_done/part-NNNNN.done` (and, for dedup, its pass-1
+hashes `_dedup_hashes/part-NNNNN.parquet`), `_run.json` (the stage
 and settings that own the directory) and `_manifest.json`, written last. A shard is finished
 when its marker exists; data, rejects and stats are renamed into place before the marker (on an
 object store, where nothing is renamed, uploaded whole before it: see core/storage.py).
@@ -47,6 +48,9 @@ DATA_DIR = "train"
 REJECTS_DIR = "_rejects"
 STATS_DIR = "_stats"
 DONE_DIR = "_done"
+# `dedup`'s pass-1 result per input shard (pixel digests, pHashes, caption digests, undecodable
+# keys), so a rerun does not decode every image again: see pipeline/stages/fggrn/dedup.py
+DEDUP_HASHES_DIR = "_dedup_hashes"
 RUN_FILE = "_run.json"
 MANIFEST_FILE = "_manifest.json"
 LOCK_FILE = "_run.lock"
@@ -56,7 +60,7 @@ INCOMPLETE_FILE = "_INCOMPLETE-fgdata-run-not-finished.parquet"
 _TMP_TAG = storage.TMP_TAG
 _TMP_FILE = f".*{_TMP_TAG}*"
 # What fgdata writes in a dataset directory: --overwrite deletes these and nothing else.
-DATASET_ENTRIES = (DATA_DIR, "part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", _TMP_FILE, "_download")
+DATASET_ENTRIES = (DATA_DIR, "part-*.parquet", REJECTS_DIR, STATS_DIR, DONE_DIR, RUN_FILE, MANIFEST_FILE, "DATACARD.md", _TMP_FILE, "_download", DEDUP_HASHES_DIR)
 # What `train` and `hierarcaps distill` write: the model (save_pretrained), checkpoints and the report.
 MODEL_DIR_ENTRIES = (RUN_FILE, "checkpoints", "*.json", "*.safetensors", "*.txt", "*.model", _TMP_FILE)
 # What fgdata writes inside its own folders (paths relative to the folder; `*` spans subfolders):
@@ -69,6 +73,7 @@ FOLDER_CONTENTS = {
     DONE_DIR: (f"{_SHARD}.parquet.done", _TMP_FILE),
     # img2dataset's files of one attempt (named by it), and of one a kill cut short
     "_download": (f"{_SHARD}/attempt-[0-9]*/*", f"{_SHARD}/.attempt-[0-9]*.partial/*"),
+    DEDUP_HASHES_DIR: (f"{_SHARD}.parquet", _TMP_FILE),  # named after the input shard
     "checkpoints": ("step-[0-9]*/*",),  # a checkpoint's files, and a `.partial` one a kill left
 }
 

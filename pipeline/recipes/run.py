@@ -119,6 +119,7 @@ def plan_steps(recipe: Recipe, source: Path, out: Path, config_file: Path | None
         if run.stage is not None:
             inputs = [p for value in run.input_dirs.values() for p in value]
             run.out_dir = claim_output(run.out_dir, run.stage.name, run.settings_hash, overwrite, inputs=inputs)
+            run.stage.output_dir = run.out_dir  # where a stage that `plans_in_output` keeps its planning's work
             mark_unfinished(run.out_dir)
     return runs
 

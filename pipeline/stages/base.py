@@ -82,6 +82,12 @@ class Stage(ABC):
     # ModelStage: `process` runs in a pool of Ray actors that load the model once
     # (`load_model`), fed with batches that `prepare` builds in CPU tasks beforehand.
     uses_model: bool = False
+    # A stage whose planning keeps work in its output for a rerun (dedup's pass-1 hashes) is planned
+    # once OUT is held and claimed, with `output_dir` set to it; `check_input` runs before the claim,
+    # so bad input still stops the run before --overwrite deletes anything. Planned without an
+    # output_dir (None), it keeps nothing.
+    plans_in_output: bool = False
+    output_dir: Any = None
 
     @abstractmethod
     def plan(self, config: Config) -> list[WorkUnit]: ...
@@ -109,6 +115,11 @@ class Stage(ABC):
     # shard N upstream is done. A stage without them (ingest, seed, augment) plans its input whole.
     def check(self, config: Config) -> None:
         """What `plan` checks before reading any input shard (models, prompts, settings)."""
+
+    def check_input(self, config: Config) -> None:
+        """What `plan` checks of its input before any work: for a stage that `plans_in_output`, run
+        before OUT is claimed."""
+        self.check(config)
 
     def plan_shard(self, path: Path, config: Config) -> WorkUnit:
         """The work unit for one input shard, checked as `plan` checks each."""
