@@ -158,6 +158,8 @@ def test_near_synonyms_from_any_backend_are_no_negatives(positive, negative, rea
         ("a cup", "only_words_removed"),
         ("the cup", "only_words_removed"),
         ("cup", "only_words_removed"),
+        ("a red cup on a table", "only_words_added"),
+        ("a photo of a red cup", "only_words_added"),
         ("a_blue_cup", "not_plain_text"),
         ("a {blue} cup", "not_plain_text"),
         ("a blue-green cup", None),

@@ -52,6 +52,8 @@ def structure_problem(
         return "object_changed", f"the head noun {head!r} is gone"  # only an attribute may change
     if abs(len(neg) - len(pos)) > max(3, len(pos) // 2):
         return "length_mismatch", f"{len(neg)} words against the positive's {len(pos)}"
+    if _only_words_removed(neg, pos):  # "a wall clock" -> "a blurred photo of a wall clock": may still be true
+        return "only_words_added", "it keeps every word of the positive and adds some: no attribute contradicts it"
     changed = _changed_content_words(pos, neg)
     if changed == 0:
         return "only_function_words_changed", "no content word changed"
@@ -86,7 +88,7 @@ def _only_synonyms_changed(positive: list[str], negative: list[str]) -> bool:
 
 def _only_words_removed(positive: list[str], negative: list[str]) -> bool:
     """Whether the negative's content words are some of the positive's, fewer of them ("the car" for
-    "a silver car")."""
+    "a silver car"); with the two swapped, whether it only adds words."""
     kept = [w for w in negative if w not in _FUNCTION_WORDS]
     return _content(kept) < _content(positive) and set(kept) <= set(positive)
 
