@@ -178,9 +178,16 @@ class DedupConfig:
 NSFW_CLASSES = ["FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"]
 
 
+# One NudeNet actor screens about 27 images/s on a core (bench/results/screen_real.json): one actor
+# for a whole cluster would take 5 days for 12M images, so by default the pool grows with the cores,
+# leaving 7 of every 8 to the stages that run beside it in a recipe
+SCREEN_CORES_PER_ACTOR = 8
+
+
 @dataclass
 class ScreenConfig(ModelStageSettings):
-    """`fgdata screen`: NSFW rejects, face boxes (optionally blurred) and personal data in captions."""
+    """`fgdata screen`: NSFW rejects, face boxes (optionally blurred) and personal data in captions.
+    Its actors run on CPU: num_actors 0 = one per SCREEN_CORES_PER_ACTOR cores of the cluster."""
 
     model: str = "nudenet-320n"  # the detector inside the nudenet wheel (MIT), or a path to another .onnx of its kind
     nsfw_threshold: float = 0.5  # a detection of nsfw_classes at this score or above rejects the image

@@ -337,7 +337,7 @@ def _prepare_batches(stage: Stage, unit, config: Config):
 def _model_pool_submitter(stage: Stage, stage_ref, config_ref, out_dir: Path, config: Config, fingerprints: dict[str, str]):
     """Starts the actor pool; returns a submit(unit) that preprocesses on CPU then runs on an actor."""
     resources = ray.cluster_resources()
-    pool = stage.pool(resources.get("GPU", 0), config)
+    pool = stage.pool(resources.get("GPU", 0), config, resources.get("CPU", 0))
     if pool.actors * pool.cpus_per_actor + config.run.cpus_per_task > resources.get("CPU", 0):
         raise FgdataError(
             f"{stage.name}: {pool.actors} model actor(s) x {pool.cpus_per_actor} CPU leave no CPU for decoding "

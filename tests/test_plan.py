@@ -46,7 +46,7 @@ def test_no_gpu_record_means_no_gpu_figure_and_says_why():
     assert ingest["workers"] == 8 * 16
     assert ingest["cpu_core_hours"] == pytest.approx(12_000_000 / ingest["per_worker_per_s"] / 3600)
     assert bill["total"]["complete"] is False
-    assert bill["total"]["stages_without_a_figure"] == ["kept", "screened", "captions", "regions", "fggrn"]  # the recipe's step names
+    assert bill["total"]["stages_without_a_figure"] == ["captions", "regions", "fggrn"]  # the recipe's step names
     assert any("no GPU measurement" in note for note in bill["notes"])
 
 
@@ -127,7 +127,7 @@ def test_a_broken_record_is_a_one_line_error(tmp_path):
 def test_cli_table_and_json():
     table = CliRunner().invoke(app, ["plan", "fggrn", "--images", "12_000_000", "--gpu", "h100", "--gpus", "8"])
     assert table.exit_code == 0, table.output
-    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for kept, screened, captions" in table.output
+    assert "12,000,000 rows on 8 x h100" in table.output and "incomplete: no figure for captions, regions, fggrn" in table.output
     as_json = CliRunner().invoke(app, ["plan", "hierarcaps", "--captions", "73000", "--json"])
     assert as_json.exit_code == 0, as_json.output
     bill = json.loads(as_json.output)

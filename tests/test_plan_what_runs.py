@@ -115,15 +115,35 @@ def test_every_stage_a_recipe_can_name_can_be_planned(tmp_path):
 
 
 def test_screen_is_planned_on_cpu_actors_even_on_a_gpu_cluster(tmp_path):
-    # its NudeNet actors take no GPU (ScreenStage.gpus_per_replica is 0): one actor, or screen.num_actors
+    # its NudeNet actors take no GPU: one per 8 cores of the cluster (as the runner's pool), or screen.num_actors
+    from pipeline.stages.fggrn.screen import ScreenStage
+
     recipe = tmp_path / "curated.yaml"
     recipe.write_text("steps:\n  - {name: images, stage: ingest, input: SOURCE}\n  - {name: safe, stage: screen, input: images}\n  - {name: captions, stage: recaption, input: safe}\n")
     records = str(_records(tmp_path / "records"))
-    bill = _plan_json(str(recipe), "--images", "1000", "--results", records, "--gpu", "h100", "--gpus", "8")
-    assert (_step(bill, "safe")["device"], _step(bill, "safe")["workers"]) == ("cpu", 1)
+    bill = _plan_json(str(recipe), "--images", "1000", "--results", records, "--gpu", "h100", "--gpus", "8")  # 128 cores
+    assert (_step(bill, "safe")["device"], _step(bill, "safe")["workers"]) == ("cpu", 16)
     assert (_step(bill, "captions")["device"], _step(bill, "captions")["workers"]) == ("h100", 8)
     more = _plan_json(str(recipe), "--images", "1000", "--results", records, "--gpu", "h100", "--gpus", "8", "--set", "screen.num_actors=3")
     assert _step(more, "safe")["workers"] == 3
+    assert _step(_plan_json(str(recipe), "--images", "1000", "--results", records, "--cpus", "2"), "safe")["workers"] == 1
+    stage = ScreenStage(tmp_path)
+    assert [(p.actors, p.gpus_per_actor) for p in (stage.pool(8, load_config(), 128), stage.pool(0, load_config(), 2))] == [(16, 0.0), (1, 0.0)]
+    assert stage.pool(8, load_config(None, ["screen.num_actors=3"]), 128).actors == 3
+
+
+def test_dedup_and_screen_are_priced_from_their_bench_records(tmp_path):
+    folder = _records(tmp_path / "records")
+    write_result("curation", {"dedup_rerun": {"images": 1000, "pass1_seconds": {"first_run": 2.0, "rerun": 0.01}, "load_average": [0.5, 0.5, 0.5]}}, folder)
+    write_result("screen_real", {"settings": {"model": "nudenet-320n"}, "throughput": {"stage_images_per_s": 25.0}}, folder)
+    measures, _ = load_bench(folder)
+    dedup, screen = (next(m for m in measures if m.stage == stage) for stage in ("dedup", "screen"))
+    assert (dedup.per_worker_per_s, dedup.load_average) == (500.0, 0.5)  # its part's own load, not the record's
+    assert screen.per_worker_per_s == 25.0 and "NudeNet" in screen.model
+    recipe = tmp_path / "curated.yaml"
+    recipe.write_text("steps:\n  - {name: images, stage: ingest, input: SOURCE}\n  - {name: unique, stage: dedup, input: images}\n  - {name: safe, stage: screen, input: unique}\n")
+    bill = _plan_json(str(recipe), "--images", "1000", "--results", str(folder), "--cpus", "2")
+    assert bill["total"]["stages_without_a_figure"] == []
 
 
 def test_each_command_on_ray_pays_its_own_ray_start_and_a_one_shard_cpu_stage_none(tmp_path, monkeypatch):

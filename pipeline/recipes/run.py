@@ -269,7 +269,7 @@ class _Scheduler:
         left, after the pools already running and one CPU task, hold them; otherwise the step waits
         for an earlier pool to finish (taking those would starve the steps that feed this one)."""
         if run.stage.uses_model:
-            pool = run.stage.pool(gpus, run.config)
+            pool = run.stage.pool(gpus, run.config, cpus)
             need = (pool.actors * pool.cpus_per_actor, pool.actors * pool.gpus_per_actor)
             held = [sum(r.pool[i] for r in self.runs if r.submit is not None) for i in (0, 1)]
             busy = any(r.submit is not None for r in self.runs if r.stage is not None and r.stage.uses_model)

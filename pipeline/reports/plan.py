@@ -43,7 +43,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import SCREEN_CORES_PER_ACTOR, Config
 from pipeline.errors import FgdataError, first_line, shown
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class StageKind:
     unit: str  # what a bench record's rate counts
     section: str | None = None  # the config section whose `backend` and `num_actors` it runs with
     gpu: bool = True  # a model stage's actors hold a GPU when there are any (screen's do not)
+    cores_per_actor: int = 0  # a CPU model stage's pool without num_actors: one actor per this many cores (0: one)
 
     @property
     def on_gpu(self) -> bool:
@@ -93,7 +94,7 @@ class StageKind:
 STAGES = {
     "ingest": StageKind(False, "images"),
     "dedup": StageKind(False, "images"),
-    "screen": StageKind(True, "images", "screen", gpu=False),
+    "screen": StageKind(True, "images", "screen", gpu=False, cores_per_actor=SCREEN_CORES_PER_ACTOR),
     "recaption": StageKind(True, "images", "recaption"),
     "phrases": StageKind(False, "captions"),
     "ground": StageKind(True, "images", "ground"),
@@ -273,6 +274,7 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         name = record.get("benchmark")
         cpus = _positive(_dict(record, "machine").get("cpus")) or 1.0
         counts = len(measures), len(end_to_end)
+        taken = record  # what the machine was doing: the record's, or its part's own
         if name == "startup":
             startup = record
         elif name == "ingest":
@@ -296,10 +298,22 @@ def load_bench(results: Path) -> tuple[list[Measure], dict]:
         elif name == "export" and record.get("format") in EXPORTS:
             rate = _number(record, "stage_images_per_s", path)  # one process
             measures.append(Measure(f"export {record['format']}", rate, 1.0, "images", "cpu", NO_MODEL, "no model", {}, str(path), None))
+        elif name == "curation" and isinstance(record.get("dedup_rerun"), dict):
+            # dedup's pass 1 (decode, pixel digest, pHash) in one process: the cost that grows with the
+            # images; grouping the hashes is seconds per million (bench/curation.py's grouping figures)
+            rerun = record["dedup_rerun"]  # taken at its own time, under its own load
+            taken = {**record, "machine": {**_dict(record, "machine"), "load_average": rerun.get("load_average")}}
+            rate = _number(rerun, "images", path) / _number(_dict(rerun, "pass1_seconds"), "first_run", path)
+            measures.append(Measure("dedup", rate, 1.0, "images", "cpu", NO_MODEL, "pixel digest + 64-bit pHash (imagehash), no model", {}, str(path), None))
+        elif name == "screen_real":
+            # the stage in one process on real photos, model load included: one actor's rate
+            rate = _number(_dict(record, "throughput"), "stage_images_per_s", path)
+            model = f"NudeNet {_dict(record, 'settings').get('model', '320n')} (onnxruntime, CPU)"
+            measures.append(Measure("screen", rate, 1.0, "images", "cpu", REAL, model, {}, str(path), None))
         elif name in ("cpu_1k_recaption", "cpu_1k_ground", "cpu_1k_negatives"):
             end_to_end.append(_end_to_end(record, path, name.removeprefix("cpu_1k_")))
         for measure in measures[counts[0] :] + end_to_end[counts[1] :]:
-            _taken_under(measure, record)
+            _taken_under(measure, taken)
     measures += end_to_end
     fixed = _dict(startup, "stage_fixed_seconds")
     for measure in measures:
@@ -485,8 +499,9 @@ def plan(
         executor = _executor(stage, step_config, shards, commands)
         if executor == "local":
             workers = 1  # this process, one shard after another
-        elif kind.model:  # the runner's pool: num_actors, else one per GPU, one without GPUs
-            workers = (section.num_actors if section else 0) or (gpus if on_gpu else 1)
+        elif kind.model:  # the runner's pool: num_actors, else one per GPU, one without GPUs (screen: per cores)
+            default = gpus if on_gpu else max(1, cpus // kind.cores_per_actor) if kind.cores_per_actor else 1
+            workers = (section.num_actors if section else 0) or default
         else:
             workers = cpus
         if measure is None:

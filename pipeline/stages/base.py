@@ -169,7 +169,7 @@ class ModelStage(Stage):
         """GPUs one model replica spans (a tensor-parallel group)."""
         return 1
 
-    def pool(self, cluster_gpus: float, config: Config) -> ModelPool:
+    def pool(self, cluster_gpus: float, config: Config, cluster_cpus: float = 0.0) -> ModelPool:
         return model_pool(self.settings(config), cluster_gpus, gpus_per_replica=self.gpus_per_replica(config))
 
     def prepared_batches(self, unit: WorkUnit, config: Config) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter
 
-from pipeline.config import Config, ScreenConfig
+from pipeline.config import SCREEN_CORES_PER_ACTOR, Config, ScreenConfig
 from pipeline.core.images import ImageRejected, decode_rgb
 from pipeline.core.personal_data import find_personal_data, mask_personal_data
 from pipeline.core.schemas import check_input_columns, conform
@@ -18,7 +18,7 @@ from pipeline.core.storage import resolved
 from pipeline.errors import FgdataError
 from pipeline.models.nudenet_detector import FACE_CLASSES, LABELS, BodyDetection, check_model
 from pipeline.models.registry import load_screen_detector
-from pipeline.stages.base import ModelStage, Problem, ShardResult, WorkUnit, reject
+from pipeline.stages.base import ModelPool, ModelStage, Problem, ShardResult, WorkUnit, reject
 from pipeline.stages.fggrn.dedup import REQUIRED_COLUMNS
 
 
@@ -78,6 +78,11 @@ class ScreenStage(ModelStage):
         # NudeNet runs on onnxruntime's CPU build: a GPU held by its actors would sit idle while
         # recaption, next in the fggrn recipe, waits for it (more actors: screen.num_actors)
         return 0
+
+    def pool(self, cluster_gpus: float, config: Config, cluster_cpus: float = 0.0) -> ModelPool:
+        settings = config.screen
+        actors = settings.num_actors or max(1, int(cluster_cpus // SCREEN_CORES_PER_ACTOR))
+        return ModelPool(actors=actors, gpus_per_actor=0.0, cpus_per_actor=settings.cpus_per_actor)
 
     def load_model(self, config: Config):
         return load_screen_detector(config.screen)
