@@ -60,7 +60,7 @@ class TransformersLM:
         import xgrammar
         from xgrammar.contrib.hf import LogitsProcessor
 
-        key = json.dumps(json_schema, sort_keys=True)
+        key = json.dumps(json_schema)  # as given to vLLM: the grammar keeps the properties in this order
         if key not in self._grammars:
             # the model's vocabulary can be larger than the tokenizer's (padded rows); the mask spans it
             info = xgrammar.TokenizerInfo.from_huggingface(
