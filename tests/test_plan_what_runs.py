@@ -279,3 +279,12 @@ def test_a_broken_end_to_end_or_export_record_is_a_one_line_error(tmp_path, name
 def test_an_export_record_of_another_format_is_not_read(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps({"benchmark": "export", "format": ["fgclip"], "stage_images_per_s": 5}))
     assert load_bench(tmp_path)[0] == []
+
+
+def test_a_screen_runs_start_up_counts_its_pool_of_one_actor_per_8_cores():
+    from pipeline.reports.plan import _start_up
+
+    manifest = {"timings": {"wall_seconds": 10.0}, "shards": ["a", "b", "c", "d"], "machine": {"ray_cpus": 16, "ray_gpus": 0}}
+    assert _start_up(manifest, "screen", {}, busy=8.0, on_ray=True) == pytest.approx(10.0 - 8.0 / 2)  # 2 actors busy at once
+    assert _start_up(manifest, "screen", {"num_actors": 4}, busy=8.0, on_ray=True) == pytest.approx(10.0 - 8.0 / 4)
+    assert _start_up(manifest, "ground", {}, busy=8.0, on_ray=True) == pytest.approx(10.0 - 8.0)  # no GPUs: one actor

@@ -375,9 +375,10 @@ def _start_up(manifest: dict, stage: str, section: dict, busy: float | None, on_
     actors = section.get("num_actors") if isinstance(section.get("num_actors"), int) and section["num_actors"] > 0 else None
     if not on_ray:
         workers = 1.0  # the local executor: one shard after another
-    elif stage in STAGES and STAGES[stage].model:
-        gpus = _positive(machine.get("ray_gpus")) if STAGES[stage].gpu else None
-        workers = actors or gpus or 1.0  # the runner's pool: one per GPU, one without GPUs
+    elif stage in STAGES and STAGES[stage].model:  # the runner's pool: one per GPU, one without GPUs (screen: per cores)
+        kind, cpus = STAGES[stage], _positive(machine.get("ray_cpus")) or 1.0
+        default = _positive(machine.get("ray_gpus")) if kind.gpu else max(1.0, cpus // kind.cores_per_actor) if kind.cores_per_actor else None
+        workers = actors or default or 1.0
     else:
         workers = _positive(machine.get("ray_cpus")) or _positive(machine.get("cpus")) or 1.0
     at_once = min(workers, len(shards)) if isinstance(shards, list) and shards else 1.0
