@@ -89,6 +89,13 @@ class StageKind:
     def on_gpu(self) -> bool:
         return self.model and self.gpu
 
+    def default_actors(self, gpus: float, cpus: float) -> float:
+        """The runner's pool of a model stage without num_actors: one per GPU (when its actors take
+        one and there are any), else one per cores_per_actor cores, else one."""
+        if self.gpu and gpus >= 1:
+            return gpus
+        return max(1, cpus // self.cores_per_actor) if self.cores_per_actor else 1
+
 
 # every stage a recipe can name (pipeline.recipes.STEP_KINDS), and the commands after one
 STAGES = {
@@ -375,10 +382,8 @@ def _start_up(manifest: dict, stage: str, section: dict, busy: float | None, on_
     actors = section.get("num_actors") if isinstance(section.get("num_actors"), int) and section["num_actors"] > 0 else None
     if not on_ray:
         workers = 1.0  # the local executor: one shard after another
-    elif stage in STAGES and STAGES[stage].model:  # the runner's pool: one per GPU, one without GPUs (screen: per cores)
-        kind, cpus = STAGES[stage], _positive(machine.get("ray_cpus")) or 1.0
-        default = _positive(machine.get("ray_gpus")) if kind.gpu else max(1.0, cpus // kind.cores_per_actor) if kind.cores_per_actor else None
-        workers = actors or default or 1.0
+    elif stage in STAGES and STAGES[stage].model:
+        workers = actors or STAGES[stage].default_actors(_positive(machine.get("ray_gpus")) or 0.0, _positive(machine.get("ray_cpus")) or 1.0)
     else:
         workers = _positive(machine.get("ray_cpus")) or _positive(machine.get("cpus")) or 1.0
     at_once = min(workers, len(shards)) if isinstance(shards, list) and shards else 1.0
@@ -500,9 +505,8 @@ def plan(
         executor = _executor(stage, step_config, shards, commands)
         if executor == "local":
             workers = 1  # this process, one shard after another
-        elif kind.model:  # the runner's pool: num_actors, else one per GPU, one without GPUs (screen: per cores)
-            default = gpus if on_gpu else max(1, cpus // kind.cores_per_actor) if kind.cores_per_actor else 1
-            workers = (section.num_actors if section else 0) or default
+        elif kind.model:  # the runner's pool: num_actors, else as default_actors
+            workers = (section.num_actors if section else 0) or kind.default_actors(gpus if on_gpu else 0, cpus)
         else:
             workers = cpus
         if measure is None:
