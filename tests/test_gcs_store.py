@@ -20,6 +20,8 @@ from pipeline.core.shards import (
     read_json,
     read_rejects,
     read_shard,
+    read_shard_schema,
+    shard_rows,
 )
 
 
@@ -31,6 +33,27 @@ def test_gs_uris_reach_the_emulator_through_gcsfs(gcs_bucket):
     place.write_text("hello")  # no folder to make first: the object's name holds its prefix
     assert storage.location(f"{gcs_bucket}/a").is_dir() and [p.name for p in storage.location(gcs_bucket).iterdir()] == ["a"]
     assert all_objects(gcs_bucket) == {f"{gcs_bucket}/a/b.txt".removeprefix("gs://"): b"hello"}
+
+
+def test_reading_shards_on_gs_leaves_no_prefetch_task_to_the_garbage_collector(gcs_bucket, caplog):
+    """gcsfs's default cache starts a prefetch task per file, left pending when pyarrow drops the
+    file; the garbage collector then destroys it from inside whatever code runs, which once crashed
+    CI's test process. fgdata names its read cache, so reads leave nothing behind."""
+    import gc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = storage.location(f"{gcs_bucket}/data/part-00000.parquet")
+    table = pa.table({"key": [f"k{i}" for i in range(5000)], "caption": ["a red bus"] * 5000})
+    pq.write_table(table, shard.path, filesystem=shard.fs)
+    gc.collect()
+    caplog.clear()
+    for _ in range(5):
+        assert read_shard(shard).equals(table) and shard_rows(shard) == 5000
+        assert read_shard_schema(shard) == table.schema and read_shard(shard, columns=["key"]).num_rows == 5000
+        gc.collect()
+    assert not [r.getMessage() for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
 
 
 # The shard contract, fingerprints and --overwrite on gs://: tests/test_store_contract.py.

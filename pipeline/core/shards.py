@@ -130,7 +130,7 @@ def open_shard(path: Location, metadata: pq.FileMetaData | None = None) -> pq.Pa
     place = location(path)
     if not storage.is_uri(place):
         return pq.ParquetFile(place, metadata=metadata)
-    return pq.ParquetFile(place.fs.open(place.path, "rb", cache_type="none"), metadata=metadata)
+    return pq.ParquetFile(storage.open_for_reading(place, cache_type="none"), metadata=metadata)
 
 
 def read_shard(path: Location, columns: list[str] | None = None) -> pa.Table:

@@ -118,7 +118,7 @@ def open_regular_file(path: str) -> BinaryIO:
     if storage.is_uri(path):
         _object_info(path)
         place = storage.location(path)
-        return place.fs.open(place.path, "rb")
+        return storage.open_for_reading(place)
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise NotRegularFile(f"{escape_undecodable(path)} is {_file_kind(mode)}, not a file")

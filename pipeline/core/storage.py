@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Union
 
+from pyarrow import PythonFile
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 from upath import UPath
 
 from pipeline.errors import FgdataError, first_line
@@ -156,12 +158,37 @@ def resolved(value) -> Location:
     return place if is_uri(place) else place.resolve()
 
 
+# The cache an object is read through, always named: gcsfs >= 2026.10 defaults to an "adaptive"
+# cache whose background prefetch task stays pending when a file is dropped without close(), as
+# pyarrow drops the files it opens through a filesystem. The garbage collector then destroys the
+# task wherever it happens to run, logging from inside unrelated code; that crashed a test process
+# (CPython 3.11 compiling a module at the time). "readahead" is s3fs's default and was gcsfs's.
+READ_CACHE = "readahead"
+
+
+def open_for_reading(place: UPath, cache_type: str = READ_CACHE):
+    """An object on a store opened for reading (seekable; ranged requests) through `cache_type`."""
+    return place.fs.open(place.path, "rb", cache_type=cache_type)
+
+
 def arrow_target(place: Location) -> tuple[str, object]:
     """(path, filesystem) for pyarrow: a local path with no filesystem (pyarrow's own local files), or
-    the path inside the store with the fsspec filesystem that reaches it."""
+    the path inside the store with a pyarrow filesystem over the fsspec one that reaches it, which
+    opens objects through READ_CACHE."""
     if is_uri(place):
-        return place.path, place.fs
+        return place.path, PyFileSystem(_NamedCacheHandler(place.fs))
     return str(place), None
+
+
+class _NamedCacheHandler(FSSpecHandler):
+    """pyarrow's own handler for an fsspec filesystem, but objects are read through READ_CACHE."""
+
+    def open_input_file(self, path):
+        if not self.fs.isfile(path):
+            raise FileNotFoundError(path)
+        return PythonFile(self.fs.open(path, "rb", cache_type=READ_CACHE), mode="r")
+
+    open_input_stream = open_input_file
 
 
 def write_whole(final: Location, write: Callable[[Location], None], make_parents: bool = True) -> None:

@@ -147,7 +147,7 @@ def shard_identity(path: str) -> str:
     0.2 ms for this, cheap on a local disk, but on a store it is a download of every shard on every
     rerun, terabytes for 12M images; this is one stat (a HEAD on a store) and one read of the footer."""
     place = location(path)
-    opened = place.fs.open(place.path, "rb", cache_type="none") if storage.is_uri(place) else open(place, "rb")
+    opened = storage.open_for_reading(place, cache_type="none") if storage.is_uri(place) else open(place, "rb")
     with opened as file:
         file.seek(-8, 2)
         tail = file.read(8)
