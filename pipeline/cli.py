@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import Config, FgclipTrainConfig, load_config
 from pipeline.core.sources import FORMATS
-from pipeline.core.storage import forget_s3_buckets, s3_endpoint_problem
+from pipeline.core.storage import command_endpoints, s3_endpoint_problem
 from pipeline.core.terminal import PrintableFormatter, printable, printable_lines
 from pipeline.errors import FgdataError, StageFailed
 
@@ -22,8 +22,7 @@ class _Commands(typer.core.TyperGroup):
     its input's location when it is built, before the command's own `with _user_errors()`."""
 
     def invoke(self, ctx):
-        forget_s3_buckets()
-        with _user_errors():
+        with command_endpoints(), _user_errors():
             return super().invoke(ctx)
 
 
@@ -125,10 +124,24 @@ def _user_errors():
 
 
 def _log_to_stderr() -> None:
-    """Log lines as `fgdata: ...` on stderr, data in them escaped (a failed shard's error quotes keys)."""
+    """Log lines as `fgdata: ...` on stderr, data in them escaped (a failed shard's error quotes keys).
+    fgdata's own lines from INFO up; a library's (gcsfs, transformers, ...) from WARNING up and
+    without its traceback, which would bury the command's one-line error under a client's retries."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrintableFormatter("fgdata: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    handler.addFilter(_without_library_tracebacks)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    for own in _OWN_LOGGERS:
+        logging.getLogger(own).setLevel(logging.INFO)
+
+
+_OWN_LOGGERS = ("fgdata", "pipeline")
+
+
+def _without_library_tracebacks(record: logging.LogRecord) -> bool:
+    if record.name.partition(".")[0] not in _OWN_LOGGERS:
+        record.exc_info = record.exc_text = record.stack_info = None
+    return True
 
 
 def _setup(config_file: Path | None, overrides: list[str] | None) -> Config:

@@ -258,6 +258,48 @@ def test_a_wrong_endpoint_is_one_line_naming_it(where, args, request, tmp_path):
     assert_one_line_error(result, endpoint)
 
 
+@pytest.mark.parametrize(
+    "where, args, says",
+    [
+        # was a minute of gcsfs's retries, then a traceback of 150 lines per request
+        ("refused", ["ingest", str(SAMPLE_IMAGES), "gs://bkt/images", "--executor", "local"], "Connection refused"),
+        ("not_gcs", ["info", "gs://bkt/out"], "does not answer as GCS does"),
+    ],
+)
+def test_a_wrong_gcs_endpoint_is_one_line_naming_it_before_any_retry(where, args, says, request, tmp_path):
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if where == "refused" else request.getfixturevalue("not_s3")
+    env = {"STORAGE_EMULATOR_HOST": endpoint, "FSSPEC_GS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    started = time.monotonic()
+    result = run_cli(*args, env_extra=env, timeout=120, cwd=tmp_path)
+    assert time.monotonic() - started < 20, f"{args} took {time.monotonic() - started:.0f}s"
+    assert_one_line_error(result, endpoint, "STORAGE_EMULATOR_HOST", "gs://bkt", says)
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_librarys_log_lines_keep_to_warnings_without_their_traceback(capsys):
+    """A store client logs each exhausted retry with its traceback (gcsfs: 150 lines), and its
+    notices at INFO; on the terminal that buries the command's one-line error. fgdata's own INFO
+    lines stay."""
+    import logging
+
+    from pipeline import cli
+
+    cli._log_to_stderr()
+    try:
+        raise ConnectionRefusedError("Connect call failed")
+    except ConnectionRefusedError:
+        logging.getLogger("gcsfs").exception("_request out of retries on exception")
+        logging.getLogger("pipeline.core.storage").exception("a failure of fgdata's own")
+    logging.getLogger("gcsfs").info("experimental features enabled")
+    logging.getLogger("pipeline.runner").info("ingest: 1 shard(s)")
+    logging.getLogger("fgdata").info("a command's line")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "fgdata: _request out of retries on exception"
+    assert lines[1] == "fgdata: a failure of fgdata's own" and lines[2] == "Traceback (most recent call last):"
+    assert lines[-2:] == ["fgdata: ingest: 1 shard(s)", "fgdata: a command's line"]
+    assert "experimental features enabled" not in "\n".join(lines) and sum(line.startswith("Traceback") for line in lines) == 1
+
+
 def test_a_later_command_in_the_same_process_keeps_its_own_message(request, monkeypatch):
     """The buckets one command named are not the next command's endpoint problem (the CLI runs many
     commands in one process under tests): its own message stands, and a bucket name S3 would refuse

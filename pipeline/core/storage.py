@@ -18,11 +18,16 @@ or write `memory://`, `http://`, ... somewhere the user does not expect.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Union
 
@@ -41,6 +46,7 @@ Location = Union[Path, UPath]
 # The stores fgdata reads and writes (README, "Object storage"), and how a refusal names them.
 STORES = ("s3", "gs", "hf")
 SUPPORTED = "local paths (file:///abs/path too) and s3://, gs://, hf:// URIs"
+_CHECKING_GCS = False  # inside a command, a gs:// bucket's endpoint is checked: see command_endpoints
 _S3_BUCKETS: set[str] = set()  # the buckets the running command named: what s3_endpoint_problem asks about
 # S3's rule for a bucket name: anything else is refused by the client itself, no endpoint's fault
 _S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -73,9 +79,12 @@ def location(value) -> Location:
         try:
             # No listings cache: Ray workers write markers the driver lists, and a cached listing
             # would hide them (or show deleted ones) for the rest of the run.
-            return UPath(uri, use_listings_cache=False, **options)
+            place = UPath(uri, use_listings_cache=False, **options)
         except (ImportError, ValueError) as exc:  # its filesystem not installed
             raise FgdataError(f"{value}: no filesystem for this URI ({first_line(exc)}); s3:// needs s3fs, gs:// gcsfs") from None
+        if uri.startswith("gs://") and _CHECKING_GCS:
+            _check_gcs_endpoint(place)
+        return place
     if isinstance(value, str) and _is_file_uri(value):
         return _file_uri_path(value)
     return Path(value)
@@ -120,10 +129,19 @@ def _s3_endpoint() -> str:
     return f"{endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3"
 
 
-def forget_s3_buckets() -> None:
-    """A new command starts: the buckets earlier commands of this process named (tests run many
-    in one process) are not its endpoint's concern."""
+@contextmanager
+def command_endpoints():
+    """One command's view of the stores' endpoints: the S3 buckets earlier commands of this process
+    named (tests run many in one process) are not its concern, and each gs:// bucket it names has
+    its endpoint checked on first use. Outside a command (a Ray worker, a library call) `location`
+    only parses: the driver has checked already."""
+    global _CHECKING_GCS
     _S3_BUCKETS.clear()
+    _CHECKING_GCS = True
+    try:
+        yield
+    finally:
+        _CHECKING_GCS = False
 
 
 def s3_endpoint_problem() -> str | None:
@@ -149,6 +167,49 @@ def s3_endpoint_problem() -> str | None:
                 continue
             problem = first_line(exc.__cause__ or exc)
         return f"cannot use the S3 endpoint {_s3_endpoint()} for s3://{bucket}: {problem}"
+    return None
+
+
+_GCS_ENDPOINTS_CHECKED: dict[tuple[str, str], str | None] = {}  # (endpoint, bucket): the problem found
+
+
+def _check_gcs_endpoint(place: UPath) -> None:
+    """Stops a command at once, in one line, when the GCS endpoint cannot serve `place`'s bucket.
+    gcsfs retries a refused connection or an unknown host 6 times with backoff: over a minute per
+    request, a traceback logged for each, before the command could say anything. One GET of the
+    bucket's metadata (10 s at most, through the environment's proxy as any HTTP client) once per
+    bucket and process decides it. An answer in GCS's JSON (a missing bucket, no credentials) is
+    no endpoint problem, and a timeout gives no verdict: gcsfs's own retries handle slow networks."""
+    base = place.fs.base  # ENDPOINT/storage/v1/: STORAGE_EMULATOR_HOST, an endpoint_url, or GCS itself
+    bucket = place.path.partition("/")[0]
+    if (base, bucket) not in _GCS_ENDPOINTS_CHECKED:
+        _GCS_ENDPOINTS_CHECKED[base, bucket] = _gcs_endpoint_problem(f"{base}b/{urllib.parse.quote(bucket, safe='')}")
+    problem = _GCS_ENDPOINTS_CHECKED[base, bucket]
+    if problem:
+        endpoint = base.removesuffix("/storage/v1/")
+        named = " (STORAGE_EMULATOR_HOST)" if os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default" else ""
+        raise FgdataError(f"cannot use the GCS endpoint {endpoint}{named} for gs://{bucket}: {problem}")
+
+
+def _gcs_endpoint_problem(bucket_url: str) -> str | None:
+    not_gcs = "it does not answer as GCS does (is it a web server?)"
+    try:
+        with urllib.request.urlopen(bucket_url + "?fields=name", timeout=10) as response:
+            body = response.read(1 << 16)
+    except urllib.error.HTTPError as exc:  # an answer: if in GCS's words, the command's own message stands
+        body = exc.read(1 << 16)
+    except urllib.error.URLError as exc:  # no answer: refused, unknown host, TLS
+        return None if isinstance(exc.reason, TimeoutError) else first_line(exc.reason)
+    except TimeoutError:
+        return None
+    except http.client.HTTPException:  # not HTTP at all
+        return not_gcs
+    except OSError as exc:  # the connection dropped
+        return first_line(exc)
+    try:
+        json.loads(body)
+    except ValueError:
+        return not_gcs
     return None
 
 
