@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import stat
 import struct
 import time
@@ -70,6 +71,13 @@ class Folder:
         with open(path, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         return path
+
+
+# File names a terminal would obey (clear the screen, retitle the window, overwrite the line,
+# reverse the text, a one-byte CSI): Ray's workers read them, and nothing of them may reach the
+# command's output unescaped.
+TERMINAL_NAMES = ["\x1b[2J\x1b]0;title\x07x", "bidi\u202egpj.exe", "cr\rline", "nl\nname", "del\x7fx", "c1\x9bmark", "bell\x07", "tab\tx"]
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def build_hostile_folder(root) -> Folder:
@@ -149,6 +157,9 @@ def build_hostile_folder(root) -> Folder:
     if os.geteuid() == 0:  # only root may create device nodes
         for i in range(3):
             os.mknod(folder.path(f"devices/null{i}.jpg"), stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    for i, name in enumerate(TERMINAL_NAMES):  # rows or rejects like any other, never printed raw
+        folder.write(f"terminal/{name}.jpg", jpeg if i % 2 else b"\x1b[2J not an image \x9b")
+        folder.write(f"terminal/{name}.txt", "a dog \x1b[31mred\x1b[0m \u202eon\u202c a mat\rOVERWRITTEN\x9b1m")
     for i in range(10):  # not images: never candidates, never rows
         folder.write(f"other/notes{i}.md", "# notes")
         folder.write(f"other/orphan{i}.txt", "a caption without an image")
@@ -172,6 +183,7 @@ def test_a_hostile_folder_ingests_every_good_image_and_rejects_the_rest(tmp_path
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
+    assert not RAW_CONTROL.search(output), [line for line in output.splitlines() if RAW_CONTROL.search(line)]
     rows = [row for shard in list_shards(out) for row in pq.read_table(shard).to_pylist()]
     rejects = read_rejects(out).to_pylist()
     by_reason = Counter(r["reason"] for r in rejects)
