@@ -284,15 +284,22 @@ def test_a_librarys_log_lines_keep_to_warnings_without_their_traceback(capsys):
 
     from pipeline import cli
 
+    handlers, level, own_levels = logging.root.handlers[:], logging.root.level, {name: logging.getLogger(name).level for name in cli._OWN_LOGGERS}
     cli._log_to_stderr()
     try:
-        raise ConnectionRefusedError("Connect call failed")
-    except ConnectionRefusedError:
-        logging.getLogger("gcsfs").exception("_request out of retries on exception")
-        logging.getLogger("pipeline.core.storage").exception("a failure of fgdata's own")
-    logging.getLogger("gcsfs").info("experimental features enabled")
-    logging.getLogger("pipeline.runner").info("ingest: 1 shard(s)")
-    logging.getLogger("fgdata").info("a command's line")
+        try:
+            raise ConnectionRefusedError("Connect call failed")
+        except ConnectionRefusedError:
+            logging.getLogger("gcsfs").exception("_request out of retries on exception")
+            logging.getLogger("pipeline.core.storage").exception("a failure of fgdata's own")
+        logging.getLogger("gcsfs").info("experimental features enabled")
+        logging.getLogger("pipeline.runner").info("ingest: 1 shard(s)")
+        logging.getLogger("fgdata").info("a command's line")
+    finally:  # this process's logging as it was: pytest's own capture handlers
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+        for name, own_level in own_levels.items():
+            logging.getLogger(name).setLevel(own_level)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "fgdata: _request out of retries on exception"
     assert lines[1] == "fgdata: a failure of fgdata's own" and lines[2] == "Traceback (most recent call last):"

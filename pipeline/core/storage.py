@@ -187,7 +187,7 @@ def _check_gcs_endpoint(place: UPath) -> None:
     problem = _GCS_ENDPOINTS_CHECKED[base, bucket]
     if problem:
         endpoint = base.removesuffix("/storage/v1/")
-        named = " (STORAGE_EMULATOR_HOST)" if os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default" else ""
+        named = " (STORAGE_EMULATOR_HOST)" if os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default") else ""
         raise FgdataError(f"cannot use the GCS endpoint {endpoint}{named} for gs://{bucket}: {problem}")
 
 
