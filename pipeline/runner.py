@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import re
+import socket
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from pipeline.core.shards import (
 from pipeline.core.scoped import torch_threads
 from pipeline.core.storage import location
 from pipeline.datasets.datacard import write_datacard
-from pipeline.errors import FgdataError, StageFailed
+from pipeline.errors import FgdataError, StageFailed, first_line
 from pipeline.stages.base import Stage, run_shard
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,18 @@ def ensure_ray(run: RunConfig) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        problem = ray_address_problem(address)
+        if problem is None:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ConnectionError as exc:  # Ray's own "Failed to connect to Ray cluster at ..."
+                problem = first_line(exc)
+                if "RAY_AUTH_MODE" not in os.environ:
+                    # Ray 2.5x starts clusters with token authentication, and a driver sends its token
+                    # only when the mode is set before Ray loads (plain `ray.init` fails the same way)
+                    problem += "; if the cluster uses Ray's token authentication (its default), export RAY_AUTH_MODE=token"
+        if problem:
+            raise FgdataError(f"cannot use the Ray cluster at {address} (RAY_ADDRESS): {problem}")
     else:
         # Ray 2.5x turns token authentication on for every new local cluster and says so at each
         # start. Kept on, the notice is dropped: RAY_AUTH_MODE=token set here, after `import ray`,
@@ -93,6 +105,22 @@ def ensure_ray(run: RunConfig) -> None:
         resources.get("CPU", 0),
         resources.get("GPU", 0),
     )
+
+
+def ray_address_problem(address: str) -> str | None:
+    """Why nothing answers at a RAY_ADDRESS of the form host:port, or None. Ray itself waits for a
+    cluster's GCS that is not there for minutes (over 5 at a refused port here) before it fails;
+    one TCP connection, 5 s at most, tells first. "auto" and ray:// (Ray Client) are Ray's to resolve."""
+    if address == "auto" or "://" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return "not host:port (e.g. 10.0.0.1:6379), auto, or ray://host:10001"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:  # refused, unknown host, unreachable, timed out
+        return first_line(exc) or type(exc).__name__
+    return None
 
 
 def choose_executor(stage: Stage, config: Config, pending: int) -> str:

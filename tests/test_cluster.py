@@ -161,6 +161,7 @@ def test_node_count_leaves_out_dead_nodes(monkeypatch, caplog):
     nodes = [{"Alive": True}, {"Alive": True}, {"Alive": False}]
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runner, "ray_address_problem", lambda address: None)  # nothing listens there: ray.init is faked too
     monkeypatch.setattr(runner.ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(runner.ray, "nodes", lambda: nodes)
     monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 1})

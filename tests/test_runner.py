@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_dataset_invariants, make_config, run_cli, write_caption_shard
+from conftest import FGDATA, assert_dataset_invariants, make_config, run_cli, write_caption_shard
 
 from pipeline.core.shards import finished_shards
 from pipeline.errors import StageFailed
@@ -76,14 +76,44 @@ def test_joins_an_existing_cluster_named_by_ray_address(tmp_path):
     try:
         wait_for_port(port)
         write_caption_shard(tmp_path / "in" / "part-00000.parquet", [{"key": "a", "short_caption": "a dog on a sofa"}])
-        result = run_cli("phrases", str(tmp_path / "in"), str(tmp_path / "out"), env_extra={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        # Ray's token authentication, on by default, needs the mode set before the driver loads Ray
+        # (an earlier test's in-process Ray sets it in this process; a user's shell has it unset)
+        unset = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        refused = subprocess.run([str(FGDATA), "phrases", str(tmp_path / "in"), str(tmp_path / "refused")], env={**unset, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "export RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1]
+        result = run_cli("phrases", str(tmp_path / "in"), str(tmp_path / "out"), env_extra={"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"})
         assert result.returncode == 0, result.stderr
         assert f"connecting to the Ray cluster at 127.0.0.1:{port}" in result.stderr
         assert "Ray cluster: 1 node(s), 1 CPU(s)" in result.stderr  # not a fresh local Ray with 2
         assert_dataset_invariants(tmp_path / "out", expected_keys={"a"})
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # SIGKILL: every process of this cluster is in the group and ends at once (SIGTERM makes the
+        # head stop them one by one, 30 s here); nothing of it is read afterwards
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("closed", "Connection refused"),  # was over 5 minutes of Ray waiting for a GCS that is not there
+        ("head-node", "not host:port"),
+    ],
+)
+def test_a_ray_address_where_no_cluster_answers_is_one_line_naming_it(address, says, tmp_path):
+    if address == "closed":
+        address = f"127.0.0.1:{free_port()}"
+    write_caption_shard(tmp_path / "in" / "part-00000.parquet", [{"key": "a", "short_caption": "a dog on a sofa"}])
+    started = time.monotonic()
+    result = run_cli("phrases", str(tmp_path / "in"), str(tmp_path / "out"), env_extra={"RAY_ADDRESS": address}, timeout=120)
+    assert time.monotonic() - started < 30, f"took {time.monotonic() - started:.0f}s"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot use the Ray cluster at {address} (RAY_ADDRESS): {errors[0].rsplit(': ', 1)[-1]}"], result.stderr
+    assert says in errors[0]
+    assert not finished_shards(tmp_path / "out")
 
 
 def test_model_pools_fill_the_gpus_by_tensor_parallel_group():
